@@ -1,0 +1,5 @@
+"""portfwd: port forwarding for libvirt guests through one nftables table.
+
+Kept empty of imports: the libvirt hook imports this package for every guest
+and every phase, and must stay cheap.
+"""

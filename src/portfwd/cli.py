@@ -1,0 +1,222 @@
+"""portfwd's command line; the only module that prints and picks exit codes.
+
+Exit codes:
+  0  success
+  1  the configuration is invalid (every problem printed as PATH:LINE:COL: message)
+  2  the command line is wrong
+  3  the host refused: nftables, libvirt or the file system said no
+  4  internal error (a bug in portfwd; please report it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from typing import Callable, List, Optional
+
+from . import libvirtapi, log, plan, state
+from .config import load
+from .engine import Engine
+from .errors import BugError, ConfigError, HostError
+from .model import Config
+
+EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_HOST, EXIT_BUG = 0, 1, 2, 3, 4
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load(state.config_path(args.config))
+    for warning in config.warnings:
+        print(warning, file=sys.stderr)
+    return config
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    guests = {f.label for f in config.forwards}
+    ports = sum(len(f.ports) for f in config.forwards)
+    print(f"{config.path}: OK: {ports} port forward(s) for {len(guests)} guest(s),"
+          f" table inet {config.options.table}")
+    return EXIT_OK
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    config = _load(args)
+    guests = libvirtapi.running_guests(args.connect)
+    with state.locked():
+        engine = Engine(config.path)
+        bindings = engine.sync(config, guests, dry_run=args.dry_run)
+        if not args.dry_run:
+            engine.compile()
+    if args.dry_run:
+        print(f"# table inet {config.options.table}: {len(bindings)} binding(s) for"
+              f" {len(guests)} running guest(s); nothing applied (nftables accepted the batch)")
+        for line in plan.describe(bindings):
+            print(line)
+    else:
+        owners = {b.guest for b in bindings}
+        print(f"synced: {len(bindings)} binding(s) for {len(owners)} guest(s)"
+              f" in table inet {config.options.table}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    path = state.config_path(args.config)
+    config: Optional[Config] = None
+    try:
+        config = load(path)
+    except ConfigError as e:
+        for line in e.lines:
+            log.warning(line)
+        log.warning("configuration invalid: showing applied forwards only")
+    with state.locked():
+        rows = Engine(path).status(config)
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+        return EXIT_OK
+    header = ("GUEST", "PROTO", "LISTEN", "TARGET", "FROM", "STATE")
+    table = [header] + [(r.guest, r.proto, r.listen, "-> " + r.target, r.sources, r.state)
+                        for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    if not rows:
+        print("(no forwards)")
+    return EXIT_OK
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    path = state.config_path(args.config)
+    table: Optional[str] = None
+    try:
+        table = load(path).options.table
+    except ConfigError:
+        pass  # flush must work with a broken file too
+    with state.locked():
+        removed = Engine(path).flush(table)
+    print("removed: " + (", ".join(f"table inet {t}" for t in removed) or "nothing (no portfwd table)"))
+    return EXIT_OK
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    root = args.root
+    def at(path: str) -> str:
+        return os.path.join(root, path.lstrip("/"))
+
+    done: List[str] = []
+    hook_dst = at("/etc/libvirt/hooks/qemu.d/portfwd")
+    with open(os.path.join(DATA_DIR, "qemu"), encoding="utf-8") as f:
+        body = f.read().split("\n", 1)[1]
+    os.makedirs(os.path.dirname(hook_dst), mode=0o755, exist_ok=True)
+    state.write_atomic(hook_dst, f"#!{sys.executable} -I\n{body}".encode())
+    os.chmod(hook_dst, 0o755)
+    done.append(f"hook {hook_dst}")
+
+    config_dst = at(state.DEFAULT_CONFIG)
+    os.makedirs(os.path.dirname(config_dst), mode=0o755, exist_ok=True)
+    if not os.path.exists(config_dst):
+        shutil.copyfile(os.path.join(DATA_DIR, "forward.toml"), config_dst)
+        os.chmod(config_dst, 0o644)
+        done.append(f"example configuration {config_dst}")
+    else:
+        done.append(f"kept existing {config_dst}")
+
+    exe = shutil.which("portfwd") or os.path.abspath(sys.argv[0])
+    link = at("/usr/local/sbin/portfwd")
+    if os.path.abspath(exe) != os.path.abspath(link):
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if os.path.islink(link) or not os.path.exists(link):
+            if os.path.lexists(link):
+                os.unlink(link)
+            os.symlink(exe, link)
+            done.append(f"command {link} -> {exe}")
+
+    unit_dir = at("/etc/systemd/system")
+    for unit in sorted(os.listdir(DATA_DIR)):
+        if not unit.endswith(".service"):
+            continue
+        with open(os.path.join(DATA_DIR, unit), encoding="utf-8") as f:
+            text = f.read().replace("@PORTFWD@", link)
+        os.makedirs(unit_dir, exist_ok=True)
+        state.write_atomic(os.path.join(unit_dir, unit), text.encode())
+        done.append(f"unit {os.path.join(unit_dir, unit)}")
+    for line in done:
+        print(f"installed: {line}")
+    if root == "/" and os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
+        import subprocess
+
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+        subprocess.run(["systemctl", "enable", "portfwd-sync.service"], check=False)
+    print("next: edit the configuration, run `portfwd check`, then restart libvirtd once"
+          " (systemctl restart libvirtd) so it finds the hook")
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH",
+                        help=f"configuration file (default: ${state.ENV_CONFIG} or {state.DEFAULT_CONFIG})")
+    parser = argparse.ArgumentParser(
+        prog="portfwd", description="Port forwarding for libvirt guests through one nftables table.",
+        epilog="exit codes: 0 ok, 1 invalid configuration, 2 bad command line,"
+               " 3 the host refused (nftables, libvirt, files), 4 internal error",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser("check", parents=[common], help="validate the configuration",
+                       description="Validate the configuration; every error as PATH:LINE:COL: message.")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("sync", parents=[common], help="reconcile the table with running guests",
+                       description="Make the table hold exactly the forwards of the guests"
+                                   " libvirt reports running, in one transaction.")
+    p.add_argument("--connect", metavar="URI", default=libvirtapi.DEFAULT_URI,
+                   help=f"libvirt connection URI (default: {libvirtapi.DEFAULT_URI})")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and let nftables check it, change nothing")
+    p.set_defaults(func=cmd_sync)
+    p = sub.add_parser("status", parents=[common], help="show forwards and whether they are live",
+                       description="Show each forward: guest, protocol, listen -> target, state.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("flush", parents=[common], help="remove everything portfwd installed",
+                       description="Remove portfwd's nftables tables and its recorded state.")
+    p.set_defaults(func=cmd_flush)
+    p = sub.add_parser("install", help="install the libvirt hook, example config and units",
+                       description="Install the qemu hook, an example configuration (if none"
+                                   " exists) and the systemd units.")
+    p.add_argument("--root", default="/", metavar="DIR", help="install below DIR (default: /)")
+    p.set_defaults(func=cmd_install)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as e:
+        for line in e.lines:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    except HostError as e:
+        log.error(str(e))
+        return EXIT_HOST
+    except PermissionError as e:
+        log.error(f"{e.filename}: {e.strerror} (run portfwd as root)")
+        return EXIT_HOST
+    except OSError as e:
+        log.error(f"{e.filename or ''}: {e.strerror or e}")
+        return EXIT_HOST
+    except BugError as e:
+        log.error(f"internal error: {e}")
+        return EXIT_BUG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

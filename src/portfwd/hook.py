@@ -1,0 +1,121 @@
+"""libvirt's qemu hook: argv + domain XML on stdin → the engine.
+
+Never calls libvirt (libvirt waits for us: deadlock), never writes to stdout
+(for migrate/restore stdout is the domain XML), and exits non-zero only when
+``strict = true`` asks a failed start to stop the guest. A guest with no
+forwards and no state leaves before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional
+
+from . import state
+
+APPLY = frozenset({"started", "reconnect", "restore", "attach", "migrate"})
+REMOVE = frozenset({"stopped", "release"})
+CHECK = frozenset({"prepare", "start"})  # strict: a bad config stops the start here
+MAY_FAIL = frozenset({"prepare", "start", "started"})
+
+
+def domain_uuid(xml: bytes) -> Optional[str]:
+    """The first ``<uuid>`` of the domain XML, without parsing all of it."""
+    start = xml.find(b"<uuid>")
+    if start < 0:
+        return None
+    end = xml.find(b"</uuid>", start)
+    if end < 0:
+        return None
+    return xml[start + 6:end].strip().decode("ascii", "replace").lower() or None
+
+
+def main(kind: str = "qemu", argv: Optional[List[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        xml = sys.stdin.buffer.read()  # libvirt writes it all; read it all
+    except (OSError, ValueError):
+        xml = b""
+    os.dup2(2, 1)  # nothing we or a library print may reach libvirt's stdout
+    if kind != "qemu" or len(args) < 2:
+        return 0
+    name, op = args[0], args[1]
+    sub = args[2] if len(args) > 2 else "-"
+    if sub != ("end" if op in REMOVE else "begin"):
+        return 0
+    if op not in APPLY and op not in REMOVE and op not in CHECK:
+        return 0
+    config = state.config_path()
+    uuid = domain_uuid(xml)
+    try:
+        with state.locked():
+            known = state.has_guest_state(name)
+            if op in REMOVE and not known:
+                return 0
+            if op not in REMOVE and state.cached_signature() == state.config_signature(config):
+                if op in CHECK:
+                    return 0  # the cached configuration is valid
+                if not known and not state.cached_guest_files(name, uuid):
+                    return 0
+            return _run(name, uuid, op, config)
+    except OSError as e:  # the run directory itself is unusable
+        sys.stderr.write(f"portfwd: error: guest {name} {op}: {e}\n")
+        return 0
+
+
+def _run(name: str, uuid: Optional[str], op: str, config_path: str) -> int:
+    """The managed path: parse, plan and apply; decide the exit code."""
+    from . import log
+    from .engine import Engine
+    from .errors import ConfigError, PortfwdError
+    from .model import Guest
+
+    log.use_syslog()
+    engine = Engine(config_path)
+    strict = False
+    try:
+        if op in REMOVE:
+            count = engine.remove_guest(name)
+            log.info(f"guest {name} {op}: removed {count} forward(s)")
+            return 0
+        options, forwards = engine.guest_config(Guest(name, uuid))
+        strict = options.strict
+        if op in CHECK:
+            return 0
+        applied = engine.apply_guest(Guest(name, uuid), options, forwards)
+        log.info(f"guest {name} {op}: {len(applied)} forward(s) in table inet {options.table}")
+        return 0
+    except ConfigError as e:
+        strict = _strict_despite_error(config_path)
+        for line in e.lines:
+            log.error(line)
+        log.error(f"guest {name} {op}: configuration invalid; rules left as they were")
+    except PortfwdError as e:
+        log.error(f"guest {name} {op}: {e}")
+    except Exception as e:  # a bug must not take a guest down unless strict
+        log.error(f"guest {name} {op}: internal error {type(e).__name__}: {e}")
+    if strict and op in MAY_FAIL:
+        log.error(f"guest {name} {op}: strict = true: failing the start")
+        return 1
+    return 0
+
+
+def _strict_despite_error(path: str) -> bool:
+    """``strict`` as the broken file still says it, else as last compiled."""
+    import pickle
+
+    try:
+        from .toml import tomllib
+
+        with open(path, "rb") as f:
+            value = tomllib.load(f).get("options", {}).get("strict")
+        if isinstance(value, bool):
+            return value
+    except Exception:
+        pass
+    try:
+        with open(os.path.join(state.compiled_dir(), "options"), "rb") as f:
+            return bool(pickle.load(f).strict)
+    except Exception:
+        return False

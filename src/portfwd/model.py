@@ -1,0 +1,132 @@
+"""The configuration as plain frozen data; no I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Optional, Tuple, Union
+
+IPAddress = Union[IPv4Address, IPv6Address]
+IPNetwork = Union[IPv4Network, IPv6Network]
+
+PROTOCOLS = ("tcp", "udp", "sctp")
+DEFAULT_TABLE = "portfwd"
+
+
+@dataclass(frozen=True)
+class PortRange:
+    """Host ports ``host_first..host_last`` go to guest ports from ``guest_first``."""
+
+    proto: str
+    host_first: int
+    host_last: int
+    guest_first: int
+
+    @property
+    def count(self) -> int:
+        return self.host_last - self.host_first + 1
+
+    @property
+    def guest_last(self) -> int:
+        return self.guest_first + self.count - 1
+
+    def pairs(self) -> "list[tuple[int, int]]":
+        """Every (host port, guest port) pair of the range."""
+        offset = self.guest_first - self.host_first
+        return [(p, p + offset) for p in range(self.host_first, self.host_last + 1)]
+
+    def __str__(self) -> str:
+        host = _span(self.host_first, self.host_last)
+        guest = _span(self.guest_first, self.guest_last)
+        return f"{host}:{guest}/{self.proto}"
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
+@dataclass(frozen=True)
+class Where:
+    """A place in the configuration: file position and key path."""
+
+    file: str
+    line: int
+    col: int
+    path: str  # e.g. "forward[1].ports[2]"
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """One entry of ``ports``, with listen and from already resolved."""
+
+    ports: PortRange
+    listen: Tuple[IPAddress, ...]  # empty: every local address
+    sources: Tuple[IPNetwork, ...]  # empty: any source
+    where: Where
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One ``[[forward]]`` table."""
+
+    index: int
+    guest: Optional[str]
+    uuid: Optional[str]
+    ipv4: Optional[IPv4Address]
+    ipv6: Optional[IPv6Address]
+    ports: Tuple[PortForward, ...]
+    where: Where
+
+    @property
+    def label(self) -> str:
+        return self.guest if self.guest is not None else f"uuid {self.uuid}"
+
+
+@dataclass(frozen=True)
+class Options:
+    table: str = DEFAULT_TABLE
+    listen: Tuple[IPAddress, ...] = ()
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    options: Options
+    forwards: Tuple[Forward, ...]
+    warnings: Tuple[str, ...] = ()
+
+    def forwards_for(self, name: str, uuid: Optional[str]) -> "list[Forward]":
+        """The forwards that name this guest, by name or by UUID."""
+        uuid = uuid.lower() if uuid else None
+        return [f for f in self.forwards
+                if f.guest == name or (uuid is not None and f.uuid == uuid)]
+
+
+@dataclass(frozen=True)
+class Guest:
+    """A running guest as the hook or libvirt reports it."""
+
+    name: str
+    uuid: Optional[str] = None
+
+
+def families_of(fwd: Forward, pf: PortForward) -> Tuple[int, ...]:
+    """The address families (4, 6) in which this port forward is active.
+
+    A family needs a guest address; a listen list or a from list that names
+    only the other family shuts it out.
+    """
+    out = []
+    for family, target in ((4, fwd.ipv4), (6, fwd.ipv6)):
+        if target is None:
+            continue
+        if pf.listen and not any(a.version == family for a in pf.listen):
+            continue
+        if pf.sources and not any(n.version == family for n in pf.sources):
+            continue
+        out.append(family)
+    return tuple(out)

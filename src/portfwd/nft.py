@@ -1,0 +1,52 @@
+"""The only module that imports ``nftables``: run one JSON batch, read back."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+from .errors import HostError
+
+Command = Dict[str, Any]
+
+
+class Nft:
+    """A libnftables context speaking JSON."""
+
+    def __init__(self) -> None:
+        try:
+            import nftables
+        except ImportError:
+            raise HostError("the nftables Python bindings are missing:"
+                            " apt-get install python3-nftables") from None
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(False)
+
+    def apply(self, commands: Sequence[Command], dry_run: bool = False) -> None:
+        """Run ``commands`` as one atomic transaction; HostError if refused."""
+        if not commands:
+            return
+        self._nft.set_dry_run(dry_run)
+        try:
+            rc, _, err = self._nft.json_cmd({"nftables": list(commands)})
+        finally:
+            self._nft.set_dry_run(False)
+        if rc != 0:
+            raise HostError(f"nftables refused the change: {_first_lines(err)}")
+
+    def list_table(self, table: str) -> Optional[List[Dict[str, Any]]]:
+        """The table's objects as JSON, or None when it does not exist."""
+        rc, out, err = self._nft.json_cmd(
+            {"nftables": [{"list": {"table": {"family": "inet", "name": table}}}]})
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise HostError(f"cannot list table inet {table}: {_first_lines(err)}")
+        return [o for o in out.get("nftables", []) if "metainfo" not in o]
+
+
+def _first_lines(text: str, limit: int = 200) -> str:
+    """nft's first error line, without the echoed JSON batch that follows it."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else "(no message)"
+    return first if len(first) <= limit else first[:limit] + "..."

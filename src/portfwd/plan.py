@@ -1,0 +1,253 @@
+"""Pure planning: configuration + guests → bindings → nftables JSON commands.
+
+Imports neither nftables nor libvirt. The table layout, per family F (4, 6):
+
+- ``fwdF_ip``/``fwdF_port``: listen address . protocol . port → guest address / port
+- ``anyF_ip``/``anyF_port``: protocol . port → …, for forwards on every local address
+- ``srcF_ip``/``srcF_port``: listen prefix . source prefix . protocol . port → …,
+  interval maps for forwards with a ``from`` list (listen 0/0 = every address)
+
+One rule per map pair in chain ``prerouting`` DNATs through both maps, so the
+cost per packet does not grow with the number of forwards. nftables 1.0.6
+cannot declare a map with a concatenated value through JSON, hence the
+address and port maps side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Sequence, Tuple, Union
+
+from .model import PROTOCOLS, Config, Forward, Guest, families_of
+
+KeyPart = Union[str, int]
+Command = Dict[str, Any]
+
+KINDS = ("src", "fwd", "any")  # lookup order in the chain
+PRIORITY = -105  # just before dstnat (-100): our DNAT binds first
+COMMENT_MAX = 120
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One host port of one forward: a key and its DNAT target."""
+
+    kind: str  # "fwd", "any" or "src"
+    family: int  # 4 or 6
+    key: Tuple[KeyPart, ...]
+    target: str
+    port: int
+    guest: str
+    comment: str
+
+    @property
+    def proto(self) -> str:
+        return str(self.key[-2])
+
+    @property
+    def host_port(self) -> int:
+        return int(self.key[-1])
+
+    @property
+    def listen(self) -> str:
+        """The listen address, or ``*`` for every local address."""
+        if self.kind == "any":
+            return "*"
+        daddr = str(self.key[0])
+        if self.kind == "src":
+            return "*" if daddr.endswith("/0") else daddr.split("/")[0]
+        return daddr
+
+    @property
+    def sources(self) -> str:
+        return str(self.key[1]) if self.kind == "src" else "*"
+
+    def to_json(self) -> List[Any]:
+        return [self.kind, self.family, list(self.key), self.target, self.port, self.guest, self.comment]
+
+    @classmethod
+    def from_json(cls, raw: Sequence[Any]) -> "Binding":
+        kind, family, key, target, port, guest, comment = raw
+        return cls(str(kind), int(family), tuple(key), str(target), int(port), str(guest), str(comment))
+
+
+def guest_bindings(config: Config, guest: Guest) -> List[Binding]:
+    """Every binding the configuration asks for this guest."""
+    return forwards_bindings(config.forwards_for(guest.name, guest.uuid), guest.name)
+
+
+def forwards_bindings(forwards: Iterable[Forward], guest_name: str) -> List[Binding]:
+    out: List[Binding] = []
+    for fwd in forwards:
+        targets = {4: fwd.ipv4, 6: fwd.ipv6}
+        for pf in fwd.ports:
+            comment = _comment(f"{guest_name} {pf.where.path} {pf.ports}")
+            for family in families_of(fwd, pf):
+                target = str(targets[family])
+                listen = [str(a) for a in pf.listen if a.version == family]
+                sources = [str(n) for n in pf.sources if n.version == family]
+                for host_port, guest_port in pf.ports.pairs():
+                    for key, kind in _keys(family, listen, sources, pf.ports.proto, host_port):
+                        out.append(Binding(kind, family, key, target, guest_port, guest_name, comment))
+    return out
+
+
+def _keys(family: int, listen: List[str], sources: List[str], proto: str,
+          port: int) -> List[Tuple[Tuple[KeyPart, ...], str]]:
+    if sources:
+        host_len = 32 if family == 4 else 128
+        everywhere = "0.0.0.0/0" if family == 4 else "::/0"
+        daddrs = [f"{a}/{host_len}" for a in listen] or [everywhere]
+        return [((d, s, proto, port), "src") for d in daddrs for s in sources]
+    if listen:
+        return [((a, proto, port), "fwd") for a in listen]
+    return [((proto, port), "any")]
+
+
+def _comment(text: str) -> str:
+    data = text.encode("utf-8")
+    if len(data) <= COMMENT_MAX:
+        return text
+    return data[:COMMENT_MAX - 3].decode("utf-8", "ignore") + "..."
+
+
+# -- nftables JSON ---------------------------------------------------------
+
+def _addr_type(family: int) -> str:
+    return "ipv4_addr" if family == 4 else "ipv6_addr"
+
+
+def map_name(kind: str, family: int, what: str) -> str:
+    return f"{kind}{family}_{what}"
+
+
+def _key_types(kind: str, family: int) -> List[str]:
+    addr = _addr_type(family)
+    if kind == "src":
+        return [addr, addr, "inet_proto", "inet_service"]
+    if kind == "fwd":
+        return [addr, "inet_proto", "inet_service"]
+    return ["inet_proto", "inet_service"]
+
+
+def _key_exprs(kind: str, family: int) -> List[Dict[str, Any]]:
+    proto = "ip" if family == 4 else "ip6"
+    daddr = {"payload": {"protocol": proto, "field": "daddr"}}
+    saddr = {"payload": {"protocol": proto, "field": "saddr"}}
+    tail = [{"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]
+    if kind == "src":
+        return [daddr, saddr] + tail
+    if kind == "fwd":
+        return [daddr] + tail
+    return tail
+
+
+def skeleton(table: str) -> List[Command]:
+    """Commands that (re)create the table, maps, chain and rules; safe to rerun."""
+    cmds: List[Command] = [{"add": {"table": {"family": "inet", "name": table}}}]
+    for family in (4, 6):
+        for kind in KINDS:
+            for what, value_type in (("ip", _addr_type(family)), ("port", "inet_service")):
+                spec: Dict[str, Any] = {"family": "inet", "table": table,
+                                        "name": map_name(kind, family, what),
+                                        "type": _key_types(kind, family), "map": value_type}
+                if kind == "src":
+                    spec["flags"] = ["interval"]
+                cmds.append({"add": {"map": spec}})
+    chain = {"family": "inet", "table": table, "name": "prerouting"}
+    cmds.append({"add": {"chain": dict(chain, type="nat", hook="prerouting", prio=PRIORITY,
+                                       policy="accept")}})
+    cmds.append({"flush": {"chain": chain}})
+    for family in (4, 6):
+        for kind in KINDS:
+            cmds.append({"add": {"rule": {"family": "inet", "table": table, "chain": "prerouting",
+                                          "expr": _dnat_rule(kind, family),
+                                          "comment": f"portfwd {kind}{family}"}}})
+    return cmds
+
+
+def _dnat_rule(kind: str, family: int) -> List[Dict[str, Any]]:
+    exprs = _key_exprs(kind, family)
+    key = exprs[0] if len(exprs) == 1 else {"concat": exprs}
+    return [
+        {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
+                   "right": "local"}},
+        # nft accepts a port mapping only after a transport protocol match
+        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
+                   "right": {"set": list(PROTOCOLS)}}},
+        {"dnat": {"family": "ip" if family == 4 else "ip6",
+                  "addr": {"map": {"key": key, "data": "@" + map_name(kind, family, "ip")}},
+                  "port": {"map": {"key": key, "data": "@" + map_name(kind, family, "port")}}}},
+    ]
+
+
+def _key_json(b: Binding) -> Dict[str, Any]:
+    parts: List[Any] = []
+    for i, part in enumerate(b.key):
+        if b.kind == "src" and i < 2:
+            addr, _, length = str(part).partition("/")
+            parts.append({"prefix": {"addr": addr, "len": int(length)}})
+        else:
+            parts.append(part)
+    return {"concat": parts}
+
+
+def _elements(table: str, bindings: Iterable[Binding], op: str) -> List[Command]:
+    """One command per map, carrying all its elements."""
+    grouped: Dict[str, List[Any]] = {}
+    for b in bindings:
+        key = _key_json(b)
+        for what, value in (("ip", b.target), ("port", b.port)):
+            name = map_name(b.kind, b.family, what)
+            if op == "delete":
+                grouped.setdefault(name, []).append(key)
+            else:
+                grouped.setdefault(name, []).append([{"elem": {"val": key, "comment": b.comment}}, value])
+    return [{op: {"element": {"family": "inet", "table": table, "name": name, "elem": elems}}}
+            for name, elems in sorted(grouped.items())]
+
+
+def guest_update(table: str, old: Sequence[Binding], new: Sequence[Binding]) -> List[Command]:
+    """One transaction: drop ``old`` bindings no longer wanted, ensure ``new``.
+
+    Dropping adds the element first, so a binding already gone (a flushed
+    table) is no error.
+    """
+    wanted = set(new)
+    gone = [b for b in old if b not in wanted]
+    return (skeleton(table) + _elements(table, gone, "add") + _elements(table, gone, "delete")
+            + _elements(table, new, "add"))
+
+
+def full_rebuild(table: str, bindings: Sequence[Binding]) -> List[Command]:
+    """One transaction: the table holds exactly ``bindings`` afterwards."""
+    flushes = [{"flush": {"map": {"family": "inet", "table": table, "name": map_name(k, f, w)}}}
+               for f in (4, 6) for k in KINDS for w in ("ip", "port")]
+    return skeleton(table) + flushes + _elements(table, bindings, "add")
+
+
+def drop_table(table: str) -> List[Command]:
+    """One transaction removing the table; no error when it is absent."""
+    t = {"family": "inet", "name": table}
+    return [{"add": {"table": t}}, {"delete": {"table": t}}]
+
+
+def describe(bindings: Sequence[Binding]) -> List[str]:
+    """Human-readable lines, one per binding, for --dry-run."""
+    lines = []
+    for b in sorted(bindings, key=lambda b: (b.guest, b.family, b.proto, b.host_port, b.listen)):
+        target = f"[{b.target}]:{b.port}" if b.family == 6 else f"{b.target}:{b.port}"
+        lines.append(f"{b.guest}\t{b.proto}\t{_listen_text(b)} -> {target}\tfrom {b.sources}"
+                     f"\t# {b.comment}")
+    return lines
+
+
+def _listen_text(b: Binding) -> str:
+    listen = b.listen
+    if listen == "*":
+        listen = "*" if b.family == 4 else "[*]"
+    elif b.family == 6:
+        listen = f"[{listen}]"
+    return f"{listen}:{b.host_port}"
+
+

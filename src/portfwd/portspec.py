@@ -1,0 +1,60 @@
+"""Port specs: ``[HOST[-END]:]GUEST[-END][/tcp|udp|sctp]`` and the table form."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+from .model import PROTOCOLS, PortRange
+
+
+class PortSpecError(ValueError):
+    """A port spec is malformed; the message says how to write it."""
+
+
+def _port(text: str, spec: str) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise PortSpecError(f"{spec!r}: {text!r} is not a port number"
+                            " (write [HOST[-END]:]GUEST[-END][/tcp|udp|sctp])")
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise PortSpecError(f"{spec!r}: port {value} not in 1..65535")
+    return value
+
+
+def parse_span(text: str, spec: str) -> Tuple[int, int]:
+    """``"80"`` → (80, 80); ``"5000-5010"`` → (5000, 5010)."""
+    first, sep, last = text.partition("-")
+    low = _port(first, spec)
+    high = _port(last, spec) if sep else low
+    if high < low:
+        raise PortSpecError(f"{spec!r}: range {low}-{high} runs backwards; write {high}-{low}")
+    return low, high
+
+
+def check_proto(proto: str, spec: str) -> str:
+    if proto not in PROTOCOLS:
+        raise PortSpecError(f"{spec!r}: unknown protocol {proto!r}; use tcp, udp or sctp")
+    return proto
+
+
+def make_range(proto: str, host: Tuple[int, int], guest: Tuple[int, int], spec: str) -> PortRange:
+    """Join host and guest spans, which must be of equal length."""
+    host_len = host[1] - host[0]
+    guest_len = guest[1] - guest[0]
+    if host_len != guest_len:
+        raise PortSpecError(
+            f"{spec!r}: host range has {host_len + 1} ports, guest range {guest_len + 1};"
+            " ranges must be of equal length")
+    return PortRange(proto, host[0], host[1], guest[0])
+
+
+def parse(spec: str) -> PortRange:
+    """Parse the string form of a port spec."""
+    body, slash, proto = spec.partition("/")
+    proto = check_proto(proto, spec) if slash else "tcp"
+    host_text, colon, guest_text = body.partition(":")
+    if not colon:
+        guest_text = host_text
+    if not host_text or not guest_text:
+        raise PortSpecError(f"{spec!r}: empty port (write [HOST[-END]:]GUEST[-END][/tcp|udp|sctp])")
+    return make_range(proto, parse_span(host_text, spec), parse_span(guest_text, spec), spec)

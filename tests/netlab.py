@@ -1,0 +1,120 @@
+"""Throwaway network namespaces standing in for a libvirt host, a guest and a client.
+
+    client (203.0.113.2, 2001:db8:1::2) ── host (203.0.113.1 | br 192.168.150.1) ── guest (192.168.150.10)
+                                                   2001:db8:1::1 | fd00:150::1          fd00:150::10
+
+Everything is named with a per-lab prefix and removed by ``close()``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAFFIC = os.path.join(HERE, "traffic.py")
+_counter = itertools.count()
+
+HOST4, HOST6 = "203.0.113.1", "2001:db8:1::1"
+CLIENT4, CLIENT6 = "203.0.113.2", "2001:db8:1::2"
+BRIDGE4, BRIDGE6 = "192.168.150.1", "fd00:150::1"
+GUEST4, GUEST6 = "192.168.150.10", "fd00:150::10"
+
+
+def run(*cmd: str, check: bool = True, input: Optional[bytes] = None,
+        env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), check=check, input=input, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+class Lab:
+    def __init__(self) -> None:
+        tag = f"pf{os.getpid() % 100000}x{next(_counter)}"
+        self.host, self.guest, self.client = f"{tag}h", f"{tag}g", f"{tag}c"
+        self.tag = tag
+        self.procs: List[subprocess.Popen] = []
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        h, g, c = self.host, self.guest, self.client
+        for ns in (h, g, c):
+            run("ip", "netns", "add", ns)
+            # no duplicate address detection: addresses (link-local too) usable at once
+            self.ns(ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0")
+            self.ns(ns, "ip", "link", "set", "lo", "up")
+        self.ns(h, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+        self.ns(h, "ip", "link", "add", "br0", "type", "bridge")
+        self.ns(h, "ip", "addr", "add", f"{BRIDGE4}/24", "dev", "br0")
+        self.ns(h, "ip", "addr", "add", f"{BRIDGE6}/64", "dev", "br0", "nodad")
+        self.ns(h, "ip", "link", "set", "br0", "up")
+        # guest
+        self.ns(h, "ip", "link", "add", "vnet0", "type", "veth", "peer", "name", "eth0", "netns", g)
+        self.ns(h, "ip", "link", "set", "vnet0", "master", "br0", "up")
+        self.ns(g, "ip", "addr", "add", f"{GUEST4}/24", "dev", "eth0")
+        self.ns(g, "ip", "addr", "add", f"{GUEST6}/64", "dev", "eth0", "nodad")
+        self.ns(g, "ip", "link", "set", "eth0", "up")
+        self.ns(g, "ip", "route", "add", "default", "via", BRIDGE4)
+        self.ns(g, "ip", "-6", "route", "add", "default", "via", BRIDGE6)
+        # client
+        self.ns(h, "ip", "link", "add", "uplink", "type", "veth", "peer", "name", "eth0", "netns", c)
+        self.ns(h, "ip", "addr", "add", f"{HOST4}/24", "dev", "uplink")
+        self.ns(h, "ip", "addr", "add", f"{HOST6}/64", "dev", "uplink", "nodad")
+        self.ns(h, "ip", "link", "set", "uplink", "up")
+        self.ns(c, "ip", "addr", "add", f"{CLIENT4}/24", "dev", "eth0")
+        self.ns(c, "ip", "addr", "add", f"{CLIENT6}/64", "dev", "eth0", "nodad")
+        self.ns(c, "ip", "link", "set", "eth0", "up")
+        self.ns(c, "ip", "route", "add", "default", "via", HOST4)
+        self.ns(c, "ip", "-6", "route", "add", "default", "via", HOST6)
+
+    def ns(self, ns: str, *cmd: str, check: bool = True, input: Optional[bytes] = None,
+           env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+        return run("ip", "netns", "exec", ns, *cmd, check=check, input=input, env=env)
+
+    def serve(self, proto: str, ports: Sequence[int], ns: Optional[str] = None) -> None:
+        """Start an answering server in the guest (or ``ns``) and wait until it listens."""
+        p = subprocess.Popen(["ip", "netns", "exec", ns or self.guest, sys.executable, TRAFFIC,
+                              "serve", proto, *map(str, ports)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.procs.append(p)
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        if line.strip() != b"ready":
+            raise RuntimeError(f"server did not start: {line!r} {p.stderr.read() if p.stderr else ''}")
+
+    def probe(self, proto: str, addr: str, port: int, ns: Optional[str] = None) -> Optional[str]:
+        """The server's answer through ``addr:port`` from the client, or None."""
+        r = self.ns(ns or self.client, sys.executable, TRAFFIC, "probe", proto, addr, str(port),
+                    check=False)
+        out = r.stdout.decode().strip()
+        return out if r.returncode == 0 else None
+
+    def close(self) -> None:
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs.clear()
+        for ns in (self.client, self.guest, self.host):
+            run("ip", "netns", "del", ns, check=False)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            listed = run("ip", "netns", "list").stdout.decode()
+            if self.tag not in listed:
+                break
+            time.sleep(0.05)

@@ -1,0 +1,88 @@
+"""portfwd running inside a lab's host namespace, the way libvirt and an admin run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Dict, List, Optional
+
+from netlab import Lab
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOOK = os.path.join(ROOT, "hook", "qemu")
+
+
+def domain_xml(name: str, uuid: str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+               mac: str = "52:54:00:12:34:56") -> bytes:
+    """A live domain XML as libvirt writes it to the hook's stdin."""
+    return f"""<domain type='qemu' id='1'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='KiB'>65536</memory>
+  <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os>
+  <devices>
+    <interface type='network'>
+      <mac address='{mac}'/>
+      <source network='default' portid='8a4d6b3e-2c1e-4a5f-9b0e-1f2d3c4b5a69' bridge='virbr0'/>
+      <target dev='vnet0'/>
+      <model type='virtio'/>
+      <alias name='net0'/>
+    </interface>
+  </devices>
+</domain>
+""".encode()
+
+
+class PortfwdHost:
+    """Config and run directory of one test, commands run in the lab's host namespace."""
+
+    def __init__(self, lab: Lab, base: str) -> None:
+        self.lab = lab
+        self.etc = os.path.join(base, "etc")
+        os.makedirs(self.etc, mode=0o755, exist_ok=True)
+        self.config = os.path.join(self.etc, "forward.toml")
+        self.run_dir = os.path.join(base, "run")
+        self.env = {"LC_ALL": "C", "HOME": "/root",
+                    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "PORTFWD_CONFIG": self.config, "PORTFWD_RUNDIR": self.run_dir}
+
+    def write_config(self, text: str) -> None:
+        tmp = self.config + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, self.config)
+
+    def hook(self, guest: str, op: str, sub: str = "begin", extra: str = "-",
+             xml: Optional[bytes] = None, python_flags: List[str] = []) -> subprocess.CompletedProcess:
+        """Run the hook exactly as libvirt does: argv, XML on stdin, minimal environment."""
+        return self.lab.ns(self.lab.host, sys.executable, "-I", *python_flags, HOOK, guest, op, sub,
+                           extra, input=domain_xml(guest) if xml is None else xml, env=self.env,
+                           check=False)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return self.lab.ns(self.lab.host, sys.executable, "-m", "portfwd.cli", *args,
+                           env=self.env, check=False)
+
+    def table(self, name: str = "portfwd") -> Optional[List[Dict[str, Any]]]:
+        r = self.lab.ns(self.lab.host, "nft", "-j", "list", "table", "inet", name, check=False)
+        if r.returncode != 0:
+            return None
+        objects = [o for o in json.loads(r.stdout)["nftables"] if "metainfo" not in o]
+        for obj in objects:  # handles change when rules are replaced; content is what counts
+            for body in obj.values():
+                body.pop("handle", None)
+        return objects
+
+    def elements(self, name: str = "portfwd") -> Dict[str, List[Any]]:
+        """Map name → its elements (maps without elements left out)."""
+        out: Dict[str, List[Any]] = {}
+        for obj in self.table(name) or []:
+            if "map" in obj and obj["map"].get("elem"):
+                out[obj["map"]["name"]] = obj["map"]["elem"]
+        return out
+
+    def rules(self, name: str = "portfwd") -> List[Dict[str, Any]]:
+        return [o["rule"] for o in self.table(name) or [] if "rule" in o]

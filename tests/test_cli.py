@@ -1,0 +1,149 @@
+"""portfwd sync|status|flush|install against real nftables, libvirt's test driver for sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from netlab import GUEST4, GUEST6
+from pfhost import PortfwdHost
+
+pytestmark = pytest.mark.kernel
+
+# libvirt's built-in test driver (no daemon) always has one running domain, "test"
+TEST_URI = "test:///default"
+TEST_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
+CONFIG = f"""
+[[forward]]
+guest = "test"
+ipv4  = "{GUEST4}"
+ipv6  = "{GUEST6}"
+ports = ["8080:80"]
+
+[[forward]]
+uuid  = "{TEST_UUID}"
+ipv4  = "{GUEST4}"
+ports = ["2222:22"]
+
+[[forward]]
+guest = "stopped-guest"
+ipv4  = "192.168.150.99"
+ports = ["9999"]
+"""
+
+
+def status(pf: PortfwdHost) -> list:
+    r = pf.cli("status", "--json")
+    assert r.returncode == 0, r.stderr
+    return sorted((row["guest"], row["proto"], row["listen"], row["target"], row["state"])
+                  for row in json.loads(r.stdout))
+
+
+def test_sync_dry_run_changes_nothing(pf: PortfwdHost) -> None:
+    pf.write_config(CONFIG)
+    r = pf.cli("sync", "--connect", TEST_URI, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].startswith("# table inet portfwd: 3 binding(s) for 1 running guest(s)")
+    assert any(line.startswith("test\ttcp\t*:8080 -> 192.168.150.10:80") for line in lines)
+    assert any(line.startswith("test\ttcp\t*:2222 -> 192.168.150.10:22") for line in lines)
+    assert not any("9999" in line for line in lines)
+    assert pf.table() is None
+
+
+def test_sync_status_flush(pf: PortfwdHost) -> None:
+    pf.write_config(CONFIG)
+    # a stale forward of a guest that is no longer running, left by its hook
+    stale = '[[forward]]\nguest = "gone"\nipv4 = "192.168.150.50"\nports = ["7777"]\n'
+    pf.write_config(CONFIG + stale)
+    assert pf.hook("gone", "started").returncode == 0
+    pf.write_config(CONFIG)
+
+    r = pf.cli("sync", "--connect", TEST_URI)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() == "synced: 3 binding(s) for 1 guest(s) in table inet portfwd"
+    assert status(pf) == [
+        ("stopped-guest", "tcp", "*:9999", "192.168.150.99:9999", "guest not running"),
+        ("test", "tcp", "*:2222", "192.168.150.10:22", "active"),
+        ("test", "tcp", "*:8080", "192.168.150.10:80", "active"),
+        ("test", "tcp", "[*]:8080", "[fd00:150::10]:80", "active"),
+    ]
+    again = pf.table()
+    assert pf.cli("sync", "--connect", TEST_URI).returncode == 0
+    assert pf.table() == again  # reruns are harmless
+
+    # a rule set wiped behind portfwd's back shows up as missing
+    pf.lab.ns(pf.lab.host, "nft", "flush", "ruleset")
+    assert {row[-1] for row in status(pf) if row[0] == "test"} == {"missing"}
+
+    text = pf.cli("status")
+    assert text.returncode == 0
+    assert text.stdout.decode().splitlines()[0].split() == ["GUEST", "PROTO", "LISTEN", "TARGET",
+                                                            "FROM", "STATE"]
+    assert pf.cli("sync", "--connect", TEST_URI).returncode == 0
+    r = pf.cli("flush")
+    assert (r.returncode, r.stdout.decode().strip()) == (0, "removed: table inet portfwd")
+    assert pf.table() is None
+    assert pf.cli("flush").stdout.decode().strip() == "removed: nothing (no portfwd table)"
+    assert [row[-1] for row in status(pf)] == ["guest not running"] * 4
+
+
+def test_sync_with_invalid_config_changes_nothing(pf: PortfwdHost) -> None:
+    pf.write_config(CONFIG)
+    assert pf.cli("sync", "--connect", TEST_URI).returncode == 0
+    before = pf.table()
+    pf.write_config(CONFIG + "[[forward]]\nguest = 1\n")
+    r = pf.cli("sync", "--connect", TEST_URI)
+    assert r.returncode == 1
+    assert f"{pf.config}:18:9: forward[3].guest: expected a domain name string, got an integer (1)" \
+        in r.stderr.decode()
+    assert pf.table() == before
+    flush = pf.cli("flush")  # flush works whatever the file says
+    assert flush.returncode == 0 and pf.table() is None
+
+
+def test_sync_unreachable_libvirt_is_a_host_error(pf: PortfwdHost) -> None:
+    pf.write_config(CONFIG)
+    r = pf.cli("sync", "--connect", "qemu+unix:///system?socket=/nonexistent/sock")
+    assert r.returncode == 3
+    err = r.stderr.decode()
+    assert "cannot connect to libvirt" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["check", "sync", "status", "flush", "install"])
+def test_every_command_has_help(pf: PortfwdHost, command: str) -> None:
+    r = pf.cli(command, "--help")
+    assert r.returncode == 0 and b"usage: portfwd " + command.encode() in r.stdout
+
+
+def test_install_puts_a_working_hook_in_qemu_d(pf: PortfwdHost, tmp_path: "os.PathLike[str]") -> None:
+    root = os.path.join(str(tmp_path), "root")
+    r = subprocess.run([sys.executable, "-m", "portfwd.cli", "install", "--root", root],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    hook = os.path.join(root, "etc/libvirt/hooks/qemu.d/portfwd")
+    with open(hook) as f:
+        assert f.readline() == f"#!{sys.executable} -I\n"
+    assert os.stat(hook).st_mode & 0o777 == 0o755
+    config = os.path.join(root, "etc/portfwd/forward.toml")
+    assert stat.S_IMODE(os.stat(config).st_mode) == 0o644
+    unit = os.path.join(root, "etc/systemd/system/portfwd-sync.service")
+    with open(unit) as f:
+        assert "ExecStart=" + os.path.join(root, "usr/local/sbin/portfwd") + " sync" in f.read()
+    # an existing configuration is kept
+    with open(config, "w") as f:
+        f.write(f'[[forward]]\nguest = "web1"\nipv4 = "{GUEST4}"\nports = [80]\n')
+    r = subprocess.run([sys.executable, "-m", "portfwd.cli", "install", "--root", root],
+                       capture_output=True, text=True)
+    assert "kept existing" in r.stdout
+    # the installed hook runs as libvirt would run it
+    env = dict(pf.env, PORTFWD_CONFIG=config)
+    run = pf.lab.ns(pf.lab.host, hook, "web1", "started", "begin", "-", input=b"<domain/>", env=env,
+                    check=False)
+    assert (run.returncode, run.stdout) == (0, b""), run.stderr
+    assert len(pf.elements()["any4_ip"]) == 1
