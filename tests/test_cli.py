@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from netlab import GUEST4, GUEST6
+from portfwd.config import load
 from pfhost import PortfwdHost
 
 pytestmark = pytest.mark.kernel
@@ -132,6 +133,8 @@ def test_install_puts_a_working_hook_in_qemu_d(pf: PortfwdHost, tmp_path: "os.Pa
     assert os.stat(hook).st_mode & 0o777 == 0o755
     config = os.path.join(root, "etc/portfwd/forward.toml")
     assert stat.S_IMODE(os.stat(config).st_mode) == 0o644
+    installed = load(config)  # valid, and forwards nothing until the admin says so
+    assert installed.forwards == () and installed.options.table == "portfwd"
     unit = os.path.join(root, "etc/systemd/system/portfwd-sync.service")
     with open(unit) as f:
         assert "ExecStart=" + os.path.join(root, "usr/local/sbin/portfwd") + " sync" in f.read()

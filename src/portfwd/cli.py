@@ -119,9 +119,11 @@ def cmd_install(args: argparse.Namespace) -> int:
     config_dst = at(state.DEFAULT_CONFIG)
     os.makedirs(os.path.dirname(config_dst), mode=0o755, exist_ok=True)
     if not os.path.exists(config_dst):
-        shutil.copyfile(os.path.join(DATA_DIR, "forward.toml"), config_dst)
+        with open(os.path.join(DATA_DIR, "forward.toml"), encoding="utf-8") as f:
+            example = f.read()
+        state.write_atomic(config_dst, _commented_out_forwards(example).encode())
         os.chmod(config_dst, 0o644)
-        done.append(f"example configuration {config_dst}")
+        done.append(f"example configuration {config_dst} (its forwards commented out)")
     else:
         done.append(f"kept existing {config_dst}")
 
@@ -154,6 +156,16 @@ def cmd_install(args: argparse.Namespace) -> int:
     print("next: edit the configuration, run `portfwd check`, then restart libvirtd once"
           " (systemctl restart libvirtd) so it finds the hook")
     return EXIT_OK
+
+
+def _commented_out_forwards(example: str) -> str:
+    """The example with every line from the first [[forward]] on commented out,
+    so that installing forwards nothing until the admin says so."""
+    head, sep, tail = example.partition("\n[[forward]]")
+    if not sep:
+        return example
+    lines = (sep.lstrip("\n") + tail).splitlines()
+    return head + "\n" + "\n".join(("# " + line) if line else line for line in lines) + "\n"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -79,12 +79,14 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str) -> int:
             count = engine.remove_guest(name)
             log.info(f"guest {name} {op}: removed {count} forward(s)")
             return 0
+        had_state = state.has_guest_state(name)
         options, forwards = engine.guest_config(Guest(name, uuid))
         strict = options.strict
         if op in CHECK:
             return 0
         applied = engine.apply_guest(Guest(name, uuid), options, forwards)
-        log.info(f"guest {name} {op}: {len(applied)} forward(s) in table inet {options.table}")
+        if applied or had_state:
+            log.info(f"guest {name} {op}: {len(applied)} forward(s) in table inet {options.table}")
         return 0
     except ConfigError as e:
         strict = _strict_despite_error(config_path)
