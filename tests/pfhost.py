@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from netlab import Lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOOK = os.path.join(ROOT, "hook", "qemu")
+NETWORK_HOOK = os.path.join(ROOT, "hook", "network")
 
 
 def domain_xml(name: str, uuid: str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
@@ -61,6 +62,13 @@ class PortfwdHost:
         return self.lab.ns(self.lab.host, sys.executable, "-I", *python_flags, HOOK, guest, op, sub,
                            extra, input=domain_xml(guest) if xml is None else xml, env=self.env,
                            check=False)
+
+    def network_hook(self, network: str, op: str) -> "Callable[[], subprocess.CompletedProcess]":
+        """A deferred run of the network hook as libvirt runs it."""
+        xml = (f"<hookData><network><name>{network}</name><bridge name='br0'/></network>"
+               "</hookData>").encode()
+        return lambda: self.lab.ns(self.lab.host, sys.executable, "-I", NETWORK_HOOK, network, op,
+                                   "begin", "-", input=xml, env=self.env, check=False)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return self.lab.ns(self.lab.host, sys.executable, "-m", "portfwd.cli", *args,

@@ -42,7 +42,7 @@ def status(pf: PortfwdHost) -> list:
     r = pf.cli("status", "--json")
     assert r.returncode == 0, r.stderr
     return sorted((row["guest"], row["proto"], row["listen"], row["target"], row["state"])
-                  for row in json.loads(r.stdout))
+                  for row in json.loads(r.stdout)["forwards"])
 
 
 def test_sync_dry_run_changes_nothing(pf: PortfwdHost) -> None:
@@ -116,7 +116,7 @@ def test_sync_unreachable_libvirt_is_a_host_error(pf: PortfwdHost) -> None:
     assert "cannot connect to libvirt" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", ["check", "sync", "status", "flush", "install"])
+@pytest.mark.parametrize("command", ["check", "sync", "status", "flush", "reapply", "install"])
 def test_every_command_has_help(pf: PortfwdHost, command: str) -> None:
     r = pf.cli(command, "--help")
     assert r.returncode == 0 and b"usage: portfwd " + command.encode() in r.stdout
@@ -128,16 +128,22 @@ def test_install_puts_a_working_hook_in_qemu_d(pf: PortfwdHost, tmp_path: "os.Pa
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     hook = os.path.join(root, "etc/libvirt/hooks/qemu.d/portfwd")
-    with open(hook) as f:
-        assert f.readline() == f"#!{sys.executable} -I\n"
-    assert os.stat(hook).st_mode & 0o777 == 0o755
+    for kind in ("qemu", "network"):
+        path = os.path.join(root, f"etc/libvirt/hooks/{kind}.d/portfwd")
+        with open(path) as f:
+            assert f.readline() == f"#!{sys.executable} -I\n"
+            assert f'main("{kind}", sys.argv[1:])' in f.read()
+        assert os.stat(path).st_mode & 0o777 == 0o755
     config = os.path.join(root, "etc/portfwd/forward.toml")
     assert stat.S_IMODE(os.stat(config).st_mode) == 0o644
     installed = load(config)  # valid, and forwards nothing until the admin says so
     assert installed.forwards == () and installed.options.table == "portfwd"
-    unit = os.path.join(root, "etc/systemd/system/portfwd-sync.service")
-    with open(unit) as f:
-        assert "ExecStart=" + os.path.join(root, "usr/local/sbin/portfwd") + " sync" in f.read()
+    for unit, command in (("portfwd-sync", "sync"), ("portfwd-reapply", "reapply")):
+        with open(os.path.join(root, f"etc/systemd/system/{unit}.service")) as f:
+            text = f.read()
+        assert f"ExecStart={os.path.join(root, 'usr/local/sbin/portfwd')} {command}\n" in text
+        if command == "reapply":  # a restart of nftables (flush ruleset) re-applies
+            assert "PartOf=nftables.service\n" in text
     # an existing configuration is kept
     with open(config, "w") as f:
         f.write(f'[[forward]]\nguest = "web1"\nipv4 = "{GUEST4}"\nports = [80]\n')

@@ -41,6 +41,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     ports = sum(len(f.ports) for f in config.forwards)
     print(f"{config.path}: OK: {ports} port forward(s) for {len(guests)} guest(s),"
           f" table inet {config.options.table}")
+    targets = {str(a) for f in config.forwards for a in (f.ipv4, f.ipv6) if a is not None}
+    try:
+        _, blocked = Engine(config.path).firewall(targets)
+    except HostError as e:
+        log.warning(f"could not inspect the host's firewall ({e}); run check as root to see"
+                    " whether anything blocks forwarded traffic")
+        return EXIT_OK
+    for line in blocked:
+        print(f"{config.path}: warning: forwarded traffic blocked: {line}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -74,9 +83,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             log.warning(line)
         log.warning("configuration invalid: showing applied forwards only")
     with state.locked():
-        rows = Engine(path).status(config)
+        engine = Engine(path)
+        rows = engine.status(config)
+        backends, blocked = engine.firewall()
     if args.json:
-        print(json.dumps([asdict(r) for r in rows], indent=2))
+        print(json.dumps({"forwards": [asdict(r) for r in rows],
+                          "firewall": {"seen": backends, "blocked": blocked}}, indent=2))
         return EXIT_OK
     header = ("GUEST", "PROTO", "LISTEN", "TARGET", "FROM", "STATE")
     table = [header] + [(r.guest, r.proto, r.listen, "-> " + r.target, r.sources, r.state)
@@ -86,6 +98,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     if not rows:
         print("(no forwards)")
+    for line in backends:
+        print(f"firewall: {line}")
+    for line in blocked:
+        print(f"blocked: {line}")
+    return EXIT_OK
+
+
+def cmd_reapply(args: argparse.Namespace) -> int:
+    with state.locked():
+        bindings = Engine(state.config_path(args.config)).reapply()
+    owners = {b.guest for b in bindings}
+    print(f"reapplied: {len(bindings)} binding(s) for {len(owners)} guest(s) from {state.run_dir()}")
     return EXIT_OK
 
 
@@ -108,13 +132,14 @@ def cmd_install(args: argparse.Namespace) -> int:
         return os.path.join(root, path.lstrip("/"))
 
     done: List[str] = []
-    hook_dst = at("/etc/libvirt/hooks/qemu.d/portfwd")
-    with open(os.path.join(DATA_DIR, "qemu"), encoding="utf-8") as f:
-        body = f.read().split("\n", 1)[1]
-    os.makedirs(os.path.dirname(hook_dst), mode=0o755, exist_ok=True)
-    state.write_atomic(hook_dst, f"#!{sys.executable} -I\n{body}".encode())
-    os.chmod(hook_dst, 0o755)
-    done.append(f"hook {hook_dst}")
+    for kind in ("qemu", "network"):
+        hook_dst = at(f"/etc/libvirt/hooks/{kind}.d/portfwd")
+        with open(os.path.join(DATA_DIR, kind), encoding="utf-8") as f:
+            body = f.read().split("\n", 1)[1]
+        os.makedirs(os.path.dirname(hook_dst), mode=0o755, exist_ok=True)
+        state.write_atomic(hook_dst, f"#!{sys.executable} -I\n{body}".encode())
+        os.chmod(hook_dst, 0o755)
+        done.append(f"hook {hook_dst}")
 
     config_dst = at(state.DEFAULT_CONFIG)
     os.makedirs(os.path.dirname(config_dst), mode=0o755, exist_ok=True)
@@ -152,7 +177,8 @@ def cmd_install(args: argparse.Namespace) -> int:
         import subprocess
 
         subprocess.run(["systemctl", "daemon-reload"], check=False)
-        subprocess.run(["systemctl", "enable", "portfwd-sync.service"], check=False)
+        subprocess.run(["systemctl", "enable", "portfwd-sync.service", "portfwd-reapply.service"],
+                       check=False)
     print("next: edit the configuration, run `portfwd check`, then restart libvirtd once"
           " (systemctl restart libvirtd) so it finds the hook")
     return EXIT_OK
@@ -197,6 +223,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flush", parents=[common], help="remove everything portfwd installed",
                        description="Remove portfwd's nftables tables and its recorded state.")
     p.set_defaults(func=cmd_flush)
+    p = sub.add_parser("reapply", parents=[common],
+                       help="re-apply recorded forwards (after nft flush ruleset, firewall reloads)",
+                       description="Rebuild portfwd's table and its accepts in libvirt's chains"
+                                   f" from what {state.DEFAULT_RUN_DIR} records, without asking"
+                                   " libvirt and without reading the configuration.")
+    p.set_defaults(func=cmd_reapply)
     p = sub.add_parser("install", help="install the libvirt hook, example config and units",
                        description="Install the qemu hook, an example configuration (if none"
                                    " exists) and the systemd units.")

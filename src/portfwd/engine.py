@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from . import log, plan, state
+from . import compat, hostnet, log, plan, state
 from .config import load
 from .errors import HostError
 from .model import DEFAULT_TABLE, Config, Forward, Guest, Options
@@ -143,15 +143,58 @@ class Engine:
         return out
 
     def write_state(self, st: GuestState) -> None:
-        path = state.guest_state_path(st.guest, self.root)
-        if not st.bindings:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            return
-        state.ensure_dir(os.path.dirname(path))
-        state.write_atomic(path, json.dumps(st.to_json(), separators=(",", ":")).encode())
+        self.write_states([st])
+
+    def write_states(self, states: Iterable[GuestState]) -> None:
+        """Record (or, for no bindings, forget) guests, and their target addresses."""
+        targets = self.read_targets()
+        for st in states:
+            path = state.guest_state_path(st.guest, self.root)
+            if not st.bindings:
+                targets.pop(st.guest, None)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            targets[st.guest] = sorted({b.target for b in st.bindings})
+            state.ensure_dir(os.path.dirname(path))
+            state.write_atomic(path, json.dumps(st.to_json(), separators=(",", ":")).encode())
+        state.write_atomic(self._targets_path(), json.dumps(targets, sort_keys=True).encode())
+
+    def _targets_path(self) -> str:
+        return os.path.join(self.root, "targets.json")
+
+    def read_targets(self) -> Dict[str, List[str]]:
+        """Guest → the guest addresses its forwards lead to (kept beside the states, so
+        that finding the bridges with forwards does not read every guest's state)."""
+        try:
+            with open(self._targets_path(), encoding="utf-8") as f:
+                data = json.load(f)
+            return {str(k): [str(a) for a in v] for k, v in data.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as e:
+            log.warning(f"rebuilding unreadable {self._targets_path()}: {e}")
+            return {st.guest: sorted({b.target for b in st.bindings}) for st in self.all_states()}
+
+    # -- libvirt's chains and other firewalls ----------------------------------
+    def wanted_bridges(self) -> Dict[int, Set[str]]:
+        addresses = {a for targets in self.read_targets().values() for a in targets}
+        return hostnet.bridges_for(addresses)
+
+    def ensure_compat(self, wanted: Optional[Dict[int, Set[str]]] = None) -> List[str]:
+        """Put portfwd's narrow accepts where libvirt would reject forwarded traffic
+        (and remove them where no forward needs them); returns what still blocks."""
+        wanted = self.wanted_bridges() if wanted is None else wanted
+        fw = compat.read(self.nft)
+        commands, argvs = compat.changes(fw, wanted)
+        if commands:
+            self.nft.apply(commands)
+        compat.run_iptables(argvs)
+        if commands or argvs:
+            fw = compat.read(self.nft)
+        return compat.blockers(fw, wanted)
 
     # -- changes ------------------------------------------------------------
     def apply_guest(self, guest: Guest, options: Options, forwards: Sequence[Forward]) -> List[Binding]:
@@ -173,7 +216,19 @@ class Engine:
                         " rebuilding the table from recorded state")
             self._rebuild_with(guest, options.table, new)
         self.write_state(GuestState(guest.name, guest.uuid, options.table, new))
+        self._report(self.ensure_compat())
         return new
+
+    def firewall(self, addresses: Optional[Iterable[str]] = None) -> Tuple[List[str], List[str]]:
+        """(how the host filters forwarded traffic, what blocks portfwd's forwards),
+        for the bridges behind ``addresses`` (default: the applied forwards)."""
+        wanted = self.wanted_bridges() if addresses is None else hostnet.bridges_for(addresses)
+        fw = compat.read(self.nft)
+        return fw.backends(), compat.blockers(fw, wanted)
+
+    def _report(self, blockers: List[str]) -> None:
+        for line in blockers:
+            log.warning(f"forwarded traffic blocked: {line}")
 
     def _rebuild_with(self, guest: Guest, table: str, new: List[Binding]) -> None:
         """Rebuild ``table`` from every guest's state, this guest's replaced by ``new``.
@@ -194,8 +249,7 @@ class Engine:
                 changed.append(GuestState(st.guest, st.uuid, st.table, kept))
             everything += kept
         self.nft.apply(plan.full_rebuild(table, everything))
-        for st in changed:
-            self.write_state(st)
+        self.write_states(changed)
 
     def remove_guest(self, name: str) -> int:
         """Remove what was applied for this guest; returns how many bindings."""
@@ -205,7 +259,22 @@ class Engine:
         if old_state.bindings:
             self.nft.apply(plan.guest_update(old_state.table, old_state.bindings, []))
         self.write_state(GuestState(name, old_state.uuid, old_state.table, []))
+        self._report(self.ensure_compat())
         return len(old_state.bindings)
+
+    def reapply(self) -> List[Binding]:
+        """Rebuild every table and libvirt accept from /run/portfwd alone (no libvirt,
+        no configuration): after `nft flush ruleset`, an nftables or firewalld reload."""
+        states = self.all_states()
+        cmds: List[plan.Command] = []
+        everything: List[Binding] = []
+        for table in sorted({st.table for st in states}):
+            bindings = [b for st in states if st.table == table for b in st.bindings]
+            cmds += plan.full_rebuild(table, bindings)
+            everything += bindings
+        self.nft.apply(cmds)
+        self._report(self.ensure_compat())
+        return everything
 
     def sync(self, config: Config, guests: Iterable[Guest], dry_run: bool = False) -> List[Binding]:
         """Make the table hold exactly the forwards of ``guests``, in one transaction."""
@@ -224,11 +293,9 @@ class Engine:
         self.nft.apply(cmds, dry_run=dry_run)
         if dry_run:
             return everything
-        for st in old_states:
-            if st.guest not in wanted:
-                self.write_state(GuestState(st.guest, st.uuid, st.table, []))
-        for st in wanted.values():
-            self.write_state(st)
+        self.write_states([GuestState(st.guest, st.uuid, st.table, []) for st in old_states
+                           if st.guest not in wanted] + list(wanted.values()))
+        self._report(self.ensure_compat())
         return everything
 
     def flush(self, config_table: Optional[str]) -> List[str]:
@@ -241,7 +308,12 @@ class Engine:
         for table in present:
             cmds += plan.drop_table(table)
         self.nft.apply(cmds)
+        self.ensure_compat({4: set(), 6: set()})
         shutil.rmtree(os.path.join(self.root, "guests"), ignore_errors=True)
+        try:
+            os.unlink(self._targets_path())
+        except FileNotFoundError:
+            pass
         return present
 
     # -- status -------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""libvirt's qemu hook: argv + domain XML on stdin → the engine.
+"""libvirt's qemu and network hooks: argv + XML on stdin → the engine.
 
 Never calls libvirt (libvirt waits for us: deadlock), never writes to stdout
 (for migrate/restore stdout is the domain XML), and exits non-zero only when
@@ -18,6 +18,8 @@ APPLY = frozenset({"started", "reconnect", "restore", "attach", "migrate"})
 REMOVE = frozenset({"stopped", "release"})
 CHECK = frozenset({"prepare", "start"})  # strict: a bad config stops the start here
 MAY_FAIL = frozenset({"prepare", "start", "started"})
+# a network (re)start or update rebuilds libvirt's rules: put our accepts back
+NETWORK_REASSERT = frozenset({"started", "updated", "port-created"})
 
 
 def domain_uuid(xml: bytes) -> Optional[str]:
@@ -38,6 +40,8 @@ def main(kind: str = "qemu", argv: Optional[List[str]] = None) -> int:
     except (OSError, ValueError):
         xml = b""
     os.dup2(2, 1)  # nothing we or a library print may reach libvirt's stdout
+    if kind == "network":
+        return network_hook(args)
     if kind != "qemu" or len(args) < 2:
         return 0
     name, op = args[0], args[1]
@@ -62,6 +66,28 @@ def main(kind: str = "qemu", argv: Optional[List[str]] = None) -> int:
     except OSError as e:  # the run directory itself is unusable
         sys.stderr.write(f"portfwd: error: guest {name} {op}: {e}\n")
         return 0
+
+
+def network_hook(args: List[str]) -> int:
+    """``NET started|updated|port-created begin -``: re-assert portfwd's accepts in
+    libvirt's chains, which libvirt has just rebuilt. Never fails the network."""
+    if len(args) < 3 or args[1] not in NETWORK_REASSERT or args[2] != "begin":
+        return 0
+    try:
+        with state.locked():
+            if not state.has_forwards():
+                return 0
+            from . import log
+            from .engine import Engine
+
+            log.use_syslog()
+            try:
+                Engine(state.config_path()).ensure_compat()
+            except Exception as e:  # the network must come up whatever happens here
+                log.error(f"network {args[0]} {args[1]}: {type(e).__name__}: {e}")
+    except OSError as e:
+        sys.stderr.write(f"portfwd: error: network {args[0]} {args[1]}: {e}\n")
+    return 0
 
 
 def _run(name: str, uuid: Optional[str], op: str, config_path: str) -> int:

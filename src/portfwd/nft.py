@@ -35,13 +35,16 @@ class Nft:
             raise HostError(f"nftables refused the change: {_first_lines(err)}")
 
     def list_table(self, table: str) -> Optional[List[Dict[str, Any]]]:
-        """The table's objects as JSON, or None when it does not exist."""
-        rc, out, err = self._nft.json_cmd(
-            {"nftables": [{"list": {"table": {"family": "inet", "name": table}}}]})
+        """Our inet table's objects as JSON, or None when it does not exist."""
+        return self.list({"table": {"family": "inet", "name": table}})
+
+    def list(self, what: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:
+        """Objects of one ``list`` command (e.g. ``{"chains": {}}``), None if absent."""
+        rc, out, err = self._nft.json_cmd({"nftables": [{"list": what}]})
         if rc != 0:
             if "No such file or directory" in err:
                 return None
-            raise HostError(f"cannot list table inet {table}: {_first_lines(err)}")
+            raise HostError(f"cannot list {what}: {_first_lines(err)}")
         return [o for o in out.get("nftables", []) if "metainfo" not in o]
 
 

@@ -25,6 +25,7 @@ Command = Dict[str, Any]
 
 KINDS = ("src", "fwd", "any")  # lookup order in the chain
 PRIORITY = -105  # just before dstnat (-100): our DNAT binds first
+MARK = 0x01000000  # conntrack mark bit on every connection portfwd DNATs (see compat.py)
 COMMENT_MAX = 120
 
 
@@ -169,12 +170,18 @@ def skeleton(table: str) -> List[Command]:
 def _dnat_rule(kind: str, family: int) -> List[Dict[str, Any]]:
     exprs = _key_exprs(kind, family)
     key = exprs[0] if len(exprs) == 1 else {"concat": exprs}
+    mark = {"ct": {"key": "mark"}}
     return [
+        {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
+                   "right": "ipv4" if family == 4 else "ipv6"}},
         {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
                    "right": "local"}},
         # nft accepts a port mapping only after a transport protocol match
         {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
                    "right": {"set": list(PROTOCOLS)}}},
+        # only connections that hit a map get the mark, which libvirt's chains let through
+        {"match": {"op": "==", "left": key, "right": "@" + map_name(kind, family, "port")}},
+        {"mangle": {"key": mark, "value": {"|": [mark, MARK]}}},
         {"dnat": {"family": "ip" if family == 4 else "ip6",
                   "addr": {"map": {"key": key, "data": "@" + map_name(kind, family, "ip")}},
                   "port": {"map": {"key": key, "data": "@" + map_name(kind, family, "port")}}}},

@@ -68,6 +68,14 @@ def has_guest_state(name: str, root: Optional[str] = None) -> bool:
     return os.path.exists(guest_state_path(name, root))
 
 
+def has_forwards(root: Optional[str] = None) -> bool:
+    """Whether any guest has forwards applied (the targets summary is not empty)."""
+    try:
+        return os.path.getsize(os.path.join(root or run_dir(), "targets.json")) > 2
+    except OSError:
+        return False
+
+
 def config_signature(path: str) -> str:
     """Changes whenever the file at ``path`` (or portfwd's cache format) changes."""
     try:

@@ -1,0 +1,298 @@
+"""Coexistence with the firewalls around us, libvirt's above all.
+
+libvirt's NAT networks end their inbound chain with a reject for the bridge
+(``LIBVIRT_FWI`` with its iptables backend, ``guest_input`` in ``table ip|ip6
+libvirt_network`` with its nftables backend). An accept in our own table
+cannot beat a reject in another base chain, so portfwd puts one narrow accept
+at the head of libvirt's chain, per bridge that has forwards, for connections
+carrying the conntrack mark portfwd's DNAT sets (``plan.MARK``) and nothing
+else. Everything here is found from the live ruleset.
+
+iptables backend: ``-o BRIDGE -j PORTFWD_FWI`` at the head of LIBVIRT_FWI,
+and chain PORTFWD_FWI holding ``-m conntrack --ctstate DNAT -m connmark --mark
+M/M -j ACCEPT``, written with the iptables tools so that ``iptables -S`` and
+``iptables-save`` keep working. nftables backend: one native rule per bridge,
+tagged with the comment ``portfwd``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from .errors import HostError
+from .nft import Command, Nft
+from .plan import MARK
+
+CHAIN = "PORTFWD_FWI"
+COMMENT = "portfwd"
+FAMILIES = {4: "ip", 6: "ip6"}
+OURS, REJECT, OTHER = "ours", "reject", "other"
+
+
+@dataclass
+class Rule:
+    kind: str  # OURS, REJECT or OTHER
+    bridge: Optional[str]
+    handle: int = 0
+
+
+@dataclass
+class Firewall:
+    """What the live ruleset says about forwarded traffic."""
+
+    legacy: Dict[int, bool] = field(default_factory=dict)  # iptables-legacy holds LIBVIRT_FWI
+    fwi: Dict[int, List[Rule]] = field(default_factory=dict)  # LIBVIRT_FWI, iptables backend
+    our_chain: Dict[int, bool] = field(default_factory=dict)  # PORTFWD_FWI exists
+    guest_input: Dict[int, List[Rule]] = field(default_factory=dict)  # nftables backend
+    drop_policies: List[Tuple[str, str, str]] = field(default_factory=list)  # (family, table, chain)
+    firewalld_strict: Optional[str] = None  # the firewalld chain that rejects DNAT, if any
+
+    def backends(self) -> List[str]:
+        out = []
+        for fam, rules in sorted(self.fwi.items()):
+            kind = "iptables-legacy" if self.legacy.get(fam) else "iptables-nft"
+            out.append(f"libvirt {kind} backend: table {FAMILIES[fam]} filter chain LIBVIRT_FWI"
+                       f" rejects {', '.join(sorted(_rejected(rules))) or 'no bridge'}")
+        for fam, rules in sorted(self.guest_input.items()):
+            out.append(f"libvirt nftables backend: table {FAMILIES[fam]} libvirt_network chain"
+                       f" guest_input rejects {', '.join(sorted(_rejected(rules))) or 'no bridge'}")
+        return out
+
+
+def _rejected(rules: List[Rule]) -> Set[str]:
+    return {r.bridge for r in rules if r.kind == REJECT and r.bridge}
+
+
+# -- reading ------------------------------------------------------------------
+
+def _bridge_of(exprs: List[Dict[str, Any]]) -> Optional[str]:
+    for e in exprs:
+        m = e.get("match")
+        if m and isinstance(m.get("left"), dict) and m["left"].get("meta", {}).get("key") in (
+                "oifname", "oif") and isinstance(m.get("right"), str):
+            return str(m["right"])
+    return None
+
+
+def _classify(rule: Dict[str, Any], ours: bool) -> Rule:
+    exprs = rule.get("expr", [])
+    kind = OTHER
+    if ours:
+        kind = OURS
+    elif any("reject" in e or "drop" in e
+             or (e.get("xt", {}).get("type") == "target" and e["xt"].get("name") == "REJECT")
+             for e in exprs):
+        kind = REJECT
+    return Rule(kind, _bridge_of(exprs), int(rule.get("handle", 0)))
+
+
+def _chain_rules(nft: Nft, family: str, table: str, chain: str) -> Optional[List[Dict[str, Any]]]:
+    objects = nft.list({"chain": {"family": family, "table": table, "name": chain}})
+    if objects is None:
+        return None
+    return [o["rule"] for o in objects if "rule" in o]
+
+
+def _legacy_rules(fam: int) -> Optional[List[Rule]]:
+    """LIBVIRT_FWI as iptables-legacy holds it, or None when legacy does not hold it."""
+    names = "/proc/net/ip_tables_names" if fam == 4 else "/proc/net/ip6_tables_names"
+    try:
+        with open(names, encoding="ascii") as f:
+            if "filter" not in f.read().split():
+                return None
+    except OSError:
+        return None
+    tool = shutil.which("iptables-legacy" if fam == 4 else "ip6tables-legacy")
+    if not tool:
+        return None
+    r = subprocess.run([tool, "-w", "-S", "LIBVIRT_FWI"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    rules = []
+    for line in r.stdout.splitlines():
+        words = line.split()
+        if words[:2] != ["-A", "LIBVIRT_FWI"]:
+            continue
+        bridge = words[words.index("-o") + 1] if "-o" in words else None
+        target = words[words.index("-j") + 1] if "-j" in words else ""
+        kind = OURS if target == CHAIN else REJECT if target in ("REJECT", "DROP") else OTHER
+        rules.append(Rule(kind, bridge))
+    return rules
+
+
+def read(nft: Nft) -> Firewall:
+    """Look at the live ruleset (a few small listings, never our own big maps)."""
+    fw = Firewall()
+    tables = {(t["table"]["family"], t["table"]["name"])
+              for t in nft.list({"tables": {}}) or [] if "table" in t}
+    chains = [c["chain"] for c in nft.list({"chains": {}}) or [] if "chain" in c]
+    names = {(c["family"], c["table"], c["name"]) for c in chains}
+    for fam, family in FAMILIES.items():
+        legacy = _legacy_rules(fam)
+        if legacy is not None:
+            fw.legacy[fam] = True
+            fw.fwi[fam] = legacy
+            fw.our_chain[fam] = any(r.kind == OURS for r in legacy)
+        elif (family, "filter", "LIBVIRT_FWI") in names:
+            rules = _chain_rules(nft, family, "filter", "LIBVIRT_FWI") or []
+            fw.fwi[fam] = [_classify(r, any(e.get("jump", {}).get("target") == CHAIN
+                                            for e in r.get("expr", []))) for r in rules]
+        if fam not in fw.legacy:
+            fw.our_chain[fam] = (family, "filter", CHAIN) in names
+        if (family, "libvirt_network", "guest_input") in names:
+            rules = _chain_rules(nft, family, "libvirt_network", "guest_input") or []
+            fw.guest_input[fam] = [_classify(r, r.get("comment") == COMMENT) for r in rules]
+    for c in chains:
+        if c.get("hook") == "forward" and c.get("policy") == "drop":
+            fw.drop_policies.append((c["family"], c["table"], c["name"]))
+    if ("inet", "firewalld") in tables:
+        fw.firewalld_strict = _firewalld_strict(nft, chains)
+    return fw
+
+
+def _firewalld_strict(nft: Nft, chains: List[Dict[str, Any]]) -> Optional[str]:
+    """firewalld accepts DNATed traffic with ``ct status dnat accept`` in its forward
+    chain, unless StrictForwardPorts=yes; returns the chain when that rule is missing."""
+    forward = [c["name"] for c in chains if c["family"] == "inet" and c["table"] == "firewalld"
+               and c.get("hook") == "forward"]
+    for name in forward:
+        for rule in _chain_rules(nft, "inet", "firewalld", name) or []:
+            for e in rule.get("expr", []):
+                m = e.get("match", {})
+                if m.get("left", {}).get("ct", {}).get("key") == "status" and "dnat" in str(m.get("right")):
+                    return None
+    return f"table inet firewalld chain {forward[0] if forward else 'filter_FORWARD'}"
+
+
+# -- changing -----------------------------------------------------------------
+
+def _in_place(rules: List[Rule], need: List[str]) -> bool:
+    """Our rules are exactly one per needed bridge, all at the head of the chain."""
+    ours = sorted(r.bridge or "" for r in rules if r.kind == OURS)
+    head = rules[:len(need)]
+    return ours == need and all(r.kind == OURS for r in head)
+
+
+def _needed(rules: List[Rule], wanted: Set[str]) -> List[str]:
+    return sorted(wanted & _rejected(rules))
+
+
+def changes(fw: Firewall, wanted: Dict[int, Set[str]]) -> Tuple[List[Command], List[List[str]]]:
+    """JSON commands (nftables backend) and iptables argv lists (iptables backend)
+    that put our accepts where ``wanted`` bridges need them, and nowhere else."""
+    commands: List[Command] = []
+    argvs: List[List[str]] = []
+    for fam in FAMILIES:
+        argvs += _iptables_changes(fw, fam, wanted.get(fam, set()))
+        commands += _nft_changes(fw, fam, wanted.get(fam, set()))
+    return commands, argvs
+
+
+def _iptables_changes(fw: Firewall, fam: int, wanted: Set[str]) -> List[List[str]]:
+    rules = fw.fwi.get(fam)
+    need = _needed(rules, wanted) if rules is not None else []
+    tool = _tool(fam, fw.legacy.get(fam, False))
+    out: List[List[str]] = []
+    if rules is not None and not _in_place(rules, need):
+        for r in rules:
+            if r.kind == OURS:
+                out.append([tool, "-w", "-D", "LIBVIRT_FWI", "-o", r.bridge or "", "-j", CHAIN])
+        if need and not fw.our_chain.get(fam):
+            out.append([tool, "-w", "-N", CHAIN])
+            out.append([tool, "-w", "-A", CHAIN, "-m", "conntrack", "--ctstate", "DNAT",
+                        "-m", "connmark", "--mark", f"{MARK:#x}/{MARK:#x}",
+                        "-m", "comment", "--comment", "portfwd: connections portfwd forwarded",
+                        "-j", "ACCEPT"])
+        for bridge in reversed(need):
+            out.append([tool, "-w", "-I", "LIBVIRT_FWI", "1", "-o", bridge, "-j", CHAIN])
+    if not need and fw.our_chain.get(fam):
+        out.append([tool, "-w", "-F", CHAIN])
+        out.append([tool, "-w", "-X", CHAIN])
+    return out
+
+
+def _tool(fam: int, legacy: bool) -> str:
+    base = "iptables" if fam == 4 else "ip6tables"
+    for name in ((f"{base}-legacy",) if legacy else (f"{base}-nft", base)):
+        if shutil.which(name):
+            return name
+    return base
+
+
+def _nft_changes(fw: Firewall, fam: int, wanted: Set[str]) -> List[Command]:
+    rules = fw.guest_input.get(fam)
+    if rules is None:
+        return []
+    need = _needed(rules, wanted)
+    if _in_place(rules, need):
+        return []
+    family = FAMILIES[fam]
+    where = {"family": family, "table": "libvirt_network", "chain": "guest_input"}
+    out: List[Command] = [{"delete": {"rule": dict(where, handle=r.handle)}}
+                          for r in rules if r.kind == OURS]
+    mark = {"ct": {"key": "mark"}}
+    for bridge in reversed(need):
+        out.append({"insert": {"rule": dict(where, comment=COMMENT, expr=[
+            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": bridge}},
+            {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+            {"match": {"op": "==", "left": {"&": [mark, MARK]}, "right": MARK}},
+            {"counter": None},
+            {"accept": None},
+        ])}})
+    return out
+
+
+def run_iptables(argvs: List[List[str]]) -> None:
+    """Run iptables commands in order; HostError with what the tool said."""
+    env = dict(os.environ, LC_ALL="C")
+    for argv in argvs:
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, env=env)
+        except FileNotFoundError:
+            raise HostError(f"{argv[0]} not found: apt-get install iptables") from None
+        if r.returncode != 0:
+            raise HostError(f"{' '.join(argv)} failed: {r.stderr.strip() or r.returncode}")
+
+
+# -- reporting ----------------------------------------------------------------
+
+def blockers(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[str]:
+    """Where forwarded connections to ``wanted`` bridges are dropped and portfwd
+    does not, or must not, change that; each line names the table and chain."""
+    out: List[str] = []
+    covered: Dict[int, Set[str]] = {}
+    for fam in FAMILIES:
+        rules = fw.fwi.get(fam)
+        if rules is not None:
+            need = _needed(rules, wanted.get(fam, set()))
+            if not _in_place(rules, need):
+                out.append(f"table {FAMILIES[fam]} filter chain LIBVIRT_FWI: libvirt's reject comes"
+                           f" before portfwd's accept for {', '.join(need)}; run `portfwd reapply`")
+            covered[fam] = set(need)
+        grules = fw.guest_input.get(fam)
+        if grules is not None:
+            need = _needed(grules, wanted.get(fam, set()))
+            if not _in_place(grules, need):
+                out.append(f"table {FAMILIES[fam]} libvirt_network chain guest_input: libvirt's"
+                           f" reject comes before portfwd's accept for {', '.join(need)};"
+                           " run `portfwd reapply`")
+    for family, table, chain in fw.drop_policies:
+        fams = [4] if family == "ip" else [6] if family == "ip6" else [4, 6]
+        for fam in fams:
+            # an accept in LIBVIRT_FWI ends the iptables FORWARD chain before its policy
+            through_libvirt = (family, table, chain) == (FAMILIES[fam], "filter", "FORWARD")
+            left = sorted(wanted.get(fam, set()) - (covered.get(fam, set()) if through_libvirt
+                                                     else set()))
+            if left:
+                out.append(f"table {family} {table} chain {chain}: policy drop drops forwarded"
+                           f" connections to {', '.join(left)} (IPv{fam}); portfwd does not change"
+                           f" that chain: accept `ct mark & {MARK:#010x} == {MARK:#010x}` there")
+    if fw.firewalld_strict and any(wanted.values()):
+        out.append(f"{fw.firewalld_strict}: firewalld (StrictForwardPorts=yes) rejects DNATed"
+                   " connections it was not told about; declare the forwards to firewalld or"
+                   " set StrictForwardPorts=no")
+    return out
