@@ -132,16 +132,19 @@ def cmd_install(args: argparse.Namespace) -> int:
         return os.path.join(root, path.lstrip("/"))
 
     done: List[str] = []
+    # libvirt runs hooks with an empty environment: a non-default path goes into the hook
+    settings = "".join(f"import os; os.environ[{name!r}] = {value!r}\n" for name, value in (
+        (state.ENV_CONFIG, args.config), (state.ENV_RUN_DIR, args.run_dir)) if value)
     for kind in ("qemu", "network"):
         hook_dst = at(f"/etc/libvirt/hooks/{kind}.d/portfwd")
         with open(os.path.join(DATA_DIR, kind), encoding="utf-8") as f:
             body = f.read().split("\n", 1)[1]
         os.makedirs(os.path.dirname(hook_dst), mode=0o755, exist_ok=True)
-        state.write_atomic(hook_dst, f"#!{sys.executable} -I\n{body}".encode())
+        state.write_atomic(hook_dst, f"#!{sys.executable} -I\n{settings}{body}".encode())
         os.chmod(hook_dst, 0o755)
         done.append(f"hook {hook_dst}")
 
-    config_dst = at(state.DEFAULT_CONFIG)
+    config_dst = at(args.config or state.DEFAULT_CONFIG)
     os.makedirs(os.path.dirname(config_dst), mode=0o755, exist_ok=True)
     if not os.path.exists(config_dst):
         with open(os.path.join(DATA_DIR, "forward.toml"), encoding="utf-8") as f:
@@ -152,9 +155,14 @@ def cmd_install(args: argparse.Namespace) -> int:
     else:
         done.append(f"kept existing {config_dst}")
 
-    exe = shutil.which("portfwd") or os.path.abspath(sys.argv[0])
+    # the console script beside this interpreter (the venv's bin), else one on PATH
+    beside = os.path.join(os.path.dirname(sys.executable), "portfwd")
+    exe = beside if os.access(beside, os.X_OK) else shutil.which("portfwd")
     link = at("/usr/local/sbin/portfwd")
-    if os.path.abspath(exe) != os.path.abspath(link):
+    if exe is None:
+        done.append("no portfwd command found to link (install the package with pip first)")
+        exe = link
+    elif os.path.abspath(exe) != os.path.abspath(link):
         os.makedirs(os.path.dirname(link), exist_ok=True)
         if os.path.islink(link) or not os.path.exists(link):
             if os.path.lexists(link):
@@ -233,6 +241,10 @@ def _parser() -> argparse.ArgumentParser:
                        description="Install the qemu hook, an example configuration (if none"
                                    " exists) and the systemd units.")
     p.add_argument("--root", default="/", metavar="DIR", help="install below DIR (default: /)")
+    p.add_argument("--config", metavar="PATH",
+                   help=f"configuration the hooks read (default: {state.DEFAULT_CONFIG})")
+    p.add_argument("--run-dir", metavar="DIR",
+                   help=f"state directory of the hooks (default: {state.DEFAULT_RUN_DIR})")
     p.set_defaults(func=cmd_install)
     return parser
 
