@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict
 from typing import Callable, List, Optional
 
 from . import libvirtapi, log, plan, state
@@ -87,12 +86,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows = engine.status(config)
         backends, blocked = engine.firewall()
     if args.json:
-        print(json.dumps({"forwards": [asdict(r) for r in rows],
+        print(json.dumps({"forwards": rows,
                           "firewall": {"seen": backends, "blocked": blocked}}, indent=2))
         return EXIT_OK
     header = ("GUEST", "PROTO", "LISTEN", "TARGET", "FROM", "STATE")
-    table = [header] + [(r.guest, r.proto, r.listen, "-> " + r.target, r.sources, r.state)
-                        for r in rows]
+    table = [header] + [(r["guest"], r["proto"], r["listen"], "-> " + r["target"], r["sources"],
+                         r["state"]) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

@@ -18,14 +18,15 @@ tagged with the comment ``portfwd``.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .errors import HostError
-from .nft import Command, Nft
 from .plan import MARK
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Set, Tuple
+
+    from .nft import Command, Nft
 
 CHAIN = "PORTFWD_FWI"
 COMMENT = "portfwd"
@@ -33,23 +34,27 @@ FAMILIES = {4: "ip", 6: "ip6"}
 OURS, REJECT, OTHER = "ours", "reject", "other"
 
 
-@dataclass
 class Rule:
-    kind: str  # OURS, REJECT or OTHER
-    bridge: Optional[str]
-    handle: int = 0
+    """One rule of libvirt's inbound chain, as far as we care."""
+
+    __slots__ = ("kind", "bridge", "handle")
+
+    def __init__(self, kind: str, bridge: Optional[str], handle: int = 0) -> None:
+        self.kind = kind  # OURS, REJECT or OTHER
+        self.bridge = bridge
+        self.handle = handle
 
 
-@dataclass
 class Firewall:
     """What the live ruleset says about forwarded traffic."""
 
-    legacy: Dict[int, bool] = field(default_factory=dict)  # iptables-legacy holds LIBVIRT_FWI
-    fwi: Dict[int, List[Rule]] = field(default_factory=dict)  # LIBVIRT_FWI, iptables backend
-    our_chain: Dict[int, bool] = field(default_factory=dict)  # PORTFWD_FWI exists
-    guest_input: Dict[int, List[Rule]] = field(default_factory=dict)  # nftables backend
-    drop_policies: List[Tuple[str, str, str]] = field(default_factory=list)  # (family, table, chain)
-    firewalld_strict: Optional[str] = None  # the firewalld chain that rejects DNAT, if any
+    def __init__(self) -> None:
+        self.legacy: Dict[int, bool] = {}  # iptables-legacy holds LIBVIRT_FWI
+        self.fwi: Dict[int, List[Rule]] = {}  # LIBVIRT_FWI, iptables backend
+        self.our_chain: Dict[int, bool] = {}  # PORTFWD_FWI exists
+        self.guest_input: Dict[int, List[Rule]] = {}  # nftables backend
+        self.drop_policies: List[Tuple[str, str, str]] = []  # (family, table, chain)
+        self.firewalld_strict: Optional[str] = None  # the firewalld chain rejecting DNAT
 
     def backends(self) -> List[str]:
         out = []
@@ -106,9 +111,11 @@ def _legacy_rules(fam: int) -> Optional[List[Rule]]:
                 return None
     except OSError:
         return None
-    tool = shutil.which("iptables-legacy" if fam == 4 else "ip6tables-legacy")
+    tool = which("iptables-legacy" if fam == 4 else "ip6tables-legacy")
     if not tool:
         return None
+    import subprocess
+
     r = subprocess.run([tool, "-w", "-S", "LIBVIRT_FWI"], capture_output=True, text=True)
     if r.returncode != 0:
         return None
@@ -125,12 +132,13 @@ def _legacy_rules(fam: int) -> Optional[List[Rule]]:
 
 
 def read(nft: Nft) -> Firewall:
-    """Look at the live ruleset (a few small listings, never our own big maps)."""
+    """Look at the live ruleset (a few small listings, never our own maps)."""
     fw = Firewall()
-    tables = {(t["table"]["family"], t["table"]["name"])
-              for t in nft.list({"tables": {}}) or [] if "table" in t}
+    # `list chains` and `list chain` of a foreign table stay cheap; on nftables 1.0.6
+    # `list tables` or `list ruleset` would fetch every element of our maps too
     chains = [c["chain"] for c in nft.list({"chains": {}}) or [] if "chain" in c]
     names = {(c["family"], c["table"], c["name"]) for c in chains}
+    tables = {(c["family"], c["table"]) for c in chains}
     for fam, family in FAMILIES.items():
         legacy = _legacy_rules(fam)
         if legacy is not None:
@@ -218,9 +226,18 @@ def _iptables_changes(fw: Firewall, fam: int, wanted: Set[str]) -> List[List[str
 def _tool(fam: int, legacy: bool) -> str:
     base = "iptables" if fam == 4 else "ip6tables"
     for name in ((f"{base}-legacy",) if legacy else (f"{base}-nft", base)):
-        if shutil.which(name):
+        if which(name):
             return name
     return base
+
+
+def which(name: str) -> Optional[str]:
+    """``shutil.which`` without importing shutil (the hook counts milliseconds)."""
+    for folder in (os.environ.get("PATH") or "/usr/sbin:/usr/bin:/sbin:/bin").split(":"):
+        path = os.path.join(folder, name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
 
 
 def _nft_changes(fw: Firewall, fam: int, wanted: Set[str]) -> List[Command]:
@@ -248,6 +265,10 @@ def _nft_changes(fw: Firewall, fam: int, wanted: Set[str]) -> List[Command]:
 
 def run_iptables(argvs: List[List[str]]) -> None:
     """Run iptables commands in order; HostError with what the tool said."""
+    if not argvs:
+        return
+    import subprocess
+
     env = dict(os.environ, LC_ALL="C")
     for argv in argvs:
         try:

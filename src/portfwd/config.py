@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from . import portspec
 from .conflicts import Claim, claims_of, find_conflicts
 from .errors import ConfigError
-from .model import (DEFAULT_TABLE, Config, Forward, IPAddress, IPNetwork,
+from .plan import DEFAULT_TABLE
+from .model import (Config, Forward, IPAddress, IPNetwork,
                     Options, PortForward, Where, families_of)
 from .tomlpos import Path, Positions, locate
 
@@ -77,7 +78,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([_syntax_error(path, text, str(e))]) from None
-    return _Validator(path, locate(text)).config(data)
+    return _Validator(path, text).config(data)
 
 
 def _syntax_error(path: str, text: str, message: str) -> str:
@@ -99,24 +100,34 @@ def _dotted(path: Path) -> str:
 
 
 class _Validator:
-    def __init__(self, file: str, positions: Positions) -> None:
+    def __init__(self, file: str, text: str) -> None:
         self.file = file
-        self.positions = positions
+        self.text = text
+        self._positions: Optional[Positions] = None
         self.errors: List[Tuple[Tuple[int, int], str]] = []
         self.warnings: List[str] = []
 
     # -- reporting ---------------------------------------------------------
+    @property
+    def positions(self) -> Positions:
+        """Key and value positions, found only once a message needs one."""
+        if self._positions is None:
+            self._positions = locate(self.text)
+        return self._positions
+
     def where(self, path: Path) -> Where:
+        return Where(self.file, _dotted(path))
+
+    def location(self, path: Path) -> str:
         line, col = self.positions.of(path)
-        return Where(self.file, line, col, _dotted(path))
+        return f"{self.file}:{line}:{col}"
 
     def error(self, path: Path, message: str, at_key: bool = False) -> None:
         pos = self.positions.of_key(path) if at_key else self.positions.of(path)
         self.errors.append((pos, f"{self.file}:{pos[0]}:{pos[1]}: {_dotted(path)}: {message}"))
 
     def warn(self, path: Path, message: str) -> None:
-        w = self.where(path)
-        self.warnings.append(f"{w}: warning: {w.path}: {message}")
+        self.warnings.append(f"{self.location(path)}: warning: {_dotted(path)}: {message}")
 
     def unknown_keys(self, table: Dict[str, Any], allowed: Sequence[str], path: Path) -> None:
         for key in table:
@@ -384,7 +395,8 @@ class _Validator:
                 where = str(second.address)
             self.error(_path_of(pb),
                        f"host port {_overlap(first, second)}/{first.proto} on {where} is claimed twice:"
-                       f" here for {fb.label} and at {pa.where} ({pa.where.path}) for {fa.label};"
+                       f" here for {fb.label} and at {self.location(_path_of(pa))}"
+                       f" ({pa.where.path}) for {fa.label};"
                        " use another host port or listen address")
 
 

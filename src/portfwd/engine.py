@@ -1,35 +1,44 @@
-"""The engine shared by the hook, the CLI and the daemon.
+"""The engine shared by the hooks and the CLI.
 
 It turns a configuration and guests into nftables transactions and keeps
 /run/portfwd in step with what it applied. Callers hold ``state.locked()``.
+
+The hook imports this module for every guest that has forwards, so it
+imports only what a guest start needs (``json`` comes with ``nftables``);
+parsing TOML, ``dataclasses`` and the like load only when the configuration
+changed.
 """
 
 from __future__ import annotations
 
-import glob
 import json
+import marshal
 import os
-import pickle
-import shutil
-from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from . import compat, hostnet, log, plan, state
-from .config import load
 from .errors import HostError
-from .model import DEFAULT_TABLE, Config, Forward, Guest, Options
 from .nft import Nft
-from .plan import Binding
+from .plan import DEFAULT_TABLE, Binding
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+    from .model import Config, Guest
+
+    Wanted = Dict[int, Set[str]]
 
 
-@dataclass
 class GuestState:
     """What portfwd applied for one guest, as recorded under /run/portfwd."""
 
-    guest: str
-    uuid: Optional[str]
-    table: str
-    bindings: List[Binding]
+    __slots__ = ("guest", "uuid", "table", "bindings")
+
+    def __init__(self, guest: str, uuid: Optional[str], table: str, bindings: List[Binding]) -> None:
+        self.guest = guest
+        self.uuid = uuid
+        self.table = table
+        self.bindings = bindings
 
     def to_json(self) -> Dict[str, Any]:
         return {"guest": self.guest, "uuid": self.uuid, "table": self.table,
@@ -41,22 +50,12 @@ class GuestState:
                    [Binding.from_json(b) for b in raw["bindings"]])
 
 
-@dataclass(frozen=True)
-class StatusRow:
-    guest: str
-    proto: str
-    listen: str
-    target: str
-    sources: str
-    state: str
-    comment: str
-
-
 class Engine:
     def __init__(self, config_path: str, root: Optional[str] = None) -> None:
         self.config_path = config_path
         self.root = root or state.run_dir()
         self._nft: Optional[Nft] = None
+        self._routes: Optional[hostnet.RouteTable] = None
 
     @property
     def nft(self) -> Nft:
@@ -64,9 +63,18 @@ class Engine:
             self._nft = Nft()
         return self._nft
 
+    @property
+    def routes(self) -> hostnet.RouteTable:
+        if self._routes is None:
+            self._routes = hostnet.RouteTable()
+        return self._routes
+
     # -- compiled configuration (what the hook reads) -----------------------
     def compile(self) -> Config:
         """Parse the configuration (ConfigError if invalid) and cache it per guest."""
+        from .config import load
+        from .model import Config, Options
+
         signature = state.config_signature(self.config_path)
         config = (load(self.config_path) if os.path.exists(self.config_path)
                   else Config(self.config_path, Options(), ()))
@@ -74,52 +82,58 @@ class Engine:
         return config
 
     def _write_cache(self, config: Config, signature: str) -> None:
+        """One file per guest name (and per UUID) holding its binding templates, so
+        that the hook reads a few bytes instead of the whole configuration."""
+        import shutil
+
         state.ensure_dir(self.root)
         target = os.path.join(self.root, f"compiled.{os.getpid()}.{id(config)}")
         shutil.rmtree(target, ignore_errors=True)
         for sub in ("name", "uuid"):
             os.makedirs(os.path.join(target, sub))
-        groups: Dict[Tuple[str, str], List[Forward]] = {}
+        groups: Dict[Tuple[str, str], List[Any]] = {}
         for fwd in config.forwards:
             key = ("name", fwd.guest) if fwd.guest is not None else ("uuid", str(fwd.uuid))
             groups.setdefault(key, []).append(fwd)
         for (sub, ident), forwards in groups.items():
             with open(os.path.join(target, sub, state.file_name(ident)), "wb") as f:
-                pickle.dump(forwards, f, protocol=pickle.HIGHEST_PROTOCOL)
+                marshal.dump(plan.templates(forwards), f)
         with open(os.path.join(target, "options"), "wb") as f:
-            pickle.dump(config.options, f, protocol=pickle.HIGHEST_PROTOCOL)
+            marshal.dump((config.options.table, config.options.strict), f)
         with open(os.path.join(target, "signature"), "w", encoding="utf-8") as f:
             f.write(signature)
         link = state.compiled_dir(self.root)
         tmp_link = f"{link}.new.{os.getpid()}"
         os.symlink(os.path.basename(target), tmp_link)
         os.replace(tmp_link, link)
-        for old in glob.glob(os.path.join(self.root, "compiled.*")):
-            if old != target and os.path.isdir(old) and not os.path.islink(old):
+        for name in os.listdir(self.root):
+            old = os.path.join(self.root, name)
+            if name.startswith("compiled.") and old != target and not os.path.islink(old):
                 shutil.rmtree(old, ignore_errors=True)
 
-    def cached(self, guest: Guest) -> Optional[Tuple[Options, List[Forward]]]:
-        """The guest's forwards from the cache, or None when the cache is stale."""
+    def cached(self, name: str, uuid: Optional[str]) -> Optional[Tuple[str, bool, List[Any]]]:
+        """(table, strict, binding templates) of a guest from the cache; None if stale."""
         if state.cached_signature(self.root) != state.config_signature(self.config_path):
             return None
         try:
             with open(os.path.join(state.compiled_dir(self.root), "options"), "rb") as f:
-                options: Options = pickle.load(f)
-            forwards: List[Forward] = []
-            for path in state.cached_guest_files(guest.name, guest.uuid, self.root):
+                table, strict = marshal.load(f)
+            items: List[Any] = []
+            for path in state.cached_guest_files(name, uuid, self.root):
                 with open(path, "rb") as f:
-                    forwards.extend(pickle.load(f))
-        except (OSError, pickle.UnpicklingError, AttributeError, EOFError, ImportError):
+                    items.extend(marshal.load(f))
+        except (OSError, EOFError, ValueError, TypeError):
             return None
-        return options, sorted(forwards, key=lambda fwd: fwd.index)
+        return str(table), bool(strict), items
 
-    def guest_config(self, guest: Guest) -> Tuple[Options, List[Forward]]:
-        """Options and forwards for one guest: from the cache, else by parsing."""
-        hit = self.cached(guest)
+    def guest_config(self, name: str, uuid: Optional[str]) -> Tuple[str, bool, List[Any]]:
+        """(table, strict, binding templates) of one guest: from the cache, else by parsing."""
+        hit = self.cached(name, uuid)
         if hit is not None:
             return hit
         config = self.compile()
-        return config.options, config.forwards_for(guest.name, guest.uuid)
+        return (config.options.table, config.options.strict,
+                plan.templates(config.forwards_for(name, uuid)))
 
     # -- per-guest state ----------------------------------------------------
     def read_state(self, name: str) -> Optional[GuestState]:
@@ -134,7 +148,15 @@ class Engine:
 
     def all_states(self) -> List[GuestState]:
         out = []
-        for path in sorted(glob.glob(os.path.join(self.root, "guests", "*.json"))):
+        folder = os.path.join(self.root, "guests")
+        try:
+            names = sorted(os.listdir(folder))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(folder, name)
             try:
                 with open(path, encoding="utf-8") as f:
                     out.append(GuestState.from_json(json.load(f)))
@@ -142,48 +164,65 @@ class Engine:
                 log.warning(f"ignoring unreadable state file {path}: {e}")
         return out
 
-    def write_state(self, st: GuestState) -> None:
-        self.write_states([st])
-
     def write_states(self, states: Iterable[GuestState]) -> None:
-        """Record (or, for no bindings, forget) guests, and their target addresses."""
-        targets = self.read_targets()
+        """Record (or, for no bindings, forget) guests, and where their forwards lead."""
+        summary = self.read_summary()
         for st in states:
             path = state.guest_state_path(st.guest, self.root)
             if not st.bindings:
-                targets.pop(st.guest, None)
+                summary.pop(st.guest, None)
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
                 continue
-            targets[st.guest] = sorted({b.target for b in st.bindings})
+            summary[st.guest] = self._bridges_of(st.bindings)
             state.ensure_dir(os.path.dirname(path))
             state.write_atomic(path, json.dumps(st.to_json(), separators=(",", ":")).encode())
-        state.write_atomic(self._targets_path(), json.dumps(targets, sort_keys=True).encode())
+        state.write_atomic(self._summary_path(), json.dumps(summary, sort_keys=True).encode())
 
-    def _targets_path(self) -> str:
-        return os.path.join(self.root, "targets.json")
+    def _bridges_of(self, bindings: Sequence[Binding]) -> List[str]:
+        """``["4:virbr0", …]``: the interfaces the kernel routes these targets to."""
+        found = set()
+        for target in {(b.family, b.target) for b in bindings}:
+            iface = self.routes.interface_for(target[1])
+            if iface:
+                found.add(f"{target[0]}:{iface}")
+        return sorted(found)
 
-    def read_targets(self) -> Dict[str, List[str]]:
-        """Guest → the guest addresses its forwards lead to (kept beside the states, so
-        that finding the bridges with forwards does not read every guest's state)."""
+    def _summary_path(self) -> str:
+        return os.path.join(self.root, state.SUMMARY)
+
+    def read_summary(self) -> Dict[str, List[str]]:
+        """Guest → the bridges its forwards lead to; kept beside the states, so that
+        knowing which bridges need an accept does not read every guest's state."""
         try:
-            with open(self._targets_path(), encoding="utf-8") as f:
+            with open(self._summary_path(), encoding="utf-8") as f:
                 data = json.load(f)
             return {str(k): [str(a) for a in v] for k, v in data.items()}
         except FileNotFoundError:
-            return {}
+            pass  # none yet, or lost: the states say it all
         except (OSError, ValueError, AttributeError) as e:
-            log.warning(f"rebuilding unreadable {self._targets_path()}: {e}")
-            return {st.guest: sorted({b.target for b in st.bindings}) for st in self.all_states()}
+            log.warning(f"rebuilding unreadable {self._summary_path()}: {e}")
+        return {st.guest: self._bridges_of(st.bindings) for st in self.all_states()}
 
     # -- libvirt's chains and other firewalls ----------------------------------
-    def wanted_bridges(self) -> Dict[int, Set[str]]:
-        addresses = {a for targets in self.read_targets().values() for a in targets}
-        return hostnet.bridges_for(addresses)
+    def wanted_bridges(self, recompute: bool = False) -> Wanted:
+        """Family → bridges with forwards; ``recompute`` asks the routing table again
+        for every recorded guest (after a network came back, possibly renamed)."""
+        if recompute:
+            summary = {st.guest: self._bridges_of(st.bindings) for st in self.all_states()}
+            state.write_atomic(self._summary_path(), json.dumps(summary, sort_keys=True).encode())
+        else:
+            summary = self.read_summary()
+        wanted: Wanted = {4: set(), 6: set()}
+        for entries in summary.values():
+            for entry in entries:
+                family, _, bridge = entry.partition(":")
+                wanted[int(family)].add(bridge)
+        return wanted
 
-    def ensure_compat(self, wanted: Optional[Dict[int, Set[str]]] = None) -> List[str]:
+    def ensure_compat(self, wanted: Optional[Wanted] = None) -> List[str]:
         """Put portfwd's narrow accepts where libvirt would reject forwarded traffic
         (and remove them where no forward needs them); returns what still blocks."""
         wanted = self.wanted_bridges() if wanted is None else wanted
@@ -196,33 +235,17 @@ class Engine:
             fw = compat.read(self.nft)
         return compat.blockers(fw, wanted)
 
-    # -- changes ------------------------------------------------------------
-    def apply_guest(self, guest: Guest, options: Options, forwards: Sequence[Forward]) -> List[Binding]:
-        """Make the table hold exactly this guest's forwards; returns them."""
-        new = plan.forwards_bindings(forwards, guest.name)
-        old_state = self.read_state(guest.name)
-        if old_state is None and not new:
-            return []
-        cmds: List[plan.Command] = []
-        old = old_state.bindings if old_state else []
-        if old_state and old_state.table != options.table:
-            cmds += plan.guest_update(old_state.table, old, [])
-            old = []
-        cmds += plan.guest_update(options.table, old, new)
-        try:
-            self.nft.apply(cmds)
-        except HostError as first:
-            log.warning(f"guest {guest.name}: incremental update refused ({first});"
-                        " rebuilding the table from recorded state")
-            self._rebuild_with(guest, options.table, new)
-        self.write_state(GuestState(guest.name, guest.uuid, options.table, new))
-        self._report(self.ensure_compat())
-        return new
-
     def firewall(self, addresses: Optional[Iterable[str]] = None) -> Tuple[List[str], List[str]]:
         """(how the host filters forwarded traffic, what blocks portfwd's forwards),
         for the bridges behind ``addresses`` (default: the applied forwards)."""
-        wanted = self.wanted_bridges() if addresses is None else hostnet.bridges_for(addresses)
+        if addresses is None:
+            wanted = self.wanted_bridges()
+        else:
+            wanted = {4: set(), 6: set()}
+            for address in addresses:
+                iface = self.routes.interface_for(address)
+                if iface:
+                    wanted[6 if ":" in address else 4].add(iface)
         fw = compat.read(self.nft)
         return fw.backends(), compat.blockers(fw, wanted)
 
@@ -230,7 +253,56 @@ class Engine:
         for line in blockers:
             log.warning(f"forwarded traffic blocked: {line}")
 
-    def _rebuild_with(self, guest: Guest, table: str, new: List[Binding]) -> None:
+    # -- changes ------------------------------------------------------------
+    def _layout_known(self, table: str) -> bool:
+        """Whether we created ``table`` with this version's layout (then a guest
+        change need not resend it: re-adding the base chain costs every start)."""
+        try:
+            with open(os.path.join(self.root, f"layout.{table}"), encoding="ascii") as f:
+                return f.read() == plan.LAYOUT
+        except OSError:
+            return False
+
+    def _apply_with_layout(self, table: str, cmds: List[plan.Command],
+                           extra: Optional[List[plan.Command]] = None) -> None:
+        """Apply ``cmds`` to ``table``; (re)create the table's layout first if it is
+        not known to be there, or if the change fails without it (a flushed rule set)."""
+        extra = extra or []
+        if self._layout_known(table):
+            try:
+                self.nft.apply(extra + cmds)
+                return
+            except HostError:
+                pass
+        self.nft.apply(extra + plan.skeleton(table) + cmds)
+        self._remember_layout(table)
+
+    def _remember_layout(self, table: str) -> None:
+        state.write_atomic(os.path.join(self.root, f"layout.{table}"), plan.LAYOUT.encode())
+
+    def apply_guest(self, name: str, uuid: Optional[str], table: str,
+                    templates: Sequence[Any]) -> List[Binding]:
+        """Make the table hold exactly this guest's forwards; returns them."""
+        new = plan.bind(templates, name)
+        old_state = self.read_state(name)
+        if old_state is None and not new:
+            return []
+        old = old_state.bindings if old_state else []
+        extra: List[plan.Command] = []
+        if old_state and old_state.table != table:
+            extra = plan.skeleton(old_state.table) + plan.guest_update(old_state.table, old, [])
+            old = []
+        try:
+            self._apply_with_layout(table, plan.guest_update(table, old, new), extra)
+        except HostError as first:
+            log.warning(f"guest {name}: incremental update refused ({first});"
+                        " rebuilding the table from recorded state")
+            self._rebuild_with(name, table, new)
+        self.write_states([GuestState(name, uuid, table, new)])
+        self._report(self.ensure_compat())
+        return new
+
+    def _rebuild_with(self, name: str, table: str, new: List[Binding]) -> None:
         """Rebuild ``table`` from every guest's state, this guest's replaced by ``new``.
 
         A binding of another guest whose key ``new`` now claims (left from an
@@ -240,15 +312,16 @@ class Engine:
         everything = list(new)
         changed: List[GuestState] = []
         for st in self.all_states():
-            if st.guest == guest.name or st.table != table:
+            if st.guest == name or st.table != table:
                 continue
             kept = [b for b in st.bindings if (b.kind, b.family, b.key) not in claimed]
             if len(kept) != len(st.bindings):
                 log.warning(f"guest {st.guest}: {len(st.bindings) - len(kept)} forward(s) from an"
-                            f" earlier configuration now belong to guest {guest.name}")
+                            f" earlier configuration now belong to guest {name}")
                 changed.append(GuestState(st.guest, st.uuid, st.table, kept))
             everything += kept
         self.nft.apply(plan.full_rebuild(table, everything))
+        self._remember_layout(table)
         self.write_states(changed)
 
     def remove_guest(self, name: str) -> int:
@@ -257,8 +330,9 @@ class Engine:
         if old_state is None:
             return 0
         if old_state.bindings:
-            self.nft.apply(plan.guest_update(old_state.table, old_state.bindings, []))
-        self.write_state(GuestState(name, old_state.uuid, old_state.table, []))
+            self._apply_with_layout(old_state.table,
+                                    plan.guest_update(old_state.table, old_state.bindings, []))
+        self.write_states([GuestState(name, old_state.uuid, old_state.table, [])])
         self._report(self.ensure_compat())
         return len(old_state.bindings)
 
@@ -268,20 +342,31 @@ class Engine:
         states = self.all_states()
         cmds: List[plan.Command] = []
         everything: List[Binding] = []
-        for table in sorted({st.table for st in states}):
+        tables = sorted({st.table for st in states})
+        for table in tables:
             bindings = [b for st in states if st.table == table for b in st.bindings]
             cmds += plan.full_rebuild(table, bindings)
             everything += bindings
         self.nft.apply(cmds)
-        self._report(self.ensure_compat())
+        for table in tables:
+            self._remember_layout(table)
+        self._report(self.ensure_compat(self.wanted_bridges(recompute=True)))
         return everything
 
     def sync(self, config: Config, guests: Iterable[Guest], dry_run: bool = False) -> List[Binding]:
         """Make the table hold exactly the forwards of ``guests``, in one transaction."""
         table = config.options.table
+        by_name: Dict[str, List[Any]] = {}
+        by_uuid: Dict[str, List[Any]] = {}
+        for fwd in config.forwards:
+            if fwd.guest is not None:
+                by_name.setdefault(fwd.guest, []).append(fwd)
+            else:
+                by_uuid.setdefault(str(fwd.uuid), []).append(fwd)
         wanted: Dict[str, GuestState] = {}
         for guest in guests:
-            bindings = plan.guest_bindings(config, guest)
+            forwards = by_name.get(guest.name, []) + by_uuid.get((guest.uuid or "").lower(), [])
+            bindings = plan.forwards_bindings(sorted(forwards, key=lambda f: f.index), guest.name)
             if bindings:
                 wanted[guest.name] = GuestState(guest.name, guest.uuid, table, bindings)
         everything = [b for st in wanted.values() for b in st.bindings]
@@ -293,13 +378,18 @@ class Engine:
         self.nft.apply(cmds, dry_run=dry_run)
         if dry_run:
             return everything
+        self._remember_layout(table)
+        before = {st.guest: st for st in old_states}
         self.write_states([GuestState(st.guest, st.uuid, st.table, []) for st in old_states
-                           if st.guest not in wanted] + list(wanted.values()))
+                           if st.guest not in wanted]
+                          + [st for st in wanted.values() if not _same(before.get(st.guest), st)])
         self._report(self.ensure_compat())
         return everything
 
     def flush(self, config_table: Optional[str]) -> List[str]:
         """Remove every table portfwd made and forget all state; returns the tables."""
+        import shutil
+
         tables: Set[str] = {st.table for st in self.all_states()} | {DEFAULT_TABLE}
         if config_table:
             tables.add(config_table)
@@ -310,17 +400,16 @@ class Engine:
         self.nft.apply(cmds)
         self.ensure_compat({4: set(), 6: set()})
         shutil.rmtree(os.path.join(self.root, "guests"), ignore_errors=True)
-        try:
-            os.unlink(self._targets_path())
-        except FileNotFoundError:
-            pass
+        for name in os.listdir(self.root):
+            if name == state.SUMMARY or name.startswith("layout."):
+                os.unlink(os.path.join(self.root, name))
         return present
 
     # -- status -------------------------------------------------------------
-    def status(self, config: Optional[Config]) -> List[StatusRow]:
+    def status(self, config: Optional[Config]) -> List[Dict[str, str]]:
         """Every recorded binding with whether the kernel holds it, plus
         configured forwards of guests that are not running."""
-        rows: List[StatusRow] = []
+        rows: List[Dict[str, str]] = []
         states = self.all_states()
         live: Dict[str, Dict[str, Dict[Tuple[Any, ...], Any]]] = {}
         for table in sorted({st.table for st in states}):
@@ -342,10 +431,14 @@ class Engine:
         return rows
 
 
-def _row(b: Binding, status: str) -> StatusRow:
+def _same(a: Optional[GuestState], b: GuestState) -> bool:
+    return a is not None and (a.uuid, a.table, a.bindings) == (b.uuid, b.table, b.bindings)
+
+
+def _row(b: Binding, status: str) -> Dict[str, str]:
     target = f"[{b.target}]:{b.port}" if b.family == 6 else f"{b.target}:{b.port}"
-    listen = plan._listen_text(b)
-    return StatusRow(b.guest, b.proto, listen, target, b.sources, status, b.comment)
+    return {"guest": b.guest, "proto": b.proto, "listen": plan.listen_text(b), "target": target,
+            "sources": b.sources, "state": status, "comment": b.comment}
 
 
 def _live_state(b: Binding, maps: Dict[str, Dict[Tuple[Any, ...], Any]]) -> str:

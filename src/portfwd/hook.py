@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import List, Optional
 
 from . import state
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import List, Optional
 
 APPLY = frozenset({"started", "reconnect", "restore", "attach", "migrate"})
 REMOVE = frozenset({"stopped", "release"})
@@ -82,7 +85,8 @@ def network_hook(args: List[str]) -> int:
 
             log.use_syslog()
             try:
-                Engine(state.config_path()).ensure_compat()
+                engine = Engine(state.config_path())
+                engine.ensure_compat(engine.wanted_bridges(recompute=True))
             except Exception as e:  # the network must come up whatever happens here
                 log.error(f"network {args[0]} {args[1]}: {type(e).__name__}: {e}")
     except OSError as e:
@@ -91,11 +95,10 @@ def network_hook(args: List[str]) -> int:
 
 
 def _run(name: str, uuid: Optional[str], op: str, config_path: str) -> int:
-    """The managed path: parse, plan and apply; decide the exit code."""
+    """The managed path: plan and apply; decide the exit code."""
     from . import log
     from .engine import Engine
     from .errors import ConfigError, PortfwdError
-    from .model import Guest
 
     log.use_syslog()
     engine = Engine(config_path)
@@ -106,13 +109,12 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str) -> int:
             log.info(f"guest {name} {op}: removed {count} forward(s)")
             return 0
         had_state = state.has_guest_state(name)
-        options, forwards = engine.guest_config(Guest(name, uuid))
-        strict = options.strict
+        table, strict, templates = engine.guest_config(name, uuid)
         if op in CHECK:
             return 0
-        applied = engine.apply_guest(Guest(name, uuid), options, forwards)
+        applied = engine.apply_guest(name, uuid, table, templates)
         if applied or had_state:
-            log.info(f"guest {name} {op}: {len(applied)} forward(s) in table inet {options.table}")
+            log.info(f"guest {name} {op}: {len(applied)} forward(s) in table inet {table}")
         return 0
     except ConfigError as e:
         strict = _strict_despite_error(config_path)
@@ -131,7 +133,7 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str) -> int:
 
 def _strict_despite_error(path: str) -> bool:
     """``strict`` as the broken file still says it, else as last compiled."""
-    import pickle
+    import marshal
 
     try:
         from .toml import tomllib
@@ -144,6 +146,6 @@ def _strict_despite_error(path: str) -> bool:
         pass
     try:
         with open(os.path.join(state.compiled_dir(), "options"), "rb") as f:
-            return bool(pickle.load(f).strict)
+            return bool(marshal.load(f)[1])
     except Exception:
         return False

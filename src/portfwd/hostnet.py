@@ -1,22 +1,20 @@
-"""Kernel facts read from /proc: which interface routes to an address."""
+"""Kernel facts read from /proc: which interface routes to an address.
+
+Cheap to import (no ipaddress, no dataclasses): the hook uses it on every start.
+"""
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass
-from ipaddress import IPv4Address, ip_address
-from typing import Dict, Iterable, List, Optional, Set
+from _socket import AF_INET, AF_INET6, inet_pton
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional, Tuple
+
+    Route = Tuple[int, int, int, str]  # network, prefix length, metric, interface
 
 RTF_UP = 0x0001
 RTF_REJECT = 0x0200
-
-
-@dataclass(frozen=True)
-class Route:
-    network: int
-    prefix: int
-    metric: int
-    interface: str
 
 
 def _ipv4_routes(text: str) -> List[Route]:
@@ -29,9 +27,9 @@ def _ipv4_routes(text: str) -> List[Route]:
         if not flags & RTF_UP or flags & RTF_REJECT:
             continue
         # the kernel prints the network-order word as a little-endian number
-        dest = struct.unpack("<I", bytes.fromhex(f[1]))[0]
-        mask = struct.unpack("<I", bytes.fromhex(f[7]))[0]
-        routes.append(Route(dest, bin(mask).count("1"), int(f[6]), f[0]))
+        dest = int.from_bytes(bytes.fromhex(f[1]), "little")
+        mask = int.from_bytes(bytes.fromhex(f[7]), "little")
+        routes.append((dest, bin(mask).count("1"), int(f[6]), f[0]))
     return routes
 
 
@@ -44,7 +42,7 @@ def _ipv6_routes(text: str) -> List[Route]:
         flags = int(f[8], 16)
         if not flags & RTF_UP or flags & RTF_REJECT or f[9] == "lo":
             continue
-        routes.append(Route(int(f[0], 16), int(f[1], 16), int(f[5], 16), f[9]))
+        routes.append((int(f[0], 16), int(f[1], 16), int(f[5], 16), f[9]))
     return routes
 
 
@@ -66,28 +64,17 @@ class RouteTable:
         }
 
     def interface_for(self, address: str) -> Optional[str]:
-        """The interface of the most specific on-link route to ``address`` (not a default route)."""
-        addr = ip_address(address)
-        bits = 32 if isinstance(addr, IPv4Address) else 128
-        value = int(addr)
+        """The interface of the most specific route to ``address`` (never a default route)."""
+        family, bits = (6, 128) if ":" in address else (4, 32)
+        try:
+            value = int.from_bytes(inet_pton(AF_INET6 if family == 6 else AF_INET, address), "big")
+        except OSError:
+            return None
         best: Optional[Route] = None
-        for route in self.routes[addr.version]:
-            if route.prefix == 0:
+        for route in self.routes[family]:
+            network, prefix, metric, _ = route
+            if prefix == 0 or value >> (bits - prefix) != network >> (bits - prefix):
                 continue
-            shift = bits - route.prefix
-            if value >> shift != route.network >> shift:
-                continue
-            if best is None or (route.prefix, -route.metric) > (best.prefix, -best.metric):
+            if best is None or (prefix, -metric) > (best[1], -best[2]):
                 best = route
-        return best.interface if best else None
-
-
-def bridges_for(addresses: Iterable[str], table: Optional[RouteTable] = None) -> Dict[int, Set[str]]:
-    """Family → the interfaces that lead to these guest addresses."""
-    table = table or RouteTable()
-    out: Dict[int, Set[str]] = {4: set(), 6: set()}
-    for address in addresses:
-        iface = table.interface_for(address)
-        if iface:
-            out[ip_address(address).version].add(iface)
-    return out
+        return best[3] if best else None

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Optional, Tuple, Union
 
+from .plan import DEFAULT_TABLE
+
 IPAddress = Union[IPv4Address, IPv6Address]
 IPNetwork = Union[IPv4Network, IPv6Network]
 
-PROTOCOLS = ("tcp", "udp", "sctp")
-DEFAULT_TABLE = "portfwd"
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,14 @@ def _span(first: int, last: int) -> str:
 
 @dataclass(frozen=True)
 class Where:
-    """A place in the configuration: file position and key path."""
+    """A place in the configuration: the file and the key path, e.g. ``forward[1].ports[2]``.
+
+    Line and column are looked up only when a message needs them (config.py):
+    finding them costs more than parsing a large file.
+    """
 
     file: str
-    line: int
-    col: int
-    path: str  # e.g. "forward[1].ports[2]"
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}"
+    path: str
 
 
 @dataclass(frozen=True)

@@ -15,31 +15,56 @@ address and port maps side by side.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Sequence, Tuple, Union
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, Iterable, List, Sequence, Tuple, Union
 
-from .model import PROTOCOLS, Config, Forward, Guest, families_of
+    from .model import Config, Forward, Guest
 
-KeyPart = Union[str, int]
-Command = Dict[str, Any]
+    KeyPart = Union[str, int]
+    Command = Dict[str, Any]
+    # a binding without its guest: (kind, family, key, target, port, where)
+    Template = Tuple[str, int, Tuple[KeyPart, ...], str, int, str]
 
+PROTOCOLS = ("tcp", "udp", "sctp")
+DEFAULT_TABLE = "portfwd"
+LAYOUT = "2"  # bump whenever skeleton() changes: tables made by another layout get rebuilt
 KINDS = ("src", "fwd", "any")  # lookup order in the chain
 PRIORITY = -105  # just before dstnat (-100): our DNAT binds first
 MARK = 0x01000000  # conntrack mark bit on every connection portfwd DNATs (see compat.py)
 COMMENT_MAX = 120
 
 
-@dataclass(frozen=True)
 class Binding:
-    """One host port of one forward: a key and its DNAT target."""
+    """One host port of one forward: a key and its DNAT target.
 
-    kind: str  # "fwd", "any" or "src"
-    family: int  # 4 or 6
-    key: Tuple[KeyPart, ...]
-    target: str
-    port: int
-    guest: str
-    comment: str
+    A plain class, not a dataclass: the hook imports this module on every
+    guest start, and ``dataclasses`` alone costs more than the start itself.
+    """
+
+    __slots__ = ("kind", "family", "key", "target", "port", "guest", "comment")
+
+    def __init__(self, kind: str, family: int, key: Tuple[KeyPart, ...], target: str, port: int,
+                 guest: str, comment: str) -> None:
+        self.kind = kind  # "fwd", "any" or "src"
+        self.family = family  # 4 or 6
+        self.key = key
+        self.target = target
+        self.port = port
+        self.guest = guest
+        self.comment = comment
+
+    def _fields(self) -> Tuple[Any, ...]:
+        return (self.kind, self.family, self.key, self.target, self.port, self.guest, self.comment)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Binding) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return f"Binding{self._fields()!r}"
 
     @property
     def proto(self) -> str:
@@ -74,22 +99,42 @@ class Binding:
 
 def guest_bindings(config: Config, guest: Guest) -> List[Binding]:
     """Every binding the configuration asks for this guest."""
-    return forwards_bindings(config.forwards_for(guest.name, guest.uuid), guest.name)
+    return bind(templates(config.forwards_for(guest.name, guest.uuid)), guest.name)
 
 
 def forwards_bindings(forwards: Iterable[Forward], guest_name: str) -> List[Binding]:
-    out: List[Binding] = []
+    return bind(templates(forwards), guest_name)
+
+
+def templates(forwards: Iterable[Forward]) -> List[Template]:
+    """The bindings of these forwards, not yet tied to a guest name: plain
+    tuples, so that the compiled configuration the hook reads needs no parsing."""
+    from .model import families_of
+
+    out: List[Template] = []
     for fwd in forwards:
         targets = {4: fwd.ipv4, 6: fwd.ipv6}
         for pf in fwd.ports:
-            comment = _comment(f"{guest_name} {pf.where.path} {pf.ports}")
+            where = f"{pf.where.path} {pf.ports}"
             for family in families_of(fwd, pf):
                 target = str(targets[family])
                 listen = [str(a) for a in pf.listen if a.version == family]
                 sources = [str(n) for n in pf.sources if n.version == family]
                 for host_port, guest_port in pf.ports.pairs():
                     for key, kind in _keys(family, listen, sources, pf.ports.proto, host_port):
-                        out.append(Binding(kind, family, key, target, guest_port, guest_name, comment))
+                        out.append((kind, family, key, target, guest_port, where))
+    return out
+
+
+def bind(items: Iterable[Template], guest_name: str) -> List[Binding]:
+    """Templates tied to a guest; the comment names the guest and the config entry."""
+    comments: Dict[str, str] = {}
+    out = []
+    for kind, family, key, target, port, where in items:
+        comment = comments.get(where)
+        if comment is None:
+            comment = comments[where] = _comment(f"{guest_name} {where}")
+        out.append(Binding(kind, family, tuple(key), target, port, guest_name, comment))
     return out
 
 
@@ -215,14 +260,14 @@ def _elements(table: str, bindings: Iterable[Binding], op: str) -> List[Command]
 
 
 def guest_update(table: str, old: Sequence[Binding], new: Sequence[Binding]) -> List[Command]:
-    """One transaction: drop ``old`` bindings no longer wanted, ensure ``new``.
+    """Drop ``old`` bindings no longer wanted, ensure ``new`` (the table's layout
+    must exist: prefix ``skeleton(table)`` when unsure).
 
-    Dropping adds the element first, so a binding already gone (a flushed
-    table) is no error.
+    Dropping adds the element first, so a binding already gone is no error.
     """
     wanted = set(new)
     gone = [b for b in old if b not in wanted]
-    return (skeleton(table) + _elements(table, gone, "add") + _elements(table, gone, "delete")
+    return (_elements(table, gone, "add") + _elements(table, gone, "delete")
             + _elements(table, new, "add"))
 
 
@@ -244,12 +289,12 @@ def describe(bindings: Sequence[Binding]) -> List[str]:
     lines = []
     for b in sorted(bindings, key=lambda b: (b.guest, b.family, b.proto, b.host_port, b.listen)):
         target = f"[{b.target}]:{b.port}" if b.family == 6 else f"{b.target}:{b.port}"
-        lines.append(f"{b.guest}\t{b.proto}\t{_listen_text(b)} -> {target}\tfrom {b.sources}"
+        lines.append(f"{b.guest}\t{b.proto}\t{listen_text(b)} -> {target}\tfrom {b.sources}"
                      f"\t# {b.comment}")
     return lines
 
 
-def _listen_text(b: Binding) -> str:
+def listen_text(b: Binding) -> str:
     listen = b.listen
     if listen == "*":
         listen = "*" if b.family == 4 else "[*]"

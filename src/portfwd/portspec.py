@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Tuple
 
-from .model import PROTOCOLS, PortRange
+from .model import PortRange
+from .plan import PROTOCOLS
 
 
 class PortSpecError(ValueError):

@@ -1,7 +1,8 @@
 """What portfwd keeps under /run/portfwd: the lock, per-guest applied state,
 and the compiled configuration the hook reads instead of parsing TOML.
 
-Cheap to import (no json, no re): the hook's fast path lives on it.
+Cheap to import (only os, sys, fcntl: not even typing): the hook's fast path
+lives on it, and libvirt runs the hook for every guest and every phase.
 """
 
 from __future__ import annotations
@@ -9,14 +10,18 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
-from contextlib import contextmanager
-from typing import Iterator, List, Optional
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import List, Optional, Type
 
 DEFAULT_CONFIG = "/etc/portfwd/forward.toml"
 ENV_CONFIG = "PORTFWD_CONFIG"
 DEFAULT_RUN_DIR = "/run/portfwd"
 ENV_RUN_DIR = "PORTFWD_RUNDIR"
-CACHE_FORMAT = "1"
+CACHE_FORMAT = "2"
+SUMMARY = "bridges.json"  # guest → bridges its forwards lead to (see engine.py)
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
@@ -39,17 +44,22 @@ def ensure_dir(path: str) -> None:
     os.makedirs(path, mode=0o700, exist_ok=True)
 
 
-@contextmanager
-def locked(root: Optional[str] = None) -> Iterator[None]:
-    """Hold the portfwd lock: one engine run at a time on this host."""
-    root = root or run_dir()
-    ensure_dir(root)
-    fd = os.open(os.path.join(root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+class locked:
+    """``with locked():`` holds the portfwd lock: one engine run at a time on this host."""
+
+    def __init__(self, root: Optional[str] = None) -> None:
+        self.root = root or run_dir()
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        ensure_dir(self.root)
+        self.fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                          0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, kind: Optional[Type[BaseException]], value: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        os.close(self.fd)
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -69,9 +79,9 @@ def has_guest_state(name: str, root: Optional[str] = None) -> bool:
 
 
 def has_forwards(root: Optional[str] = None) -> bool:
-    """Whether any guest has forwards applied (the targets summary is not empty)."""
+    """Whether any guest has forwards applied (the bridges summary is not empty)."""
     try:
-        return os.path.getsize(os.path.join(root or run_dir(), "targets.json")) > 2
+        return os.path.getsize(os.path.join(root or run_dir(), SUMMARY)) > 2
     except OSError:
         return False
 
