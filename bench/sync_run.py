@@ -1,0 +1,35 @@
+"""Run one ``portfwd sync`` in-process, without libvirt, and report its timing.
+
+Usage: sync_run.py CONFIG RUNDIR GUEST...
+
+Loads CONFIG, then, holding the lock on RUNDIR, syncs the named guests as
+the running ones (one nftables transaction). Prints one JSON line on stdout:
+``{"load_ms": ..., "sync_ms": ..., "bindings": ...}``.
+"""
+
+import json
+import sys
+import time
+
+from portfwd import state
+from portfwd.config import load
+from portfwd.engine import Engine
+from portfwd.model import Guest
+
+
+def main() -> int:
+    path, rundir, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+    t0 = time.perf_counter()
+    config = load(path)
+    t1 = time.perf_counter()
+    with state.locked(rundir):
+        t2 = time.perf_counter()
+        bindings = Engine(path, rundir).sync(config, [Guest(n) for n in names])
+        t3 = time.perf_counter()
+    print(json.dumps({"load_ms": (t1 - t0) * 1e3, "sync_ms": (t3 - t2) * 1e3,
+                      "bindings": len(bindings)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
