@@ -35,18 +35,19 @@ def reach(lab: Lab, proto: str, addr: str, port: int) -> "str | None":
     return None
 
 
-def libvirt_iptables(lab: Lab, bridge: str = "br0") -> None:
+def libvirt_iptables(lab: Lab, bridge: str = "br0", variant: str = "") -> None:
     """LIBVIRT_* chains and rules as libvirt 9.0 (iptables backend) writes them for a NAT
-    network with an IPv6 range, in the order it writes them."""
+    network with an IPv6 range, in the order it writes them (``variant``: "-legacy")."""
     h = lab.host
-    for tool, net in (("iptables", "192.168.150.0/24"), ("ip6tables", "fd00:150::/64")):
+    for tool, net in ((f"iptables{variant}", "192.168.150.0/24"),
+                      (f"ip6tables{variant}", "fd00:150::/64")):
         for chain in ("LIBVIRT_FWX", "LIBVIRT_FWI", "LIBVIRT_FWO"):
             lab.ns(h, tool, "-w", "-N", chain)
             lab.ns(h, tool, "-w", "-A", "FORWARD", "-j", chain)
         lab.ns(h, tool, "-w", "-A", "LIBVIRT_FWX", "-i", bridge, "-o", bridge, "-j", "ACCEPT")
         lab.ns(h, tool, "-w", "-A", "LIBVIRT_FWO", "-i", bridge, "-s", net, "-j", "ACCEPT")
         lab.ns(h, tool, "-w", "-A", "LIBVIRT_FWO", "-i", bridge, "-j", "REJECT")
-        if tool == "iptables":  # NAT: only related/established inbound
+        if tool.startswith("iptables"):  # NAT: only related/established inbound
             lab.ns(h, tool, "-w", "-A", "LIBVIRT_FWI", "-o", bridge, "-d", net, "-m", "conntrack",
                    "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT")
         else:  # IPv6 on a NAT network is routed: inbound to the prefix is accepted
@@ -118,9 +119,9 @@ table ip6 libvirt_network {
 """
 
 
-def iptables_save(lab: Lab) -> str:
+def iptables_save(lab: Lab, variant: str = "") -> str:
     out = ""
-    for tool in ("iptables-save", "ip6tables-save"):
+    for tool in (f"iptables{variant}-save", f"ip6tables{variant}-save"):
         r = lab.ns(lab.host, tool, check=False)
         assert r.returncode == 0 and b"incompatible" not in r.stderr, r.stderr
         out += r.stdout.decode()
@@ -211,6 +212,10 @@ def test_forward_drop_without_libvirt_chain_is_reported(lab: Lab, pf: PortfwdHos
     assert f"forwarded traffic blocked: {expected}" in r.stderr.decode()
     status = json.loads(pf.cli("status", "--json").stdout)
     assert expected in status["firewall"]["blocked"]
+    assert status["firewall"]["seen"] == ["IPv4 to br0: no libvirt reject (an open or routed"
+                                          " network, or not libvirt's): nothing to pass",
+                                          "IPv6 to br0: no libvirt reject (an open or routed"
+                                          " network, or not libvirt's): nothing to pass"]
     check = pf.cli("check")
     assert check.returncode == 0
     assert f"warning: forwarded traffic blocked: {expected}" in check.stderr.decode()
@@ -272,3 +277,56 @@ def test_flush_removes_accepts_too(lab: Lab, pf: PortfwdHost) -> None:
     assert "PORTFWD_FWI" not in iptables_save(lab)
     ruleset = lab.ns(lab.host, "nft", "list", "ruleset").stdout.decode()
     assert "portfwd" not in ruleset
+
+
+def test_libvirt_on_iptables_legacy(lab: Lab, pf: PortfwdHost) -> None:
+    """libvirt's chains in legacy x_tables (hosts whose iptables points to iptables-legacy)."""
+    lab.serve("tcp", [80])
+    libvirt_iptables(lab, variant="-legacy")
+    pf.write_config(CONFIG)
+    assert pf.hook("web1", "started").returncode == 0
+    assert reach(lab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+    saved = iptables_save(lab, "-legacy")
+    assert "-A LIBVIRT_FWI -o br0 -j PORTFWD_FWI" in saved
+    assert lab.ns(lab.host, "iptables-legacy", "-S", "LIBVIRT_FWI").stdout.decode().splitlines()[1] \
+        == "-A LIBVIRT_FWI -o br0 -j PORTFWD_FWI"
+    status = json.loads(pf.cli("status", "--json").stdout)
+    assert any("iptables-legacy backend" in line for line in status["firewall"]["seen"])
+    assert pf.hook("web1", "stopped", "end").returncode == 0
+    assert "PORTFWD_FWI" not in iptables_save(lab, "-legacy")
+
+
+# Reconstruction (not firewalld's code) of the forward chain firewalld's nftables backend
+# keeps in table inet firewalld; with StrictForwardPorts=no it holds `ct status dnat accept`.
+FIREWALLD = """
+table inet firewalld {
+  chain filter_FORWARD {
+    type filter hook forward priority filter + 10; policy accept;
+    ct state established,related accept
+    DNAT_RULE
+    iifname "lo" accept
+    reject with icmpx admin-prohibited
+  }
+}
+"""
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["StrictForwardPorts=yes", "no"])
+def test_firewalld_strict_forward_ports(lab: Lab, pf: PortfwdHost, strict: bool) -> None:
+    lab.serve("tcp", [80])
+    ruleset = FIREWALLD.replace("DNAT_RULE", "" if strict else "ct status dnat accept")
+    lab.ns(lab.host, "nft", "-f", "-", input=ruleset.encode())
+    pf.write_config(CONFIG)
+    r = pf.hook("web1", "started")
+    assert r.returncode == 0
+    firewall = json.loads(pf.cli("status", "--json").stdout)["firewall"]
+    blocked = firewall["blocked"]
+    assert any(line.startswith("firewalld: table inet firewalld, ") for line in firewall["seen"])
+    if strict:
+        assert lab.probe("tcp", HOST4, 8080) is None
+        assert blocked == ["table inet firewalld chain filter_FORWARD: firewalld"
+                           " (StrictForwardPorts=yes) rejects DNATed connections it was not told"
+                           " about; declare the forwards to firewalld or set StrictForwardPorts=no"]
+    else:
+        assert reach(lab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+        assert blocked == []

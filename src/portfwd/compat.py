@@ -54,19 +54,8 @@ class Firewall:
         self.our_chain: Dict[int, bool] = {}  # PORTFWD_FWI exists
         self.guest_input: Dict[int, List[Rule]] = {}  # nftables backend
         self.drop_policies: List[Tuple[str, str, str]] = []  # (family, table, chain)
+        self.firewalld = False  # table inet firewalld exists
         self.firewalld_strict: Optional[str] = None  # the firewalld chain rejecting DNAT
-
-    def backends(self) -> List[str]:
-        out = []
-        for fam, rules in sorted(self.fwi.items()):
-            kind = "iptables-legacy" if self.legacy.get(fam) else "iptables-nft"
-            out.append(f"libvirt {kind} backend: table {FAMILIES[fam]} filter chain LIBVIRT_FWI"
-                       f" rejects {', '.join(sorted(_rejected(rules))) or 'no bridge'}")
-        for fam, rules in sorted(self.guest_input.items()):
-            out.append(f"libvirt nftables backend: table {FAMILIES[fam]} libvirt_network chain"
-                       f" guest_input rejects {', '.join(sorted(_rejected(rules))) or 'no bridge'}")
-        return out
-
 
 def _rejected(rules: List[Rule]) -> Set[str]:
     return {r.bridge for r in rules if r.kind == REJECT and r.bridge}
@@ -158,6 +147,7 @@ def read(nft: Nft) -> Firewall:
         if c.get("hook") == "forward" and c.get("policy") == "drop":
             fw.drop_policies.append((c["family"], c["table"], c["name"]))
     if ("inet", "firewalld") in tables:
+        fw.firewalld = True
         fw.firewalld_strict = _firewalld_strict(nft, chains)
     return fw
 
@@ -280,6 +270,31 @@ def run_iptables(argvs: List[List[str]]) -> None:
 
 
 # -- reporting ----------------------------------------------------------------
+
+def seen(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[str]:
+    """How the host filters forwarded traffic to the bridges with forwards."""
+    out = []
+    rejecting: Dict[int, Set[str]] = {4: set(), 6: set()}
+    for fam, rules in sorted(fw.fwi.items()):
+        kind = "iptables-legacy" if fw.legacy.get(fam) else "iptables-nft"
+        rejecting[fam] |= _rejected(rules)
+        out.append(f"libvirt {kind} backend: table {FAMILIES[fam]} filter chain LIBVIRT_FWI"
+                   f" rejects {', '.join(sorted(_rejected(rules))) or 'no bridge'}")
+    for fam, rules in sorted(fw.guest_input.items()):
+        rejecting[fam] |= _rejected(rules)
+        out.append(f"libvirt nftables backend: table {FAMILIES[fam]} libvirt_network chain"
+                   f" guest_input rejects {', '.join(sorted(_rejected(rules))) or 'no bridge'}")
+    for fam in FAMILIES:
+        free = sorted(wanted.get(fam, set()) - rejecting[fam])
+        if free:
+            out.append(f"IPv{fam} to {', '.join(free)}: no libvirt reject (an open or routed"
+                       " network, or not libvirt's): nothing to pass")
+    if fw.firewalld:
+        how = ("StrictForwardPorts=yes: rejects DNAT it was not told about"
+               if fw.firewalld_strict else "lets DNATed connections through")
+        out.append(f"firewalld: table inet firewalld, {how}")
+    return out
+
 
 def blockers(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[str]:
     """Where forwarded connections to ``wanted`` bridges are dropped and portfwd

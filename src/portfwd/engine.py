@@ -247,7 +247,7 @@ class Engine:
                 if iface:
                     wanted[6 if ":" in address else 4].add(iface)
         fw = compat.read(self.nft)
-        return fw.backends(), compat.blockers(fw, wanted)
+        return compat.seen(fw, wanted), compat.blockers(fw, wanted)
 
     def _report(self, blockers: List[str]) -> None:
         for line in blockers:
