@@ -197,9 +197,9 @@ class LibvirtLab:
         peer = f"pfs{len(self.standins)}"
         self.ns(self.lab, "ip", "link", "add", peer, "type", "veth", "peer", "name", "eth0",
                 "netns", ns)
-        self.plug(peer, bridge)
         self.ns(ns, "ip", "addr", "add", f"{addr4}/24", "dev", "eth0")
         self.ns(ns, "ip", "link", "set", "eth0", "up")
+        self.plug(peer, bridge)
         self.ns(ns, "ip", "route", "add", "default", "via", gw4)
         if addr6 and gw6:
             self.ns(ns, "ip", "addr", "add", f"{addr6}/64", "dev", "eth0")
@@ -207,7 +207,16 @@ class LibvirtLab:
         return ns
 
     def plug(self, peer: str, bridge: str) -> None:
+        """Attach a stand-in's veth to a bridge and wait until the port forwards
+        (libvirt's bridges run STP: a new port listens and learns for a few seconds)."""
         self.ns(self.lab, "ip", "link", "set", peer, "master", bridge, "up")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            shown = self.ns(self.lab, "bridge", "link", "show", "dev", peer).stdout.decode()
+            if " state forwarding " in shown:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"bridge port {peer} on {bridge} did not reach forwarding: {shown}")
 
     def start(self, name: str, network: str, mac: str) -> None:
         """Define the domain (once) and start it."""
