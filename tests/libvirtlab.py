@@ -24,6 +24,9 @@ from typing import Dict, List, Optional
 from netlab import CLIENT4, CLIENT6, HOST4, HOST6, run
 
 PIDFILES = ["/run/libvirtd.pid", "/run/virtlogd.pid"]
+# where libvirt leaves files of the networks and guests these tests create
+LIBVIRT_STATE_DIRS = ["/var/lib/libvirt/dnsmasq", "/run/libvirt/network", "/var/log/libvirt/qemu",
+                      "/run/libvirt/qemu"]
 HOOK_FILES = ["/etc/libvirt/hooks/qemu.d/portfwd", "/etc/libvirt/hooks/network.d/portfwd"]
 URI = "qemu:///system"
 
@@ -48,6 +51,7 @@ def domain_xml(name: str, network: str, mac: str) -> str:
       <source network='{network}'/>
       <mac address='{mac}'/>
       <model type='virtio'/>
+      <rom enabled='no'/>
     </interface>
   </devices>
 </domain>
@@ -101,6 +105,8 @@ class LibvirtLab:
         self.run_dir = os.path.join(base, "run")
         self.domains: List[str] = []
         self.created: List[str] = []
+        self.files_before = {d: set(os.listdir(d)) if os.path.isdir(d) else set()
+                             for d in LIBVIRT_STATE_DIRS}
         try:
             self._build()
         except BaseException:
@@ -185,9 +191,11 @@ class LibvirtLab:
         if b"yes" not in self.virsh("net-info", name).stdout.split(b"Active:")[1][:20]:
             self.virsh("net-start", name)
 
-    def standin(self, bridge: str, addr4: str, gw4: str, addr6: Optional[str] = None,
-                gw6: Optional[str] = None) -> str:
-        """A namespace holding a guest's addresses, on ``bridge`` by a veth."""
+    def standin(self, bridge: str, addr4: Optional[str], gw4: Optional[str],
+                addr6: Optional[str] = None, gw6: Optional[str] = None,
+                mac: Optional[str] = None) -> str:
+        """A namespace holding a guest's addresses (``addr4`` None: none yet, for DHCP),
+        on ``bridge`` by a veth whose guest end has ``mac``."""
         ns = f"{self.lab[:-1]}g{len(self.standins)}"
         run("ip", "netns", "add", ns)
         self.standins.append(ns)
@@ -197,10 +205,14 @@ class LibvirtLab:
         peer = f"pfs{len(self.standins)}"
         self.ns(self.lab, "ip", "link", "add", peer, "type", "veth", "peer", "name", "eth0",
                 "netns", ns)
-        self.ns(ns, "ip", "addr", "add", f"{addr4}/24", "dev", "eth0")
+        if mac:
+            self.ns(ns, "ip", "link", "set", "eth0", "address", mac)
+        if addr4:
+            self.ns(ns, "ip", "addr", "add", f"{addr4}/24", "dev", "eth0")
         self.ns(ns, "ip", "link", "set", "eth0", "up")
         self.plug(peer, bridge)
-        self.ns(ns, "ip", "route", "add", "default", "via", gw4)
+        if addr4 and gw4:
+            self.ns(ns, "ip", "route", "add", "default", "via", gw4)
         if addr6 and gw6:
             self.ns(ns, "ip", "addr", "add", f"{addr6}/64", "dev", "eth0")
             self.ns(ns, "ip", "-6", "route", "add", "default", "via", gw6)
@@ -246,6 +258,15 @@ class LibvirtLab:
         for path in HOOK_FILES:
             if os.path.exists(path):
                 os.unlink(path)
+        for folder, before in self.files_before.items():
+            if not os.path.isdir(folder):
+                continue
+            for name in set(os.listdir(folder)) - before:
+                path = os.path.join(folder, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
         for path in reversed(self.created):
             try:
                 os.rmdir(path)

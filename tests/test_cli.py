@@ -116,7 +116,8 @@ def test_sync_unreachable_libvirt_is_a_host_error(pf: PortfwdHost) -> None:
     assert "cannot connect to libvirt" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", ["check", "sync", "status", "flush", "reapply", "install"])
+@pytest.mark.parametrize("command", ["check", "sync", "status", "flush", "reapply", "daemon",
+                                     "install"])
 def test_every_command_has_help(pf: PortfwdHost, command: str) -> None:
     r = pf.cli(command, "--help")
     assert r.returncode == 0 and b"usage: portfwd " + command.encode() in r.stdout
@@ -138,7 +139,8 @@ def test_install_puts_a_working_hook_in_qemu_d(pf: PortfwdHost, tmp_path: "os.Pa
     assert stat.S_IMODE(os.stat(config).st_mode) == 0o644
     installed = load(config)  # valid, and forwards nothing until the admin says so
     assert installed.forwards == () and installed.options.table == "portfwd"
-    for unit, command in (("portfwd-sync", "sync"), ("portfwd-reapply", "reapply")):
+    for unit, command in (("portfwd-sync", "sync"), ("portfwd-reapply", "reapply"),
+                          ("portfwd", "daemon")):
         with open(os.path.join(root, f"etc/systemd/system/{unit}.service")) as f:
             text = f.read()
         assert f"ExecStart={os.path.join(root, 'usr/local/sbin/portfwd')} {command}\n" in text

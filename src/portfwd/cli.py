@@ -54,10 +54,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     config = _load(args)
-    guests = libvirtapi.running_guests(args.connect)
+    conn = libvirtapi.connect(args.connect)
+    try:
+        guests, resolvers = libvirtapi.running_guests(conn)
+    finally:
+        conn.close()
     with state.locked():
         engine = Engine(config.path)
-        bindings = engine.sync(config, guests, dry_run=args.dry_run)
+        bindings = engine.sync(config, guests, dry_run=args.dry_run, resolvers=resolvers)
         if not args.dry_run:
             engine.compile()
     if args.dry_run:
@@ -102,6 +106,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for line in blocked:
         print(f"blocked: {line}")
     return EXIT_OK
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from . import daemon
+
+    return daemon.run(state.config_path(args.config), args.connect, args.interval)
 
 
 def cmd_reapply(args: argparse.Namespace) -> int:
@@ -184,8 +194,8 @@ def cmd_install(args: argparse.Namespace) -> int:
         import subprocess
 
         subprocess.run(["systemctl", "daemon-reload"], check=False)
-        subprocess.run(["systemctl", "enable", "portfwd-sync.service", "portfwd-reapply.service"],
-                       check=False)
+        subprocess.run(["systemctl", "enable", "portfwd-sync.service", "portfwd-reapply.service",
+                        "portfwd.service"], check=False)
     print("next: edit the configuration, run `portfwd check`, then restart libvirtd once"
           " (systemctl restart libvirtd) so it finds the hook")
     return EXIT_OK
@@ -230,6 +240,17 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flush", parents=[common], help="remove everything portfwd installed",
                        description="Remove portfwd's nftables tables and its recorded state.")
     p.set_defaults(func=cmd_flush)
+    p = sub.add_parser("daemon", parents=[common],
+                       help="apply forwards on libvirt events, lease and config changes",
+                       description="Keep the table in step with libvirt's guests, their DHCP"
+                                   " leases and the configuration: reconnects to libvirtd,"
+                                   " applies a valid edit of the configuration within 2 s,"
+                                   " logs an invalid one and keeps the rules.")
+    p.add_argument("--connect", metavar="URI", default=libvirtapi.DEFAULT_URI,
+                   help=f"libvirt connection URI (default: {libvirtapi.DEFAULT_URI})")
+    p.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
+                   help="how often to look at the configuration and lease files (default 0.5)")
+    p.set_defaults(func=cmd_daemon)
     p = sub.add_parser("reapply", parents=[common],
                        help="re-apply recorded forwards (after nft flush ruleset, firewall reloads)",
                        description="Rebuild portfwd's table and its accepts in libvirt's chains"

@@ -22,7 +22,7 @@ from .toml import tomllib
 
 TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}\Z")
 OPTION_KEYS = ("table", "listen", "strict")
-FORWARD_KEYS = ("guest", "uuid", "ipv4", "ipv6", "ports", "listen", "from")
+FORWARD_KEYS = ("guest", "uuid", "interface", "ipv4", "ipv6", "ports", "listen", "from")
 PORT_KEYS = ("host", "guest", "proto", "listen", "from")
 
 
@@ -254,14 +254,19 @@ class _Validator:
         guest, uuid = self.identity(raw, path)
         ipv4: Optional[IPv4Address] = None
         ipv6: Optional[IPv6Address] = None
+        suffix: Optional[IPv6Address] = None
         if "ipv4" in raw:
             addr = self.guest_address(raw["ipv4"], path + ("ipv4",), 4)
             ipv4 = addr if isinstance(addr, IPv4Address) else None
         if "ipv6" in raw:
             addr = self.guest_address(raw["ipv6"], path + ("ipv6",), 6)
-            ipv6 = addr if isinstance(addr, IPv6Address) else None
-        if "ipv4" not in raw and "ipv6" not in raw:
-            self.error(path, "no guest address: set ipv4 and/or ipv6", at_key=True)
+            if isinstance(addr, IPv6Address) and int(addr) >> 64 == 0:
+                suffix = addr  # "::10": the network's prefix comes when the guest runs
+            elif isinstance(addr, IPv6Address):
+                ipv6 = addr
+        interface = None
+        if "interface" in raw:
+            interface = self.mac(raw["interface"], path + ("interface",))
         listen = options.listen
         if "listen" in raw:
             listen = self.address_list(raw["listen"], path + ("listen",)) or ()
@@ -281,9 +286,29 @@ class _Validator:
                     ports.append(pf)
         if len(self.errors) > start:
             return None
-        fwd = Forward(index, guest, uuid, ipv4, ipv6, tuple(ports), self.where(path))
+        fwd = Forward(index, guest, uuid, ipv4, ipv6, tuple(ports), self.where(path),
+                      interface, suffix)
         self.unused_listen(fwd)
         return fwd
+
+    def mac(self, value: Any, path: Path) -> Optional[str]:
+        """A guest NIC's MAC: six octets, unicast, not all zero; returned lower case."""
+        if not self.expect(value, str, path, 'a MAC address string such as "52:54:00:12:34:56"'):
+            return None
+        octets = value.split(":")
+        if len(octets) != 6 or not all(len(o) == 2 and all(c in "0123456789abcdefABCDEF" for c in o)
+                                       for o in octets):
+            self.error(path, f"{value!r} is not a MAC address (six octets such as"
+                             " 52:54:00:12:34:56, as `virsh domiflist` prints them)")
+            return None
+        if int(octets[0], 16) & 1:
+            self.error(path, f"{value} is a multicast MAC address; a guest NIC's MAC is unicast"
+                             " (the first octet is even)")
+            return None
+        if value.strip("0:") == "":
+            self.error(path, f"{value} is the all-zero MAC address; no NIC has it")
+            return None
+        return str(value).lower()
 
     def identity(self, raw: Dict[str, Any], path: Path) -> Tuple[Optional[str], Optional[str]]:
         guest = raw.get("guest")
@@ -364,15 +389,14 @@ class _Validator:
         return PortForward(rng, listen, sources, self.where(path))
 
     def unused_listen(self, fwd: Forward) -> None:
-        targets = {4: fwd.ipv4, 6: fwd.ipv6}
         for pf in fwd.ports:
             here = _path_of(pf)
             for addr in pf.listen:
-                if targets[addr.version] is None:
+                if fwd.target(addr.version) is None:
                     self.warn(here, f"listen address {addr} is unused: this forward has no"
                                     f" ipv{addr.version} guest address")
-            for family, target in targets.items():
-                if target is None:
+            for family in (4, 6):
+                if fwd.target(family) is None:
                     continue
                 if pf.listen and not any(a.version == family for a in pf.listen):
                     self.warn(here, f"no IPv{family} listen address: the ipv{family} guest address"

@@ -24,30 +24,69 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
+    from .discover import Resolver
     from .model import Config, Guest
 
     Wanted = Dict[int, Set[str]]
 
 
 class GuestState:
-    """What portfwd applied for one guest, as recorded under /run/portfwd."""
+    """What portfwd applied for one guest, as recorded under /run/portfwd: the
+    bindings in the kernel, where each address came from, and the bindings
+    still waiting for an address (each with the reason)."""
 
-    __slots__ = ("guest", "uuid", "table", "bindings")
+    __slots__ = ("guest", "uuid", "table", "bindings", "pending", "sources")
 
-    def __init__(self, guest: str, uuid: Optional[str], table: str, bindings: List[Binding]) -> None:
+    def __init__(self, guest: str, uuid: Optional[str], table: str, bindings: List[Binding],
+                 pending: Optional[List[Tuple[Binding, str]]] = None,
+                 sources: Optional[Dict[str, str]] = None) -> None:
         self.guest = guest
         self.uuid = uuid
         self.table = table
         self.bindings = bindings
+        self.pending = pending or []
+        self.sources = sources or {}
+
+    @property
+    def empty(self) -> bool:
+        return not self.bindings and not self.pending
 
     def to_json(self) -> Dict[str, Any]:
         return {"guest": self.guest, "uuid": self.uuid, "table": self.table,
-                "bindings": [b.to_json() for b in self.bindings]}
+                "bindings": [b.to_json() for b in self.bindings],
+                "pending": [b.to_json() + [why] for b, why in self.pending],
+                "sources": self.sources}
 
     @classmethod
     def from_json(cls, raw: Dict[str, Any]) -> "GuestState":
         return cls(str(raw["guest"]), raw.get("uuid"), str(raw["table"]),
-                   [Binding.from_json(b) for b in raw["bindings"]])
+                   [Binding.from_json(b) for b in raw["bindings"]],
+                   [(Binding.from_json(p[:7]), str(p[7])) for p in raw.get("pending", [])],
+                   {str(k): str(v) for k, v in raw.get("sources", {}).items()})
+
+
+def resolve(bindings: List[Binding], resolver: Optional[Resolver]) -> GuestState:
+    """Bindings whose target is a selector get the address it stands for now, or
+    wait in ``pending`` with the reason; returns a GuestState without identity."""
+    out = GuestState("", None, "", [])
+    found: Dict[Tuple[str, int], Tuple[Optional[str], str]] = {}
+    for b in bindings:
+        if not b.target.startswith("?"):
+            out.bindings.append(b)
+            continue
+        key = (b.target, b.family)
+        if resolver is not None and not resolver.applies(b.target, b.family):
+            continue
+        if key not in found:
+            found[key] = (resolver.resolve(b.target, b.family) if resolver is not None
+                          else (None, "no domain XML to find the guest's NIC in"))
+        address, why = found[key]
+        if address is None:
+            out.pending.append((b, why))
+        else:
+            out.bindings.append(Binding(b.kind, b.family, b.key, address, b.port, b.guest, b.comment))
+            out.sources[address] = why
+    return out
 
 
 class Engine:
@@ -169,7 +208,7 @@ class Engine:
         summary = self.read_summary()
         for st in states:
             path = state.guest_state_path(st.guest, self.root)
-            if not st.bindings:
+            if st.empty:
                 summary.pop(st.guest, None)
                 try:
                     os.unlink(path)
@@ -280,27 +319,31 @@ class Engine:
     def _remember_layout(self, table: str) -> None:
         state.write_atomic(os.path.join(self.root, f"layout.{table}"), plan.LAYOUT.encode())
 
-    def apply_guest(self, name: str, uuid: Optional[str], table: str,
-                    templates: Sequence[Any]) -> List[Binding]:
-        """Make the table hold exactly this guest's forwards; returns them."""
-        new = plan.bind(templates, name)
+    def apply_guest(self, name: str, uuid: Optional[str], table: str, templates: Sequence[Any],
+                    resolver: Optional[Resolver] = None) -> GuestState:
+        """Make the table hold exactly this guest's forwards whose address is known;
+        returns what was applied and what waits for an address."""
+        wanted = resolve(plan.bind(templates, name), resolver)
+        new = wanted.bindings
         old_state = self.read_state(name)
-        if old_state is None and not new:
-            return []
+        if old_state is None and wanted.empty:
+            return wanted
         old = old_state.bindings if old_state else []
         extra: List[plan.Command] = []
         if old_state and old_state.table != table:
             extra = plan.skeleton(old_state.table) + plan.guest_update(old_state.table, old, [])
             old = []
-        try:
-            self._apply_with_layout(table, plan.guest_update(table, old, new), extra)
-        except HostError as first:
-            log.warning(f"guest {name}: incremental update refused ({first});"
-                        " rebuilding the table from recorded state")
-            self._rebuild_with(name, table, new)
-        self.write_states([GuestState(name, uuid, table, new)])
+        if new or old:
+            try:
+                self._apply_with_layout(table, plan.guest_update(table, old, new), extra)
+            except HostError as first:
+                log.warning(f"guest {name}: incremental update refused ({first});"
+                            " rebuilding the table from recorded state")
+                self._rebuild_with(name, table, new)
+        applied = GuestState(name, uuid, table, new, wanted.pending, wanted.sources)
+        self.write_states([applied])
         self._report(self.ensure_compat())
-        return new
+        return applied
 
     def _rebuild_with(self, name: str, table: str, new: List[Binding]) -> None:
         """Rebuild ``table`` from every guest's state, this guest's replaced by ``new``.
@@ -318,7 +361,7 @@ class Engine:
             if len(kept) != len(st.bindings):
                 log.warning(f"guest {st.guest}: {len(st.bindings) - len(kept)} forward(s) from an"
                             f" earlier configuration now belong to guest {name}")
-                changed.append(GuestState(st.guest, st.uuid, st.table, kept))
+                changed.append(GuestState(st.guest, st.uuid, st.table, kept, st.pending, st.sources))
             everything += kept
         self.nft.apply(plan.full_rebuild(table, everything))
         self._remember_layout(table)
@@ -353,8 +396,10 @@ class Engine:
         self._report(self.ensure_compat(self.wanted_bridges(recompute=True)))
         return everything
 
-    def sync(self, config: Config, guests: Iterable[Guest], dry_run: bool = False) -> List[Binding]:
-        """Make the table hold exactly the forwards of ``guests``, in one transaction."""
+    def sync(self, config: Config, guests: Iterable[Guest], dry_run: bool = False,
+             resolvers: Optional[Dict[str, Resolver]] = None) -> List[Binding]:
+        """Make the table hold exactly the forwards of ``guests``, in one transaction
+        (``resolvers``: per guest name, for addresses found when the guest runs)."""
         table = config.options.table
         by_name: Dict[str, List[Any]] = {}
         by_uuid: Dict[str, List[Any]] = {}
@@ -367,8 +412,10 @@ class Engine:
         for guest in guests:
             forwards = by_name.get(guest.name, []) + by_uuid.get((guest.uuid or "").lower(), [])
             bindings = plan.forwards_bindings(sorted(forwards, key=lambda f: f.index), guest.name)
-            if bindings:
-                wanted[guest.name] = GuestState(guest.name, guest.uuid, table, bindings)
+            found = resolve(bindings, (resolvers or {}).get(guest.name))
+            if not found.empty:
+                wanted[guest.name] = GuestState(guest.name, guest.uuid, table, found.bindings,
+                                                found.pending, found.sources)
         everything = [b for st in wanted.values() for b in st.bindings]
         old_states = self.all_states()
         cmds: List[plan.Command] = []
@@ -377,7 +424,7 @@ class Engine:
         cmds += plan.full_rebuild(table, everything)
         self.nft.apply(cmds, dry_run=dry_run)
         if dry_run:
-            return everything
+            return everything + [b for st in wanted.values() for b, _ in st.pending]
         self._remember_layout(table)
         before = {st.guest: st for st in old_states}
         self.write_states([GuestState(st.guest, st.uuid, st.table, []) for st in old_states
@@ -421,7 +468,9 @@ class Engine:
                 running.add(st.uuid)
             maps = live.get(st.table, {})
             for b in st.bindings:
-                rows.append(_row(b, _live_state(b, maps)))
+                rows.append(_row(b, _live_state(b, maps), st.sources.get(b.target, "config")))
+            for b, why in st.pending:
+                rows.append(_row(b, f"pending: {why}"))
         if config is not None:
             for fwd in config.forwards:
                 if fwd.guest in running or fwd.uuid in running:
@@ -432,13 +481,14 @@ class Engine:
 
 
 def _same(a: Optional[GuestState], b: GuestState) -> bool:
-    return a is not None and (a.uuid, a.table, a.bindings) == (b.uuid, b.table, b.bindings)
+    return a is not None and a.to_json() == b.to_json()
 
 
-def _row(b: Binding, status: str) -> Dict[str, str]:
-    target = f"[{b.target}]:{b.port}" if b.family == 6 else f"{b.target}:{b.port}"
+def _row(b: Binding, status: str, address_from: str = "") -> Dict[str, str]:
+    target = plan.target_text(b.target, b.family, b.port)
     return {"guest": b.guest, "proto": b.proto, "listen": plan.listen_text(b), "target": target,
-            "sources": b.sources, "state": status, "comment": b.comment}
+            "sources": b.sources, "state": status, "address_from": address_from,
+            "comment": b.comment}
 
 
 def _live_state(b: Binding, maps: Dict[str, Dict[Tuple[Any, ...], Any]]) -> str:

@@ -65,7 +65,7 @@ def main(kind: str = "qemu", argv: Optional[List[str]] = None) -> int:
                     return 0  # the cached configuration is valid
                 if not known and not state.cached_guest_files(name, uuid):
                     return 0
-            return _run(name, uuid, op, config)
+            return _run(name, uuid, op, config, xml)
     except OSError as e:  # the run directory itself is unusable
         sys.stderr.write(f"portfwd: error: guest {name} {op}: {e}\n")
         return 0
@@ -94,7 +94,7 @@ def network_hook(args: List[str]) -> int:
     return 0
 
 
-def _run(name: str, uuid: Optional[str], op: str, config_path: str) -> int:
+def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) -> int:
     """The managed path: plan and apply; decide the exit code."""
     from . import log
     from .engine import Engine
@@ -112,9 +112,18 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str) -> int:
         table, strict, templates = engine.guest_config(name, uuid)
         if op in CHECK:
             return 0
-        applied = engine.apply_guest(name, uuid, table, templates)
-        if applied or had_state:
-            log.info(f"guest {name} {op}: {len(applied)} forward(s) in table inet {table}")
+        resolver = None
+        if any(str(t[3]).startswith("?") for t in templates):  # addresses to discover
+            from .discover import Resolver
+
+            resolver = Resolver(name, xml)
+        applied = engine.apply_guest(name, uuid, table, templates, resolver)
+        if not applied.empty or had_state:
+            waiting = f", {len(applied.pending)} waiting for an address" if applied.pending else ""
+            log.info(f"guest {name} {op}: {len(applied.bindings)} forward(s) in table inet"
+                     f" {table}{waiting}")
+        for binding, why in applied.pending[:1]:
+            log.info(f"guest {name}: pending: {why}")
         return 0
     except ConfigError as e:
         strict = _strict_despite_error(config_path)

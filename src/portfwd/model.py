@@ -78,10 +78,28 @@ class Forward:
     ipv6: Optional[IPv6Address]
     ports: Tuple[PortForward, ...]
     where: Where
+    interface: Optional[str] = None  # MAC of the guest NIC to forward to (None: the first)
+    ipv6_suffix: Optional[IPv6Address] = None  # "::10": joined to the network's IPv6 prefix
 
     @property
     def label(self) -> str:
         return self.guest if self.guest is not None else f"uuid {self.uuid}"
+
+    @property
+    def discover(self) -> bool:
+        """No address given: both families are found from libvirt's data."""
+        return self.ipv4 is None and self.ipv6 is None and self.ipv6_suffix is None
+
+    def target(self, family: int) -> Optional[str]:
+        """The guest address of ``family``, or a selector (``?mac=…[&suffix=…]``) for
+        an address discovered when the guest runs, or None when not forwarded."""
+        given = self.ipv4 if family == 4 else self.ipv6
+        if given is not None:
+            return str(given)
+        mac = self.interface or ""
+        if family == 6 and self.ipv6_suffix is not None:
+            return f"?mac={mac}&suffix={self.ipv6_suffix}"
+        return f"?mac={mac}" if self.discover else None
 
 
 @dataclass(frozen=True)
@@ -120,8 +138,8 @@ def families_of(fwd: Forward, pf: PortForward) -> Tuple[int, ...]:
     only the other family shuts it out.
     """
     out = []
-    for family, target in ((4, fwd.ipv4), (6, fwd.ipv6)):
-        if target is None:
+    for family in (4, 6):
+        if fwd.target(family) is None:
             continue
         if pf.listen and not any(a.version == family for a in pf.listen):
             continue

@@ -113,11 +113,10 @@ def templates(forwards: Iterable[Forward]) -> List[Template]:
 
     out: List[Template] = []
     for fwd in forwards:
-        targets = {4: fwd.ipv4, 6: fwd.ipv6}
         for pf in fwd.ports:
             where = f"{pf.where.path} {pf.ports}"
             for family in families_of(fwd, pf):
-                target = str(targets[family])
+                target = str(fwd.target(family))
                 listen = [str(a) for a in pf.listen if a.version == family]
                 sources = [str(n) for n in pf.sources if n.version == family]
                 for host_port, guest_port in pf.ports.pairs():
@@ -284,11 +283,26 @@ def drop_table(table: str) -> List[Command]:
     return [{"add": {"table": t}}, {"delete": {"table": t}}]
 
 
+def parse_selector(target: str) -> Tuple[str, str]:
+    """``?mac=M&suffix=S`` → (M, S); either may be empty (M empty: the first NIC)."""
+    fields = dict(part.partition("=")[::2] for part in target[1:].split("&"))
+    return fields.get("mac", ""), fields.get("suffix", "")
+
+
+def target_text(target: str, family: int, port: int) -> str:
+    """``192.0.2.1:80``, ``[2001:db8::1]:80``, or what a discovered address will be."""
+    if target.startswith("?"):
+        mac, suffix = parse_selector(target)
+        what = f"IPv{family} of {mac or 'the first NIC'}" + (f", suffix {suffix}" if suffix else "")
+        return f"<{what}>:{port}"
+    return f"[{target}]:{port}" if family == 6 else f"{target}:{port}"
+
+
 def describe(bindings: Sequence[Binding]) -> List[str]:
     """Human-readable lines, one per binding, for --dry-run."""
     lines = []
     for b in sorted(bindings, key=lambda b: (b.guest, b.family, b.proto, b.host_port, b.listen)):
-        target = f"[{b.target}]:{b.port}" if b.family == 6 else f"{b.target}:{b.port}"
+        target = target_text(b.target, b.family, b.port)
         lines.append(f"{b.guest}\t{b.proto}\t{listen_text(b)} -> {target}\tfrom {b.sources}"
                      f"\t# {b.comment}")
     return lines

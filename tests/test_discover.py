@@ -1,0 +1,164 @@
+"""Address discovery from libvirt's files: domain XML, network XML, dnsmasq leases."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from portfwd.discover import Resolver, domain_nics, read_network
+from portfwd.engine import resolve
+from portfwd.plan import Binding
+
+DOMAIN = b"""<domain type='qemu' id='3'>
+  <name>web1</name>
+  <devices>
+    <interface type='bridge'>
+      <mac address='52:54:00:00:00:09'/>
+      <source bridge='br-lan'/>
+    </interface>
+    <interface type='network'>
+      <mac address='52:54:00:AA:00:01'/>
+      <source network='default' portid='x' bridge='virbr0'/>
+      <target dev='vnet0'/>
+    </interface>
+    <interface type='network'>
+      <mac address='52:54:00:aa:00:02'/>
+      <source network='v6net' bridge='virbr6'/>
+    </interface>
+  </devices>
+</domain>"""
+
+NETWORK_STATUS = """<networkstatus>
+  <class_id bitmap='0-2'/>
+  <network>
+    <name>default</name>
+    <bridge name='virbr0' stp='on' delay='0'/>
+    <ip address='192.168.122.1' netmask='255.255.255.0'>
+      <dhcp>
+        <range start='192.168.122.2' end='192.168.122.254'/>
+        <host mac='52:54:00:aa:00:01' name='web1' ip='192.168.122.50'/>
+      </dhcp>
+    </ip>
+  </network>
+</networkstatus>"""
+
+V6_NETWORK = """<network>
+  <name>v6net</name>
+  <bridge name='virbr6'/>
+  <ip address='192.168.150.1' prefix='24'/>
+  <ip family='ipv6' address='fd00:150::1' prefix='64'>
+    <dhcp>
+      <range start='fd00:150::100' end='fd00:150::1ff'/>
+      <host id='0:3:0:1:52:54:0:aa:0:2' ip='fd00:150::77'/>
+    </dhcp>
+  </ip>
+</network>"""
+
+
+@pytest.fixture
+def files(tmp_path: "os.PathLike[str]") -> "tuple[str, str]":
+    nets = os.path.join(str(tmp_path), "networks")
+    leases = os.path.join(str(tmp_path), "dnsmasq")
+    os.mkdir(nets)
+    os.mkdir(leases)
+    with open(os.path.join(nets, "default.xml"), "w") as f:
+        f.write(NETWORK_STATUS)
+    with open(os.path.join(nets, "v6net.xml"), "w") as f:
+        f.write(V6_NETWORK)
+    return nets, leases
+
+
+def write_leases(folder: str, bridge: str, entries: list) -> None:
+    with open(os.path.join(folder, f"{bridge}.status"), "w") as f:
+        json.dump(entries, f)
+
+
+def test_domain_nics() -> None:
+    nics = [(n.mac, n.network, n.bridge) for n in domain_nics(DOMAIN)]
+    assert nics == [("52:54:00:00:00:09", None, "br-lan"),
+                    ("52:54:00:aa:00:01", "default", "virbr0"),
+                    ("52:54:00:aa:00:02", "v6net", "virbr6")]
+    assert domain_nics(b"<domain") == []
+
+
+def test_network_files(files: "tuple[str, str]") -> None:
+    nets, _ = files
+    net = read_network("default", (nets,))
+    assert net is not None and net.bridge == "virbr0"
+    assert net.hosts4 == {"52:54:00:aa:00:01": "192.168.122.50"}
+    v6 = read_network("v6net", (nets,))
+    assert v6 is not None and v6.prefix6 is not None and v6.prefix6[1] == 64
+    assert read_network("missing", (nets,)) is None
+
+
+def test_reservation_comes_before_lease(files: "tuple[str, str]") -> None:
+    nets, leases = files
+    write_leases(leases, "virbr0", [{"ip-address": "192.168.122.9",
+                                     "mac-address": "52:54:00:aa:00:01", "expiry-time": 2e9}])
+    r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1e9)
+    # the default NIC is the first one on a libvirt network, not the bridged one
+    assert r.resolve("?mac=", 4) == ("192.168.122.50", "reservation on network default")
+
+
+def test_lease_newest_unexpired_wins_and_mac_case_is_ignored(files: "tuple[str, str]") -> None:
+    nets, leases = files
+    write_leases(leases, "virbr6", [
+        {"ip-address": "192.168.150.10", "mac-address": "52:54:00:AA:00:02", "expiry-time": 100},
+        {"ip-address": "192.168.150.11", "mac-address": "52:54:00:aa:00:02", "expiry-time": 3000},
+        {"ip-address": "192.168.150.12", "mac-address": "52:54:00:aa:00:02", "expiry-time": 2000},
+        {"ip-address": "192.168.150.13", "mac-address": "52:54:00:aa:00:03", "expiry-time": 9000},
+        {"ip-address": "fd00:150::1aa", "iaid": "1", "client-id": "00:03:00:01:52:54:00:aa:00:02",
+         "expiry-time": 3000},
+    ])
+    r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000)
+    assert r.resolve("?mac=52:54:00:aa:00:02", 4) == ("192.168.150.11", "lease on virbr6")
+    later = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=5000)
+    assert later.resolve("?mac=52:54:00:aa:00:02", 4)[0] is None
+
+
+def test_ipv6_reservation_by_duid_and_suffix(files: "tuple[str, str]") -> None:
+    nets, leases = files
+    r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,))
+    assert r.resolve("?mac=52:54:00:aa:00:02", 6) == ("fd00:150::77", "reservation on network v6net")
+    assert r.resolve("?mac=52:54:00:aa:00:02&suffix=::10", 6) == ("fd00:150::10",
+                                                                  "suffix on network v6net")
+    address, why = r.resolve("?mac=&suffix=::10", 6)  # the default NIC's network has no IPv6
+    assert address is None and "has no IPv6 range" in why
+
+
+def test_reasons_when_nothing_is_known(files: "tuple[str, str]") -> None:
+    nets, leases = files
+    r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,))
+    assert r.resolve("?mac=52:54:00:aa:00:02", 4) == (
+        None, "no IPv4 address yet for NIC 52:54:00:aa:00:02 on network v6net")
+    assert r.resolve("?mac=52:54:00:ff:ff:ff", 4) == (
+        None, "the domain has no NIC with MAC 52:54:00:ff:ff:ff")
+
+
+def test_libvirt_lookup_is_the_last_source(files: "tuple[str, str]") -> None:
+    nets, leases = files
+    asked = []
+
+    def lookup(mac: str, family: int) -> "tuple[str, str] | None":
+        asked.append((mac, family))
+        return ("192.168.150.44", "guest agent") if family == 4 else None
+
+    r = Resolver("web1", DOMAIN, lookup, lease_dir=leases, network_dirs=(nets,))
+    assert r.resolve("?mac=52:54:00:aa:00:02", 4) == ("192.168.150.44", "guest agent")
+    assert r.resolve("?mac=", 4)[1] == "reservation on network default"
+    assert asked == [("52:54:00:aa:00:02", 4)]
+
+
+def test_resolve_splits_known_and_pending(files: "tuple[str, str]") -> None:
+    nets, leases = files
+    r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,))
+    known = Binding("any", 4, ("tcp", 8080), "?mac=", 80, "web1", "c")
+    waiting = Binding("any", 4, ("tcp", 8081), "?mac=52:54:00:aa:00:02", 80, "web1", "c")
+    fixed = Binding("any", 4, ("tcp", 8082), "192.0.2.1", 80, "web1", "c")
+    st = resolve([known, waiting, fixed], r)
+    assert [b.target for b in st.bindings] == ["192.168.122.50", "192.0.2.1"]
+    assert [(b.key, why) for b, why in st.pending] == [
+        (("tcp", 8081), "no IPv4 address yet for NIC 52:54:00:aa:00:02 on network v6net")]
+    assert st.sources == {"192.168.122.50": "reservation on network default"}

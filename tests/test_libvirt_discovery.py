@@ -1,0 +1,171 @@
+"""Addresses found, not typed: real libvirtd, its dnsmasq, DHCP from a stand-in guest whose
+MAC is the domain's NIC's, and `portfwd daemon` following leases and config edits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Callable, Iterator, List, Optional
+
+import pytest
+
+from libvirtlab import LibvirtLab
+from netlab import CLIENT4, HOST4, TRAFFIC
+
+pytestmark = pytest.mark.kernel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+UDHCPC_SCRIPT = os.path.join(HERE, "udhcpc.script")
+RES = ("pf-res", "default", "52:54:00:70:66:11")
+DHCP = ("pf-dhcp", "default", "52:54:00:70:66:12")
+RESERVED_IP = "192.168.122.61"
+CONFIG = f"""
+[[forward]]
+guest = "pf-res"
+ports = ["8090:80"]
+
+[[forward]]
+guest = "pf-dhcp"
+interface = "{DHCP[2]}"
+ports = ["8091:80"]
+"""
+
+
+class Lab:
+    """The libvirt lab plus a running `portfwd daemon` and traffic servers."""
+
+    def __init__(self, lab: LibvirtLab) -> None:
+        self.lab = lab
+        self.procs: List[subprocess.Popen] = []
+        self.daemon_log = os.path.join(lab.base, "daemon.log")
+
+    def env(self) -> dict:
+        return dict(os.environ, PORTFWD_CONFIG=self.lab.config, PORTFWD_RUNDIR=self.lab.run_dir)
+
+    def start_daemon(self) -> None:
+        log = open(self.daemon_log, "ab")
+        self.procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", self.lab.lab, sys.executable, "-m", "portfwd.cli", "daemon"],
+            stdout=log, stderr=log, env=self.env()))
+
+    def serve(self, ns: str) -> None:
+        p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, TRAFFIC, "serve", "tcp",
+                              "80"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.procs.append(p)
+        assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
+
+    def status(self) -> list:
+        r = subprocess.run(["ip", "netns", "exec", self.lab.lab, sys.executable, "-m",
+                            "portfwd.cli", "status", "--json"], capture_output=True, env=self.env())
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["forwards"]
+
+    def probe(self, port: int) -> Optional[str]:
+        r = self.lab.ns(self.lab.client, sys.executable, TRAFFIC, "probe", "tcp", HOST4, str(port),
+                        check=False)
+        return r.stdout.decode().strip() if r.returncode == 0 else None
+
+    def dhcp(self, ns: str, *args: str) -> None:
+        self.lab.ns(ns, "busybox", "udhcpc", "-i", "eth0", "-s", UDHCPC_SCRIPT, "-q", "-n",
+                    "-t", "5", "-T", "1", *args)
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def until(what: Callable[[], object], timeout: float = 15.0) -> object:
+    """Poll ``what`` until it is truthy; return its last value."""
+    deadline = time.monotonic() + timeout
+    value = what()
+    while not value and time.monotonic() < deadline:
+        time.sleep(0.2)
+        value = what()
+    return value
+
+
+@pytest.fixture(scope="module")
+def dlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    lab = LibvirtLab(str(tmp_path_factory.mktemp("discovery")))
+    wrap = Lab(lab)
+    try:
+        lab.write_config(CONFIG)
+        lab.ensure_network("default")
+        yield wrap
+    finally:
+        wrap.close()
+        lab.close()
+    assert lab.pids() == {}, "processes left behind"
+
+
+def rows(dlab: Lab, guest: str) -> list:
+    return [(r["target"], r["state"], r["address_from"]) for r in dlab.status() if r["guest"] == guest]
+
+
+def test_reservation_works_before_any_lease(dlab: Lab) -> None:
+    lab = dlab.lab
+    # a live reservation (the network hook sees `updated`); no DHCP happens at all
+    lab.virsh("net-update", "default", "add", "ip-dhcp-host",
+              f"<host mac='{RES[2]}' ip='{RESERVED_IP}'/>", "--live")
+    standin = lab.standin("virbr0", RESERVED_IP, "192.168.122.1", mac=RES[2])
+    dlab.serve(standin)
+    lab.start(*RES)
+    assert until(lambda: dlab.probe(8090)) == f"tcp 80 {CLIENT4}"
+    assert rows(dlab, "pf-res") == [(f"{RESERVED_IP}:80", "active", "reservation on network default")]
+    lab.virsh("destroy", "pf-res")
+    assert dlab.probe(8090) is None
+
+
+def test_dhcp_lease_makes_a_pending_forward_live_and_follows_it(dlab: Lab) -> None:
+    lab = dlab.lab
+    dlab.start_daemon()
+    standin = lab.standin("virbr0", None, None, mac=DHCP[2])
+    dlab.serve(standin)
+    lab.start(*DHCP)
+    # no address yet: the forward waits, and says why
+    assert until(lambda: rows(dlab, "pf-dhcp")) == [(
+        "<IPv4 of 52:54:00:70:66:12>:80", f"pending: no IPv4 address yet for NIC {DHCP[2]}"
+        " on network default", "")]
+    dlab.dhcp(standin)  # the stand-in asks libvirt's dnsmasq for a lease
+    leased = lab.ns(standin, "ip", "-4", "-o", "addr", "show", "dev", "eth0").stdout.decode()
+    first = leased.split("inet ")[1].split("/")[0]
+    assert until(lambda: dlab.probe(8091)) == f"tcp 80 {CLIENT4}"
+    assert rows(dlab, "pf-dhcp") == [(f"{first}:80", "active", "lease on virbr0")]
+
+    # the lease changes (say the guest was reinstalled: another DHCP client id), and the
+    # forward follows the newest lease; the old address no longer receives the traffic
+    time.sleep(1.1)  # lease expiry times have a resolution of one second
+    other = "192.168.122.199" if first != "192.168.122.199" else "192.168.122.198"
+    dlab.dhcp(standin, "-r", other, "-x", "0x3d:ff0102030405060708")
+    assert until(lambda: rows(dlab, "pf-dhcp") == [(f"{other}:80", "active", "lease on virbr0")])
+    assert dlab.probe(8091) == f"tcp 80 {CLIENT4}"
+    elements = lab.ns(lab.lab, "nft", "-j", "list", "map", "inet", "portfwd", "any4_ip").stdout
+    assert first not in elements.decode() and other in elements.decode()
+
+
+def test_daemon_applies_a_live_config_edit_and_keeps_rules_on_a_bad_one(dlab: Lab) -> None:
+    lab = dlab.lab
+    assert until(lambda: dlab.probe(8091))  # from the test before
+    start = time.monotonic()
+    lab.write_config(CONFIG.replace('ports = ["8091:80"]', 'ports = ["8091:80", "8092:80"]'))
+    assert until(lambda: dlab.probe(8092), timeout=10) == f"tcp 80 {CLIENT4}"
+    print(f"config edit live after {time.monotonic() - start:.2f} s")
+    before = lab.ns(lab.lab, "nft", "list", "table", "inet", "portfwd").stdout
+    lab.write_config(CONFIG + '[[forward]]\nguest = "x"\nports = ["99999"]\n')
+    assert until(lambda: "configuration invalid" in open(dlab.daemon_log).read(), timeout=10)
+    with open(dlab.daemon_log) as f:
+        log = f.read()
+    assert f"{lab.config}:12:10: forward[2].ports[0]: '99999': port 99999 not in 1..65535" in log
+    assert "Traceback" not in log
+    assert lab.ns(lab.lab, "nft", "list", "table", "inet", "portfwd").stdout == before
+    assert dlab.probe(8092) == f"tcp 80 {CLIENT4}"
+    lab.virsh("destroy", "pf-dhcp")
+    assert until(lambda: dlab.probe(8091) is None)
