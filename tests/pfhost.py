@@ -92,5 +92,6 @@ class PortfwdHost:
                 out[obj["map"]["name"]] = obj["map"]["elem"]
         return out
 
-    def rules(self, name: str = "portfwd") -> List[Dict[str, Any]]:
-        return [o["rule"] for o in self.table(name) or [] if "rule" in o]
+    def rules(self, name: str = "portfwd", chain: str = "prerouting") -> List[Dict[str, Any]]:
+        return [o["rule"] for o in self.table(name) or []
+                if "rule" in o and o["rule"]["chain"] == chain]

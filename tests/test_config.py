@@ -54,7 +54,7 @@ def test_every_error_is_one_located_line() -> None:
         "f.toml:4:10: forward[0].ports[0]: '99999': port 99999 not in 1..65535",
         "f.toml:4:19: forward[0].ports[1]: '1/x': unknown protocol 'x'; use tcp, udp or sctp",
         "f.toml:5:1: forward[0].bogus: unknown key 'bogus'; known keys: guest, uuid, interface, ipv4, ipv6,"
-        " ports, listen, from",
+        " ports, listen, from, localhost",
     ]
 
 

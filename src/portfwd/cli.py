@@ -88,19 +88,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     with state.locked():
         engine = Engine(path)
         rows = engine.status(config)
+        warnings = engine.warnings()
         backends, blocked = engine.firewall()
     if args.json:
-        print(json.dumps({"forwards": rows,
+        print(json.dumps({"forwards": rows, "warnings": warnings,
                           "firewall": {"seen": backends, "blocked": blocked}}, indent=2))
         return EXIT_OK
     header = ("GUEST", "PROTO", "LISTEN", "TARGET", "FROM", "STATE")
     table = [header] + [(r["guest"], r["proto"], r["listen"], "-> " + r["target"], r["sources"],
-                         r["state"]) for r in rows]
+                         r["state"] + (f" ({r['address_from']})"
+                                       if r["address_from"] not in ("", "config") else ""))
+                        for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     if not rows:
         print("(no forwards)")
+    for line in warnings:
+        print(f"warning: {line}")
     for line in backends:
         print(f"firewall: {line}")
     for line in blocked:

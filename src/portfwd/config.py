@@ -14,15 +14,17 @@ from . import portspec
 from .conflicts import Claim, claims_of, find_conflicts
 from .errors import ConfigError
 from .plan import DEFAULT_TABLE
-from .model import (Config, Forward, IPAddress, IPNetwork,
+from .model import (Config, Forward, IPAddress, IPNetwork, Listen,
                     Options, PortForward, Where, families_of)
 from .tomlpos import Path, Positions, locate
 
 from .toml import tomllib
 
 TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}\Z")
-OPTION_KEYS = ("table", "listen", "strict")
-FORWARD_KEYS = ("guest", "uuid", "interface", "ipv4", "ipv6", "ports", "listen", "from")
+OPTION_KEYS = ("table", "listen", "strict", "localhost")
+FORWARD_KEYS = ("guest", "uuid", "interface", "ipv4", "ipv6", "ports", "listen", "from",
+                "localhost")
+IFNAME = re.compile(r"(?=.*[A-Za-z])[A-Za-z0-9_.-]{1,15}\Z")
 PORT_KEYS = ("host", "guest", "proto", "listen", "from")
 
 
@@ -144,33 +146,45 @@ class _Validator:
             self.error(path, f"expected {what}, got {_describe(value)}")
         return ok
 
-    def address_list(self, value: Any, path: Path) -> Optional[Tuple[IPAddress, ...]]:
-        if not self.expect(value, list, path, "a list of addresses"):
+    def listen_list(self, value: Any, path: Path) -> Optional[Tuple[Listen, ...]]:
+        if not self.expect(value, list, path, "a list of addresses and interface names"):
             return None
-        out: List[IPAddress] = []
+        out: List[Listen] = []
         for i, item in enumerate(value):
-            addr = self.listen_address(item, path + (i,))
+            addr = self.listen_item(item, path + (i,))
             if addr is not None:
                 out.append(addr)
         return tuple(dict.fromkeys(out))
 
-    def listen_address(self, value: Any, path: Path) -> Optional[IPAddress]:
-        if not self.expect(value, str, path, "an IP address string"):
+    def listen_item(self, value: Any, path: Path) -> Optional[Listen]:
+        """A host address, or the name of an interface whose addresses to listen on."""
+        if not self.expect(value, str, path, "an IP address or interface name string"):
             return None
         try:
             addr = ip_address(value)
         except ValueError:
-            self.error(path, f"{value!r} is not an IP address")
+            if IFNAME.match(value) and value not in (".", ".."):
+                return str(value)
+            self.error(path, f"{value!r} is neither an IP address nor an interface name")
             return None
         if addr.is_unspecified:
             self.error(path, f"{value} means every address: leave listen empty ([]) instead")
         elif addr.is_multicast:
             self.error(path, f"{value} is a multicast address; a forward listens on a unicast host address")
+        elif addr.version == 6 and addr.is_loopback:
+            self.error(path, f"{value}: the kernel cannot DNAT ::1 (IPv6 has no route_localnet);"
+                             " to reach a guest from the host itself use 127.0.0.1 with"
+                             " localhost = true, or any other host address")
         elif addr.is_loopback:
-            self.error(path, f"{value} is a loopback address; loopback forwarding is not supported yet")
+            self.error(path, f"{value}: to forward 127.0.0.1 set localhost = true (in [options]"
+                             " or in this [[forward]]) instead of listing it")
         else:
             return addr
         return None
+
+    def flag(self, raw: Dict[str, Any], key: str, path: Path, default: bool) -> bool:
+        value = raw.get(key, default)
+        return bool(value) if self.expect(value, bool, path + (key,), "true or false") else default
 
     def network_list(self, value: Any, path: Path) -> Optional[Tuple[IPNetwork, ...]]:
         if not self.expect(value, list, path, "a list of CIDR networks"):
@@ -239,11 +253,9 @@ class _Validator:
             table = DEFAULT_TABLE
         elif not isinstance(table, str):
             table = DEFAULT_TABLE
-        listen = self.address_list(raw.get("listen", []), path + ("listen",)) or ()
-        strict = raw.get("strict", False)
-        if not self.expect(strict, bool, path + ("strict",), "true or false"):
-            strict = False
-        return Options(table, listen, strict)
+        listen = self.listen_list(raw.get("listen", []), path + ("listen",)) or ()
+        return Options(table, listen, self.flag(raw, "strict", path, False),
+                       self.flag(raw, "localhost", path, False))
 
     def forward(self, raw: Any, index: int, options: Options) -> Optional[Forward]:
         path: Path = ("forward", index)
@@ -269,7 +281,8 @@ class _Validator:
             interface = self.mac(raw["interface"], path + ("interface",))
         listen = options.listen
         if "listen" in raw:
-            listen = self.address_list(raw["listen"], path + ("listen",)) or ()
+            listen = self.listen_list(raw["listen"], path + ("listen",)) or ()
+        localhost = self.flag(raw, "localhost", path, options.localhost)
         sources: Tuple[IPNetwork, ...] = ()
         if "from" in raw:
             sources = self.network_list(raw["from"], path + ("from",)) or ()
@@ -281,7 +294,7 @@ class _Validator:
             if not raw_ports:
                 self.error(path + ("ports",), "empty: list at least one port spec such as \"8080:80\"")
             for j, item in enumerate(raw_ports):
-                pf = self.port(item, path + ("ports", j), listen, sources)
+                pf = self.port(item, path + ("ports", j), listen, sources, localhost)
                 if pf is not None:
                     ports.append(pf)
         if len(self.errors) > start:
@@ -330,15 +343,15 @@ class _Validator:
         return (guest if isinstance(guest, str) else None,
                 uuid if isinstance(uuid, str) else None)
 
-    def port(self, item: Any, path: Path, listen: Tuple[IPAddress, ...],
-             sources: Tuple[IPNetwork, ...]) -> Optional[PortForward]:
+    def port(self, item: Any, path: Path, listen: Tuple[Listen, ...],
+             sources: Tuple[IPNetwork, ...], localhost: bool) -> Optional[PortForward]:
         try:
             if isinstance(item, str):
                 rng = portspec.parse(item)
             elif isinstance(item, int) and not isinstance(item, bool):
                 rng = portspec.parse(str(item))
             elif isinstance(item, dict):
-                return self.port_table(item, path, listen, sources)
+                return self.port_table(item, path, listen, sources, localhost)
             else:
                 self.error(path, f"expected a port spec string, a port number or a table,"
                                  f" got {_describe(item)}")
@@ -346,10 +359,10 @@ class _Validator:
         except portspec.PortSpecError as e:
             self.error(path, str(e))
             return None
-        return PortForward(rng, listen, sources, self.where(path))
+        return PortForward(rng, listen, sources, self.where(path), localhost)
 
-    def port_table(self, item: Dict[str, Any], path: Path, listen: Tuple[IPAddress, ...],
-                   sources: Tuple[IPNetwork, ...]) -> Optional[PortForward]:
+    def port_table(self, item: Dict[str, Any], path: Path, listen: Tuple[Listen, ...],
+                   sources: Tuple[IPNetwork, ...], localhost: bool) -> Optional[PortForward]:
         start = len(self.errors)
         self.unknown_keys(item, PORT_KEYS, path)
         if "guest" not in item:
@@ -375,7 +388,7 @@ class _Validator:
             except portspec.PortSpecError as e:
                 self.error(path + ("proto",), str(e))
         if "listen" in item:
-            listen = self.address_list(item["listen"], path + ("listen",)) or ()
+            listen = self.listen_list(item["listen"], path + ("listen",)) or ()
         if "from" in item:
             sources = self.network_list(item["from"], path + ("from",)) or ()
         if len(self.errors) > start:
@@ -386,19 +399,23 @@ class _Validator:
         except portspec.PortSpecError as e:
             self.error(path, str(e))
             return None
-        return PortForward(rng, listen, sources, self.where(path))
+        return PortForward(rng, listen, sources, self.where(path), localhost)
 
     def unused_listen(self, fwd: Forward) -> None:
         for pf in fwd.ports:
             here = _path_of(pf)
+            if pf.localhost and fwd.target(4) is None:
+                self.warn(here, "localhost = true is unused: 127.0.0.1 is forwarded to an ipv4"
+                                " guest address, and this forward has none")
             for addr in pf.listen:
-                if fwd.target(addr.version) is None:
+                if not isinstance(addr, str) and fwd.target(addr.version) is None:
                     self.warn(here, f"listen address {addr} is unused: this forward has no"
                                     f" ipv{addr.version} guest address")
             for family in (4, 6):
                 if fwd.target(family) is None:
                     continue
-                if pf.listen and not any(a.version == family for a in pf.listen):
+                if pf.listen and not any(isinstance(a, str) or a.version == family
+                                         for a in pf.listen):
                     self.warn(here, f"no IPv{family} listen address: the ipv{family} guest address"
                                     " is not forwarded")
                 elif pf.sources and not any(n.version == family for n in pf.sources):

@@ -6,25 +6,32 @@ import heapq
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from .model import IPAddress, PortForward
+from ipaddress import IPv4Address
+
+from .model import Listen, PortForward
+
+LOCALHOST = IPv4Address("127.0.0.1")
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A forward answering on ``address`` (None: every address of ``family``)."""
+    """A forward answering on ``address`` (None: every non-loopback address of
+    ``family``; a string: the addresses of that interface)."""
 
     family: int
-    address: Optional[IPAddress]
+    address: Optional[Listen]
     proto: str
     first: int
     last: int
     owner: int  # index of the claiming item, for reporting
 
     def overlaps(self, other: "Claim") -> bool:
-        return (self.family == other.family and self.proto == other.proto
-                and self.first <= other.last and other.first <= self.last
-                and (self.address is None or other.address is None
-                     or self.address == other.address))
+        if not (self.family == other.family and self.proto == other.proto
+                and self.first <= other.last and other.first <= self.last):
+            return False
+        if self.address is None or other.address is None:  # every address, but loopback
+            return LOCALHOST not in (self.address, other.address)
+        return self.address == other.address
 
 
 def claims_of(item: PortForward, families: "tuple[int, ...]", owner: int) -> List[Claim]:
@@ -32,11 +39,14 @@ def claims_of(item: PortForward, families: "tuple[int, ...]", owner: int) -> Lis
     rng = item.ports
     out: List[Claim] = []
     for family in families:
-        if item.listen:
-            for address in dict.fromkeys(a for a in item.listen if a.version == family):
-                out.append(Claim(family, address, rng.proto, rng.host_first, rng.host_last, owner))
-        else:
-            out.append(Claim(family, None, rng.proto, rng.host_first, rng.host_last, owner))
+        addresses: List[Optional[Listen]] = [
+            a for a in item.listen if isinstance(a, str) or a.version == family]
+        if not item.listen:
+            addresses = [None]
+        if family == 4 and item.localhost:
+            addresses.append(LOCALHOST)
+        for address in dict.fromkeys(addresses):
+            out.append(Claim(family, address, rng.proto, rng.host_first, rng.host_last, owner))
     return out
 
 

@@ -35,17 +35,19 @@ class GuestState:
     bindings in the kernel, where each address came from, and the bindings
     still waiting for an address (each with the reason)."""
 
-    __slots__ = ("guest", "uuid", "table", "bindings", "pending", "sources")
+    __slots__ = ("guest", "uuid", "table", "bindings", "pending", "sources", "warnings")
 
     def __init__(self, guest: str, uuid: Optional[str], table: str, bindings: List[Binding],
                  pending: Optional[List[Tuple[Binding, str]]] = None,
-                 sources: Optional[Dict[str, str]] = None) -> None:
+                 sources: Optional[Dict[str, str]] = None,
+                 warnings: Optional[List[str]] = None) -> None:
         self.guest = guest
         self.uuid = uuid
         self.table = table
         self.bindings = bindings
-        self.pending = pending or []
-        self.sources = sources or {}
+        self.pending = pending or []  # (binding, why it is not applied)
+        self.sources = sources or {}  # discovered address → where it came from
+        self.warnings = warnings or []  # e.g. a tentative listen address skipped
 
     @property
     def empty(self) -> bool:
@@ -55,38 +57,90 @@ class GuestState:
         return {"guest": self.guest, "uuid": self.uuid, "table": self.table,
                 "bindings": [b.to_json() for b in self.bindings],
                 "pending": [b.to_json() + [why] for b, why in self.pending],
-                "sources": self.sources}
+                "sources": self.sources, "warnings": self.warnings}
 
     @classmethod
     def from_json(cls, raw: Dict[str, Any]) -> "GuestState":
         return cls(str(raw["guest"]), raw.get("uuid"), str(raw["table"]),
                    [Binding.from_json(b) for b in raw["bindings"]],
                    [(Binding.from_json(p[:7]), str(p[7])) for p in raw.get("pending", [])],
-                   {str(k): str(v) for k, v in raw.get("sources", {}).items()})
+                   {str(k): str(v) for k, v in raw.get("sources", {}).items()},
+                   [str(w) for w in raw.get("warnings", [])])
 
 
-def resolve(bindings: List[Binding], resolver: Optional[Resolver]) -> GuestState:
-    """Bindings whose target is a selector get the address it stands for now, or
-    wait in ``pending`` with the reason; returns a GuestState without identity."""
+INACTIVE = "inactive: "  # a pending reason that no address will cure
+
+
+def resolve(bindings: List[Binding], resolver: Optional[Resolver],
+            routes: Optional[hostnet.RouteTable] = None) -> GuestState:
+    """Turn planned bindings into what the kernel can hold now: listen interface
+    names become their current usable addresses, selectors the guest address they
+    stand for; what cannot be applied waits in ``pending`` with the reason
+    (IPv6 on a host or bridge where it is disabled: ``inactive``)."""
     out = GuestState("", None, "", [])
     found: Dict[Tuple[str, int], Tuple[Optional[str], str]] = {}
-    for b in bindings:
-        if not b.target.startswith("?"):
+    listens: Dict[Tuple[str, int], List[str]] = {}
+    ipv6_off: Dict[str, Optional[str]] = {}  # target → why IPv6 cannot reach it
+    for planned in bindings:
+        for b in _expand_listen(planned, listens, out):
+            if b.target.startswith("?"):
+                if resolver is not None and not resolver.applies(b.target, b.family):
+                    continue
+                key = (b.target, b.family)
+                if key not in found:
+                    found[key] = (resolver.resolve(b.target, b.family) if resolver is not None
+                                  else (None, "no domain XML to find the guest's NIC in"))
+                address, why = found[key]
+                if address is None:
+                    out.pending.append((b, why))
+                    continue
+                out.sources[address] = why
+                b = Binding(b.kind, b.family, b.key, address, b.port, b.guest, b.comment)
+            if b.family == 6:
+                if b.target not in ipv6_off:
+                    ipv6_off[b.target] = _ipv6_off_for(b, bindings, routes)
+                off = ipv6_off[b.target]
+                if off:
+                    out.pending.append((b, INACTIVE + off))
+                    continue
             out.bindings.append(b)
-            continue
-        key = (b.target, b.family)
-        if resolver is not None and not resolver.applies(b.target, b.family):
-            continue
-        if key not in found:
-            found[key] = (resolver.resolve(b.target, b.family) if resolver is not None
-                          else (None, "no domain XML to find the guest's NIC in"))
-        address, why = found[key]
-        if address is None:
-            out.pending.append((b, why))
-        else:
-            out.bindings.append(Binding(b.kind, b.family, b.key, address, b.port, b.guest, b.comment))
-            out.sources[address] = why
     return out
+
+
+def _ipv6_off_for(b: Binding, bindings: List[Binding],
+                  routes: Optional[hostnet.RouteTable]) -> Optional[str]:
+    """Why IPv6 cannot reach this binding's guest: IPv6 off on the host or on the
+    bridge. A bridge with IPv6 off has no IPv6 route, so it is found through the
+    IPv4 address of the same forward entry."""
+    if routes is None:
+        return hostnet.ipv6_off()
+    bridge = routes.interface_for(b.target)
+    if bridge is None:
+        siblings = {routes.interface_for(o.target) for o in bindings
+                    if o.family == 4 and o.comment == b.comment and not o.target.startswith("?")}
+        for sibling in sorted(s for s in siblings if s):
+            off = hostnet.ipv6_off(sibling)
+            if off:
+                return off
+    return hostnet.ipv6_off(bridge)
+
+
+def _expand_listen(b: Binding, cache: Dict[Tuple[str, int], List[str]],
+                   out: GuestState) -> List[Binding]:
+    """``@eth0`` in a binding's key → one binding per usable address of eth0 now."""
+    first = str(b.key[0]) if b.kind in ("fwd", "src") else ""
+    if not first.startswith("@"):
+        return [b]
+    name, slash, length = first[1:].partition("/")
+    if (name, b.family) not in cache:
+        good, skipped = hostnet.usable_addresses(name, b.family)
+        cache[(name, b.family)] = good
+        out.warnings += [w for w in skipped if w not in out.warnings]
+    addresses = cache[(name, b.family)]
+    if not addresses:
+        out.pending.append((b, f"no usable IPv{b.family} address on listen interface {name}"))
+    return [Binding(b.kind, b.family, (a + slash + length,) + tuple(b.key[1:]), b.target, b.port,
+                    b.guest, b.comment) for a in addresses]
 
 
 class Engine:
@@ -215,18 +269,21 @@ class Engine:
                 except FileNotFoundError:
                     pass
                 continue
-            summary[st.guest] = self._bridges_of(st.bindings)
+            summary[st.guest] = self._bridges_of(st)
             state.ensure_dir(os.path.dirname(path))
             state.write_atomic(path, json.dumps(st.to_json(), separators=(",", ":")).encode())
         state.write_atomic(self._summary_path(), json.dumps(summary, sort_keys=True).encode())
 
-    def _bridges_of(self, bindings: Sequence[Binding]) -> List[str]:
-        """``["4:virbr0", …]``: the interfaces the kernel routes these targets to."""
-        found = set()
-        for target in {(b.family, b.target) for b in bindings}:
-            iface = self.routes.interface_for(target[1])
+    def _bridges_of(self, st: GuestState) -> List[str]:
+        """``["T:portfwd", "4:virbr0", "L:virbr0", …]``: the table, the interfaces the
+        kernel routes the targets to, and those of forwards from 127.0.0.1."""
+        found = {f"T:{st.table}"}
+        for b in st.bindings:
+            iface = self.routes.interface_for(b.target)
             if iface:
-                found.add(f"{target[0]}:{iface}")
+                found.add(f"{b.family}:{iface}")
+                if b.kind != "any" and str(b.key[0]).startswith("127."):
+                    found.add(f"L:{iface}")
         return sorted(found)
 
     def _summary_path(self) -> str:
@@ -243,14 +300,14 @@ class Engine:
             pass  # none yet, or lost: the states say it all
         except (OSError, ValueError, AttributeError) as e:
             log.warning(f"rebuilding unreadable {self._summary_path()}: {e}")
-        return {st.guest: self._bridges_of(st.bindings) for st in self.all_states()}
+        return {st.guest: self._bridges_of(st) for st in self.all_states()}
 
     # -- libvirt's chains and other firewalls ----------------------------------
     def wanted_bridges(self, recompute: bool = False) -> Wanted:
         """Family → bridges with forwards; ``recompute`` asks the routing table again
         for every recorded guest (after a network came back, possibly renamed)."""
         if recompute:
-            summary = {st.guest: self._bridges_of(st.bindings) for st in self.all_states()}
+            summary = {st.guest: self._bridges_of(st) for st in self.all_states()}
             state.write_atomic(self._summary_path(), json.dumps(summary, sort_keys=True).encode())
         else:
             summary = self.read_summary()
@@ -258,13 +315,15 @@ class Engine:
         for entries in summary.values():
             for entry in entries:
                 family, _, bridge = entry.partition(":")
-                wanted[int(family)].add(bridge)
+                if family in ("4", "6"):
+                    wanted[int(family)].add(bridge)
         return wanted
 
     def ensure_compat(self, wanted: Optional[Wanted] = None) -> List[str]:
         """Put portfwd's narrow accepts where libvirt would reject forwarded traffic
         (and remove them where no forward needs them); returns what still blocks."""
         wanted = self.wanted_bridges() if wanted is None else wanted
+        self._ensure_hairpin_and_localnet()
         fw = compat.read(self.nft)
         commands, argvs = compat.changes(fw, wanted)
         if commands:
@@ -273,6 +332,54 @@ class Engine:
         if commands or argvs:
             fw = compat.read(self.nft)
         return compat.blockers(fw, wanted)
+
+    def _ensure_hairpin_and_localnet(self) -> None:
+        """Per table, the hairpin set names exactly the bridges with forwards; and
+        route_localnet is on (set by portfwd) exactly on the bridges of forwards
+        from 127.0.0.1. Each is changed only when it differs from what portfwd
+        last wrote (kept in hairpin.json and localnet.json)."""
+        per_table: Dict[str, Set[str]] = {}
+        localnet: Set[str] = set()
+        for entries in self.read_summary().values():
+            table = next((e[2:] for e in entries if e.startswith("T:")), DEFAULT_TABLE)
+            bridges = per_table.setdefault(table, set())
+            for entry in entries:
+                kind, _, name = entry.partition(":")
+                if kind in ("4", "6"):
+                    bridges.add(name)
+                elif kind == "L":
+                    localnet.add(name)
+        written = self._read_json("hairpin.json", {})
+        for table in sorted(set(per_table) | set(written)):
+            want = sorted(per_table.get(table, set()))
+            if written.get(table) != want:
+                self._apply_with_layout(table, plan.hairpin(table, want))
+                written[table] = want
+        self._write_json("hairpin.json", written)
+        enabled = set(self._read_json("localnet.json", []))
+        for bridge in sorted(localnet - enabled):
+            if hostnet.set_route_localnet(bridge, True):
+                enabled.add(bridge)
+        for bridge in sorted(enabled - localnet):
+            hostnet.set_route_localnet(bridge, False)
+            enabled.discard(bridge)
+        self._write_json("localnet.json", sorted(enabled))
+
+    def _read_json(self, name: str, default: Any) -> Any:
+        try:
+            with open(os.path.join(self.root, name), encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return default
+
+    def _write_json(self, name: str, value: Any) -> None:
+        state.write_atomic(os.path.join(self.root, name), json.dumps(value).encode())
+
+    def _forget_hairpin(self, table: str) -> None:
+        """The table was (re)created: its hairpin set is empty, whatever was written."""
+        written = self._read_json("hairpin.json", {})
+        if written.pop(table, None) is not None:
+            self._write_json("hairpin.json", written)
 
     def firewall(self, addresses: Optional[Iterable[str]] = None) -> Tuple[List[str], List[str]]:
         """(how the host filters forwarded traffic, what blocks portfwd's forwards),
@@ -315,6 +422,7 @@ class Engine:
                 pass
         self.nft.apply(extra + plan.skeleton(table) + cmds)
         self._remember_layout(table)
+        self._forget_hairpin(table)
 
     def _remember_layout(self, table: str) -> None:
         state.write_atomic(os.path.join(self.root, f"layout.{table}"), plan.LAYOUT.encode())
@@ -323,7 +431,7 @@ class Engine:
                     resolver: Optional[Resolver] = None) -> GuestState:
         """Make the table hold exactly this guest's forwards whose address is known;
         returns what was applied and what waits for an address."""
-        wanted = resolve(plan.bind(templates, name), resolver)
+        wanted = resolve(plan.bind(templates, name), resolver, self.routes)
         new = wanted.bindings
         old_state = self.read_state(name)
         if old_state is None and wanted.empty:
@@ -340,7 +448,8 @@ class Engine:
                 log.warning(f"guest {name}: incremental update refused ({first});"
                             " rebuilding the table from recorded state")
                 self._rebuild_with(name, table, new)
-        applied = GuestState(name, uuid, table, new, wanted.pending, wanted.sources)
+        applied = GuestState(name, uuid, table, new, wanted.pending, wanted.sources,
+                             wanted.warnings)
         self.write_states([applied])
         self._report(self.ensure_compat())
         return applied
@@ -361,10 +470,12 @@ class Engine:
             if len(kept) != len(st.bindings):
                 log.warning(f"guest {st.guest}: {len(st.bindings) - len(kept)} forward(s) from an"
                             f" earlier configuration now belong to guest {name}")
-                changed.append(GuestState(st.guest, st.uuid, st.table, kept, st.pending, st.sources))
+                changed.append(GuestState(st.guest, st.uuid, st.table, kept, st.pending, st.sources,
+                                          st.warnings))
             everything += kept
         self.nft.apply(plan.full_rebuild(table, everything))
         self._remember_layout(table)
+        self._forget_hairpin(table)
         self.write_states(changed)
 
     def remove_guest(self, name: str) -> int:
@@ -393,6 +504,7 @@ class Engine:
         self.nft.apply(cmds)
         for table in tables:
             self._remember_layout(table)
+            self._forget_hairpin(table)
         self._report(self.ensure_compat(self.wanted_bridges(recompute=True)))
         return everything
 
@@ -412,10 +524,10 @@ class Engine:
         for guest in guests:
             forwards = by_name.get(guest.name, []) + by_uuid.get((guest.uuid or "").lower(), [])
             bindings = plan.forwards_bindings(sorted(forwards, key=lambda f: f.index), guest.name)
-            found = resolve(bindings, (resolvers or {}).get(guest.name))
+            found = resolve(bindings, (resolvers or {}).get(guest.name), self.routes)
             if not found.empty:
                 wanted[guest.name] = GuestState(guest.name, guest.uuid, table, found.bindings,
-                                                found.pending, found.sources)
+                                                found.pending, found.sources, found.warnings)
         everything = [b for st in wanted.values() for b in st.bindings]
         old_states = self.all_states()
         cmds: List[plan.Command] = []
@@ -426,6 +538,7 @@ class Engine:
         if dry_run:
             return everything + [b for st in wanted.values() for b, _ in st.pending]
         self._remember_layout(table)
+        self._forget_hairpin(table)
         before = {st.guest: st for st in old_states}
         self.write_states([GuestState(st.guest, st.uuid, st.table, []) for st in old_states
                            if st.guest not in wanted]
@@ -445,14 +558,18 @@ class Engine:
         for table in present:
             cmds += plan.drop_table(table)
         self.nft.apply(cmds)
-        self.ensure_compat({4: set(), 6: set()})
         shutil.rmtree(os.path.join(self.root, "guests"), ignore_errors=True)
         for name in os.listdir(self.root):
-            if name == state.SUMMARY or name.startswith("layout."):
+            if name in (state.SUMMARY, "hairpin.json") or name.startswith("layout."):
                 os.unlink(os.path.join(self.root, name))
+        self.ensure_compat({4: set(), 6: set()})  # also turns route_localnet back off
         return present
 
     # -- status -------------------------------------------------------------
+    def warnings(self) -> List[str]:
+        """What the last changes skipped, guest by guest (e.g. a tentative address)."""
+        return [f"guest {st.guest}: {w}" for st in self.all_states() for w in st.warnings]
+
     def status(self, config: Optional[Config]) -> List[Dict[str, str]]:
         """Every recorded binding with whether the kernel holds it, plus
         configured forwards of guests that are not running."""
@@ -470,7 +587,7 @@ class Engine:
             for b in st.bindings:
                 rows.append(_row(b, _live_state(b, maps), st.sources.get(b.target, "config")))
             for b, why in st.pending:
-                rows.append(_row(b, f"pending: {why}"))
+                rows.append(_row(b, why if why.startswith(INACTIVE) else f"pending: {why}"))
         if config is not None:
             for fwd in config.forwards:
                 if fwd.guest in running or fwd.uuid in running:

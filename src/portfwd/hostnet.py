@@ -5,6 +5,7 @@ Cheap to import (no ipaddress, no dataclasses): the hook uses it on every start.
 
 from __future__ import annotations
 
+import os
 from _socket import AF_INET, AF_INET6, inet_pton
 
 TYPE_CHECKING = False
@@ -78,3 +79,117 @@ class RouteTable:
             if best is None or (prefix, -metric) > (best[1], -best[2]):
                 best = route
         return best[3] if best else None
+
+
+def read_sysctl(path: str) -> Optional[str]:
+    """A /proc/sys value, or None when the file does not exist."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def ipv6_off(interface: Optional[str] = None) -> Optional[str]:
+    """Why IPv6 forwarding cannot work (host-wide, or on ``interface``), else None.
+
+    Read from the kernel, never from ``socket.has_ipv6`` (a build-time flag).
+    """
+    if not os.path.isdir("/proc/sys/net/ipv6"):
+        return "IPv6 is disabled on this host (no /proc/sys/net/ipv6: booted with ipv6.disable=1)"
+    if read_sysctl("/proc/sys/net/ipv6/conf/all/disable_ipv6") == "1":
+        return "IPv6 is disabled on this host (net.ipv6.conf.all.disable_ipv6 = 1)"
+    if interface and read_sysctl(f"/proc/sys/net/ipv6/conf/{interface}/disable_ipv6") == "1":
+        return f"IPv6 is disabled on {interface} (net.ipv6.conf.{interface}.disable_ipv6 = 1)"
+    return None
+
+
+def set_route_localnet(interface: str, on: bool) -> bool:
+    """Turn net.ipv4.conf.INTERFACE.route_localnet on or off; True if portfwd changed
+    it (a value someone else set is left alone)."""
+    path = f"/proc/sys/net/ipv4/conf/{interface}/route_localnet"
+    current = read_sysctl(path)
+    if current is None or current == ("1" if on else "0"):
+        return False
+    with open(path, "w", encoding="ascii") as f:
+        f.write("1" if on else "0")
+    return True
+
+
+# IPv6 address states an address must not be in to be listened on
+IFA_F_OPTIMISTIC, IFA_F_DADFAILED, IFA_F_DEPRECATED, IFA_F_TENTATIVE = 0x04, 0x08, 0x20, 0x40
+_UNUSABLE = ((IFA_F_TENTATIVE, "tentative"), (IFA_F_OPTIMISTIC, "optimistic"),
+             (IFA_F_DADFAILED, "DAD failed"), (IFA_F_DEPRECATED, "deprecated"))
+
+
+def interface_addresses(interface: str) -> Optional[List[Tuple[int, str, int]]]:
+    """(family, address, IFA flags) of each address on ``interface`` (a netlink
+    RTM_GETADDR dump), or None when there is no such interface."""
+    import socket
+    import struct
+
+    try:
+        index = socket.if_nametoindex(interface)
+    except OSError:
+        return None
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    out: List[Tuple[int, str, int]] = []
+    try:
+        # nlmsghdr(len, RTM_GETADDR, NLM_F_REQUEST|NLM_F_DUMP, seq, pid) + ifaddrmsg(AF_UNSPEC)
+        sock.send(struct.pack("=LHHLL", 24, 22, 0x301, 1, 0) + struct.pack("=BBBBI", 0, 0, 0, 0, 0))
+        done = False
+        while not done:
+            data = sock.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=LH", data, offset)
+                if kind == 3 or kind == 2 or length < 16:  # NLMSG_DONE, NLMSG_ERROR
+                    done = True
+                    break
+                if kind == 20:  # RTM_NEWADDR
+                    out += _address(data[offset + 16:offset + length], index)
+                offset += (length + 3) & ~3
+    finally:
+        sock.close()
+    return out
+
+
+def _address(body: bytes, index: int) -> List[Tuple[int, str, int]]:
+    import socket
+    import struct
+
+    family, _, flags, _, ifindex = struct.unpack_from("=BBBBI", body, 0)
+    if ifindex != index or family not in (socket.AF_INET, socket.AF_INET6):
+        return []
+    attrs: Dict[int, bytes] = {}
+    pos = 8
+    while pos + 4 <= len(body):
+        length, kind = struct.unpack_from("=HH", body, pos)
+        if length < 4:
+            break
+        attrs[kind] = body[pos + 4:pos + length]
+        pos += (length + 3) & ~3
+    raw = attrs.get(2) or attrs.get(1)  # IFA_LOCAL, else IFA_ADDRESS
+    if raw is None:
+        return []
+    if 8 in attrs:  # IFA_FLAGS: the full 32-bit flags
+        flags = struct.unpack("=I", attrs[8][:4])[0]
+    return [(4 if family == socket.AF_INET else 6, socket.inet_ntop(family, raw), flags)]
+
+
+def usable_addresses(interface: str, family: int) -> Tuple[List[str], List[str]]:
+    """The addresses of ``family`` to listen on for ``interface``, and a warning for
+    each address skipped (tentative, optimistic, DAD failed, deprecated)."""
+    found = interface_addresses(interface)
+    if found is None:
+        return [], [f"listen interface {interface} does not exist"]
+    good, skipped = [], []
+    for fam, address, flags in found:
+        if fam != family or address.startswith("fe80:"):
+            continue
+        bad = [name for bit, name in _UNUSABLE if flags & bit] if fam == 6 else []
+        if bad:
+            skipped.append(f"{address} on {interface} skipped: {', '.join(bad)}")
+        else:
+            good.append(address)
+    return good, skipped

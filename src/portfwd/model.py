@@ -9,6 +9,7 @@ from typing import Optional, Tuple, Union
 from .plan import DEFAULT_TABLE
 
 IPAddress = Union[IPv4Address, IPv6Address]
+Listen = Union[IPv4Address, IPv6Address, str]  # an address, or an interface name
 IPNetwork = Union[IPv4Network, IPv6Network]
 
 
@@ -62,9 +63,10 @@ class PortForward:
     """One entry of ``ports``, with listen and from already resolved."""
 
     ports: PortRange
-    listen: Tuple[IPAddress, ...]  # empty: every local address
+    listen: Tuple[Listen, ...]  # empty: every local address; str: an interface's addresses
     sources: Tuple[IPNetwork, ...]  # empty: any source
     where: Where
+    localhost: bool = False  # also 127.0.0.1 (IPv4)
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,9 @@ class Forward:
 @dataclass(frozen=True)
 class Options:
     table: str = DEFAULT_TABLE
-    listen: Tuple[IPAddress, ...] = ()
+    listen: Tuple[Listen, ...] = ()
     strict: bool = False
+    localhost: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,8 @@ def families_of(fwd: Forward, pf: PortForward) -> Tuple[int, ...]:
     for family in (4, 6):
         if fwd.target(family) is None:
             continue
-        if pf.listen and not any(a.version == family for a in pf.listen):
+        if pf.listen and not any(isinstance(a, str) or a.version == family for a in pf.listen) \
+                and not (family == 4 and pf.localhost):
             continue
         if pf.sources and not any(n.version == family for n in pf.sources):
             continue

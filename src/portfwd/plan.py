@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 PROTOCOLS = ("tcp", "udp", "sctp")
 DEFAULT_TABLE = "portfwd"
-LAYOUT = "2"  # bump whenever skeleton() changes: tables made by another layout get rebuilt
+LAYOUT = "3"  # bump whenever skeleton() changes: tables made by another layout get rebuilt
+HAIRPIN_SET = "hairpin"
 KINDS = ("src", "fwd", "any")  # lookup order in the chain
 PRIORITY = -105  # just before dstnat (-100): our DNAT binds first
 MARK = 0x01000000  # conntrack mark bit on every connection portfwd DNATs (see compat.py)
@@ -117,8 +118,18 @@ def templates(forwards: Iterable[Forward]) -> List[Template]:
             where = f"{pf.where.path} {pf.ports}"
             for family in families_of(fwd, pf):
                 target = str(fwd.target(family))
-                listen = [str(a) for a in pf.listen if a.version == family]
                 sources = [str(n) for n in pf.sources if n.version == family]
+                # an interface name stands as "@NAME" until the hook finds its addresses
+                listen = [f"@{a}" if isinstance(a, str) else str(a) for a in pf.listen
+                          if isinstance(a, str) or a.version == family]
+                if family == 4 and pf.localhost:
+                    if not pf.listen:  # every address: that one needs its own key
+                        for host_port, guest_port in pf.ports.pairs():
+                            for key, kind in _keys(family, ["127.0.0.1"], sources,
+                                                   pf.ports.proto, host_port):
+                                out.append((kind, family, key, target, guest_port, where))
+                    else:
+                        listen.append("127.0.0.1")
                 for host_port, guest_port in pf.ports.pairs():
                     for key, kind in _keys(family, listen, sources, pf.ports.proto, host_port):
                         out.append((kind, family, key, target, guest_port, where))
@@ -187,10 +198,22 @@ def _key_exprs(kind: str, family: int) -> List[Dict[str, Any]]:
     return tail
 
 
-def skeleton(table: str) -> List[Command]:
-    """Commands that (re)create the table, maps, chain and rules; safe to rerun."""
+def skeleton(table: str, ipv6: bool = True) -> List[Command]:
+    """Commands that (re)create the table, maps, chains and rules; safe to rerun.
+
+    - ``prerouting`` (nat): DNAT of connections arriving from elsewhere;
+    - ``output`` (nat): the same for connections the host itself opens, never
+      catching its loopback traffic (127.0.0.1 only for ``localhost`` keys);
+    - ``postrouting`` (nat): masquerade of hairpin connections (in and out of
+      the same bridge: another guest, or a guest reaching its own forward) and
+      of connections from 127.0.0.1, nothing else;
+    - ``raw_prerouting``: drops packets to 127.0.0.0/8 that arrive from
+      outside, as ``route_localnet`` would otherwise let them in.
+    ``ipv6 = False`` leaves IPv6 out, for kernels without IPv6.
+    """
+    families = (4, 6) if ipv6 else (4,)
     cmds: List[Command] = [{"add": {"table": {"family": "inet", "name": table}}}]
-    for family in (4, 6):
+    for family in families:
         for kind in KINDS:
             for what, value_type in (("ip", _addr_type(family)), ("port", "inet_service")):
                 spec: Dict[str, Any] = {"family": "inet", "table": table,
@@ -199,15 +222,65 @@ def skeleton(table: str) -> List[Command]:
                 if kind == "src":
                     spec["flags"] = ["interval"]
                 cmds.append({"add": {"map": spec}})
-    chain = {"family": "inet", "table": table, "name": "prerouting"}
-    cmds.append({"add": {"chain": dict(chain, type="nat", hook="prerouting", prio=PRIORITY,
-                                       policy="accept")}})
-    cmds.append({"flush": {"chain": chain}})
-    for family in (4, 6):
+    cmds.append({"add": {"set": {"family": "inet", "table": table, "name": HAIRPIN_SET,
+                                 "type": ["ifname", "ifname"]}}})
+    chains = [("prerouting", "nat", "prerouting", PRIORITY),
+              ("output", "nat", "output", PRIORITY),
+              ("postrouting", "nat", "postrouting", 100 - 5),  # before srcnat (100)
+              ("raw_prerouting", "filter", "prerouting", -300)]
+    for name, kind_, hook, prio in chains:
+        chain = {"family": "inet", "table": table, "name": name}
+        cmds.append({"add": {"chain": dict(chain, type=kind_, hook=hook, prio=prio,
+                                           policy="accept")}})
+        cmds.append({"flush": {"chain": chain}})
+
+    def rule(chain: str, expr: List[Dict[str, Any]], comment: str) -> Command:
+        return {"add": {"rule": {"family": "inet", "table": table, "chain": chain,
+                                 "expr": expr, "comment": comment}}}
+
+    for family in families:
         for kind in KINDS:
-            cmds.append({"add": {"rule": {"family": "inet", "table": table, "chain": "prerouting",
-                                          "expr": _dnat_rule(kind, family),
-                                          "comment": f"portfwd {kind}{family}"}}})
+            cmds.append(rule("prerouting", _dnat_rule(kind, family), f"portfwd {kind}{family}"))
+            out = _dnat_rule(kind, family)
+            if kind != "fwd":  # only keys naming 127.0.0.1 itself reach loopback
+                out.insert(1, _not_loopback(family))
+            cmds.append(rule("output", out, f"portfwd {kind}{family} from the host"))
+    mark = {"ct": {"key": "mark"}}
+    ours = {"match": {"op": "==", "left": {"&": [mark, MARK]}, "right": MARK}}
+    cmds.append(rule("postrouting", [
+        ours,
+        {"match": {"op": "==", "left": {"concat": [{"meta": {"key": "iifname"}},
+                                                    {"meta": {"key": "oifname"}}]},
+                   "right": "@" + HAIRPIN_SET}},
+        {"masquerade": None}], "portfwd hairpin: back out of the bridge it came from"))
+    cmds.append(rule("postrouting", [
+        ours,
+        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                   "right": {"prefix": {"addr": "127.0.0.0", "len": 8}}}},
+        {"masquerade": None}], "portfwd localhost"))
+    cmds.append(rule("raw_prerouting", [
+        {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "lo"}},
+        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                   "right": {"prefix": {"addr": "127.0.0.0", "len": 8}}}},
+        {"drop": None}], "portfwd: loopback addresses are not reachable from outside"))
+    return cmds
+
+
+def _not_loopback(family: int) -> Dict[str, Any]:
+    if family == 4:
+        return {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                          "right": {"prefix": {"addr": "127.0.0.0", "len": 8}}}}
+    return {"match": {"op": "!=", "left": {"payload": {"protocol": "ip6", "field": "daddr"}},
+                      "right": "::1"}}
+
+
+def hairpin(table: str, bridges: Sequence[str]) -> List[Command]:
+    """Make the hairpin set hold exactly these bridges (``BRIDGE . BRIDGE``)."""
+    where = {"family": "inet", "table": table, "name": HAIRPIN_SET}
+    cmds: List[Command] = [{"flush": {"set": where}}]
+    if bridges:
+        cmds.append({"add": {"element": dict(where, elem=[{"concat": [b, b]}
+                                                          for b in sorted(bridges)])}})
     return cmds
 
 

@@ -1,0 +1,214 @@
+"""Reaching a forward from wherever users stand: the host itself, other guests on the same
+or another bridge, the guest itself, 127.0.0.1, listen by interface, and a host with IPv6 off.
+
+    client ── uplink ── host ── br0 ── guest (target, 192.168.150.10), guest2 (192.168.150.20)
+                          └──── br1 ── guest3 (192.168.160.10)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Iterator, Optional
+
+import pytest
+
+from netlab import BRIDGE4, BRIDGE6, CLIENT4, CLIENT6, GUEST4, GUEST6, HOST4, HOST6, Lab, run
+from pfhost import PortfwdHost
+
+pytestmark = pytest.mark.kernel
+
+CONFIG = f"""
+[[forward]]
+guest = "web1"
+ipv4  = "{GUEST4}"
+ipv6  = "{GUEST6}"
+ports = ["8080:80", "5353:53/udp"]
+"""
+GUEST2_4, GUEST2_6 = "192.168.150.20", "fd00:150::20"
+GUEST3_4, GUEST3_6 = "192.168.160.10", "fd00:160::10"
+
+
+class ReachLab(Lab):
+    """The standard lab plus a second guest on br0 and a third on another bridge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.guest2, self.guest3 = f"{self.tag}g2", f"{self.tag}g3"
+        try:
+            h = self.host
+            self.ns(h, "ip", "link", "add", "br1", "type", "bridge")
+            self.ns(h, "ip", "addr", "add", "192.168.160.1/24", "dev", "br1")
+            self.ns(h, "ip", "addr", "add", "fd00:160::1/64", "dev", "br1")
+            self.ns(h, "ip", "link", "set", "br1", "up")
+            for ns, bridge, port, addr4, addr6, gw4, gw6 in (
+                    (self.guest2, "br0", "vnet1", GUEST2_4, GUEST2_6, BRIDGE4, BRIDGE6),
+                    (self.guest3, "br1", "vnet2", GUEST3_4, GUEST3_6, "192.168.160.1",
+                     "fd00:160::1")):
+                run("ip", "netns", "add", ns)
+                self.ns(ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
+                        "net.ipv6.conf.default.accept_dad=0")
+                self.ns(ns, "ip", "link", "set", "lo", "up")
+                self.ns(h, "ip", "link", "add", port, "type", "veth", "peer", "name", "eth0",
+                        "netns", ns)
+                self.ns(h, "ip", "link", "set", port, "master", bridge, "up")
+                self.ns(ns, "ip", "addr", "add", f"{addr4}/24", "dev", "eth0")
+                self.ns(ns, "ip", "addr", "add", f"{addr6}/64", "dev", "eth0")
+                self.ns(ns, "ip", "link", "set", "eth0", "up")
+                self.ns(ns, "ip", "route", "add", "default", "via", gw4)
+                self.ns(ns, "ip", "-6", "route", "add", "default", "via", gw6)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for ns in (getattr(self, "guest2", None), getattr(self, "guest3", None)):
+            if ns:
+                run("ip", "netns", "del", ns, check=False)
+        super().close()
+
+
+@pytest.fixture
+def lab() -> Iterator[ReachLab]:
+    """Replaces conftest's lab, so that ``pf`` runs portfwd in this lab's host."""
+    lab = ReachLab()
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture
+def rlab(lab: ReachLab) -> ReachLab:
+    lab.serve("tcp", [80])
+    lab.serve("udp", [53])
+    return lab
+
+
+def reach(lab: Lab, proto: str, addr: str, port: int, ns: Optional[str] = None) -> Optional[str]:
+    for _ in range(3):
+        answer = lab.probe(proto, addr, port, ns=ns)
+        if answer is not None:
+            return answer
+    return None
+
+
+def status(pf: PortfwdHost) -> dict:
+    r = pf.cli("status", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_from_the_host_itself(rlab: ReachLab, pf: PortfwdHost) -> None:
+    pf.write_config(CONFIG)
+    assert pf.hook("web1", "started").returncode == 0
+    h = rlab.host
+    for addr, seen in ((HOST4, HOST4), (BRIDGE4, BRIDGE4), (HOST6, HOST6)):
+        assert reach(rlab, "tcp", addr, 8080, ns=h) == f"tcp 80 {seen}"
+    assert reach(rlab, "udp", HOST4, 5353, ns=h) == f"udp 53 {HOST4}"
+    # the host's own services are not caught: another port, and 127.0.0.1 on the same port
+    rlab.serve("tcp", [9999, 8080], ns=h)
+    assert reach(rlab, "tcp", HOST4, 9999, ns=h) == f"tcp 9999 {HOST4}"
+    assert reach(rlab, "tcp", "127.0.0.1", 8080, ns=h) == "tcp 8080 127.0.0.1"
+    assert reach(rlab, "tcp", "::1", 8080, ns=h) == "tcp 8080 ::1"
+
+
+@pytest.mark.parametrize("br_netfilter", [False, True], ids=["plain bridge", "br_netfilter"])
+def test_hairpin_from_other_guests_and_the_guest_itself(rlab: ReachLab, pf: PortfwdHost,
+                                                        br_netfilter: bool) -> None:
+    """On a plain bridge (a libvirt host without br_netfilter) the reply of a guest to
+    another guest of the same bridge would bypass the host: portfwd masquerades such
+    connections to the bridge address. With br_netfilter (Docker loads it) the bridge
+    itself passes packets through conntrack, the DNAT is undone on the way back, and
+    the guest sees the real source: no masquerade is needed, and none happens. (There
+    a guest cannot reach its own forward: br_netfilter bridges the DNATed packet back
+    towards the port it came from, which a bridge port refuses without hairpin mode.)"""
+    value = "1" if br_netfilter else "0"
+    rlab.ns(rlab.host, "sysctl", "-qw", f"net.bridge.bridge-nf-call-iptables={value}",
+            f"net.bridge.bridge-nf-call-ip6tables={value}")
+    pf.write_config(CONFIG)
+    assert pf.hook("web1", "started").returncode == 0
+    same4 = {rlab.guest2: GUEST2_4} if br_netfilter else {}
+    same6 = {rlab.guest2: GUEST2_6} if br_netfilter else {}
+    # another guest on br0, and the guest itself
+    for ns in (rlab.guest2,) if br_netfilter else (rlab.guest2, rlab.guest):
+        assert reach(rlab, "tcp", HOST4, 8080, ns=ns) == f"tcp 80 {same4.get(ns, BRIDGE4)}"
+        assert reach(rlab, "udp", HOST4, 5353, ns=ns) == f"udp 53 {same4.get(ns, BRIDGE4)}"
+        assert reach(rlab, "tcp", HOST6, 8080, ns=ns) == f"tcp 80 {same6.get(ns, BRIDGE6)}"
+    # another bridge: routed back through the host anyway, so the source is kept
+    assert reach(rlab, "tcp", HOST4, 8080, ns=rlab.guest3) == f"tcp 80 {GUEST3_4}"
+    assert reach(rlab, "tcp", HOST6, 8080, ns=rlab.guest3) == f"tcp 80 {GUEST3_6}"
+    # and an outside client keeps its own address
+    assert reach(rlab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+    assert reach(rlab, "tcp", HOST6, 8080) == f"tcp 80 {CLIENT6}"
+    # the hairpin set follows the bridges with forwards
+    assert pf.hook("web1", "stopped", "end").returncode == 0
+    hairpin = rlab.ns(rlab.host, "nft", "-j", "list", "set", "inet", "portfwd", "hairpin").stdout
+    assert "elem" not in json.loads(hairpin)["nftables"][1]["set"]
+
+
+def route_localnet(lab: Lab, dev: str) -> str:
+    return lab.ns(lab.host, "sysctl", "-n", f"net.ipv4.conf.{dev}.route_localnet").stdout.decode().strip()
+
+
+def test_localhost(rlab: ReachLab, pf: PortfwdHost) -> None:
+    h = rlab.host
+    pf.write_config(CONFIG)
+    assert pf.hook("web1", "started").returncode == 0
+    assert rlab.probe("tcp", "127.0.0.1", 8080, ns=h) is None  # not asked for
+    assert route_localnet(rlab, "br0") == "0"
+    pf.write_config("[options]\nlocalhost = true\n" + CONFIG)
+    assert pf.hook("web1", "reconnect").returncode == 0
+    assert reach(rlab, "tcp", "127.0.0.1", 8080, ns=h) == f"tcp 80 {BRIDGE4}"
+    assert reach(rlab, "udp", "127.0.0.1", 5353, ns=h) == f"udp 53 {BRIDGE4}"
+    assert route_localnet(rlab, "br0") == "1" and route_localnet(rlab, "br1") == "0"
+    # outside packets to 127.0.0.0/8 are dropped before routing
+    raw = [r for r in pf.rules(chain="raw_prerouting")]
+    assert len(raw) == 1 and {"drop": None} in raw[0]["expr"]
+    # other host addresses keep working; 127.0.0.1 goes with the forward
+    assert reach(rlab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+    assert pf.hook("web1", "stopped", "end").returncode == 0
+    assert rlab.probe("tcp", "127.0.0.1", 8080, ns=h) is None
+    assert route_localnet(rlab, "br0") == "0"
+
+
+def test_listen_by_interface_skips_unusable_addresses(rlab: ReachLab, pf: PortfwdHost) -> None:
+    h = rlab.host
+    rlab.ns(h, "ip", "addr", "add", "203.0.113.9/24", "dev", "uplink")
+    # an address DAD finds a duplicate of (the client has it): tentative, then dadfailed
+    rlab.ns(h, "sysctl", "-qw", "net.ipv6.conf.uplink.accept_dad=1",
+            "net.ipv6.conf.uplink.dad_transmits=1")
+    rlab.ns(h, "ip", "addr", "add", f"{CLIENT6}/64", "dev", "uplink")
+    deadline = time.monotonic() + 10
+    while "dadfailed" not in rlab.ns(h, "ip", "-6", "addr", "show", "dev", "uplink").stdout.decode():
+        assert time.monotonic() < deadline, "DAD did not fail"
+        time.sleep(0.1)
+    pf.write_config(CONFIG.replace('ports = [', 'listen = ["uplink"]\nports = ['))
+    assert pf.hook("web1", "started").returncode == 0
+    for addr in (HOST4, "203.0.113.9"):
+        assert reach(rlab, "tcp", addr, 8080) == f"tcp 80 {CLIENT4}"
+    assert reach(rlab, "tcp", HOST6, 8080) == f"tcp 80 {CLIENT6}"
+    assert rlab.probe("tcp", BRIDGE4, 8080) is None  # an address of another interface
+    st = status(pf)
+    assert st["warnings"] == [f"guest web1: {CLIENT6} on uplink skipped: tentative, DAD failed"]
+    listens = {r["listen"] for r in st["forwards"] if r["proto"] == "tcp"}
+    assert listens == {f"{HOST4}:8080", "203.0.113.9:8080", f"[{HOST6}]:8080"}
+
+
+@pytest.mark.parametrize("where", ["all", "br0"])
+def test_ipv6_disabled(rlab: ReachLab, pf: PortfwdHost, where: str) -> None:
+    rlab.ns(rlab.host, "sysctl", "-qw", f"net.ipv6.conf.{where}.disable_ipv6=1")
+    pf.write_config(CONFIG)
+    r = pf.hook("web1", "started")
+    assert (r.returncode, r.stdout) == (0, b""), r.stderr
+    assert "Traceback" not in r.stderr.decode()
+    assert reach(rlab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+    reason = ("IPv6 is disabled on this host (net.ipv6.conf.all.disable_ipv6 = 1)" if where == "all"
+              else "IPv6 is disabled on br0 (net.ipv6.conf.br0.disable_ipv6 = 1)")
+    rows = status(pf)["forwards"]
+    assert {r["state"] for r in rows if r["target"].startswith("[")} == {f"inactive: {reason}"}
+    assert {r["state"] for r in rows if not r["target"].startswith("[")} == {"active"}
+    assert not any("6_" in name for name in pf.elements())
+    assert pf.hook("web1", "reconnect").returncode == 0
+    assert pf.hook("web1", "stopped", "end").returncode == 0
+    assert pf.elements() == {}
