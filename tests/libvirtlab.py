@@ -157,6 +157,13 @@ class LibvirtLab:
         """virtlogd and libvirtd inside the lab namespace; hooks are read at libvirtd start."""
         if not (_pid("/run/virtlogd.pid") and _alive(_pid("/run/virtlogd.pid") or 0)):
             self.ns(self.lab, "virtlogd", "-d")
+        self._start_libvirtd()
+
+    def restart_libvirtd(self) -> None:
+        stop_pid(_pid("/run/libvirtd.pid"))
+        self._start_libvirtd()
+
+    def _start_libvirtd(self) -> None:
         self.ns(self.lab, "libvirtd", "-d")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -164,16 +171,6 @@ class LibvirtLab:
                 return
             time.sleep(0.1)
         raise RuntimeError("libvirtd did not answer within 30 s")
-
-    def restart_libvirtd(self) -> None:
-        stop_pid(_pid("/run/libvirtd.pid"))
-        self.ns(self.lab, "libvirtd", "-d")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.virsh("version", check=False).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise RuntimeError("libvirtd did not come back within 30 s")
 
     def write_config(self, text: str) -> None:
         tmp = self.config + ".tmp"

@@ -98,6 +98,16 @@ class Lab:
         out = r.stdout.decode().strip()
         return out if r.returncode == 0 else None
 
+    def reach(self, proto: str, addr: str, port: int, ns: Optional[str] = None,
+              tries: int = 3) -> Optional[str]:
+        """Like ``probe``, with a few tries (neighbour discovery is asynchronous):
+        for asserting that something answers; ``probe`` once for that nothing does."""
+        for _ in range(tries):
+            answer = self.probe(proto, addr, port, ns=ns)
+            if answer is not None:
+                return answer
+        return None
+
     def close(self) -> None:
         for p in self.procs:
             try:

@@ -27,14 +27,6 @@ ports = ["8080:80", "5353:53/udp"]
 """
 
 
-def reach(lab: Lab, proto: str, addr: str, port: int) -> "str | None":
-    for _ in range(3):
-        answer = lab.probe(proto, addr, port)
-        if answer is not None:
-            return answer
-    return None
-
-
 def libvirt_iptables(lab: Lab, bridge: str = "br0", variant: str = "") -> None:
     """LIBVIRT_* chains and rules as libvirt 9.0 (iptables backend) writes them for a NAT
     network with an IPv6 range, in the order it writes them (``variant``: "-legacy")."""
@@ -134,9 +126,9 @@ def test_libvirt_iptables_reject_is_passed_narrowly(lab: Lab, pf: PortfwdHost) -
     libvirt_iptables(lab)
     pf.write_config(CONFIG)
     assert pf.hook("web1", "started").returncode == 0
-    assert reach(lab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
-    assert reach(lab, "udp", HOST4, 5353) == f"udp 53 {CLIENT4}"
-    assert reach(lab, "tcp", HOST6, 8080) == f"tcp 80 {CLIENT6}"
+    assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+    assert lab.reach("udp", HOST4, 5353) == f"udp 53 {CLIENT4}"
+    assert lab.reach("tcp", HOST6, 8080) == f"tcp 80 {CLIENT6}"
     saved = iptables_save(lab)  # iptables-save and iptables -S still understand the chains
     assert "-A LIBVIRT_FWI -o br0 -j PORTFWD_FWI" in saved
     assert ('-A PORTFWD_FWI -m conntrack --ctstate DNAT -m connmark --mark 0x1000000/0x1000000'
@@ -168,7 +160,7 @@ def test_libvirt_rebuild_is_repaired_by_reconnect_network_hook_and_reapply(
     libvirt_iptables(lab)
     pf.write_config(CONFIG)
     assert pf.hook("web1", "started").returncode == 0
-    assert reach(lab, "tcp", HOST4, 8080) is not None
+    assert lab.reach("tcp", HOST4, 8080) is not None
     network_hook = [pf.network_hook("net", "started"), pf.network_hook("net", "updated"),
                     pf.network_hook("net", "port-created")]
     for repair in [lambda: pf.hook("web1", "reconnect"), *network_hook, lambda: pf.cli("reapply")]:
@@ -180,7 +172,7 @@ def test_libvirt_rebuild_is_repaired_by_reconnect_network_hook_and_reapply(
         r = repair()
         assert r.returncode == 0, r.stderr
         assert r.stdout == b"" or r.stdout.startswith(b"reapplied: 4 binding(s)")
-        assert reach(lab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+        assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
         assert lab.ns(lab.host, "iptables", "-S", "LIBVIRT_FWI").stdout.decode().count(
             "PORTFWD_FWI") == 1
 
@@ -192,7 +184,7 @@ def test_docker_like_forward_drop_policy(lab: Lab, pf: PortfwdHost) -> None:
     pf.write_config(CONFIG)
     assert pf.hook("web1", "started").returncode == 0
     # the accept inside LIBVIRT_FWI ends the FORWARD chain before its drop policy
-    assert reach(lab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+    assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
     status = json.loads(pf.cli("status", "--json").stdout)
     assert status["firewall"]["blocked"] == []
 
@@ -221,7 +213,7 @@ def test_forward_drop_without_libvirt_chain_is_reported(lab: Lab, pf: PortfwdHos
     assert f"warning: forwarded traffic blocked: {expected}" in check.stderr.decode()
     # following the advice makes it work
     lab.ns(lab.host, "nft", "add rule inet filter forward ct mark & 0x01000000 == 0x01000000 accept")
-    assert reach(lab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+    assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
 
 
 def test_libvirt_nftables_backend_reconstruction(lab: Lab, pf: PortfwdHost) -> None:
@@ -232,8 +224,8 @@ def test_libvirt_nftables_backend_reconstruction(lab: Lab, pf: PortfwdHost) -> N
     pf.write_config(CONFIG)
     assert pf.hook("web1", "started").returncode == 0
     for host, client in ((HOST4, CLIENT4), (HOST6, CLIENT6)):
-        assert reach(lab, "tcp", host, 8080) == f"tcp 80 {client}"
-        assert reach(lab, "udp", host, 5353) == f"udp 53 {client}"
+        assert lab.reach("tcp", host, 8080) == f"tcp 80 {client}"
+        assert lab.reach("udp", host, 5353) == f"udp 53 {client}"
     listing = lab.ns(lab.host, "nft", "list", "chain", "ip", "libvirt_network",
                      "guest_input").stdout.decode()
     ours = [line.split(" counter ")[0].strip() for line in listing.splitlines()
@@ -264,7 +256,7 @@ def test_nft_flush_ruleset_then_reapply(lab: Lab, pf: PortfwdHost) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode().strip().startswith("reapplied: 4 binding(s) for 1 guest(s)")
     assert pf.table() == before
-    assert reach(lab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+    assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
 
 
 def test_flush_removes_accepts_too(lab: Lab, pf: PortfwdHost) -> None:
@@ -285,7 +277,7 @@ def test_libvirt_on_iptables_legacy(lab: Lab, pf: PortfwdHost) -> None:
     libvirt_iptables(lab, variant="-legacy")
     pf.write_config(CONFIG)
     assert pf.hook("web1", "started").returncode == 0
-    assert reach(lab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+    assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
     saved = iptables_save(lab, "-legacy")
     assert "-A LIBVIRT_FWI -o br0 -j PORTFWD_FWI" in saved
     assert lab.ns(lab.host, "iptables-legacy", "-S", "LIBVIRT_FWI").stdout.decode().splitlines()[1] \
@@ -328,5 +320,5 @@ def test_firewalld_strict_forward_ports(lab: Lab, pf: PortfwdHost, strict: bool)
                            " (StrictForwardPorts=yes) rejects DNATed connections it was not told"
                            " about; declare the forwards to firewalld or set StrictForwardPorts=no"]
     else:
-        assert reach(lab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+        assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
         assert blocked == []

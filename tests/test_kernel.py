@@ -18,15 +18,6 @@ ports = ["8080:80", "5353:53/udp", "5000-5003/udp", "6000-6003:7000-7003"]
 """
 
 
-def reach(lab: Lab, proto: str, addr: str, port: int, tries: int = 3) -> "str | None":
-    """The guest's answer through ``addr:port`` (a few tries: neighbour discovery is async)."""
-    for _ in range(tries):
-        answer = lab.probe(proto, addr, port)
-        if answer is not None:
-            return answer
-    return None
-
-
 @pytest.fixture
 def served(lab: Lab) -> Lab:
     lab.serve("tcp", [80, 7000, 7001, 7002, 7003])
@@ -41,8 +32,8 @@ def test_tcp_and_udp_reach_the_guest_until_stopped(served: Lab, pf: PortfwdHost,
     assert served.probe("tcp", host, 8080) is None  # nothing forwards before the hook
     assert pf.hook("web1", "started").returncode == 0
     # the guest answers from its own port and sees the client's own address
-    assert reach(served, "tcp", host, 8080) == f"tcp 80 {client}"
-    assert reach(served, "udp", host, 5353) == f"udp 53 {client}"
+    assert served.reach("tcp", host, 8080) == f"tcp 80 {client}"
+    assert served.reach("udp", host, 5353) == f"udp 53 {client}"
     assert pf.hook("web1", "stopped", "end").returncode == 0
     assert served.probe("tcp", host, 8080) is None
     assert served.probe("udp", host, 5353) is None
@@ -56,7 +47,7 @@ def test_started_then_reconnect_leaves_one_copy_that_works(served: Lab, pf: Port
     assert pf.table() == first
     assert len(pf.rules()) == 6
     for host in (HOST4, HOST6):
-        assert reach(served, "tcp", host, 8080) is not None
+        assert served.reach("tcp", host, 8080) is not None
 
 
 def test_every_port_of_a_range_is_forwarded(served: Lab, pf: PortfwdHost) -> None:
@@ -64,9 +55,9 @@ def test_every_port_of_a_range_is_forwarded(served: Lab, pf: PortfwdHost) -> Non
     assert pf.hook("web1", "started").returncode == 0
     for host in (HOST4, HOST6):
         for i in range(4):
-            assert reach(served, "udp", host, 5000 + i) == \
+            assert served.reach("udp", host, 5000 + i) == \
                 f"udp {5000 + i} {CLIENT4 if host == HOST4 else CLIENT6}"
-            assert reach(served, "tcp", host, 6000 + i) == \
+            assert served.reach("tcp", host, 6000 + i) == \
                 f"tcp {7000 + i} {CLIENT4 if host == HOST4 else CLIENT6}"
         assert served.probe("udp", host, 5004) is None
         assert served.probe("tcp", host, 6004) is None
@@ -85,8 +76,8 @@ listen = ["203.0.113.9", "2001:db8:1::9"]
 ports = ["8080:80"]
 """)
     assert pf.hook("web1", "started").returncode == 0
-    assert reach(lab, "tcp", "203.0.113.9", 8080) == f"tcp 80 {CLIENT4}"
-    assert reach(lab, "tcp", "2001:db8:1::9", 8080) == f"tcp 80 {CLIENT6}"
+    assert lab.reach("tcp", "203.0.113.9", 8080) == f"tcp 80 {CLIENT4}"
+    assert lab.reach("tcp", "2001:db8:1::9", 8080) == f"tcp 80 {CLIENT6}"
     assert lab.probe("tcp", HOST4, 8080) is None
     assert lab.probe("tcp", HOST6, 8080) is None
 
@@ -104,7 +95,7 @@ ports = [
 """)
     assert pf.hook("web1", "started").returncode == 0
     for host, client in ((HOST4, CLIENT4), (HOST6, CLIENT6)):
-        assert reach(served, "tcp", host, 8080) == f"tcp 80 {client}"
+        assert served.reach("tcp", host, 8080) == f"tcp 80 {client}"
         assert served.probe("tcp", host, 8081) is None
 
 
@@ -117,6 +108,6 @@ def test_port_taken_over_by_another_guest_after_config_change(served: Lab, pf: P
     r = pf.hook("web2", "started")
     assert r.returncode == 0
     assert "now belong to guest web2" in r.stderr.decode()
-    assert reach(lab, "tcp", HOST4, 8080) == f"tcp 7000 {CLIENT4}"
+    assert lab.reach("tcp", HOST4, 8080) == f"tcp 7000 {CLIENT4}"
     assert pf.hook("web1", "stopped", "end").returncode == 0  # must not take web2's port away
-    assert reach(lab, "tcp", HOST4, 8080) == f"tcp 7000 {CLIENT4}"
+    assert lab.reach("tcp", HOST4, 8080) == f"tcp 7000 {CLIENT4}"

@@ -169,3 +169,26 @@ def test_daemon_applies_a_live_config_edit_and_keeps_rules_on_a_bad_one(dlab: La
     assert dlab.probe(8092) == f"tcp 80 {CLIENT4}"
     lab.virsh("destroy", "pf-dhcp")
     assert until(lambda: dlab.probe(8091) is None)
+
+
+def test_daemon_reconnects_when_libvirtd_restarts(dlab: Lab) -> None:
+    lab = dlab.lab
+    lab.write_config(CONFIG)  # the test before left an invalid one
+    lab.virsh("start", "pf-dhcp")
+    assert until(lambda: dlab.probe(8091)) == f"tcp 80 {CLIENT4}"
+
+    def connects() -> int:
+        with open(dlab.daemon_log) as f:
+            return f.read().count("connected to libvirt")
+
+    before = connects()
+    lab.restart_libvirtd()
+    assert until(lambda: connects() > before), "the daemon did not reconnect"
+    # the new connection works: a guest stop is seen, and so is a config edit
+    lab.virsh("destroy", "pf-dhcp")
+    assert until(lambda: dlab.probe(8091) is None)
+    lab.virsh("start", "pf-dhcp")
+    lab.write_config(CONFIG.replace('ports = ["8091:80"]', 'ports = ["8093:80"]'))
+    assert until(lambda: dlab.probe(8093)) == f"tcp 80 {CLIENT4}"
+    assert dlab.probe(8091) is None
+    lab.virsh("destroy", "pf-dhcp")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Iterator, Optional
+from typing import Iterator
 
 import pytest
 
@@ -85,14 +85,6 @@ def rlab(lab: ReachLab) -> ReachLab:
     return lab
 
 
-def reach(lab: Lab, proto: str, addr: str, port: int, ns: Optional[str] = None) -> Optional[str]:
-    for _ in range(3):
-        answer = lab.probe(proto, addr, port, ns=ns)
-        if answer is not None:
-            return answer
-    return None
-
-
 def status(pf: PortfwdHost) -> dict:
     r = pf.cli("status", "--json")
     assert r.returncode == 0, r.stderr
@@ -104,13 +96,13 @@ def test_from_the_host_itself(rlab: ReachLab, pf: PortfwdHost) -> None:
     assert pf.hook("web1", "started").returncode == 0
     h = rlab.host
     for addr, seen in ((HOST4, HOST4), (BRIDGE4, BRIDGE4), (HOST6, HOST6)):
-        assert reach(rlab, "tcp", addr, 8080, ns=h) == f"tcp 80 {seen}"
-    assert reach(rlab, "udp", HOST4, 5353, ns=h) == f"udp 53 {HOST4}"
+        assert rlab.reach("tcp", addr, 8080, ns=h) == f"tcp 80 {seen}"
+    assert rlab.reach("udp", HOST4, 5353, ns=h) == f"udp 53 {HOST4}"
     # the host's own services are not caught: another port, and 127.0.0.1 on the same port
     rlab.serve("tcp", [9999, 8080], ns=h)
-    assert reach(rlab, "tcp", HOST4, 9999, ns=h) == f"tcp 9999 {HOST4}"
-    assert reach(rlab, "tcp", "127.0.0.1", 8080, ns=h) == "tcp 8080 127.0.0.1"
-    assert reach(rlab, "tcp", "::1", 8080, ns=h) == "tcp 8080 ::1"
+    assert rlab.reach("tcp", HOST4, 9999, ns=h) == f"tcp 9999 {HOST4}"
+    assert rlab.reach("tcp", "127.0.0.1", 8080, ns=h) == "tcp 8080 127.0.0.1"
+    assert rlab.reach("tcp", "::1", 8080, ns=h) == "tcp 8080 ::1"
 
 
 @pytest.mark.parametrize("br_netfilter", [False, True], ids=["plain bridge", "br_netfilter"])
@@ -132,15 +124,15 @@ def test_hairpin_from_other_guests_and_the_guest_itself(rlab: ReachLab, pf: Port
     same6 = {rlab.guest2: GUEST2_6} if br_netfilter else {}
     # another guest on br0, and the guest itself
     for ns in (rlab.guest2,) if br_netfilter else (rlab.guest2, rlab.guest):
-        assert reach(rlab, "tcp", HOST4, 8080, ns=ns) == f"tcp 80 {same4.get(ns, BRIDGE4)}"
-        assert reach(rlab, "udp", HOST4, 5353, ns=ns) == f"udp 53 {same4.get(ns, BRIDGE4)}"
-        assert reach(rlab, "tcp", HOST6, 8080, ns=ns) == f"tcp 80 {same6.get(ns, BRIDGE6)}"
+        assert rlab.reach("tcp", HOST4, 8080, ns=ns) == f"tcp 80 {same4.get(ns, BRIDGE4)}"
+        assert rlab.reach("udp", HOST4, 5353, ns=ns) == f"udp 53 {same4.get(ns, BRIDGE4)}"
+        assert rlab.reach("tcp", HOST6, 8080, ns=ns) == f"tcp 80 {same6.get(ns, BRIDGE6)}"
     # another bridge: routed back through the host anyway, so the source is kept
-    assert reach(rlab, "tcp", HOST4, 8080, ns=rlab.guest3) == f"tcp 80 {GUEST3_4}"
-    assert reach(rlab, "tcp", HOST6, 8080, ns=rlab.guest3) == f"tcp 80 {GUEST3_6}"
+    assert rlab.reach("tcp", HOST4, 8080, ns=rlab.guest3) == f"tcp 80 {GUEST3_4}"
+    assert rlab.reach("tcp", HOST6, 8080, ns=rlab.guest3) == f"tcp 80 {GUEST3_6}"
     # and an outside client keeps its own address
-    assert reach(rlab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
-    assert reach(rlab, "tcp", HOST6, 8080) == f"tcp 80 {CLIENT6}"
+    assert rlab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+    assert rlab.reach("tcp", HOST6, 8080) == f"tcp 80 {CLIENT6}"
     # the hairpin set follows the bridges with forwards
     assert pf.hook("web1", "stopped", "end").returncode == 0
     hairpin = rlab.ns(rlab.host, "nft", "-j", "list", "set", "inet", "portfwd", "hairpin").stdout
@@ -159,14 +151,14 @@ def test_localhost(rlab: ReachLab, pf: PortfwdHost) -> None:
     assert route_localnet(rlab, "br0") == "0"
     pf.write_config("[options]\nlocalhost = true\n" + CONFIG)
     assert pf.hook("web1", "reconnect").returncode == 0
-    assert reach(rlab, "tcp", "127.0.0.1", 8080, ns=h) == f"tcp 80 {BRIDGE4}"
-    assert reach(rlab, "udp", "127.0.0.1", 5353, ns=h) == f"udp 53 {BRIDGE4}"
+    assert rlab.reach("tcp", "127.0.0.1", 8080, ns=h) == f"tcp 80 {BRIDGE4}"
+    assert rlab.reach("udp", "127.0.0.1", 5353, ns=h) == f"udp 53 {BRIDGE4}"
     assert route_localnet(rlab, "br0") == "1" and route_localnet(rlab, "br1") == "0"
     # outside packets to 127.0.0.0/8 are dropped before routing
     raw = [r for r in pf.rules(chain="raw_prerouting")]
     assert len(raw) == 1 and {"drop": None} in raw[0]["expr"]
     # other host addresses keep working; 127.0.0.1 goes with the forward
-    assert reach(rlab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+    assert rlab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
     assert pf.hook("web1", "stopped", "end").returncode == 0
     assert rlab.probe("tcp", "127.0.0.1", 8080, ns=h) is None
     assert route_localnet(rlab, "br0") == "0"
@@ -186,8 +178,8 @@ def test_listen_by_interface_skips_unusable_addresses(rlab: ReachLab, pf: Portfw
     pf.write_config(CONFIG.replace('ports = [', 'listen = ["uplink"]\nports = ['))
     assert pf.hook("web1", "started").returncode == 0
     for addr in (HOST4, "203.0.113.9"):
-        assert reach(rlab, "tcp", addr, 8080) == f"tcp 80 {CLIENT4}"
-    assert reach(rlab, "tcp", HOST6, 8080) == f"tcp 80 {CLIENT6}"
+        assert rlab.reach("tcp", addr, 8080) == f"tcp 80 {CLIENT4}"
+    assert rlab.reach("tcp", HOST6, 8080) == f"tcp 80 {CLIENT6}"
     assert rlab.probe("tcp", BRIDGE4, 8080) is None  # an address of another interface
     st = status(pf)
     assert st["warnings"] == [f"guest web1: {CLIENT6} on uplink skipped: tentative, DAD failed"]
@@ -202,7 +194,7 @@ def test_ipv6_disabled(rlab: ReachLab, pf: PortfwdHost, where: str) -> None:
     r = pf.hook("web1", "started")
     assert (r.returncode, r.stdout) == (0, b""), r.stderr
     assert "Traceback" not in r.stderr.decode()
-    assert reach(rlab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+    assert rlab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
     reason = ("IPv6 is disabled on this host (net.ipv6.conf.all.disable_ipv6 = 1)" if where == "all"
               else "IPv6 is disabled on br0 (net.ipv6.conf.br0.disable_ipv6 = 1)")
     rows = status(pf)["forwards"]
