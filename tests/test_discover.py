@@ -8,7 +8,7 @@ import os
 import pytest
 
 from portfwd.discover import Resolver, domain_nics, read_network
-from portfwd.engine import resolve
+from portfwd.resolve import resolve
 from portfwd.plan import Binding
 
 DOMAIN = b"""<domain type='qemu' id='3'>

@@ -19,6 +19,9 @@ from . import compat, hostnet, log, plan, state
 from .errors import HostError
 from .nft import Nft
 from .plan import DEFAULT_TABLE, Binding
+from .record import GuestState
+from .resolve import INACTIVE, resolve
+from .status import live_elements, live_state, row
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -28,119 +31,6 @@ if TYPE_CHECKING:
     from .model import Config, Guest
 
     Wanted = Dict[int, Set[str]]
-
-
-class GuestState:
-    """What portfwd applied for one guest, as recorded under /run/portfwd: the
-    bindings in the kernel, where each address came from, and the bindings
-    still waiting for an address (each with the reason)."""
-
-    __slots__ = ("guest", "uuid", "table", "bindings", "pending", "sources", "warnings")
-
-    def __init__(self, guest: str, uuid: Optional[str], table: str, bindings: List[Binding],
-                 pending: Optional[List[Tuple[Binding, str]]] = None,
-                 sources: Optional[Dict[str, str]] = None,
-                 warnings: Optional[List[str]] = None) -> None:
-        self.guest = guest
-        self.uuid = uuid
-        self.table = table
-        self.bindings = bindings
-        self.pending = pending or []  # (binding, why it is not applied)
-        self.sources = sources or {}  # discovered address → where it came from
-        self.warnings = warnings or []  # e.g. a tentative listen address skipped
-
-    @property
-    def empty(self) -> bool:
-        return not self.bindings and not self.pending
-
-    def to_json(self) -> Dict[str, Any]:
-        return {"guest": self.guest, "uuid": self.uuid, "table": self.table,
-                "bindings": [b.to_json() for b in self.bindings],
-                "pending": [b.to_json() + [why] for b, why in self.pending],
-                "sources": self.sources, "warnings": self.warnings}
-
-    @classmethod
-    def from_json(cls, raw: Dict[str, Any]) -> "GuestState":
-        return cls(str(raw["guest"]), raw.get("uuid"), str(raw["table"]),
-                   [Binding.from_json(b) for b in raw["bindings"]],
-                   [(Binding.from_json(p[:7]), str(p[7])) for p in raw.get("pending", [])],
-                   {str(k): str(v) for k, v in raw.get("sources", {}).items()},
-                   [str(w) for w in raw.get("warnings", [])])
-
-
-INACTIVE = "inactive: "  # a pending reason that no address will cure
-
-
-def resolve(bindings: List[Binding], resolver: Optional[Resolver],
-            routes: Optional[hostnet.RouteTable] = None) -> GuestState:
-    """Turn planned bindings into what the kernel can hold now: listen interface
-    names become their current usable addresses, selectors the guest address they
-    stand for; what cannot be applied waits in ``pending`` with the reason
-    (IPv6 on a host or bridge where it is disabled: ``inactive``)."""
-    out = GuestState("", None, "", [])
-    found: Dict[Tuple[str, int], Tuple[Optional[str], str]] = {}
-    listens: Dict[Tuple[str, int], List[str]] = {}
-    ipv6_off: Dict[str, Optional[str]] = {}  # target → why IPv6 cannot reach it
-    for planned in bindings:
-        for b in _expand_listen(planned, listens, out):
-            if b.target.startswith("?"):
-                if resolver is not None and not resolver.applies(b.target, b.family):
-                    continue
-                key = (b.target, b.family)
-                if key not in found:
-                    found[key] = (resolver.resolve(b.target, b.family) if resolver is not None
-                                  else (None, "no domain XML to find the guest's NIC in"))
-                address, why = found[key]
-                if address is None:
-                    out.pending.append((b, why))
-                    continue
-                out.sources[address] = why
-                b = Binding(b.kind, b.family, b.key, address, b.port, b.guest, b.comment)
-            if b.family == 6:
-                if b.target not in ipv6_off:
-                    ipv6_off[b.target] = _ipv6_off_for(b, bindings, routes)
-                off = ipv6_off[b.target]
-                if off:
-                    out.pending.append((b, INACTIVE + off))
-                    continue
-            out.bindings.append(b)
-    return out
-
-
-def _ipv6_off_for(b: Binding, bindings: List[Binding],
-                  routes: Optional[hostnet.RouteTable]) -> Optional[str]:
-    """Why IPv6 cannot reach this binding's guest: IPv6 off on the host or on the
-    bridge. A bridge with IPv6 off has no IPv6 route, so it is found through the
-    IPv4 address of the same forward entry."""
-    if routes is None:
-        return hostnet.ipv6_off()
-    bridge = routes.interface_for(b.target)
-    if bridge is None:
-        siblings = {routes.interface_for(o.target) for o in bindings
-                    if o.family == 4 and o.comment == b.comment and not o.target.startswith("?")}
-        for sibling in sorted(s for s in siblings if s):
-            off = hostnet.ipv6_off(sibling)
-            if off:
-                return off
-    return hostnet.ipv6_off(bridge)
-
-
-def _expand_listen(b: Binding, cache: Dict[Tuple[str, int], List[str]],
-                   out: GuestState) -> List[Binding]:
-    """``@eth0`` in a binding's key → one binding per usable address of eth0 now."""
-    first = str(b.key[0]) if b.kind in ("fwd", "src") else ""
-    if not first.startswith("@"):
-        return [b]
-    name, slash, length = first[1:].partition("/")
-    if (name, b.family) not in cache:
-        good, skipped = hostnet.usable_addresses(name, b.family)
-        cache[(name, b.family)] = good
-        out.warnings += [w for w in skipped if w not in out.warnings]
-    addresses = cache[(name, b.family)]
-    if not addresses:
-        out.pending.append((b, f"no usable IPv{b.family} address on listen interface {name}"))
-    return [Binding(b.kind, b.family, (a + slash + length,) + tuple(b.key[1:]), b.target, b.port,
-                    b.guest, b.comment) for a in addresses]
 
 
 class Engine:
@@ -585,65 +475,17 @@ class Engine:
                 running.add(st.uuid)
             maps = live.get(st.table, {})
             for b in st.bindings:
-                rows.append(_row(b, _live_state(b, maps), st.sources.get(b.target, "config")))
+                rows.append(row(b, live_state(b, maps), st.sources.get(b.target, "config")))
             for b, why in st.pending:
-                rows.append(_row(b, why if why.startswith(INACTIVE) else f"pending: {why}"))
+                rows.append(row(b, why if why.startswith(INACTIVE) else f"pending: {why}"))
         if config is not None:
             for fwd in config.forwards:
                 if fwd.guest in running or fwd.uuid in running:
                     continue
                 for b in plan.forwards_bindings([fwd], fwd.label):
-                    rows.append(_row(b, "guest not running"))
+                    rows.append(row(b, "guest not running"))
         return rows
 
 
 def _same(a: Optional[GuestState], b: GuestState) -> bool:
     return a is not None and a.to_json() == b.to_json()
-
-
-def _row(b: Binding, status: str, address_from: str = "") -> Dict[str, str]:
-    target = plan.target_text(b.target, b.family, b.port)
-    return {"guest": b.guest, "proto": b.proto, "listen": plan.listen_text(b), "target": target,
-            "sources": b.sources, "state": status, "address_from": address_from,
-            "comment": b.comment}
-
-
-def _live_state(b: Binding, maps: Dict[str, Dict[Tuple[Any, ...], Any]]) -> str:
-    ip = maps.get(plan.map_name(b.kind, b.family, "ip"), {}).get(_norm_key(b))
-    port = maps.get(plan.map_name(b.kind, b.family, "port"), {}).get(_norm_key(b))
-    if ip is None or port is None:
-        return "missing"
-    if str(ip) != b.target or int(port) != b.port:
-        return f"differs (table: {ip}:{port})"
-    return "active"
-
-
-def _norm_key(b: Binding) -> Tuple[Any, ...]:
-    return tuple(str(p) for p in b.key)
-
-
-def live_elements(objects: Sequence[Dict[str, Any]]) -> Dict[str, Dict[Tuple[Any, ...], Any]]:
-    """Map name → {normalised key: value} from a JSON table listing."""
-    out: Dict[str, Dict[Tuple[Any, ...], Any]] = {}
-    for obj in objects:
-        m = obj.get("map")
-        if not m:
-            continue
-        interval = "interval" in m.get("flags", [])
-        full = 32 if m["name"][3] == "4" else 128
-        elems: Dict[Tuple[Any, ...], Any] = {}
-        for key, value in m.get("elem", []):
-            if isinstance(key, dict) and "elem" in key:
-                key = key["elem"]["val"]
-            parts = key["concat"] if isinstance(key, dict) and "concat" in key else [key]
-            norm = []
-            for i, part in enumerate(parts):
-                if isinstance(part, dict) and "prefix" in part:
-                    norm.append(f"{part['prefix']['addr']}/{part['prefix']['len']}")
-                elif interval and i < 2:
-                    norm.append(f"{part}/{full}")
-                else:
-                    norm.append(str(part))
-            elems[tuple(norm)] = value
-        out[m["name"]] = elems
-    return out

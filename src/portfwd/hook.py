@@ -86,7 +86,9 @@ def network_hook(args: List[str]) -> int:
             log.use_syslog()
             try:
                 engine = Engine(state.config_path())
-                engine.ensure_compat(engine.wanted_bridges(recompute=True))
+                # a (re)started or updated network may have a new bridge: ask the routes
+                # again; a new port (every guest start) changes no bridge
+                engine.ensure_compat(engine.wanted_bridges(recompute=args[1] != "port-created"))
             except Exception as e:  # the network must come up whatever happens here
                 log.error(f"network {args[0]} {args[1]}: {type(e).__name__}: {e}")
     except OSError as e:
@@ -122,7 +124,7 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) 
             waiting = f", {len(applied.pending)} waiting for an address" if applied.pending else ""
             log.info(f"guest {name} {op}: {len(applied.bindings)} forward(s) in table inet"
                      f" {table}{waiting}")
-        for binding, why in applied.pending[:1]:
+        for _, why in applied.pending[:1]:
             log.info(f"guest {name}: pending: {why}")
         return 0
     except ConfigError as e:
