@@ -15,6 +15,15 @@ HOOK = os.path.join(ROOT, "hook", "qemu")
 NETWORK_HOOK = os.path.join(ROOT, "hook", "network")
 
 
+def web1_config(*ports: str) -> str:
+    """A forward.toml forwarding ``ports`` to the lab's guest "web1", both families."""
+    from netlab import GUEST4, GUEST6
+
+    listed = ", ".join(f'"{p}"' for p in ports)
+    return (f'\n[[forward]]\nguest = "web1"\nipv4  = "{GUEST4}"\nipv6  = "{GUEST6}"\n'
+            f"ports = [{listed}]\n")
+
+
 def domain_xml(name: str, uuid: str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
                mac: str = "52:54:00:12:34:56") -> bytes:
     """A live domain XML as libvirt writes it to the hook's stdin."""

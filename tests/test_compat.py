@@ -13,18 +13,12 @@ import json
 
 import pytest
 
-from netlab import CLIENT4, CLIENT6, GUEST4, GUEST6, HOST4, HOST6, Lab
-from pfhost import PortfwdHost
+from netlab import CLIENT4, CLIENT6, HOST4, HOST6, Lab
+from pfhost import PortfwdHost, web1_config
 
 pytestmark = pytest.mark.kernel
 
-CONFIG = f"""
-[[forward]]
-guest = "web1"
-ipv4  = "{GUEST4}"
-ipv6  = "{GUEST6}"
-ports = ["8080:80", "5353:53/udp"]
-"""
+CONFIG = web1_config("8080:80", "5353:53/udp")
 
 
 def libvirt_iptables(lab: Lab, bridge: str = "br0", variant: str = "") -> None:

@@ -10,18 +10,12 @@ from typing import Any, List, Tuple
 
 import pytest
 
-from netlab import GUEST4, GUEST6
-from pfhost import HOOK, PortfwdHost, domain_xml
+from netlab import GUEST4
+from pfhost import HOOK, PortfwdHost, domain_xml, web1_config
 
 pytestmark = pytest.mark.kernel
 
-WEB1 = f"""
-[[forward]]
-guest = "web1"
-ipv4  = "{GUEST4}"
-ipv6  = "{GUEST6}"
-ports = ["8080:80", "5000-5002/udp"]
-"""
+WEB1 = web1_config("8080:80", "5000-5002/udp")
 WEB2 = """
 [[forward]]
 guest = "web2"

@@ -5,17 +5,11 @@ from __future__ import annotations
 import pytest
 
 from netlab import CLIENT4, CLIENT6, GUEST4, GUEST6, HOST4, HOST6, Lab
-from pfhost import PortfwdHost
+from pfhost import PortfwdHost, web1_config
 
 pytestmark = pytest.mark.kernel
 
-CONFIG = f"""
-[[forward]]
-guest = "web1"
-ipv4  = "{GUEST4}"
-ipv6  = "{GUEST6}"
-ports = ["8080:80", "5353:53/udp", "5000-5003/udp", "6000-6003:7000-7003"]
-"""
+CONFIG = web1_config("8080:80", "5353:53/udp", "5000-5003/udp", "6000-6003:7000-7003")
 
 
 @pytest.fixture

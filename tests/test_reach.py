@@ -13,18 +13,12 @@ from typing import Iterator
 
 import pytest
 
-from netlab import BRIDGE4, BRIDGE6, CLIENT4, CLIENT6, GUEST4, GUEST6, HOST4, HOST6, Lab, run
-from pfhost import PortfwdHost
+from netlab import BRIDGE4, BRIDGE6, CLIENT4, CLIENT6, HOST4, HOST6, Lab, run
+from pfhost import PortfwdHost, web1_config
 
 pytestmark = pytest.mark.kernel
 
-CONFIG = f"""
-[[forward]]
-guest = "web1"
-ipv4  = "{GUEST4}"
-ipv6  = "{GUEST6}"
-ports = ["8080:80", "5353:53/udp"]
-"""
+CONFIG = web1_config("8080:80", "5353:53/udp")
 GUEST2_4, GUEST2_6 = "192.168.150.20", "fd00:150::20"
 GUEST3_4, GUEST3_6 = "192.168.160.10", "fd00:160::10"
 
