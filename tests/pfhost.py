@@ -45,6 +45,33 @@ def domain_xml(name: str, uuid: str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
 """.encode()
 
 
+def run_reading_all(argv: List[str], env: Dict[str, str],
+                    guest: str) -> subprocess.CompletedProcess:
+    """Run a hook with 2 MB of domain XML on stdin, failing if it exits without
+    reading it all (libvirt writes the whole XML: it would see EPIPE)."""
+    import threading
+
+    big = domain_xml(guest) + b"<!--" + b"x" * 2_000_000 + b"-->\n"
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    errors: List[BaseException] = []
+
+    def feed() -> None:
+        try:
+            assert p.stdin is not None
+            p.stdin.write(big)
+            p.stdin.close()
+        except BaseException as e:  # BrokenPipeError if the hook did not read it all
+            errors.append(e)
+
+    t = threading.Thread(target=feed)
+    t.start()
+    out, err = p.communicate(timeout=60)
+    t.join()
+    assert errors == [], err
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
 class PortfwdHost:
     """Config and run directory of one test, commands run in the lab's host namespace."""
 
@@ -56,7 +83,9 @@ class PortfwdHost:
         self.run_dir = os.path.join(base, "run")
         self.env = {"LC_ALL": "C", "HOME": "/root",
                     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "PORTFWD_CONFIG": self.config, "PORTFWD_RUNDIR": self.run_dir}
+                    "PORTFWD_CONFIG": self.config, "PORTFWD_RUNDIR": self.run_dir,
+                    # these guests are not libvirt's: never judge them by its status files
+                    "PORTFWD_QEMU_STATUS_DIR": os.path.join(base, "no-libvirt")}
 
     def write_config(self, text: str) -> None:
         tmp = self.config + ".tmp"
@@ -104,3 +133,35 @@ class PortfwdHost:
     def rules(self, name: str = "portfwd", chain: str = "prerouting") -> List[Dict[str, Any]]:
         return [o["rule"] for o in self.table(name) or []
                 if "rule" in o and o["rule"]["chain"] == chain]
+
+
+class LockHolder:
+    """Another process holding portfwd's lock (``flock`` on RUN_DIR/lock) until ``release``."""
+
+    def __init__(self, run_dir: str) -> None:
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        code = ("import fcntl, os, sys\n"
+                "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "print('locked', flush=True)\n"
+                "sys.stdin.read()\n")  # holds until stdin closes
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", code, os.path.join(run_dir, "lock")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "locked\n"
+        self.pid = self.proc.pid
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.communicate(timeout=30)
+
+    def __enter__(self) -> "LockHolder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()

@@ -282,6 +282,59 @@ def test_libvirt_on_iptables_legacy(lab: Lab, pf: PortfwdHost) -> None:
     assert "PORTFWD_FWI" not in iptables_save(lab, "-legacy")
 
 
+@pytest.mark.parametrize("variant", ["", "-legacy"], ids=["iptables-nft", "iptables-legacy"])
+@pytest.mark.parametrize("content", ["empty", "foreign"])
+def test_existing_portfwd_chain_is_content_checked_and_refilled(lab: Lab, pf: PortfwdHost,
+                                                                variant: str, content: str) -> None:
+    """A PORTFWD_FWI that exists already (left by a crash, or filled by someone) is not
+    trusted by its name: portfwd fills it with exactly its accept before jumping to it."""
+    lab.serve("tcp", [80])
+    libvirt_iptables(lab, variant=variant)
+    for tool in (f"iptables{variant}", f"ip6tables{variant}"):
+        lab.ns(lab.host, tool, "-w", "-N", "PORTFWD_FWI")
+        if content == "foreign":
+            lab.ns(lab.host, tool, "-w", "-A", "PORTFWD_FWI", "-j", "DROP")
+    pf.write_config(CONFIG)
+    r = pf.hook("web1", "started")
+    assert r.returncode == 0 and b"error" not in r.stderr, r.stderr
+    assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+    assert lab.reach("tcp", HOST6, 8080) == f"tcp 80 {CLIENT6}"
+    chain = lab.ns(lab.host, f"iptables{variant}", "-S", "PORTFWD_FWI").stdout.decode()
+    assert chain.splitlines()[1:] == [
+        '-A PORTFWD_FWI -m conntrack --ctstate DNAT -m connmark --mark 0x1000000/0x1000000'
+        ' -m comment --comment "portfwd: connections portfwd forwarded" -j ACCEPT']
+    assert pf.hook("web1", "stopped", "end").returncode == 0
+    assert "PORTFWD_FWI" not in iptables_save(lab, variant)
+
+
+def test_foreign_chain_of_that_name_is_left_alone_when_unneeded(lab: Lab, pf: PortfwdHost) -> None:
+    libvirt_iptables(lab)
+    lab.ns(lab.host, "iptables", "-w", "-N", "PORTFWD_FWI")
+    lab.ns(lab.host, "iptables", "-w", "-A", "PORTFWD_FWI", "-s", "198.51.100.7", "-j", "DROP")
+    rules = lambda: lab.ns(lab.host, "iptables", "-S").stdout.decode()  # noqa: E731
+    before = rules()
+    assert pf.cli("flush").returncode == 0
+    assert rules() == before and "-A PORTFWD_FWI -s 198.51.100.7/32 -j DROP" in before
+
+
+def test_rule_with_portfwd_comment_is_touched_only_if_it_is_portfwds(lab: Lab,
+                                                                      pf: PortfwdHost) -> None:
+    """On libvirt's nftables backend portfwd finds its accept by comment *and* content:
+    an admin's rule that happens to carry the comment "portfwd" stays where it is."""
+    lab.serve("tcp", [80])
+    lab.ns(lab.host, "nft", "-f", "-", input=LIBVIRT_NFT.encode())
+    lab.ns(lab.host, "nft", "insert", "rule", "ip", "libvirt_network", "guest_input", "ip",
+           "saddr", "198.51.100.7", "counter", "drop", "comment", '"portfwd"')
+    pf.write_config(CONFIG)
+    assert pf.hook("web1", "started").returncode == 0
+    assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+    assert pf.hook("web1", "stopped", "end").returncode == 0
+    listing = lab.ns(lab.host, "nft", "list", "chain", "ip", "libvirt_network",
+                     "guest_input").stdout.decode()
+    assert [line.strip().split(" counter")[0] for line in listing.splitlines()
+            if "portfwd" in line] == ["ip saddr 198.51.100.7"]
+
+
 # Reconstruction (not firewalld's code) of the forward chain firewalld's nftables backend
 # keeps in table inet firewalld; with StrictForwardPorts=no it holds `ct status dnat accept`.
 FIREWALLD = """

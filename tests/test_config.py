@@ -75,7 +75,8 @@ def test_uuid_is_normalised_and_matches_case_insensitively() -> None:
 
 
 @pytest.mark.parametrize("mode, owner, group, fragment", [
-    (0o666, 0, 0, "writable by everyone (mode 0666)"),
+    (0o666, 0, 0, "writable by group gid 0 and everyone (mode 0666)"),
+    (0o660, 0, 0, "writable by group gid 0 (mode 0660)"),  # root's group is not root
     (0o620, 0, 1234, "writable by group gid 1234 (mode 0620)"),
     (0o644, 1000, 0, "writable by its owner, uid 1000 (mode 0644)"),
 ])
@@ -101,7 +102,8 @@ def test_directory_writable_by_others_is_refused(etc: str) -> None:
     os.chmod(etc, 0o777)
     with pytest.raises(ConfigError) as e:
         config.load(path)
-    assert e.value.lines[0].startswith(f"{etc}:1:1: refused: this directory is writable by everyone")
+    assert e.value.lines[0].startswith(
+        f"{etc}:1:1: refused: this directory is writable by group gid 0 and everyone (mode 0777)")
 
 
 def test_missing_file_says_what_to_do(etc: str) -> None:

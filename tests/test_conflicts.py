@@ -67,3 +67,80 @@ def test_families_protocols_and_addresses_keep_apart() -> None:
 
 def test_claims_of_one_owner_never_conflict() -> None:
     assert find_conflicts([claim(0, 80, 80, "203.0.113.5"), claim(0, 80, 80)]) == []
+
+
+# -- conflicts only the host's addresses reveal (issue "Safe to leave running on a
+#    production host": an interface in listen and one of its addresses) ----------
+
+from typing import Dict, Sequence, Tuple  # noqa: E402
+
+from portfwd import config  # noqa: E402
+from portfwd.conflicts import interface_conflicts  # noqa: E402
+
+LIVE = '''\
+[[forward]]
+guest = "a"
+ipv4 = "192.168.122.10"
+ipv6 = "fd00:122::10"
+listen = ["eth0"]
+ports = ["80", "53/udp"]
+
+[[forward]]
+guest = "b"
+ipv4 = "192.168.122.11"
+ipv6 = "fd00:122::11"
+ports = [
+  { guest = 80, listen = ["203.0.113.5"] },
+  { guest = 80, listen = ["2001:db8::5"] },
+  { guest = 53, proto = "tcp", listen = ["203.0.113.5"] },
+  { guest = 81, listen = ["eth1"] },
+]
+
+[[forward]]
+guest = "c"
+ipv4 = "192.168.122.12"
+listen = ["eth2"]
+ports = ["81"]
+'''
+HOST: Dict[Tuple[str, int], Sequence[str]] = {
+    ("eth0", 4): ["203.0.113.5", "203.0.113.6"], ("eth0", 6): ["2001:db8::5"],
+    ("eth1", 4): ["198.51.100.1"], ("eth2", 4): ["198.51.100.1"],
+}
+
+
+def fake_host(name: str, family: int) -> Sequence[str]:
+    return HOST.get((name, family), [])
+
+
+def test_interface_and_its_address_on_the_same_port_conflict() -> None:
+    parsed = config.parse(LIVE, "f.toml")  # statically fine: eth0 is not 203.0.113.5 on paper
+    assert interface_conflicts(parsed, fake_host, config.locator(LIVE, "f.toml")) == [
+        "f.toml:13:3: forward[1].ports[0]: host port 80/tcp on 203.0.113.5 (an address of eth0)"
+        " is claimed twice: here for b and at f.toml:6:10 (forward[0].ports[0]) for a;"
+        " use another host port or listen address",
+        "f.toml:14:3: forward[1].ports[1]: host port 80/tcp on 2001:db8::5 (an address of eth0)"
+        " is claimed twice: here for b and at f.toml:6:10 (forward[0].ports[0]) for a;"
+        " use another host port or listen address",
+        "f.toml:23:10: forward[2].ports[0]: host port 81/tcp on 198.51.100.1 (an address of eth1"
+        " and of eth2) is claimed twice: here for c and at f.toml:16:3 (forward[1].ports[3])"
+        " for b; use another host port or listen address",
+    ]
+
+
+def test_without_a_locator_messages_name_the_file() -> None:
+    found = interface_conflicts(config.parse(LIVE, "f.toml"), fake_host)
+    assert found[0].startswith("f.toml: forward[1].ports[0]: host port 80/tcp on 203.0.113.5")
+
+
+def test_interfaces_without_shared_addresses_do_not_conflict() -> None:
+    parsed = config.parse(LIVE, "f.toml")
+    asked = []
+
+    def elsewhere(name: str, family: int) -> Sequence[str]:
+        asked.append((name, family))
+        return {"eth0": ["192.0.2.1", "2001:db8::99"], "eth1": ["192.0.2.2"],
+                "eth2": ["192.0.2.3", "not an address", "fe80::1%eth2"]}[name]
+
+    assert interface_conflicts(parsed, elsewhere) == []
+    assert interface_conflicts(parsed, lambda name, family: []) == []  # interfaces gone
+    assert len(asked) == len(set(asked))  # each interface and family asked once

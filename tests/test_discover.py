@@ -8,8 +8,27 @@ import os
 import pytest
 
 from portfwd.discover import Resolver, domain_nics, read_network
+from portfwd.hostnet import RouteTable
 from portfwd.resolve import resolve
 from portfwd.plan import Binding
+
+# the routes of a host with these networks up: virbr0 192.168.122.0/24, virbr6
+# 192.168.150.0/24 and fd00:150::/64 (as /proc/net/route and /proc/net/ipv6_route print them)
+ROUTES = RouteTable(
+    "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+    "virbr0\t007AA8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+    "virbr6\t0096A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n",
+    "fd000150000000000000000000000000 40 00000000000000000000000000000000 00"
+    " 00000000000000000000000000000000 00000100 00000001 00000000 00000001 virbr6\n")
+HOST = {"192.168.122.1", "192.168.150.1", "fd00:150::1"}
+
+
+def resolver(files: "tuple[str, str]", **kwargs: object) -> Resolver:
+    """A resolver over the test's files, this fake host's routes and addresses."""
+    nets, leases = files
+    kwargs.setdefault("routes", ROUTES)
+    kwargs.setdefault("local", HOST)
+    return Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), **kwargs)  # type: ignore[arg-type]
 
 DOMAIN = b"""<domain type='qemu' id='3'>
   <name>web1</name>
@@ -57,17 +76,21 @@ V6_NETWORK = """<network>
 </network>"""
 
 
-@pytest.fixture
-def files(tmp_path: "os.PathLike[str]") -> "tuple[str, str]":
-    nets = os.path.join(str(tmp_path), "networks")
-    leases = os.path.join(str(tmp_path), "dnsmasq")
+def lay_out(base: str, v6net: str = V6_NETWORK) -> "tuple[str, str]":
+    """libvirt's network files and an empty lease folder below ``base``."""
+    nets = os.path.join(base, "networks")
+    leases = os.path.join(base, "dnsmasq")
     os.mkdir(nets)
     os.mkdir(leases)
-    with open(os.path.join(nets, "default.xml"), "w") as f:
-        f.write(NETWORK_STATUS)
-    with open(os.path.join(nets, "v6net.xml"), "w") as f:
-        f.write(V6_NETWORK)
+    for name, text in (("default", NETWORK_STATUS), ("v6net", v6net)):
+        with open(os.path.join(nets, f"{name}.xml"), "w") as f:
+            f.write(text)
     return nets, leases
+
+
+@pytest.fixture
+def files(tmp_path: "os.PathLike[str]") -> "tuple[str, str]":
+    return lay_out(str(tmp_path))
 
 
 def write_leases(folder: str, bridge: str, entries: list) -> None:
@@ -97,7 +120,7 @@ def test_reservation_comes_before_lease(files: "tuple[str, str]") -> None:
     nets, leases = files
     write_leases(leases, "virbr0", [{"ip-address": "192.168.122.9",
                                      "mac-address": "52:54:00:aa:00:01", "expiry-time": 2e9}])
-    r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1e9)
+    r = resolver(files, now=1e9)
     # the default NIC is the first one on a libvirt network, not the bridged one
     assert r.resolve("?mac=", 4) == ("192.168.122.50", "reservation on network default")
 
@@ -112,15 +135,15 @@ def test_lease_newest_unexpired_wins_and_mac_case_is_ignored(files: "tuple[str, 
         {"ip-address": "fd00:150::1aa", "iaid": "1", "client-id": "00:03:00:01:52:54:00:aa:00:02",
          "expiry-time": 3000},
     ])
-    r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000)
+    r = resolver(files, now=1000)
     assert r.resolve("?mac=52:54:00:aa:00:02", 4) == ("192.168.150.11", "lease on virbr6")
-    later = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=5000)
+    later = resolver(files, now=5000)
     assert later.resolve("?mac=52:54:00:aa:00:02", 4)[0] is None
 
 
 def test_ipv6_reservation_by_duid_and_suffix(files: "tuple[str, str]") -> None:
     nets, leases = files
-    r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,))
+    r = resolver(files)
     assert r.resolve("?mac=52:54:00:aa:00:02", 6) == ("fd00:150::77", "reservation on network v6net")
     assert r.resolve("?mac=52:54:00:aa:00:02&suffix=::10", 6) == ("fd00:150::10",
                                                                   "suffix on network v6net")
@@ -130,7 +153,7 @@ def test_ipv6_reservation_by_duid_and_suffix(files: "tuple[str, str]") -> None:
 
 def test_reasons_when_nothing_is_known(files: "tuple[str, str]") -> None:
     nets, leases = files
-    r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,))
+    r = resolver(files)
     assert r.resolve("?mac=52:54:00:aa:00:02", 4) == (
         None, "no IPv4 address yet for NIC 52:54:00:aa:00:02 on network v6net")
     assert r.resolve("?mac=52:54:00:ff:ff:ff", 4) == (
@@ -145,7 +168,7 @@ def test_libvirt_lookup_is_the_last_source(files: "tuple[str, str]") -> None:
         asked.append((mac, family))
         return ("192.168.150.44", "guest agent") if family == 4 else None
 
-    r = Resolver("web1", DOMAIN, lookup, lease_dir=leases, network_dirs=(nets,))
+    r = resolver(files, lookup=lookup)
     assert r.resolve("?mac=52:54:00:aa:00:02", 4) == ("192.168.150.44", "guest agent")
     assert r.resolve("?mac=", 4)[1] == "reservation on network default"
     assert asked == [("52:54:00:aa:00:02", 4)]
@@ -153,7 +176,7 @@ def test_libvirt_lookup_is_the_last_source(files: "tuple[str, str]") -> None:
 
 def test_resolve_splits_known_and_pending(files: "tuple[str, str]") -> None:
     nets, leases = files
-    r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,))
+    r = resolver(files)
     known = Binding("any", 4, ("tcp", 8080), "?mac=", 80, "web1", "c")
     waiting = Binding("any", 4, ("tcp", 8081), "?mac=52:54:00:aa:00:02", 80, "web1", "c")
     fixed = Binding("any", 4, ("tcp", 8082), "192.0.2.1", 80, "web1", "c")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 from typing import Any, List, Tuple
 
 import pytest
 
 from netlab import GUEST4
-from pfhost import HOOK, PortfwdHost, domain_xml, web1_config
+from pfhost import HOOK, PortfwdHost, domain_xml, run_reading_all, web1_config
 
 pytestmark = pytest.mark.kernel
 
@@ -173,7 +172,8 @@ def test_strict_with_unreadable_toml_uses_last_valid_setting(pf: PortfwdHost) ->
 
 def test_nftables_refusal_fails_started_only_when_strict(pf: PortfwdHost) -> None:
     # a foreign map of another type where ours belongs: nftables refuses our batch
-    pf.lab.ns(pf.lab.host, "nft", "add table inet portfwd; add map inet portfwd any4_ip"
+    pf.lab.ns(pf.lab.host, "nft", "add table inet portfwd { comment \"portfwd: made by portfwd\"; };"
+              " add map inet portfwd any4_ip"
               " { type inet_proto . inet_service : ipv6_addr; }")
     pf.write_config(WEB1)
     r = pf.hook("web1", "started")
@@ -189,27 +189,9 @@ def test_nftables_refusal_fails_started_only_when_strict(pf: PortfwdHost) -> Non
 def test_reads_all_of_stdin(pf: PortfwdHost) -> None:
     """libvirt writes the whole XML; a hook that stops reading would make it fail (EPIPE)."""
     pf.write_config(WEB1)
-    big = domain_xml("other") + b"<!--" + b"x" * 2_000_000 + b"-->\n"
-    p = subprocess.Popen(["ip", "netns", "exec", pf.lab.host, sys.executable, "-I", HOOK, "other",
-                          "started", "begin", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=pf.env)
-    errors: List[BaseException] = []
-
-    def feed() -> None:
-        try:
-            assert p.stdin is not None
-            p.stdin.write(big)
-            p.stdin.close()
-        except BaseException as e:  # BrokenPipeError if the hook did not read it all
-            errors.append(e)
-
-    t = threading.Thread(target=feed)
-    t.start()
-    assert p.stdout is not None
-    out = p.stdout.read()
-    p.wait(timeout=30)
-    t.join()
-    assert errors == [] and p.returncode == 0 and out == b""
+    r = run_reading_all(["ip", "netns", "exec", pf.lab.host, sys.executable, "-I", HOOK, "other",
+                         "started", "begin", "-"], pf.env, "other")
+    assert (r.returncode, r.stdout) == (0, b"")
 
 
 def test_concurrent_hooks_are_serialised(pf: PortfwdHost) -> None:

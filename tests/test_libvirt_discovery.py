@@ -192,3 +192,60 @@ def test_daemon_reconnects_when_libvirtd_restarts(dlab: Lab) -> None:
     assert until(lambda: dlab.probe(8093)) == f"tcp 80 {CLIENT4}"
     assert dlab.probe(8091) is None
     lab.virsh("destroy", "pf-dhcp")
+
+
+def test_sync_and_daemon_never_hang_while_guests_start(dlab: Lab) -> None:
+    """Discovery asks libvirt (interfaceAddresses: lease, agent, ARP) before portfwd's
+    lock is taken, never under it: libvirt runs the hooks of a starting guest while it
+    holds its own locks, and those hooks wait for portfwd's lock. Here `portfwd sync`
+    and the daemon resolve a guest without a lease, over and over, while other guests
+    start and stop (port-created, started, stopped hooks): nothing may hang."""
+    lab = dlab.lab
+    lab.write_config('[options]\ndiscover = ["reservation", "lease", "agent", "arp"]\n' + CONFIG
+                     + '[[forward]]\nguest = "pf-x1"\nipv4 = "192.168.122.71"\nports = ["8071:80"]\n'
+                     + '[[forward]]\nguest = "pf-x2"\nipv4 = "192.168.122.72"\nports = ["8072:80"]\n'
+                     + '[[forward]]\nguest = "pf-nolease"\nports = ["8073:80"]\n')
+    lab.start("pf-nolease", "default", "52:54:00:70:66:20")  # never asks for a lease
+    others = [("pf-x1", "default", "52:54:00:70:66:21"), ("pf-x2", "default", "52:54:00:70:66:22")]
+    for name, network, mac in others:
+        lab.start(name, network, mac)
+        lab.virsh("destroy", name)
+    syncs: List[subprocess.CompletedProcess] = []
+    failures: List[str] = []
+
+    def sync_loop() -> None:
+        for _ in range(8):
+            try:
+                syncs.append(subprocess.run(
+                    ["ip", "netns", "exec", lab.lab, sys.executable, "-m", "portfwd.cli", "sync"],
+                    capture_output=True, env=dlab.env(), timeout=120))
+            except subprocess.TimeoutExpired:
+                failures.append("portfwd sync hung")
+                return
+
+    import threading
+
+    t = threading.Thread(target=sync_loop)
+    t.start()
+    try:
+        for _ in range(3):
+            for name, _, _ in others:
+                for action in ("start", "destroy"):
+                    try:
+                        r = subprocess.run(["virsh", "-q", "-c", "qemu:///system", action, name],
+                                           capture_output=True, timeout=120)
+                    except subprocess.TimeoutExpired:
+                        failures.append(f"virsh {action} {name} hung")
+                        continue
+                    if r.returncode != 0:
+                        failures.append(f"virsh {action} {name}: {r.stderr.decode().strip()}")
+    finally:
+        t.join(timeout=600)
+    assert not failures
+    assert len(syncs) == 8 and all(s.returncode == 0 for s in syncs), [s.stderr for s in syncs]
+    assert rows(dlab, "pf-nolease") == [(
+        "<IPv4 of the first NIC>:80", "pending: no IPv4 address yet for NIC 52:54:00:70:66:20"
+        " on network default", "")]
+    with open(dlab.daemon_log) as f:
+        assert "Traceback" not in f.read()
+    lab.virsh("destroy", "pf-nolease")

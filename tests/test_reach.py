@@ -167,6 +167,22 @@ def test_localhost(rlab: ReachLab, pf: PortfwdHost) -> None:
     assert route_localnet(rlab, "br0") == "0"
 
 
+def test_route_localnet_follows_the_live_sysctl(rlab: ReachLab, pf: PortfwdHost) -> None:
+    """A network restart recreates the bridge with route_localnet off, while portfwd's
+    record still says it turned it on: the network hook compares with the live value."""
+    h = rlab.host
+    pf.write_config("[options]\nlocalhost = true\n" + CONFIG)
+    assert pf.hook("web1", "started").returncode == 0
+    assert route_localnet(rlab, "br0") == "1"
+    rlab.ns(h, "sysctl", "-qw", "net.ipv4.conf.br0.route_localnet=0")  # as a bridge re-made
+    assert rlab.probe("tcp", "127.0.0.1", 8080, ns=h) is None
+    assert pf.network_hook("default", "started")().returncode == 0
+    assert route_localnet(rlab, "br0") == "1"
+    assert rlab.reach("tcp", "127.0.0.1", 8080, ns=h) == f"tcp 80 {BRIDGE4}"
+    assert pf.hook("web1", "stopped", "end").returncode == 0
+    assert route_localnet(rlab, "br0") == "0"
+
+
 def test_listen_by_interface_skips_unusable_addresses(rlab: ReachLab, pf: PortfwdHost) -> None:
     h = rlab.host
     rlab.ns(h, "ip", "addr", "add", "203.0.113.9/24", "dev", "uplink")

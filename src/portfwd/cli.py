@@ -21,7 +21,7 @@ from . import libvirtapi, log, plan, state
 from .config import load
 from .engine import Engine
 from .errors import BugError, ConfigError, HostError
-from .model import Config
+from .model import Config, Where
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_HOST, EXIT_BUG = 0, 1, 2, 3, 4
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -35,14 +35,38 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args)
+    from . import hostnet
+    from .config import locator, parse, read
+    from .conflicts import interface_conflicts
+
+    path = state.config_path(args.config)
+    text = read(path)
+    config = parse(text, path)
+    # listen interfaces stand for their addresses now: a clash with a listed address
+    clashes = interface_conflicts(
+        config, lambda name, family: hostnet.usable_addresses(name, family)[0],
+        locator(text, path))
+    if clashes:
+        raise ConfigError(clashes)
+    engine = Engine(config.path)
+    table = config.options.table
+    try:
+        foreign = engine.table_owner(table) is False
+    except HostError:
+        foreign = False  # not root: the firewall inspection below says so
+    if foreign:
+        raise ConfigError([f"{locator(text, path)(Where(path, 'options.table'))}: options.table:"
+                           f" table inet {table} exists and was not made by portfwd; portfwd"
+                           " never changes it: choose another name"])
+    for warning in config.warnings:
+        print(warning, file=sys.stderr)
     guests = {f.label for f in config.forwards}
     ports = sum(len(f.ports) for f in config.forwards)
     print(f"{config.path}: OK: {ports} port forward(s) for {len(guests)} guest(s),"
           f" table inet {config.options.table}")
     targets = {str(a) for f in config.forwards for a in (f.ipv4, f.ipv6) if a is not None}
     try:
-        _, blocked = Engine(config.path).firewall(targets)
+        _, blocked = engine.firewall(targets)
     except HostError as e:
         log.warning(f"could not inspect the host's firewall ({e}); run check as root to see"
                     " whether anything blocks forwarded traffic")
@@ -56,7 +80,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     config = _load(args)
     conn = libvirtapi.connect(args.connect)
     try:
-        guests, resolvers = libvirtapi.running_guests(conn)
+        guests, resolvers = libvirtapi.running_guests(conn, config)  # never under the lock
     finally:
         conn.close()
     with state.locked():
@@ -135,8 +159,10 @@ def cmd_flush(args: argparse.Namespace) -> int:
     except ConfigError:
         pass  # flush must work with a broken file too
     with state.locked():
-        removed = Engine(path).flush(table)
+        removed, foreign = Engine(path).flush(table)
     print("removed: " + (", ".join(f"table inet {t}" for t in removed) or "nothing (no portfwd table)"))
+    for t in foreign:
+        log.warning(f"table inet {t} left alone: portfwd did not make it")
     return EXIT_OK
 
 
@@ -149,13 +175,24 @@ def cmd_install(args: argparse.Namespace) -> int:
     # libvirt runs hooks with an empty environment: a non-default path goes into the hook
     settings = "".join(f"import os; os.environ[{name!r}] = {value!r}\n" for name, value in (
         (state.ENV_CONFIG, args.config), (state.ENV_RUN_DIR, args.run_dir)) if value)
+    # the hook is `#!/bin/sh` starting `py=INTERPRETER` on itself (a missing interpreter
+    # must not fail the guest); sh's lines sit in a Python string: no backslash there
+    python = sys.executable
+    if not python or "\\" in python or "\n" in python:
+        raise HostError(f"cannot name the interpreter {python!r} in the hook: install portfwd"
+                        " for a Python with a plain path")
+    import shlex
+
     for kind in ("qemu", "network"):
         hook_dst = at(f"/etc/libvirt/hooks/{kind}.d/portfwd")
         with open(os.path.join(DATA_DIR, kind), encoding="utf-8") as f:
-            body = f.read().split("\n", 1)[1]
+            template = f.read()
+        head, sep, body = template.partition("\n'''\n")  # the end of the sh lines
+        if not sep or "\npy=/usr/bin/python3\n" not in head:
+            raise BugError(f"{f.name}: no `py=/usr/bin/python3` line before the closing '''")
+        head = head.replace("\npy=/usr/bin/python3\n", f"\npy={shlex.quote(python)}\n", 1)
         os.makedirs(os.path.dirname(hook_dst), mode=0o755, exist_ok=True)
-        state.write_atomic(hook_dst, f"#!{sys.executable} -I\n{settings}{body}".encode())
-        os.chmod(hook_dst, 0o755)
+        state.write_atomic(hook_dst, f"{head}{sep}{settings}{body}".encode(), mode=0o755)
         done.append(f"hook {hook_dst}")
 
     config_dst = at(args.config or state.DEFAULT_CONFIG)

@@ -31,7 +31,10 @@ if TYPE_CHECKING:
 CHAIN = "PORTFWD_FWI"
 COMMENT = "portfwd"
 FAMILIES = {4: "ip", 6: "ip6"}
-OURS, REJECT, OTHER = "ours", "reject", "other"
+OURS, REJECT, OTHER, EMPTY = "ours", "reject", "other", "empty"
+ACCEPT_SPEC = ["-m", "conntrack", "--ctstate", "DNAT", "-m", "connmark", "--mark",
+               f"{MARK:#x}/{MARK:#x}", "-m", "comment", "--comment",
+               "portfwd: connections portfwd forwarded", "-j", "ACCEPT"]
 
 
 class Rule:
@@ -51,7 +54,8 @@ class Firewall:
     def __init__(self) -> None:
         self.legacy: Dict[int, bool] = {}  # iptables-legacy holds LIBVIRT_FWI
         self.fwi: Dict[int, List[Rule]] = {}  # LIBVIRT_FWI, iptables backend
-        self.our_chain: Dict[int, bool] = {}  # PORTFWD_FWI exists
+        # PORTFWD_FWI: absent (no key), OURS (exactly portfwd's accept), EMPTY or OTHER
+        self.our_chain: Dict[int, str] = {}
         self.guest_input: Dict[int, List[Rule]] = {}  # nftables backend
         self.drop_policies: List[Tuple[str, str, str]] = []  # (family, table, chain)
         self.firewalld = False  # table inet firewalld exists
@@ -70,6 +74,58 @@ def _bridge_of(exprs: List[Dict[str, Any]]) -> Optional[str]:
                 "oifname", "oif") and isinstance(m.get("right"), str):
             return str(m["right"])
     return None
+
+
+def _is_our_accept(rule: Dict[str, Any]) -> bool:
+    """Whether a guest_input rule is the one portfwd inserts: comment ``portfwd``, the
+    bridge, ``ct status dnat``, ``ct mark & MARK == MARK``, a counter and accept."""
+    if rule.get("comment") != COMMENT:
+        return False
+    shape = []
+    for e in rule.get("expr", []):
+        m = e.get("match")
+        if m is not None:
+            left = m.get("left", {})
+            if isinstance(left, dict) and left.get("meta", {}).get("key") in ("oifname", "oif"):
+                shape.append("bridge")
+            elif isinstance(left, dict) and left.get("ct", {}).get("key") == "status":
+                shape.append("dnat" if "dnat" in str(m.get("right")) else "?")
+            elif isinstance(left, dict) and "&" in left and m.get("right") == MARK:
+                shape.append("mark")
+            else:
+                shape.append("?")
+        elif "counter" in e:
+            continue
+        else:
+            shape.append("accept" if "accept" in e else "?")
+    return shape == ["bridge", "dnat", "mark", "accept"]
+
+
+def _chain_content(rules: List[Dict[str, Any]]) -> str:
+    """PORTFWD_FWI as iptables-nft stores it: EMPTY, OURS (one rule: the conntrack,
+    connmark and comment matches and ACCEPT that portfwd writes) or OTHER."""
+    if not rules:
+        return EMPTY
+    names = [(e["xt"].get("type"), e["xt"].get("name")) if "xt" in e else
+             ("verdict", "accept") if "accept" in e else None
+             for e in rules[0].get("expr", []) if "counter" not in e]
+    ours = [("match", "conntrack"), ("match", "connmark"), ("match", "comment"),
+            ("verdict", "accept")]
+    return OURS if len(rules) == 1 and names == ours else OTHER
+
+
+def _legacy_chain_content(tool: str) -> Optional[str]:
+    """PORTFWD_FWI as ``iptables-legacy -S`` prints it; None when it does not exist."""
+    import shlex
+    import subprocess
+
+    r = subprocess.run([tool, "-w", "-S", CHAIN], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    rules = [shlex.split(line)[2:] for line in r.stdout.splitlines() if line.startswith("-A ")]
+    if not rules:
+        return EMPTY
+    return OURS if rules == [ACCEPT_SPEC] else OTHER
 
 
 def _classify(rule: Dict[str, Any], ours: bool) -> Rule:
@@ -133,16 +189,18 @@ def read(nft: Nft) -> Firewall:
         if legacy is not None:
             fw.legacy[fam] = True
             fw.fwi[fam] = legacy
-            fw.our_chain[fam] = any(r.kind == OURS for r in legacy)
+            content = _legacy_chain_content(_tool(fam, True))
+            if content is not None:
+                fw.our_chain[fam] = content
         elif (family, "filter", "LIBVIRT_FWI") in names:
             rules = _chain_rules(nft, family, "filter", "LIBVIRT_FWI") or []
             fw.fwi[fam] = [_classify(r, any(e.get("jump", {}).get("target") == CHAIN
                                             for e in r.get("expr", []))) for r in rules]
-        if fam not in fw.legacy:
-            fw.our_chain[fam] = (family, "filter", CHAIN) in names
+        if fam not in fw.legacy and (family, "filter", CHAIN) in names:
+            fw.our_chain[fam] = _chain_content(_chain_rules(nft, family, "filter", CHAIN) or [])
         if (family, "libvirt_network", "guest_input") in names:
             rules = _chain_rules(nft, family, "libvirt_network", "guest_input") or []
-            fw.guest_input[fam] = [_classify(r, r.get("comment") == COMMENT) for r in rules]
+            fw.guest_input[fam] = [_classify(r, _is_our_accept(r)) for r in rules]
     for c in chains:
         if c.get("hook") == "forward" and c.get("policy") == "drop":
             fw.drop_policies.append((c["family"], c["table"], c["name"]))
@@ -194,20 +252,18 @@ def _iptables_changes(fw: Firewall, fam: int, wanted: Set[str]) -> List[List[str
     rules = fw.fwi.get(fam)
     need = _needed(rules, wanted) if rules is not None else []
     tool = _tool(fam, fw.legacy.get(fam, False))
+    content = fw.our_chain.get(fam)  # None: PORTFWD_FWI does not exist
     out: List[List[str]] = []
+    if need and content != OURS:  # made, or refilled: its content is checked, not its name
+        out.append([tool, "-w", "-N", CHAIN] if content is None else [tool, "-w", "-F", CHAIN])
+        out.append([tool, "-w", "-A", CHAIN] + ACCEPT_SPEC)
     if rules is not None and not _in_place(rules, need):
         for r in rules:
             if r.kind == OURS:
                 out.append([tool, "-w", "-D", "LIBVIRT_FWI", "-o", r.bridge or "", "-j", CHAIN])
-        if need and not fw.our_chain.get(fam):
-            out.append([tool, "-w", "-N", CHAIN])
-            out.append([tool, "-w", "-A", CHAIN, "-m", "conntrack", "--ctstate", "DNAT",
-                        "-m", "connmark", "--mark", f"{MARK:#x}/{MARK:#x}",
-                        "-m", "comment", "--comment", "portfwd: connections portfwd forwarded",
-                        "-j", "ACCEPT"])
         for bridge in reversed(need):
             out.append([tool, "-w", "-I", "LIBVIRT_FWI", "1", "-o", bridge, "-j", CHAIN])
-    if not need and fw.our_chain.get(fam):
+    if not need and content in (OURS, EMPTY):  # someone else's rules in it: left alone
         out.append([tool, "-w", "-F", CHAIN])
         out.append([tool, "-w", "-X", CHAIN])
     return out

@@ -3,75 +3,284 @@
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import re
 import stat
+import struct
 import uuid as uuidlib
 from ipaddress import (IPv4Address, IPv6Address, ip_address, ip_network)
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import portspec
-from .conflicts import Claim, claims_of, find_conflicts
+from .conflicts import Claim, claimed_where, claims_of, clash_message, find_conflicts
 from .errors import ConfigError
 from .plan import DEFAULT_TABLE
 from .model import (Config, Forward, IPAddress, IPNetwork, Listen,
                     Options, PortForward, Where, families_of)
-from .tomlpos import Path, Positions, locate
+from .tomlpos import Path, Positions, deepest, locate
 
 from .toml import tomllib
 
 TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}\Z")
-OPTION_KEYS = ("table", "listen", "strict", "localhost")
+OPTION_KEYS = ("table", "listen", "strict", "localhost", "discover")
+DISCOVER_SOURCES = ("reservation", "lease", "agent", "arp")  # discover.SOURCES
 FORWARD_KEYS = ("guest", "uuid", "interface", "ipv4", "ipv6", "ports", "listen", "from",
                 "localhost")
 IFNAME = re.compile(r"(?=.*[A-Za-z])[A-Za-z0-9_.-]{1,15}\Z")
 PORT_KEYS = ("host", "guest", "proto", "listen", "from")
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+MAX_NESTING = 50  # where a document nested deeper than Python can parse is reported
 
 
 def load(path: str) -> Config:
     """Read, check and parse the file at ``path``; ConfigError lists every problem."""
-    problems = unsafe_permissions(path)
-    if problems:
+    return parse(read(path), path)
+
+
+# -- trust: who could change what portfwd reads ------------------------------
+
+ACL_ACCESS = "system.posix_acl_access"
+ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK = 0x02, 0x04, 0x08, 0x10
+ACL_UNREADABLE = 0  # stands for an ACL portfwd cannot parse
+ACL_WRITE = 0x02
+MAX_SYMLINKS = 40
+MOVE_HINT = ("fix: keep the configuration in a directory only root can write, such as"
+             " /etc/portfwd (the default path is /etc/portfwd/forward.toml)")
+REGULAR_HINT = ("fix: make the configuration a regular file in a directory only root can write,"
+                " such as /etc/portfwd/forward.toml (the default path)")
+_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"),
+          (stat.S_ISLNK, "symbolic link"))
+Lookup = Tuple[str, str, os.stat_result]  # directory, name looked up in it, lstat of the entry
+
+
+def read(path: str) -> str:
+    """The text of the configuration at ``path``, read only if root alone could have
+    written it; ConfigError otherwise.
+
+    The rule: ``path`` is resolved one component at a time (as the kernel does,
+    following every symlink), and every directory in which a name is looked up
+    (each ancestor of the real file and each directory holding a symlink of the
+    chain) must be owned by root and writable by root alone (mode bits and POSIX
+    ACL). One exception: a root-owned directory with the sticky bit (such as /tmp)
+    may be writable by others when the entry portfwd passes through in it is owned
+    by root (which the sticky bit protects) and is not the file itself. The file
+    must be a regular file owned by root, writable by root alone, whatever its
+    group. It is opened without following symlinks and without blocking, judged
+    by ``fstat`` of that descriptor, and read from that same descriptor.
+    """
+    fd, problems = _open_trusted(path)
+    if fd is None:
         raise ConfigError(problems)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: no such file; create it (see config/forward.toml)"
-                           " or point --config / $PORTFWD_CONFIG at it"]) from None
+        if problems:
+            raise ConfigError(problems)
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         raise ConfigError([f"{path}:{line}:{col}: not UTF-8 text"]) from None
-    return parse(text, path)
 
 
-def unsafe_permissions(path: str) -> List[str]:
-    """Refuse a file, or its directory, that someone other than root may write."""
+def strict_setting(path: str) -> Optional[bool]:
+    """``[options] strict`` as a file that fails validation still says it, for the
+    hook; None when the file is missing, untrusted (see ``read``), not TOML or silent.
+    Never blocks (a FIFO is refused unopened) and never raises."""
+    try:
+        data = tomllib.loads(read(path))
+    except (ConfigError, ValueError, RecursionError):
+        return None
+    options = data.get("options")
+    value = options.get("strict") if isinstance(options, dict) else None
+    return value if isinstance(value, bool) else None
+
+
+def _open_trusted(path: str) -> Tuple[Optional[int], List[str]]:
+    """A descriptor of the real file (None if it could not be opened) and every
+    reason not to trust it."""
+    try:
+        real, lookups = _walk(path)
+        final = os.lstat(real)
+    except FileNotFoundError:
+        return None, [f"{path}: no such file; create it (see config/forward.toml)"
+                      " or point --config / $PORTFWD_CONFIG at it"]
+    except OSError as e:
+        return None, [f"{e.filename or path}: cannot open {path}: {e.strerror}"]
+    via = f" (reached through {path})" if os.path.abspath(path) != real else ""
     problems: List[str] = []
-    for target in (os.path.dirname(os.path.abspath(path)), path):
-        try:
-            st = os.stat(target)
-        except OSError:
-            continue
-        writers = []
-        if st.st_uid != 0:
-            writers.append(f"its owner, uid {st.st_uid}")
-        if st.st_gid != 0 and st.st_mode & stat.S_IWGRP:
-            writers.append(f"group gid {st.st_gid}")
-        if st.st_mode & stat.S_IWOTH:
-            writers.append("everyone")
+    for i, (directory, name, entry) in enumerate(lookups):
+        is_parent = i == len(lookups) - 1 and not stat.S_ISLNK(entry.st_mode)
+        if not any(p.startswith(f"{directory}:1:1:") for p in problems):  # once per directory
+            problems += _judge_directory(directory, os.path.join(directory, name), entry, is_parent)
+    if not stat.S_ISREG(final.st_mode):
+        return None, list(dict.fromkeys(problems)) + [_not_regular(real, final, via)]
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        return None, list(dict.fromkeys(problems)) + [
+            f"{real}: cannot open{via}: {e.strerror}; it changed while portfwd looked at it?"]
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (final.st_dev, final.st_ino):
+        problems.append(f"{real}:1:1: refused: the file was replaced while portfwd checked it{via};"
+                        " run the command again")
+    elif not stat.S_ISREG(st.st_mode):
+        problems.append(_not_regular(real, st, via))
+    else:
+        writers, acl = _writers(st, _acl(fd))
         if writers:
-            kind = "directory" if stat.S_ISDIR(st.st_mode) else "file"
+            fix = f"chown root:root {real} && chmod go-w {real}" + (
+                f" && setfacl -b {real}" if acl else "")
+            mode = stat.S_IMODE(st.st_mode)
             problems.append(
-                f"{target}:1:1: refused: this {kind} is writable by {' and '.join(writers)}"
-                f" (mode {stat.S_IMODE(st.st_mode):04o}), who could then forward ports as root;"
-                f" fix: chown root:root {target} && chmod go-w {target}")
-    return problems
+                f"{real}:1:1: refused: this file is writable by {' and '.join(writers)}"
+                f" (mode {mode:04o}){via}, who could then forward ports as root; fix: {fix}")
+    return fd, list(dict.fromkeys(problems))
+
+
+def _walk(path: str) -> Tuple[str, List[Lookup]]:
+    """Resolve ``path`` like the kernel: the real path, and each name looked up on
+    the way (raises OSError as opening it would)."""
+    absolute = path if path.startswith("/") else os.path.join(os.getcwd(), path)
+    todo = [p for p in absolute.split("/") if p][::-1]
+    current = "/"
+    lookups: List[Lookup] = []
+    links = 0
+    while todo:
+        name = todo.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        entry = os.path.join(current, name)
+        st = os.lstat(entry)
+        lookups.append((current, name, st))
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+            target = os.readlink(entry)
+            if target.startswith("/"):
+                current = "/"
+            todo.extend([p for p in target.split("/") if p][::-1])
+        elif todo and not stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), entry)
+        else:
+            current = entry
+    return current, lookups
+
+
+def _judge_directory(directory: str, entry_path: str, entry: os.stat_result,
+                     is_parent: bool) -> List[str]:
+    """Why a lookup of ``entry_path`` in ``directory`` cannot be trusted (see ``read``)."""
+    st = os.lstat(directory)
+    writers, acl = _writers(st, _acl(directory))
+    if not writers:
+        return []
+    mode = stat.S_IMODE(st.st_mode)
+    shared = bool(mode & stat.S_ISVTX) and st.st_uid == 0
+    if shared and not is_parent:
+        if entry.st_uid == 0:
+            return []
+        return [f"{entry_path}:1:1: refused: this {_kind(entry)} belongs to uid {entry.st_uid} and"
+                f" lies in {directory}, which {' and '.join(writers)} may write (mode {mode:04o}),"
+                f" so uid {entry.st_uid} could replace it; {MOVE_HINT}"]
+    if shared:
+        return [f"{directory}:1:1: refused: this directory is writable by {' and '.join(writers)}"
+                f" (mode {mode:04o}, shared) and holds the configuration file itself, which"
+                f" cleaners may delete and anyone may then recreate; {MOVE_HINT}"]
+    if "portfwd" in os.path.basename(directory) and not mode & stat.S_ISVTX:
+        fix = f"fix: chown root:root {directory} && chmod go-w {directory}" + (
+            f" && setfacl -b {directory}" if acl else "")
+    elif directory in ("/", "/etc"):
+        fix = f"fix: {directory} must be writable by root alone (Debian installs it root:root 0755)"
+    else:
+        fix = MOVE_HINT
+    return [f"{directory}:1:1: refused: this directory is writable by {' and '.join(writers)}"
+            f" (mode {mode:04o}), who could replace {entry_path} and so forward ports as root;"
+            f" {fix}"]
+
+
+AclEntry = Tuple[int, int, int]  # tag, perm, id
+
+
+def _writers(st: os.stat_result, acl: Optional[List[AclEntry]]) -> Tuple[List[str], bool]:
+    """Who besides root may write a file or directory, and whether an ACL grants it.
+
+    ``acl``: the (tag, perm, id) entries of its access ACL, or None (mode bits only);
+    a named user or group, and the owning group, get write through the ACL only
+    when the mask grants it too.
+    """
+    out = []
+    if st.st_uid != 0:
+        out.append(f"its owner, uid {st.st_uid}")
+    by_acl = False
+    if acl is None:
+        if st.st_mode & stat.S_IWGRP:
+            out.append(f"group gid {st.st_gid}")
+    else:
+        masks = [perm for tag, perm, _ in acl if tag == ACL_MASK]
+        mask = masks[0] if masks else 0x07
+        for tag, perm, ident in acl:
+            if not perm & mask & ACL_WRITE:
+                continue
+            if tag == ACL_GROUP_OBJ:
+                out.append(f"group gid {st.st_gid}")
+            elif tag == ACL_USER and ident != 0:
+                out.append(f"user uid {ident} (ACL)")
+                by_acl = True
+            elif tag == ACL_GROUP:
+                out.append(f"group gid {ident} (ACL)")
+                by_acl = True
+            elif tag == ACL_UNREADABLE:
+                out.append("whoever its unreadable ACL names")
+                by_acl = True
+    if st.st_mode & stat.S_IWOTH:
+        out.append("everyone")
+    return out, by_acl
+
+
+def _acl(target: "int | str") -> Optional[List[AclEntry]]:
+    """The entries (tag, perm, id) of the POSIX access ACL of a descriptor or real
+    path; None without one. An ACL portfwd cannot parse counts as granting write."""
+    try:
+        if isinstance(target, int):
+            raw = os.getxattr(target, ACL_ACCESS)
+        else:
+            raw = os.getxattr(target, ACL_ACCESS, follow_symlinks=False)
+    except OSError:  # ENODATA: no ACL; ENOTSUP: none possible
+        return None
+    if len(raw) < 4 or (len(raw) - 4) % 8 or struct.unpack_from("<I", raw)[0] != 2:
+        return [(ACL_UNREADABLE, ACL_WRITE, 0)]
+    out: List[AclEntry] = []
+    for offset in range(4, len(raw), 8):
+        tag, perm, ident = struct.unpack_from("<HHI", raw, offset)
+        out.append((tag, perm, ident))
+    return out
+
+
+def _kind(st: os.stat_result) -> str:
+    for test, name in _KINDS:
+        if test(st.st_mode):
+            return name
+    return "file"
+
+
+def _not_regular(real: str, st: os.stat_result, via: str) -> str:
+    return f"{real}:1:1: refused: this is a {_kind(st)}{via}, not a regular file; {REGULAR_HINT}"
 
 
 def parse(text: str, path: str = "<config>") -> Config:
@@ -80,7 +289,30 @@ def parse(text: str, path: str = "<config>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([_syntax_error(path, text, str(e))]) from None
+    except RecursionError:
+        line, col = deepest(text, MAX_NESTING)
+        raise ConfigError([f"{path}:{line}:{col}: TOML syntax: arrays or inline tables nested"
+                           f" too deeply (forward.toml needs 3 levels at most)"]) from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        runs = [m for m in re.finditer(r"[0-9_]+", text)]
+        at = max(runs, key=lambda m: len(m.group())).start() if runs else 0
+        line = text.count("\n", 0, at) + 1
+        col = at - (text.rfind("\n", 0, at) + 1) + 1
+        what = "a number too long to read" if "digits" in str(e) else str(e)
+        raise ConfigError([f"{path}:{line}:{col}: TOML syntax: {what}"]) from None
     return _Validator(path, text).config(data)
+
+
+def locator(text: str, file: str) -> Callable[[Where], str]:
+    """``where`` → ``FILE:LINE:COL`` in ``text`` (positions found on first use)."""
+    found: List[Positions] = []
+
+    def locate_where(where: Where) -> str:
+        if not found:
+            found.append(locate(text))
+        line, col = found[0].of(_parse_path(where.path))
+        return f"{file}:{line}:{col}"
+    return locate_where
 
 
 def _syntax_error(path: str, text: str, message: str) -> str:
@@ -95,9 +327,17 @@ def _syntax_error(path: str, text: str, message: str) -> str:
 
 
 def _dotted(path: Path) -> str:
+    """``forward[1].ports[0]``; a key that is not a bare TOML key is quoted and escaped."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        if not BARE_KEY.match(part):
+            part = '"' + "".join(c if c.isprintable() and c not in '"\\' else
+                                 (f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}")
+                                 for c in part) + '"'
+        out += f".{part}" if out else part
     return out
 
 
@@ -160,6 +400,10 @@ class _Validator:
         """A host address, or the name of an interface whose addresses to listen on."""
         if not self.expect(value, str, path, "an IP address or interface name string"):
             return None
+        if "%" in value:
+            self.error(path, f"{value!r}: a listen address has no zone index (%…); to listen on"
+                             " an interface's addresses, give the interface's name")
+            return None
         try:
             addr = ip_address(value)
         except ValueError:
@@ -187,15 +431,20 @@ class _Validator:
         return bool(value) if self.expect(value, bool, path + (key,), "true or false") else default
 
     def network_list(self, value: Any, path: Path) -> Optional[Tuple[IPNetwork, ...]]:
+        """Source networks; exact duplicates merge, overlapping ones are an error
+        (nftables' interval maps hold no overlapping intervals)."""
         if not self.expect(value, list, path, "a list of CIDR networks"):
             return None
-        out: List[IPNetwork] = []
+        first: Dict[IPNetwork, int] = {}  # each network → where it is first listed
         for i, item in enumerate(value):
             here = path + (i,)
             if not self.expect(item, str, here, "a CIDR string such as \"198.51.100.0/24\""):
                 continue
+            if "%" in item:
+                self.error(here, f"{item!r}: a source network has no zone index (%…)")
+                continue
             try:
-                out.append(ip_network(item))
+                first.setdefault(ip_network(item), i)
             except ValueError:
                 try:
                     loose = ip_network(item, strict=False)
@@ -203,10 +452,32 @@ class _Validator:
                     self.error(here, f"{item!r} is not a CIDR network (write e.g. \"198.51.100.0/24\")")
                 else:
                     self.error(here, f"{item!r} has host bits set; did you mean \"{loose}\"?")
-        return tuple(dict.fromkeys(out))
+        self.overlapping(first, path, value)
+        return tuple(first)
+
+    def overlapping(self, first: Dict[IPNetwork, int], path: Path, raw: List[Any]) -> None:
+        """Report each network inside another of the list. In address order a network
+        comes after every network that contains it, and the networks between them
+        lie inside that one too, so one pass finds each."""
+        outer: Optional[IPNetwork] = None
+        for net in sorted(first, key=lambda n: (n.version, n.network_address, n.prefixlen)):
+            if outer is None or outer.version != net.version \
+                    or int(net.broadcast_address) > int(outer.broadcast_address):
+                outer = net
+                continue
+            inner, wide = first[net], first[outer]
+            here, there = max(inner, wide), min(inner, wide)
+            self.error(path + (here,), f"{raw[here]} overlaps {raw[there]} (at"
+                       f" {self.location(path + (there,))}, {_dotted(path + (there,))}), and"
+                       " nftables cannot hold overlapping source networks in one forward;"
+                       f" remove {raw[inner]}, which {raw[wide]} covers")
 
     def guest_address(self, value: Any, path: Path, family: int) -> Optional[IPAddress]:
         if not self.expect(value, str, path, f"an IPv{family} address string"):
+            return None
+        if "%" in value:
+            self.error(path, f"{value!r}: a guest address has no zone index (%…); write the"
+                             " address alone")
             return None
         try:
             addr = ip_address(value)
@@ -255,7 +526,23 @@ class _Validator:
             table = DEFAULT_TABLE
         listen = self.listen_list(raw.get("listen", []), path + ("listen",)) or ()
         return Options(table, listen, self.flag(raw, "strict", path, False),
-                       self.flag(raw, "localhost", path, False))
+                       self.flag(raw, "localhost", path, False),
+                       self.discover(raw.get("discover"), path + ("discover",)))
+
+    def discover(self, value: Any, path: Path) -> Tuple[str, ...]:
+        """``[options] discover``: where guest addresses may be found, in that order."""
+        if value is None:
+            return Options().discover
+        if not self.expect(value, list, path, 'a list such as ["reservation", "lease"]'):
+            return Options().discover
+        out: List[str] = []
+        for i, item in enumerate(value):
+            if item not in DISCOVER_SOURCES:
+                self.error(path + (i,), f"unknown address source {item!r}; use"
+                           f" {', '.join(repr(s) for s in DISCOVER_SOURCES)}")
+            elif item not in out:
+                out.append(item)
+        return tuple(out)
 
     def forward(self, raw: Any, index: int, options: Options) -> Optional[Forward]:
         path: Path = ("forward", index)
@@ -332,7 +619,7 @@ class _Validator:
         if guest is not None and uuid is not None:
             self.error(path + ("uuid",), "set guest or uuid, not both", at_key=True)
         if guest is not None and self.expect(guest, str, path + ("guest",), "a domain name string"):
-            if not guest or "/" in guest or "\n" in guest:
+            if not guest or "/" in guest or not guest.isprintable():
                 self.error(path + ("guest",), f"{guest!r} is not a libvirt domain name")
         if uuid is not None and self.expect(uuid, str, path + ("uuid",), "a UUID string"):
             try:
@@ -349,7 +636,7 @@ class _Validator:
             if isinstance(item, str):
                 rng = portspec.parse(item)
             elif isinstance(item, int) and not isinstance(item, bool):
-                rng = portspec.parse(str(item))
+                rng = portspec.parse(_port_text(item))
             elif isinstance(item, dict):
                 return self.port_table(item, path, listen, sources, localhost)
             else:
@@ -374,7 +661,7 @@ class _Validator:
             here = path + (key,)
             try:
                 if isinstance(value, int) and not isinstance(value, bool):
-                    spans[key] = portspec.parse_span(str(value), str(value))
+                    spans[key] = portspec.parse_span(_port_text(value), _port_text(value))
                 elif isinstance(value, str):
                     spans[key] = portspec.parse_span(value, value)
                 else:
@@ -431,24 +718,19 @@ class _Validator:
                 items.append((fwd, pf))
         for first, second in find_conflicts(claims):
             (fa, pa), (fb, pb) = items[first.owner], items[second.owner]
-            where = "every IPv%d address" % first.family if first.address is None else str(first.address)
-            if second.address is not None and first.address is None:
-                where = str(second.address)
-            self.error(_path_of(pb),
-                       f"host port {_overlap(first, second)}/{first.proto} on {where} is claimed twice:"
-                       f" here for {fb.label} and at {self.location(_path_of(pa))}"
-                       f" ({pa.where.path}) for {fa.label};"
-                       " use another host port or listen address")
-
-
-def _overlap(a: Claim, b: Claim) -> str:
-    low, high = max(a.first, b.first), min(a.last, b.last)
-    return str(low) if low == high else f"{low}-{high}"
+            self.error(_path_of(pb), clash_message(
+                first, second, claimed_where(first, second), fb.label,
+                self.location(_path_of(pa)), pa.where.path, fa.label))
 
 
 def _path_of(pf: PortForward) -> Path:
+    return _parse_path(pf.where.path)
+
+
+def _parse_path(text: str) -> Path:
+    """``forward[1].ports[0]`` → ("forward", 1, "ports", 0) (for portfwd's own keys)."""
     parts: List[Any] = []
-    for piece in re.findall(r"[^.\[\]]+", pf.where.path):
+    for piece in re.findall(r"[^.\[\]]+", text):
         parts.append(int(piece) if piece.isdigit() else piece)
     return tuple(parts)
 
@@ -456,5 +738,22 @@ def _path_of(pf: PortForward) -> Path:
 def _describe(value: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
              list: "a list", dict: "a table"}
-    return f"{names.get(type(value), type(value).__name__)} ({value!r})" if not isinstance(
-        value, (list, dict)) else names[type(value)]
+    if isinstance(value, (list, dict)):
+        return names[type(value)]
+    shown = _int_text(value) if isinstance(value, int) else repr(value)
+    return f"{names.get(type(value), type(value).__name__)} ({shown})"
+
+
+def _port_text(value: int) -> str:
+    """A port number as text for portspec (PortSpecError if absurdly large)."""
+    if value.bit_length() > 64:
+        raise portspec.PortSpecError(f"port {_int_text(value)} not in 1..65535")
+    return str(value)
+
+
+def _int_text(value: int) -> str:
+    """An integer as text; one too long for Python to print in decimal (a TOML hex,
+    octal or binary literal may be) as the start of its hex form."""
+    if value.bit_length() <= 64:
+        return str(value)
+    return f"{hex(value)[:18]}…"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 
-from .model import Listen, PortForward
+from .model import Config, Forward, IPAddress, Listen, PortForward, Where, families_of
+
+# interface name, family (4 or 6) → the interface's addresses of that family
+AddressesOf = Callable[[str, int], Sequence[str]]
 
 LOCALHOST = IPv4Address("127.0.0.1")
 
@@ -72,3 +75,74 @@ def find_conflicts(claims: List[Claim]) -> List[Tuple[Claim, Claim]]:
                     found.setdefault((first.owner, second.owner), (first, second))
             heapq.heappush(active, (claim.last, seq, claim))
     return [found[k] for k in sorted(found)]
+
+
+def clash_message(first: Claim, second: Claim, where: str, label: str, there: str,
+                  there_path: str, other_label: str) -> str:
+    """The text of a conflict, the same for every kind: ``second`` (``label``, the
+    entry the message is located at) overlaps ``first`` (``other_label``, at ``there``)."""
+    low, high = max(first.first, second.first), min(first.last, second.last)
+    ports = str(low) if low == high else f"{low}-{high}"
+    return (f"host port {ports}/{first.proto} on {where} is claimed twice:"
+            f" here for {label} and at {there} ({there_path}) for {other_label};"
+            " use another host port or listen address")
+
+
+def claimed_where(first: Claim, second: Claim) -> str:
+    """The address two overlapping claims share, as a message names it."""
+    if first.address is not None:
+        return str(first.address)
+    if second.address is not None:
+        return str(second.address)
+    return f"every IPv{first.family} address"
+
+
+def interface_conflicts(config: Config, addresses_of: AddressesOf,
+                        locate: Callable[[Where], str] = lambda where: where.file) -> List[str]:
+    """Conflicts only the host's addresses reveal, one message each (as ``check``
+    prints the static ones): an interface named in one ``listen`` and one of its
+    addresses (or another interface with that address) in another, for the same
+    protocol and host port. ``locate`` turns a Where into ``FILE:LINE:COL``."""
+    items: List[Tuple[Forward, PortForward]] = []
+    claims: List[Claim] = []
+    via: Dict[Tuple[int, Optional[Listen]], str] = {}  # (owner, address) → its interface
+    known: Dict[Tuple[str, int], List[IPAddress]] = {}
+    for fwd in config.forwards:
+        for pf in fwd.ports:
+            owner = len(items)
+            items.append((fwd, pf))
+            for claim in claims_of(pf, families_of(fwd, pf), owner):
+                if not isinstance(claim.address, str):
+                    claims.append(claim)
+                    continue
+                key = (claim.address, claim.family)
+                if key not in known:
+                    known[key] = _parse_addresses(addresses_of(*key), claim.family)
+                for address in known[key]:
+                    via.setdefault((owner, address), claim.address)
+                    claims.append(replace(claim, address=address))
+    out = []
+    for first, second in find_conflicts(claims):
+        interfaces = [via[(c.owner, c.address)] for c in (first, second)
+                      if (c.owner, c.address) in via]
+        if not interfaces:  # a static conflict: parsing reports those
+            continue
+        (fa, pa), (fb, pb) = items[first.owner], items[second.owner]
+        names = " and of ".join(dict.fromkeys(interfaces))
+        where = f"{claimed_where(first, second)} (an address of {names})"
+        out.append(f"{locate(pb.where)}: {pb.where.path}: "
+                   + clash_message(first, second, where, fb.label, locate(pa.where), pa.where.path,
+                                   fa.label))
+    return out
+
+
+def _parse_addresses(found: Sequence[str], family: int) -> List[IPAddress]:
+    out: List[IPAddress] = []
+    for text in found:
+        try:
+            address = ip_address(text.split("%", 1)[0])
+        except ValueError:
+            continue
+        if address.version == family:
+            out.append(address)
+    return out

@@ -99,7 +99,8 @@ class Daemon:
             log.error("configuration invalid: forwards left as they were")
             return
         self.bad_config = None
-        guests, resolvers = libvirtapi.running_guests(self.conn)
+        # everything libvirt knows is asked now, never under the lock (see running_guests)
+        guests, resolvers = libvirtapi.running_guests(self.conn, config)
         with state.locked(self.engine.root):
             bindings = self.engine.sync(config, guests, resolvers=resolvers)
             pending = sum(len(st.pending) for st in self.engine.all_states())

@@ -3,7 +3,15 @@
 Sources, in order: the address in forward.toml (never reaches here), the
 network's static DHCP reservations (libvirt's network XML files), libvirt's
 dnsmasq lease files, and, outside hooks only, a lookup through libvirt's API
-(``interfaceAddresses``: lease, then agent, then ARP) passed in by the caller.
+(``interfaceAddresses``: lease, then agent, then ARP, as far as ``[options]
+discover`` allows) passed in by the caller.
+
+What is found is untrusted input (a guest chooses its DHCP client-id, answers
+for its agent and its ARP entries): an address becomes a DNAT target only if it
+is a unicast address inside the NIC's libvirt network, routed out of that
+network's bridge, not the host's own, and not another running guest's
+(:meth:`Resolver.vet`). IPv4 leases are matched on the lease's MAC; IPv6 leases
+on the MAC dnsmasq saw, or on a DUID the network XML reserves for this guest.
 """
 
 from __future__ import annotations
@@ -16,14 +24,21 @@ from .plan import parse_selector
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, Dict, List, Optional, Set, Tuple
+    from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
     from xml.etree.ElementTree import Element
+
+    from .hostnet import RouteTable as Routes
 
     # (mac, family) → (address, source) or None
     Lookup = Callable[[str, int], Optional[Tuple[str, str]]]
 
 LEASE_DIR = "/var/lib/libvirt/dnsmasq"
 NETWORK_DIRS = ("/run/libvirt/network", "/etc/libvirt/qemu/networks")
+QEMU_STATUS_DIR = "/run/libvirt/qemu"  # libvirt's NAME.xml of each running domain
+ENV_QEMU_STATUS_DIR = "PORTFWD_QEMU_STATUS_DIR"  # for tests: another folder
+# where an address may be found; "agent" and "arp" trust the guest, so are opt-in
+SOURCES = ("reservation", "lease", "agent", "arp")
+DEFAULT_SOURCES = ("reservation", "lease")
 
 
 class Nic:
@@ -45,6 +60,16 @@ class Network:
         self.hosts6: List[Tuple[str, str, str]] = []  # (id, name, reserved IPv6)
         self.prefix6: Optional[Tuple[int, int]] = None  # (network as int, length)
         self.families: Set[int] = set()  # address families the network has a range of
+        self.subnets: List[Tuple[int, int, int]] = []  # (family, network as int, length)
+
+
+def running_domain(name: str) -> Optional[bool]:
+    """Whether libvirt's QEMU driver runs domain ``name``, from the status file it keeps
+    (no libvirt call); None when that cannot be told (no such folder on this host)."""
+    folder = os.environ.get(ENV_QEMU_STATUS_DIR) or QEMU_STATUS_DIR
+    if not os.path.isdir(folder):
+        return None
+    return os.path.exists(os.path.join(folder, f"{name}.xml"))
 
 
 def domain_nics(xml: bytes) -> List[Nic]:
@@ -89,6 +114,9 @@ def read_network(name: str, dirs: Tuple[str, ...] = NETWORK_DIRS) -> Optional[Ne
         for ip in element.findall("ip"):
             family = ip.get("family", "ipv4")
             net.families.add(6 if family == "ipv6" else 4)
+            subnet = _subnet(ip, 6 if family == "ipv6" else 4)
+            if subnet is not None:
+                net.subnets.append(subnet)
             for host in ip.findall("dhcp/host"):
                 address = host.get("ip")
                 if not address:
@@ -106,13 +134,37 @@ def read_network(name: str, dirs: Tuple[str, ...] = NETWORK_DIRS) -> Optional[Ne
     return None
 
 
-def _v6int(address: str) -> Optional[int]:
-    from _socket import AF_INET6, inet_pton
+def _subnet(ip: Element, family: int) -> Optional[Tuple[int, int, int]]:
+    """``<ip address=… prefix=…|netmask=…>`` → (family, network as int, length)."""
+    value = _addr_int(str(ip.get("address", "")), family)
+    if value is None:
+        return None
+    bits = 32 if family == 4 else 128
+    length: Optional[int] = None
+    if ip.get("prefix", "").isdigit():
+        length = int(str(ip.get("prefix")))
+    elif family == 4 and ip.get("netmask"):
+        mask = _addr_int(str(ip.get("netmask")), 4)
+        length = bin(mask).count("1") if mask is not None else None
+    elif family == 6:
+        length = 64
+    if length is None or not 0 < length <= bits:
+        return None
+    return family, value >> (bits - length) << (bits - length), length
+
+
+def _addr_int(address: str, family: int) -> Optional[int]:
+    """An address of ``family`` as an integer, None when it is not one."""
+    from _socket import AF_INET, AF_INET6, inet_pton
 
     try:
-        return int.from_bytes(inet_pton(AF_INET6, address), "big")
-    except OSError:
+        return int.from_bytes(inet_pton(AF_INET6 if family == 6 else AF_INET, address), "big")
+    except (OSError, ValueError):
         return None
+
+
+def _v6int(address: str) -> Optional[int]:
+    return _addr_int(address, 6)
 
 
 def _v6str(value: int) -> str:
@@ -131,24 +183,60 @@ def leases(bridge: str, lease_dir: str = LEASE_DIR) -> List[Dict[str, object]]:
     return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
 
 
-def _duid_has_mac(duid: str, mac: str) -> bool:
-    """DUID-LL and DUID-LLT end with the MAC (libvirt and dnsmasq print them in hex)."""
-    tail = "".join(f"{int(x, 16):02x}" for x in duid.replace("-", ":").split(":") if x)
-    return tail.endswith(mac.replace(":", ""))
+def duid_mac(duid: str) -> Optional[str]:
+    """The Ethernet MAC a DUID-LLT (type 1) or DUID-LL (type 3) is made of, else None.
+
+    libvirt and dnsmasq print DUIDs as hex octets ("0:3:0:1:52:54:…"); the MAC must
+    be the whole link-layer part, not merely a suffix of the DUID.
+    """
+    try:
+        octets = [int(x, 16) for x in duid.replace("-", ":").split(":") if x]
+    except ValueError:
+        return None
+    if any(not 0 <= o <= 255 for o in octets) or len(octets) < 4:
+        return None
+    kind, hwtype = octets[0] << 8 | octets[1], octets[2] << 8 | octets[3]
+    lladdr = octets[8:] if kind == 1 else octets[4:] if kind == 3 else []
+    if hwtype != 1 or len(lladdr) != 6:
+        return None
+    return ":".join(f"{o:02x}" for o in lladdr)
+
+
+def _unicast_problem(value: int, family: int) -> Optional[str]:
+    """Why an address (as an integer) cannot be a guest's unicast address, else None."""
+    if family == 4:
+        first = value >> 24
+        if first in (0, 127) or value >> 16 == 0xA9FE or first >= 224:
+            return "not a unicast address (zero, loopback, link-local, multicast or reserved)"
+        return None
+    if value >> 118 == 0x3FA or value >> 120 == 0xFF or value <= 1 or value >> 32 == 0xFFFF:
+        return "not a unicast address (unspecified, loopback, link-local, multicast or mapped)"
+    return None
 
 
 class Resolver:
-    """Finds the address a selector (``?mac=…[&suffix=…]``) stands for, for one guest."""
+    """Finds the address a selector (``?mac=…[&suffix=…]``) stands for, for one guest.
+
+    ``routes`` (interface_for) and ``local`` (the host's own addresses) are read
+    from the kernel when not given; ``claimed`` maps addresses other running
+    guests use to their names; ``sources`` is ``[options] discover``.
+    """
 
     def __init__(self, guest: str, xml: Optional[bytes], lookup: Optional[Lookup] = None,
                  lease_dir: str = LEASE_DIR, network_dirs: Tuple[str, ...] = NETWORK_DIRS,
-                 now: Optional[float] = None) -> None:
+                 now: Optional[float] = None, routes: Optional[Routes] = None,
+                 local: Optional[Set[str]] = None,
+                 sources: Sequence[str] = DEFAULT_SOURCES) -> None:
         self.guest = guest
         self.nics = domain_nics(xml) if xml else []
         self.lookup = lookup
         self.lease_dir = lease_dir
         self.network_dirs = network_dirs
         self.now = time.time() if now is None else now
+        self.routes = routes
+        self.local = local
+        self.claimed: Dict[str, str] = {}
+        self.sources = tuple(sources)
         self._networks: Dict[str, Optional[Network]] = {}
 
     def _network(self, name: Optional[str]) -> Optional[Network]:
@@ -172,59 +260,131 @@ class Resolver:
         return network is None or family in network.families
 
     def resolve(self, selector: str, family: int) -> Tuple[Optional[str], str]:
-        """(address, where it came from), or (None, why there is none yet)."""
+        """(address, where it came from), or (None, why there is none yet or why
+        what was found is refused)."""
         mac, suffix = parse_selector(selector)
         nic = self.nic(mac)
         if nic is None:
             return None, (f"the domain has no NIC with MAC {mac}" if mac
                           else "the domain has no NIC")
         network = self._network(nic.network)
+        if network is None:
+            return None, (f"NIC {nic.mac} is not on a libvirt network whose definition portfwd"
+                          " can read (bridge " + (nic.bridge or "unknown") + "): set ipv4/ipv6"
+                          " in forward.toml")
         if family == 6 and suffix:
-            if network is None or network.prefix6 is None:
-                return None, (f"network {nic.network or '(none)'} of NIC {nic.mac} has no IPv6"
+            if network.prefix6 is None:
+                return None, (f"network {network.name} of NIC {nic.mac} has no IPv6"
                               f" range to join suffix {suffix} to")
             value = _v6int(suffix)
             if value is None:
                 return None, f"{suffix} is not an IPv6 suffix"
-            return _v6str(network.prefix6[0] | value), f"suffix on network {network.name}"
-        found = self._reserved(nic, network, family) or self._leased(nic, network, family)
-        if found is None and self.lookup is not None:
-            found = self.lookup(nic.mac, family)
-        if found is not None:
-            return found
-        where = f"network {nic.network}" if nic.network else f"bridge {nic.bridge}"
-        return None, f"no IPv{family} address yet for NIC {nic.mac} on {where}"
+            found: Optional[Tuple[str, str]] = (_v6str(network.prefix6[0] | value),
+                                                f"suffix on network {network.name}")
+        else:
+            found = None
+            if "reservation" in self.sources:
+                found = self._reserved(nic, network, family)
+            if found is None and "lease" in self.sources:
+                found = self._leased(nic, network, family)
+            if found is None and self.lookup is not None:
+                found = self.lookup(nic.mac, family)
+        if found is None:
+            return None, f"no IPv{family} address yet for NIC {nic.mac} on network {network.name}"
+        problem = self.vet(found[0], family, nic, network)
+        if problem:
+            return None, f"refused {found[0]} from {found[1]}: {problem}"
+        return found
 
-    def _reserved(self, nic: Nic, network: Optional[Network],
-                  family: int) -> Optional[Tuple[str, str]]:
-        if network is None:
-            return None
+    def vet(self, address: str, family: int, nic: Nic, network: Network) -> Optional[str]:
+        """Why a discovered address must not be a DNAT target of this NIC, else None."""
+        value = _addr_int(address, family)
+        if value is None:
+            return f"not an IPv{family} address"
+        problem = _unicast_problem(value, family)
+        if problem:
+            return problem
+        bits = 32 if family == 4 else 128
+        inside = [(net, length) for fam, net, length in network.subnets if fam == family
+                  and value >> (bits - length) << (bits - length) == net]
+        if not inside:
+            return f"outside the IPv{family} prefix of network {network.name}"
+        net, length = inside[0]
+        host_bits = value & ((1 << (bits - length)) - 1)
+        if length < bits - 1 and (host_bits == 0 or (family == 4
+                                                     and host_bits == (1 << (bits - length)) - 1)):
+            return f"the network or broadcast address of network {network.name}"
+        bridge = nic.bridge or network.bridge
+        if self.routes is None:
+            from .hostnet import RouteTable
+
+            self.routes = RouteTable()
+        routed = self.routes.interface_for(address)
+        if bridge and routed != bridge:
+            return f"routed out of {routed or 'no interface'}, not bridge {bridge}"
+        if self.local is None:
+            from .hostnet import local_addresses
+
+            self.local = local_addresses()
+        if address in self.local:
+            return "an address of the host itself"
+        other = self.claimed.get(address)
+        if other is not None and other != self.guest:
+            return f"the address of guest {other}"
+        owner = next((m for m, a in network.hosts4.items() if a == address), nic.mac)
+        if family == 4 and owner != nic.mac:
+            return f"reserved on network {network.name} for MAC {owner}"
+        return None
+
+    def _reserved(self, nic: Nic, network: Network, family: int) -> Optional[Tuple[str, str]]:
         if family == 4 and nic.mac in network.hosts4:
             return network.hosts4[nic.mac], f"reservation on network {network.name}"
         if family == 6:
             for duid, name, address in network.hosts6:
-                if name == self.guest or (duid and _duid_has_mac(duid, nic.mac)):
+                if name == self.guest or (duid and duid_mac(duid) == nic.mac):
                     return address, f"reservation on network {network.name}"
         return None
 
-    def _leased(self, nic: Nic, network: Optional[Network],
-                family: int) -> Optional[Tuple[str, str]]:
-        bridge = nic.bridge or (network.bridge if network else None)
+    def _reserved_duids(self, nic: Nic, network: Network) -> Set[str]:
+        """DUIDs the network XML reserves for this guest or this NIC (normalised)."""
+        return {_norm_duid(duid) for duid, name, _ in network.hosts6
+                if duid and (name == self.guest or duid_mac(duid) == nic.mac)}
+
+    def _leased(self, nic: Nic, network: Network, family: int) -> Optional[Tuple[str, str]]:
+        bridge = nic.bridge or network.bridge
         if not bridge:
             return None
+        duids = self._reserved_duids(nic, network) if family == 6 else set()
         best: Optional[Tuple[float, str]] = None
+        others: Dict[str, float] = {}  # address → newest expiry of another client's lease
         for lease in leases(bridge, self.lease_dir):
             address = str(lease.get("ip-address", ""))
             if (":" in address) != (family == 6):
                 continue
-            mac = str(lease.get("mac-address", "")).lower()
-            duid = str(lease.get("client-id", ""))
-            if mac != nic.mac and not (family == 6 and duid and _duid_has_mac(duid, nic.mac)):
+            try:
+                expiry = float(str(lease.get("expiry-time", 0)) or 0)
+            except ValueError:
                 continue
-            expiry = float(str(lease.get("expiry-time", 0)) or 0)
             if expiry and expiry < self.now:
                 continue
             key = expiry or float("inf")
+            mac = str(lease.get("mac-address", "")).lower()
+            duid = _norm_duid(str(lease.get("client-id", "")))
+            # the MAC dnsmasq saw decides; a client-id (chosen by the guest) only when it
+            # is a DUID the network XML reserves for this guest
+            mine = mac == nic.mac or (family == 6 and not mac and duid in duids)
+            if not mine:
+                others[address] = max(others.get(address, 0.0), key)
+                continue
             if best is None or key >= best[0]:  # the newest lease; on a tie the later entry
                 best = (key, address)
-        return (best[1], f"lease on {bridge}") if best else None
+        if best is None or others.get(best[1], -1.0) > best[0]:
+            return None  # none, or another client holds that address more recently
+        return best[1], f"lease on {bridge}"
+
+
+def _norm_duid(duid: str) -> str:
+    try:
+        return ":".join(f"{int(x, 16):02x}" for x in duid.replace("-", ":").split(":") if x)
+    except ValueError:
+        return duid.lower()

@@ -19,6 +19,7 @@ from . import compat, hostnet, log, plan, state
 from .errors import HostError
 from .nft import Nft
 from .plan import DEFAULT_TABLE, Binding
+from .discover import DEFAULT_SOURCES, running_domain
 from .record import GuestState
 from .resolve import INACTIVE, resolve
 from .status import live_elements, live_state, row
@@ -39,6 +40,8 @@ class Engine:
         self.root = root or state.run_dir()
         self._nft: Optional[Nft] = None
         self._routes: Optional[hostnet.RouteTable] = None
+        self._owned: Set[str] = set()  # tables seen to carry portfwd's marker in this run
+        self.discover: Tuple[str, ...] = DEFAULT_SOURCES  # [options] discover, once read
 
     @property
     def nft(self) -> Nft:
@@ -54,13 +57,12 @@ class Engine:
 
     # -- compiled configuration (what the hook reads) -----------------------
     def compile(self) -> Config:
-        """Parse the configuration (ConfigError if invalid) and cache it per guest."""
+        """Parse the configuration (ConfigError if invalid or missing: an editor's
+        save-by-rename must not read as "no forwards") and cache it per guest."""
         from .config import load
-        from .model import Config, Options
 
         signature = state.config_signature(self.config_path)
-        config = (load(self.config_path) if os.path.exists(self.config_path)
-                  else Config(self.config_path, Options(), ()))
+        config = load(self.config_path)
         self._write_cache(config, signature)
         return config
 
@@ -82,7 +84,8 @@ class Engine:
             with open(os.path.join(target, sub, state.file_name(ident)), "wb") as f:
                 marshal.dump(plan.templates(forwards), f)
         with open(os.path.join(target, "options"), "wb") as f:
-            marshal.dump((config.options.table, config.options.strict), f)
+            marshal.dump((config.options.table, config.options.strict,
+                          list(config.options.discover)), f)
         with open(os.path.join(target, "signature"), "w", encoding="utf-8") as f:
             f.write(signature)
         link = state.compiled_dir(self.root)
@@ -100,7 +103,8 @@ class Engine:
             return None
         try:
             with open(os.path.join(state.compiled_dir(self.root), "options"), "rb") as f:
-                table, strict = marshal.load(f)
+                table, strict, discover = marshal.load(f)
+            self.discover = tuple(str(d) for d in discover)
             items: List[Any] = []
             for path in state.cached_guest_files(name, uuid, self.root):
                 with open(path, "rb") as f:
@@ -115,6 +119,7 @@ class Engine:
         if hit is not None:
             return hit
         config = self.compile()
+        self.discover = config.options.discover
         return (config.options.table, config.options.strict,
                 plan.templates(config.forwards_for(name, uuid)))
 
@@ -225,9 +230,10 @@ class Engine:
 
     def _ensure_hairpin_and_localnet(self) -> None:
         """Per table, the hairpin set names exactly the bridges with forwards; and
-        route_localnet is on (set by portfwd) exactly on the bridges of forwards
-        from 127.0.0.1. Each is changed only when it differs from what portfwd
-        last wrote (kept in hairpin.json and localnet.json)."""
+        route_localnet is on exactly on the bridges of forwards from 127.0.0.1 (and
+        turned off again only where portfwd turned it on). The hairpin set is changed
+        only when it differs from what portfwd last wrote (hairpin.json); the sysctl
+        is compared with its live value (localnet.json: where portfwd turned it on)."""
         per_table: Dict[str, Set[str]] = {}
         localnet: Set[str] = set()
         for entries in self.read_summary().values():
@@ -242,12 +248,15 @@ class Engine:
         written = self._read_json("hairpin.json", {})
         for table in sorted(set(per_table) | set(written)):
             want = sorted(per_table.get(table, set()))
-            if written.get(table) != want:
+            if not want and not self._layout_known(table):
+                written.pop(table, None)  # a table portfwd no longer keeps: nothing to do
+            elif written.get(table) != want:
                 self._apply_with_layout(table, plan.hairpin(table, want))
                 written[table] = want
         self._write_json("hairpin.json", written)
         enabled = set(self._read_json("localnet.json", []))
-        for bridge in sorted(localnet - enabled):
+        # compared with the live sysctl: a network restart recreates the bridge with it off
+        for bridge in sorted(localnet):
             if hostnet.set_route_localnet(bridge, True):
                 enabled.add(bridge)
         for bridge in sorted(enabled - localnet):
@@ -293,26 +302,64 @@ class Engine:
     def _layout_known(self, table: str) -> bool:
         """Whether we created ``table`` with this version's layout (then a guest
         change need not resend it: re-adding the base chain costs every start)."""
+        return self._read_layout(table) == plan.LAYOUT
+
+    def _read_layout(self, table: str) -> Optional[str]:
         try:
             with open(os.path.join(self.root, f"layout.{table}"), encoding="ascii") as f:
-                return f.read() == plan.LAYOUT
+                return f.read()
         except OSError:
-            return False
+            return None
 
-    def _apply_with_layout(self, table: str, cmds: List[plan.Command],
-                           extra: Optional[List[plan.Command]] = None) -> None:
+    def _apply_with_layout(self, table: str, cmds: List[plan.Command]) -> None:
         """Apply ``cmds`` to ``table``; (re)create the table's layout first if it is
         not known to be there, or if the change fails without it (a flushed rule set)."""
-        extra = extra or []
         if self._layout_known(table):
             try:
-                self.nft.apply(extra + cmds)
+                self.nft.apply(cmds)
                 return
-            except HostError:
-                pass
-        self.nft.apply(extra + plan.skeleton(table) + cmds)
+            except HostError as e:
+                log.info(f"table inet {table}: rebuilding its layout ({e})")
+        self.claim_table(table)
+        self.nft.apply(plan.skeleton(table) + cmds)
         self._remember_layout(table)
         self._forget_hairpin(table)
+
+    def table_owner(self, table: str) -> Optional[bool]:
+        """True: ``table`` is portfwd's (it carries the marker, or a portfwd from before
+        the marker made it in this boot); False: someone else's; None: absent."""
+        if table in self._owned:
+            return True
+        comment = self.nft.table_comment(table)
+        if comment is None:
+            return None
+        if comment.startswith(plan.TABLE_MARK):
+            return True
+        # made in this boot by a portfwd from before the marker (its layout record says so)
+        return comment == "" and self._read_layout(table) == plan.UNMARKED_LAYOUT
+
+    def claim_table(self, table: str, create: bool = True) -> None:
+        """Before building ``table``: create it with portfwd's marker when absent, and
+        refuse (HostError) a table that someone else made: portfwd never changes or
+        deletes that."""
+        if table in self._owned:
+            return
+        owner = self.table_owner(table)
+        if owner is False:
+            raise HostError(f"table inet {table} exists and was not made by portfwd (it lacks"
+                            f" the comment \"{plan.TABLE_MARK} …\"); portfwd leaves it alone:"
+                            " set another name with `table` in [options] of the configuration")
+        if owner is None and create:
+            self.nft.create_table(table, plan.TABLE_COMMENT)
+            self._forget_layout(table)
+        if owner or create:
+            self._owned.add(table)
+
+    def _forget_layout(self, table: str) -> None:
+        try:
+            os.unlink(os.path.join(self.root, f"layout.{table}"))
+        except FileNotFoundError:
+            pass
 
     def _remember_layout(self, table: str) -> None:
         state.write_atomic(os.path.join(self.root, f"layout.{table}"), plan.LAYOUT.encode())
@@ -321,73 +368,133 @@ class Engine:
                     resolver: Optional[Resolver] = None) -> GuestState:
         """Make the table hold exactly this guest's forwards whose address is known;
         returns what was applied and what waits for an address."""
+        if resolver is not None:
+            self._prepare(resolver, self.discover, self._claimed_by_others(name))
         wanted = resolve(plan.bind(templates, name), resolver, self.routes)
         new = wanted.bindings
         old_state = self.read_state(name)
+        _log_refusals(name, old_state, wanted)
         if old_state is None and wanted.empty:
             return wanted
         old = old_state.bindings if old_state else []
-        extra: List[plan.Command] = []
-        if old_state and old_state.table != table:
-            extra = plan.skeleton(old_state.table) + plan.guest_update(old_state.table, old, [])
+        if old_state and old_state.table != table:  # the configuration renamed the table
+            if old and self.table_owner(old_state.table):
+                self._apply_with_layout(old_state.table,
+                                        plan.guest_update(old_state.table, old, []))
             old = []
         if new or old:
             try:
-                self._apply_with_layout(table, plan.guest_update(table, old, new), extra)
+                self._apply_with_layout(table, plan.guest_update(table, old, new))
             except HostError as first:
                 log.warning(f"guest {name}: incremental update refused ({first});"
                             " rebuilding the table from recorded state")
-                self._rebuild_with(name, table, new)
+                for b, holder in self._rebuild_with(name, table, new):
+                    new.remove(b)
+                    why = f"host port {plan.listen_text(b)}/{b.proto} is held by guest {holder}"
+                    log.warning(f"guest {name}: {why}; fix the configuration (`portfwd check`)")
+                    wanted.pending.append((b, why))
         applied = GuestState(name, uuid, table, new, wanted.pending, wanted.sources,
                              wanted.warnings)
         self.write_states([applied])
         self._report(self.ensure_compat())
         return applied
 
-    def _rebuild_with(self, name: str, table: str, new: List[Binding]) -> None:
-        """Rebuild ``table`` from every guest's state, this guest's replaced by ``new``.
+    def _prepare(self, resolver: Resolver, sources: Sequence[str],
+                 claimed: Dict[str, str]) -> None:
+        """What a resolver needs to vet discovered addresses against this host."""
+        resolver.sources = tuple(sources)
+        resolver.routes = self.routes
+        resolver.claimed = claimed
 
-        A binding of another guest whose key ``new`` now claims (left from an
-        earlier configuration) gives way to the current configuration.
+    def _claimed_by_others(self, name: str) -> Dict[str, str]:
+        """Guest addresses other guests' forwards lead to, from their recorded state."""
+        return {b.target: st.guest for st in self.all_states() if st.guest != name
+                for b in st.bindings}
+
+    def _rebuild_with(self, name: str, table: str,
+                      new: List[Binding]) -> List[Tuple[Binding, str]]:
+        """Rebuild ``table`` from every guest's state, this guest's replaced by ``new``;
+        returns the bindings of ``new`` that another guest holds (left out), with it.
+
+        A key both claim stays with the guest that holds it while its current
+        configuration still forwards that port (two guests' listen interfaces that
+        expand to one address): the newcomer's binding waits. A binding left from an
+        earlier configuration gives way to the current one.
         """
-        claimed = {(b.kind, b.family, b.key) for b in new}
-        everything = list(new)
+        holders: Dict[Tuple[Any, ...], str] = {}
+        everything: List[Binding] = []
         changed: List[GuestState] = []
-        for st in self.all_states():
-            if st.guest == name or st.table != table:
-                continue
-            kept = [b for b in st.bindings if (b.kind, b.family, b.key) not in claimed]
+        others = [st for st in self.all_states() if st.guest != name and st.table == table]
+        for st in others:
+            for b in st.bindings:
+                holders[(b.kind, b.family, b.key)] = st.guest
+        taken: List[Tuple[Binding, str]] = []
+        for b in new:
+            holder = holders.get((b.kind, b.family, b.key))
+            if holder is not None and self._still_claims(holder, b):
+                taken.append((b, holder))
+        lost = {b for b, _ in taken}
+        mine = {(b.kind, b.family, b.key) for b in new if b not in lost}
+        everything += [b for b in new if b not in lost]
+        for st in others:
+            kept = [b for b in st.bindings if (b.kind, b.family, b.key) not in mine]
             if len(kept) != len(st.bindings):
                 log.warning(f"guest {st.guest}: {len(st.bindings) - len(kept)} forward(s) from an"
                             f" earlier configuration now belong to guest {name}")
                 changed.append(GuestState(st.guest, st.uuid, st.table, kept, st.pending, st.sources,
                                           st.warnings))
             everything += kept
+        self.claim_table(table)
         self.nft.apply(plan.full_rebuild(table, everything))
         self._remember_layout(table)
         self._forget_hairpin(table)
         self.write_states(changed)
+        return taken
+
+    def _still_claims(self, guest: str, b: Binding) -> bool:
+        """Whether ``guest``'s current configuration forwards ``b``'s host port (same
+        kind, family, protocol and port: a listen interface may expand either way)."""
+        st = self.read_state(guest)
+        hit = self.cached(guest, st.uuid if st else None)
+        if hit is None:
+            return True  # cannot tell: the holder keeps what it has
+        return any(t[0] == b.kind and t[1] == b.family and tuple(t[2][-2:]) == b.key[-2:]
+                   for t in hit[2])
 
     def remove_guest(self, name: str) -> int:
         """Remove what was applied for this guest; returns how many bindings."""
         old_state = self.read_state(name)
         if old_state is None:
             return 0
-        if old_state.bindings:
+        # forget first: killed halfway, what stays in the kernel is an orphan that the
+        # next rebuild (reapply, sync) drops, never a record that brings it back
+        self.write_states([GuestState(name, old_state.uuid, old_state.table, [])])
+        if old_state.bindings and (self._layout_known(old_state.table)
+                                   or self.table_owner(old_state.table)):
             self._apply_with_layout(old_state.table,
                                     plan.guest_update(old_state.table, old_state.bindings, []))
-        self.write_states([GuestState(name, old_state.uuid, old_state.table, [])])
         self._report(self.ensure_compat())
         return len(old_state.bindings)
 
     def reapply(self) -> List[Binding]:
         """Rebuild every table and libvirt accept from /run/portfwd alone (no libvirt,
-        no configuration): after `nft flush ruleset`, an nftables or firewalld reload."""
-        states = self.all_states()
+        no configuration): after `nft flush ruleset`, an nftables or firewalld reload.
+
+        A guest whose ``stopped`` hook never ran to its end (killed, or it found the
+        lock held) is not brought back: libvirt keeps a running domain's status file,
+        and a recorded guest without one is forgotten instead."""
+        states = []
+        for st in self.all_states():
+            if running_domain(st.guest) is False:
+                log.info(f"guest {st.guest} is not running: forgetting its forwards")
+                self.write_states([GuestState(st.guest, st.uuid, st.table, [])])
+            else:
+                states.append(st)
         cmds: List[plan.Command] = []
         everything: List[Binding] = []
         tables = sorted({st.table for st in states})
         for table in tables:
+            self.claim_table(table)
             bindings = [b for st in states if st.table == table for b in st.bindings]
             cmds += plan.full_rebuild(table, bindings)
             everything += bindings
@@ -410,50 +517,95 @@ class Engine:
                 by_name.setdefault(fwd.guest, []).append(fwd)
             else:
                 by_uuid.setdefault(str(fwd.uuid), []).append(fwd)
-        wanted: Dict[str, GuestState] = {}
+        planned: Dict[str, List[Binding]] = {}
         for guest in guests:
             forwards = by_name.get(guest.name, []) + by_uuid.get((guest.uuid or "").lower(), [])
-            bindings = plan.forwards_bindings(sorted(forwards, key=lambda f: f.index), guest.name)
-            found = resolve(bindings, (resolvers or {}).get(guest.name), self.routes)
+            planned[guest.name] = plan.forwards_bindings(sorted(forwards, key=lambda f: f.index),
+                                                         guest.name)
+        # addresses the configuration gives are the admin's word: no guest may discover them
+        explicit = {b.target: b.guest for bindings in planned.values() for b in bindings
+                    if not b.target.startswith("?")}
+        old_states = self.all_states()
+        before = {st.guest: st for st in old_states}
+        wanted: Dict[str, GuestState] = {}
+        for guest in guests:
+            resolver = (resolvers or {}).get(guest.name)
+            if resolver is not None:
+                self._prepare(resolver, config.options.discover, explicit)
+            found = resolve(planned[guest.name], resolver, self.routes)
             if not found.empty:
                 wanted[guest.name] = GuestState(guest.name, guest.uuid, table, found.bindings,
                                                 found.pending, found.sources, found.warnings)
+        _refuse_shared_discoveries(wanted)
+        _refuse_shared_keys(wanted)
+        for st in wanted.values():
+            _log_refusals(st.guest, before.get(st.guest), st)
         everything = [b for st in wanted.values() for b in st.bindings]
-        old_states = self.all_states()
         cmds: List[plan.Command] = []
-        for old_table in sorted({st.table for st in old_states} - {table}):
+        dropped = [t for t in sorted({st.table for st in old_states} - {table})
+                   if self.table_owner(t)]
+        for old_table in dropped:
             cmds += plan.drop_table(old_table)
-        cmds += plan.full_rebuild(table, everything)
-        self.nft.apply(cmds, dry_run=dry_run)
+        self.claim_table(table, create=not dry_run)
+        try:
+            self.nft.apply(cmds + plan.full_rebuild(table, everything), dry_run=dry_run)
+        except HostError as e:
+            if dry_run:
+                raise
+            # one guest's bad forward must not cost every other guest theirs
+            log.warning(f"nftables refused the whole table ({e}); applying guest by guest")
+            self.nft.apply(cmds + plan.full_rebuild(table, []))
+            everything = self._apply_each(table, wanted)
         if dry_run:
             return everything + [b for st in wanted.values() for b, _ in st.pending]
         self._remember_layout(table)
-        self._forget_hairpin(table)
-        before = {st.guest: st for st in old_states}
+        for gone in dropped + [table]:
+            self._forget_hairpin(gone)
+        for gone in dropped:
+            self._forget_layout(gone)
+            self._owned.discard(gone)
         self.write_states([GuestState(st.guest, st.uuid, st.table, []) for st in old_states
                            if st.guest not in wanted]
                           + [st for st in wanted.values() if not _same(before.get(st.guest), st)])
         self._report(self.ensure_compat())
         return everything
 
-    def flush(self, config_table: Optional[str]) -> List[str]:
-        """Remove every table portfwd made and forget all state; returns the tables."""
+    def _apply_each(self, table: str, wanted: Dict[str, GuestState]) -> List[Binding]:
+        """Add each guest's bindings in a transaction of its own; a guest that nftables
+        refuses keeps its forwards pending with what nftables said."""
+        applied: List[Binding] = []
+        for st in wanted.values():
+            try:
+                self.nft.apply(plan.guest_update(table, [], st.bindings))
+            except HostError as e:
+                log.error(f"guest {st.guest}: {e}")
+                st.pending += [(b, str(e)) for b in st.bindings]
+                st.bindings = []
+            applied += st.bindings
+        return applied
+
+    def flush(self, config_table: Optional[str]) -> Tuple[List[str], List[str]]:
+        """Remove every table portfwd made and forget all state; returns the tables
+        removed and those left alone because someone else made them."""
         import shutil
 
         tables: Set[str] = {st.table for st in self.all_states()} | {DEFAULT_TABLE}
         if config_table:
             tables.add(config_table)
-        present = sorted(t for t in tables if self.nft.list_table(t) is not None)
+        owners = {t: self.table_owner(t) for t in sorted(tables)}
+        present = [t for t, owner in owners.items() if owner]
+        foreign = [t for t, owner in owners.items() if owner is False]
         cmds: List[plan.Command] = []
         for table in present:
             cmds += plan.drop_table(table)
         self.nft.apply(cmds)
+        self._owned.clear()
         shutil.rmtree(os.path.join(self.root, "guests"), ignore_errors=True)
         for name in os.listdir(self.root):
             if name in (state.SUMMARY, "hairpin.json") or name.startswith("layout."):
                 os.unlink(os.path.join(self.root, name))
         self.ensure_compat({4: set(), 6: set()})  # also turns route_localnet back off
-        return present
+        return present, foreign
 
     # -- status -------------------------------------------------------------
     def warnings(self) -> List[str]:
@@ -485,6 +637,52 @@ class Engine:
                 for b in plan.forwards_bindings([fwd], fwd.label):
                     rows.append(row(b, "guest not running"))
         return rows
+
+
+def _refuse_shared_discoveries(wanted: Dict[str, GuestState]) -> None:
+    """A discovered address that two running guests lead to belongs to neither: both
+    are refused (pending), so no guest can pull another's forward to itself."""
+    owners: Dict[str, Set[str]] = {}
+    for st in wanted.values():
+        for b in st.bindings:
+            owners.setdefault(b.target, set()).add(st.guest)
+    for st in wanted.values():
+        keep = []
+        for b in st.bindings:
+            others = sorted(owners[b.target] - {st.guest})
+            if others and b.target in st.sources:  # discovered, and another guest has it
+                st.pending.append((b, f"refused {b.target} from {st.sources[b.target]}: also"
+                                      f" the address of guest {others[0]}"))
+            else:
+                keep.append(b)
+        st.bindings = keep
+
+
+def _refuse_shared_keys(wanted: Dict[str, GuestState]) -> None:
+    """A host port two guests claim after their listen interfaces were expanded to
+    addresses (invisible in the file alone): the first guest by name keeps it."""
+    holders: Dict[Tuple[Any, ...], str] = {}
+    for name in sorted(wanted):
+        st = wanted[name]
+        keep = []
+        for b in st.bindings:
+            holder = holders.setdefault((b.kind, b.family, b.key), name)
+            if holder == name:
+                keep.append(b)
+            else:
+                st.pending.append((b, f"host port {plan.listen_text(b)}/{b.proto} is held by"
+                                      f" guest {holder}; fix the configuration (`portfwd check`)"))
+        st.bindings = keep
+
+
+def _log_refusals(name: str, before: Optional[GuestState], now: GuestState) -> None:
+    """Log each refused discovered address and each port held by another guest once:
+    when its reason first appears."""
+    seen = {why for _, why in before.pending} if before else set()
+    for why in dict.fromkeys(why for _, why in now.pending
+                             if why.startswith("refused ") or " is held by guest " in why):
+        if why not in seen:
+            log.warning(f"guest {name}: {why}")
 
 
 def _same(a: Optional[GuestState], b: GuestState) -> bool:

@@ -2,7 +2,9 @@
 
 Never calls libvirt (libvirt waits for us: deadlock), never writes to stdout
 (for migrate/restore stdout is the domain XML), and exits non-zero only when
-``strict = true`` asks a failed start to stop the guest. A guest with no
+``strict = true`` asks a failed start to stop the guest: whatever goes wrong
+otherwise, also a bug, ends in a message and exit 0. Never waits more than
+LOCK_WAIT seconds for a lock that one other portfwd run keeps. A guest with no
 forwards and no state leaves before anything heavy is imported.
 """
 
@@ -23,6 +25,9 @@ CHECK = frozenset({"prepare", "start"})  # strict: a bad config stops the start 
 MAY_FAIL = frozenset({"prepare", "start", "started"})
 # a network (re)start or update rebuilds libvirt's rules: put our accepts back
 NETWORK_REASSERT = frozenset({"started", "updated", "port-created"})
+# seconds a hook waits while one other process (sync, the daemon, a hung run) holds the
+# lock; libvirt is blocked meanwhile, and the daemon or the next sync catches up
+LOCK_WAIT = 5.0
 
 
 def domain_uuid(xml: bytes) -> Optional[str]:
@@ -42,10 +47,33 @@ def main(kind: str = "qemu", argv: Optional[List[str]] = None) -> int:
         xml = sys.stdin.buffer.read()  # libvirt writes it all; read it all
     except (OSError, ValueError):
         xml = b""
-    os.dup2(2, 1)  # nothing we or a library print may reach libvirt's stdout
-    if kind == "network":
-        return network_hook(args)
-    if kind != "qemu" or len(args) < 2:
+    try:
+        os.dup2(2, 1)  # nothing we or a library print may reach libvirt's stdout
+    except OSError:  # no stderr either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    what = f"{'network' if kind == 'network' else 'guest'} {' '.join(args[:2])}"
+    try:
+        if kind == "network":
+            return network_hook(args)
+        if kind != "qemu":
+            return 0
+        return qemu_hook(args, xml)
+    except state.LockTimeout as e:
+        holder = f" (pid {e.holder})" if e.holder else ""
+        _report(f"{what}: lock held by another portfwd run{holder} for {e.waited:g} s;"
+                " the daemon or the next `portfwd sync` will apply it", error=False)
+        return 0
+    except BaseException as e:  # a bug must not stop or kill a guest unless strict asks
+        _report(f"{what}: internal error {type(e).__name__}: {e}")
+        if (kind == "qemu" and len(args) > 1 and args[1] in MAY_FAIL
+                and _strict_despite_error(state.config_path())):
+            return 1
+        return 0
+
+
+def qemu_hook(args: List[str], xml: bytes) -> int:
+    """``GUEST OP SUBOP EXTRA``: apply, remove or check the guest's forwards."""
+    if len(args) < 2:
         return 0
     name, op = args[0], args[1]
     sub = args[2] if len(args) > 2 else "-"
@@ -56,7 +84,7 @@ def main(kind: str = "qemu", argv: Optional[List[str]] = None) -> int:
     config = state.config_path()
     uuid = domain_uuid(xml)
     try:
-        with state.locked():
+        with state.locked(timeout=LOCK_WAIT):
             known = state.has_guest_state(name)
             if op in REMOVE and not known:
                 return 0
@@ -67,7 +95,7 @@ def main(kind: str = "qemu", argv: Optional[List[str]] = None) -> int:
                     return 0
             return _run(name, uuid, op, config, xml)
     except OSError as e:  # the run directory itself is unusable
-        sys.stderr.write(f"portfwd: error: guest {name} {op}: {e}\n")
+        _report(f"guest {name} {op}: {e}")
         return 0
 
 
@@ -77,7 +105,7 @@ def network_hook(args: List[str]) -> int:
     if len(args) < 3 or args[1] not in NETWORK_REASSERT or args[2] != "begin":
         return 0
     try:
-        with state.locked():
+        with state.locked(timeout=LOCK_WAIT):
             if not state.has_forwards():
                 return 0
             from . import log
@@ -92,8 +120,23 @@ def network_hook(args: List[str]) -> int:
             except Exception as e:  # the network must come up whatever happens here
                 log.error(f"network {args[0]} {args[1]}: {type(e).__name__}: {e}")
     except OSError as e:
-        sys.stderr.write(f"portfwd: error: network {args[0]} {args[1]}: {e}\n")
+        _report(f"network {args[0]} {args[1]}: {e}")
     return 0
+
+
+def _report(message: str, error: bool = True) -> None:
+    """One line on stderr (and in syslog), whatever state the process is in."""
+    line = message.replace("\r", " ").replace("\n", " ")
+    try:
+        from . import log
+
+        try:
+            log.use_syslog()
+        except Exception:
+            pass
+        (log.error if error else log.warning)(line)
+    except BaseException:
+        pass
 
 
 def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) -> int:
@@ -143,15 +186,15 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) 
 
 
 def _strict_despite_error(path: str) -> bool:
-    """``strict`` as the broken file still says it, else as last compiled."""
+    """``strict`` as the broken file still says it (if portfwd may trust that file: a
+    FIFO or a file others can write is not even opened), else as last compiled."""
     import marshal
 
     try:
-        from .toml import tomllib
+        from .config import strict_setting
 
-        with open(path, "rb") as f:
-            value = tomllib.load(f).get("options", {}).get("strict")
-        if isinstance(value, bool):
+        value = strict_setting(path)
+        if value is not None:
             return value
     except Exception:
         pass

@@ -10,7 +10,7 @@ from _socket import AF_INET, AF_INET6, inet_pton
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Dict, List, Optional, Tuple
+    from typing import Dict, List, Optional, Set, Tuple
 
     Route = Tuple[int, int, int, str]  # network, prefix length, metric, interface
 
@@ -126,12 +126,24 @@ def interface_addresses(interface: str) -> Optional[List[Tuple[int, str, int]]]:
     """(family, address, IFA flags) of each address on ``interface`` (a netlink
     RTM_GETADDR dump), or None when there is no such interface."""
     import socket
-    import struct
 
     try:
         index = socket.if_nametoindex(interface)
     except OSError:
         return None
+    return _dump_addresses(index)
+
+
+def local_addresses() -> Set[str]:
+    """Every address of this host, on any interface, both families."""
+    return {address for _, address, _ in _dump_addresses(None)}
+
+
+def _dump_addresses(index: Optional[int]) -> List[Tuple[int, str, int]]:
+    """(family, address, IFA flags) of the addresses on interface ``index`` (None: all)."""
+    import socket
+    import struct
+
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
     out: List[Tuple[int, str, int]] = []
     try:
@@ -154,12 +166,12 @@ def interface_addresses(interface: str) -> Optional[List[Tuple[int, str, int]]]:
     return out
 
 
-def _address(body: bytes, index: int) -> List[Tuple[int, str, int]]:
+def _address(body: bytes, index: Optional[int]) -> List[Tuple[int, str, int]]:
     import socket
     import struct
 
     family, _, flags, _, ifindex = struct.unpack_from("=BBBBI", body, 0)
-    if ifindex != index or family not in (socket.AF_INET, socket.AF_INET6):
+    if (index is not None and ifindex != index) or family not in (socket.AF_INET, socket.AF_INET6):
         return []
     attrs: Dict[int, bytes] = {}
     pos = 8

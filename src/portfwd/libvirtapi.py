@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from .discover import Resolver
 from .errors import HostError
-from .model import Guest
+from .model import Config, Guest
+
+if TYPE_CHECKING:
+    from .discover import Lookup
 
 DEFAULT_URI = "qemu:///system"
 
@@ -30,9 +33,17 @@ def connect(uri: str, read_only: bool = True) -> Any:
                         " (is libvirtd running? see --connect)") from None
 
 
-def running_guests(conn: Any) -> Tuple[List[Guest], Dict[str, Resolver]]:
-    """Every running domain, and for each a resolver of discovered addresses that
-    may also ask libvirt (lease, then guest agent, then ARP)."""
+def running_guests(conn: Any, discovering: Optional[Config] = None
+                   ) -> Tuple[List[Guest], Dict[str, Resolver]]:
+    """Every running domain, and for each a resolver of discovered addresses.
+
+    Everything is asked of libvirt here, before the caller takes portfwd's lock:
+    a hook that libvirt runs while it holds its own locks may be waiting for that
+    lock, and a libvirt call made under it could then wait forever. For the guests
+    of ``discovering`` whose addresses are found (no ipv4/ipv6 given), libvirt's
+    ``interfaceAddresses`` is asked now for each source ``[options] discover``
+    allows (lease; agent and ARP only when listed: the guest answers those).
+    """
     libvirt = bindings()
     guests: List[Guest] = []
     resolvers: Dict[str, Resolver] = {}
@@ -45,24 +56,33 @@ def running_guests(conn: Any) -> Tuple[List[Guest], Dict[str, Resolver]]:
                 xml = dom.XMLDesc(0).encode()
             except libvirt.libvirtError:
                 xml = b""
-            resolvers[guest.name] = Resolver(guest.name, xml, _lookup(libvirt, dom))
+            lookup = None
+            if discovering is not None and any(
+                    f.discover for f in discovering.forwards_for(guest.name, guest.uuid)):
+                lookup = _lookup(libvirt, dom, discovering.options.discover)
+            resolvers[guest.name] = Resolver(guest.name, xml, lookup)
     except libvirt.libvirtError as e:
         raise HostError(f"libvirt could not list domains: {e.get_error_message()}") from None
     return sorted(guests, key=lambda g: g.name), resolvers
 
 
-def _lookup(libvirt: Any, dom: Any) -> Any:
-    sources = [("libvirt lease", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE),
-               ("guest agent", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT),
-               ("ARP table", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP)]
+def _lookup(libvirt: Any, dom: Any, allowed: Sequence[str]) -> Lookup:
+    """A lookup over what libvirt says now (asked at once, never later)."""
+    sources = [("libvirt lease", "lease", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE),
+               ("guest agent", "agent", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT),
+               ("ARP table", "arp", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP)]
     wanted_type = {4: libvirt.VIR_IP_ADDR_TYPE_IPV4, 6: libvirt.VIR_IP_ADDR_TYPE_IPV6}
+    answers: List[Tuple[str, Dict[str, Any]]] = []
+    for name, option, source in sources:
+        if option not in allowed:
+            continue
+        try:
+            answers.append((name, dom.interfaceAddresses(source, 0) or {}))
+        except libvirt.libvirtError:
+            continue  # no agent, no lease support, …: try the next source
 
     def lookup(mac: str, family: int) -> Optional[Tuple[str, str]]:
-        for name, source in sources:
-            try:
-                found = dom.interfaceAddresses(source, 0) or {}
-            except libvirt.libvirtError:
-                continue  # no agent, no lease support, …: try the next source
+        for name, found in answers:
             for iface in found.values():
                 if str(iface.get("hwaddr", "")).lower() != mac:
                     continue

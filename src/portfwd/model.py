@@ -110,6 +110,7 @@ class Options:
     listen: Tuple[Listen, ...] = ()
     strict: bool = False
     localhost: bool = False
+    discover: Tuple[str, ...] = ("reservation", "lease")  # discover.DEFAULT_SOURCES
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,50 @@ class Nft:
         if rc != 0:
             raise HostError(f"nftables refused the change: {_first_lines(err)}")
 
+    def table_comment(self, table: str) -> Optional[str]:
+        """The comment of table ``inet TABLE`` ("" when it has none), None when absent.
+
+        Read from nft's terse text listing (no set elements, so cheap whatever
+        the maps hold): nftables 1.0.6 neither prints nor takes a table comment
+        in JSON. ``table`` must be a valid table name (config.TABLE_NAME).
+        """
+        _check_name(table)
+        self._nft.set_json_output(False)
+        self._nft.set_terse_output(True)
+        try:
+            rc, out, err = self._nft.cmd(f"list table inet {table}")
+        finally:
+            self._nft.set_terse_output(False)
+            self._nft.set_json_output(True)
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise HostError(f"cannot list table inet {table}: {_first_lines(err)}")
+        for line in out.splitlines()[1:]:
+            words = line.strip()
+            if words.startswith('comment "') and words.endswith('"'):
+                return str(words[9:-1])
+            if words:  # the comment comes first, before any chain, set or map
+                break
+        return ""
+
+    def create_table(self, table: str, comment: str, replace: bool = False) -> None:
+        """Create ``inet TABLE`` carrying ``comment`` (``replace``: delete it first, in
+        the same transaction). A text command, because nftables 1.0.6's JSON
+        ignores a table's comment; neither value comes from outside unchecked."""
+        _check_name(table)
+        if '"' in comment or "\n" in comment:
+            raise ValueError(f"unsafe table comment {comment!r}")
+        text = f"delete table inet {table}\n" if replace else ""
+        text += f'add table inet {table} {{ comment "{comment}"; }}'
+        self._nft.set_json_output(False)
+        try:
+            rc, _, err = self._nft.cmd(text)
+        finally:
+            self._nft.set_json_output(True)
+        if rc != 0:
+            raise HostError(f"nftables refused to create table inet {table}: {_first_lines(err)}")
+
     def list_table(self, table: str) -> Optional[List[Dict[str, Any]]]:
         """Our inet table's objects as JSON, or None when it does not exist."""
         return self.list({"table": {"family": "inet", "name": table}})
@@ -48,6 +92,12 @@ class Nft:
                 return None
             raise HostError(f"cannot list {what}: {_first_lines(err)}")
         return [o for o in out.get("nftables", []) if "metainfo" not in o]
+
+
+def _check_name(table: str) -> None:
+    if not table or not table[0].isalpha() or not all(
+            c.isascii() and (c.isalnum() or c == "_") for c in table) or len(table) > 64:
+        raise ValueError(f"unsafe table name {table!r}")
 
 
 def _first_lines(text: str, limit: int = 200) -> str:

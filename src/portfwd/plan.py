@@ -28,12 +28,16 @@ if TYPE_CHECKING:
 
 PROTOCOLS = ("tcp", "udp", "sctp")
 DEFAULT_TABLE = "portfwd"
-LAYOUT = "3"  # bump whenever skeleton() changes: tables made by another layout get rebuilt
+LAYOUT = "4"  # bump whenever skeleton() changes: tables made by another layout get rebuilt
+UNMARKED_LAYOUT = "3"  # the last layout whose tables carried no marker (see TABLE_MARK)
 HAIRPIN_SET = "hairpin"
 KINDS = ("src", "fwd", "any")  # lookup order in the chain
 PRIORITY = -105  # just before dstnat (-100): our DNAT binds first
 MARK = 0x01000000  # conntrack mark bit on every connection portfwd DNATs (see compat.py)
 COMMENT_MAX = 120
+# every table portfwd creates carries this comment; it never changes or deletes one without it
+TABLE_MARK = "portfwd:"
+TABLE_COMMENT = TABLE_MARK + " managed by portfwd (forward.toml); changes here are overwritten"
 
 
 class Binding:
@@ -212,7 +216,8 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
     ``ipv6 = False`` leaves IPv6 out, for kernels without IPv6.
     """
     families = (4, 6) if ipv6 else (4,)
-    cmds: List[Command] = [{"add": {"table": {"family": "inet", "name": table}}}]
+    cmds: List[Command] = [{"add": {"table": {"family": "inet", "name": table,
+                                              "comment": TABLE_COMMENT}}}]
     for family in families:
         for kind in KINDS:
             for what, value_type in (("ip", _addr_type(family)), ("port", "inet_service")):

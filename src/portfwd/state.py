@@ -3,6 +3,11 @@ and the compiled configuration the hook reads instead of parsing TOML.
 
 Cheap to import (only os, sys, fcntl: not even typing): the hook's fast path
 lives on it, and libvirt runs the hook for every guest and every phase.
+
+Per-guest files (``guests/NAME.json``, ``compiled/name/NAME``) are named by
+``file_name``, which fits any name libvirt allows into NAME_MAX and gives
+distinct names distinct files. Nothing reads a guest name back from a file
+name: the guest state holds it (``"guest"``).
 """
 
 from __future__ import annotations
@@ -20,9 +25,13 @@ DEFAULT_CONFIG = "/etc/portfwd/forward.toml"
 ENV_CONFIG = "PORTFWD_CONFIG"
 DEFAULT_RUN_DIR = "/run/portfwd"
 ENV_RUN_DIR = "PORTFWD_RUNDIR"
-CACHE_FORMAT = "2"
+CACHE_FORMAT = "3"  # 3: long guest names map to hashed file names
 SUMMARY = "bridges.json"  # guest → bridges its forwards lead to (see engine.py)
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+# longest per-guest file name kept as is: with ".json.tmp.PID" it stays below NAME_MAX
+# (255 bytes); longer ones become a readable prefix, "~" and a hash
+FILE_NAME_MAX = 200
+_HASHED_PREFIX = 64
 
 
 def config_path(given: Optional[str] = None) -> str:
@@ -35,38 +44,127 @@ def run_dir() -> str:
 
 
 def file_name(name: str) -> str:
-    """A guest name as a safe file name (percent-encoding anything unusual)."""
-    return "".join(ch if ch in _SAFE else "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
-                   for ch in name) or "%"
+    """A guest name (or UUID) as a file name: letters, digits, ``_`` and ``-`` kept,
+    anything else percent-encoded (``web.1`` → ``web%2E1``). Beyond FILE_NAME_MAX
+    characters: the first ~64 of that, ``~`` and 32 hex digits of the name's SHA-256.
+
+    Distinct names get distinct files: the encoding is reversible, ``~`` appears only
+    in hashed names, and two hashed names differ in 128 bits of SHA-256. Up to
+    FILE_NAME_MAX, the file names are those of earlier versions."""
+    if len(name) <= FILE_NAME_MAX and _SAFE.issuperset(name):
+        return name or "%"
+    parts = [ch if ch in _SAFE else
+             "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+             for ch in name]
+    encoded = "".join(parts)
+    if len(encoded) <= FILE_NAME_MAX:
+        return encoded
+    import hashlib  # only for long names
+
+    prefix, size = [], 0
+    for part in parts:
+        size += len(part)
+        if size > _HASHED_PREFIX:
+            break
+        prefix.append(part)
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return "".join(prefix) + "~" + digest
 
 
 def ensure_dir(path: str) -> None:
     os.makedirs(path, mode=0o700, exist_ok=True)
 
 
-class locked:
-    """``with locked():`` holds the portfwd lock: one engine run at a time on this host."""
+class LockTimeout(Exception):
+    """The lock stayed with one other process for the whole wait."""
 
-    def __init__(self, root: Optional[str] = None) -> None:
+    def __init__(self, path: str, holder: str, waited: float) -> None:
+        super().__init__(f"{path}: held by {'pid ' + holder if holder else 'another process'}"
+                         f" for {waited:g} s")
+        self.holder = holder  # its pid as /proc/locks shows it; "" if unknown
+        self.waited = waited
+
+
+class locked:
+    """``with locked():`` holds the portfwd lock: one engine run at a time on this host.
+
+    ``timeout`` (seconds) bounds the wait for any one holder: while other runs take
+    their turns (libvirtd reconnecting many guests at once) the wait goes on; when one
+    process keeps the lock that long, LockTimeout. None waits as long as it takes.
+    """
+
+    def __init__(self, root: Optional[str] = None, timeout: Optional[float] = None) -> None:
         self.root = root or run_dir()
+        self.timeout = timeout
         self.fd = -1
 
     def __enter__(self) -> None:
         ensure_dir(self.root)
         self.fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                           0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            if self.timeout is None:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            else:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    self._wait(self.timeout)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+
+    def _wait(self, timeout: float) -> None:
+        """Poll for the lock; give up when the same process held it for ``timeout``."""
+        import time
+
+        holder = lock_holder(self.fd)
+        deadline = time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            now = time.monotonic()
+            if now >= deadline:
+                current = lock_holder(self.fd)
+                if not current or current == holder:
+                    raise LockTimeout(os.path.join(self.root, "lock"), current or holder, timeout)
+                holder, deadline = current, now + timeout  # another run's turn: keep waiting
 
     def __exit__(self, kind: Optional[Type[BaseException]], value: Optional[BaseException],
                  tb: Optional[TracebackType]) -> None:
         os.close(self.fd)
+        self.fd = -1
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new file."""
+def lock_holder(fd: int) -> str:
+    """The pid holding a ``flock`` on ``fd``'s file, from /proc/locks ("" if unknown)."""
+    try:
+        st = os.fstat(fd)
+        where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; "1: -> …" waits
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == where:
+                    return fields[4]
+    except OSError:
+        pass
+    return ""
+
+
+def write_atomic(path: str, data: bytes, mode: Optional[int] = None) -> None:
+    """Replace ``path`` with ``data`` (and ``mode``) so readers see the old or the new file."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
+        if mode is not None:
+            os.fchmod(f.fileno(), mode)
     os.replace(tmp, path)
 
 

@@ -78,6 +78,8 @@ class _Scanner:
         if s.startswith(q * 3, self.i):
             end = self.i + 3
             while True:
+                if end >= len(s):  # unterminated (not TOML)
+                    raise IndexError(end)
                 if q == '"' and s[end] == "\\":
                     end += 2
                     continue
@@ -119,8 +121,9 @@ class _Scanner:
         chars: List[str] = []
         while self.s[end] != q:
             if q == '"' and self.s[end] == "\\":
-                chars.append(_unescape(self.s[end:end + 2]))
-                end += 2
+                width = {"u": 6, "U": 10}.get(self.s[end + 1], 2)  # \uXXXX, \UXXXXXXXX
+                chars.append(_unescape(self.s[end:end + width]))
+                end += width
                 continue
             chars.append(self.s[end])
             end += 1
@@ -150,11 +153,14 @@ class _Scanner:
                 if self.peek() == "]":
                     self.i += 1
                     return
+                start = self.i
                 self.value(path + (index,))
                 index += 1
                 self.skip_ws(newlines=True)
                 if self.peek() == ",":
                     self.i += 1
+                elif self.i == start:  # not TOML: give up rather than loop
+                    raise IndexError(start)
         elif ch == "{":
             self.i += 1
             while True:
@@ -162,10 +168,13 @@ class _Scanner:
                 if self.peek() == "}":
                     self.i += 1
                     return
+                start = self.i
                 self.keyval(path)
                 self.skip_ws(newlines=True)
                 if self.peek() == ",":
                     self.i += 1
+                elif self.i == start:
+                    raise IndexError(start)
         else:
             while self.i < len(self.s) and self.s[self.i] not in ",]}\n#":
                 self.i += 1
@@ -207,17 +216,81 @@ class _Scanner:
                 while self.i < len(self.s) and self.s[self.i] != "\n":
                     self.i += 1
             else:
+                start = self.i
                 self.keyval(current)
+                if self.i == start:
+                    raise IndexError(start)
 
 
 def _unescape(seq: str) -> str:
     simple = {"\\n": "\n", "\\t": "\t", '\\"': '"', "\\\\": "\\", "\\r": "\r", "\\b": "\b", "\\f": "\f"}
+    if seq[1:2] in ("u", "U"):
+        try:
+            return chr(int(seq[2:], 16))
+        except ValueError:
+            return seq[1:]
     return simple.get(seq, seq[1:])
 
 
 def locate(text: str) -> Positions:
-    """Positions of every key and value in valid TOML ``text``."""
+    """Positions of every key and value in valid TOML ``text`` (any other text
+    gives what was found, or nothing; never an exception)."""
+    scanner = _Scanner(text)
     try:
-        return _Scanner(text).document()
+        return scanner.document()
     except IndexError:  # the scanner ran off the end: keep what it found
         return Positions()
+    except RecursionError:  # nested deeper than Python recurses: what was found so far
+        return scanner.out
+
+
+def deepest(text: str, limit: int) -> Pos:
+    """Where the first array or inline table nested ``limit`` + 1 levels deep opens,
+    else the first one of the greatest depth (else 1:1); for locating a document
+    too deep to parse, so any text is accepted. Iterative: no depth is too deep."""
+    depth, best, at = 0, 0, 0
+    i, n = 0, len(text)
+    line_start = True  # nothing but blanks since the last newline
+    while i < n and best <= limit:
+        ch = text[i]
+        if ch in "\"'":
+            i = _string_end(text, i)
+        elif ch == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif ch == "[" and depth == 0 and line_start:  # a table header
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif ch in "[{":
+            depth += 1
+            if depth > best:
+                best, at = depth, i
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        if ch not in " \t\r":
+            line_start = ch == "\n"
+        i += 1
+    if best == 0:
+        return (1, 1)
+    return (text.count("\n", 0, at) + 1, at - (text.rfind("\n", 0, at) + 1) + 1)
+
+
+def _string_end(text: str, i: int) -> int:
+    """Index of the last quote of the string opening at ``i`` (or the end of ``text``)."""
+    q = text[i]
+    width = 3 if text.startswith(q * 3, i) else 1
+    j = i + width
+    while j < len(text):
+        if q == '"' and text[j] == "\\":
+            j += 2
+        elif text.startswith(q * width, j):
+            while width == 3 and text.startswith(q, j + 3):  # up to two more quotes end it
+                j += 1
+            return j + width - 1
+        elif width == 1 and text[j] == "\n":
+            return j - 1
+        else:
+            j += 1
+    return len(text)

@@ -1,0 +1,230 @@
+"""Discovered addresses are untrusted input: what a lease file, the guest agent or
+the ARP table says becomes a DNAT target only if it is this guest's unicast
+address inside its libvirt network, routed out of that network's bridge, not
+the host's own and not another guest's."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+
+from portfwd import libvirtapi
+from portfwd.discover import Resolver, duid_mac
+from portfwd.engine import _refuse_shared_discoveries
+from portfwd.plan import Binding
+from portfwd.record import GuestState
+from test_discover import DOMAIN, HOST, ROUTES, V6_NETWORK, lay_out
+
+VICTIM = "52:54:00:aa:00:02"  # web1's NIC on v6net (virbr6: 192.168.150.0/24, fd00:150::/64)
+
+
+@pytest.fixture
+def files(tmp_path: "os.PathLike[str]") -> "tuple[str, str]":
+    """The networks of test_discover, without the IPv6 reservation of web1's NIC."""
+    return lay_out(str(tmp_path), V6_NETWORK.replace(
+        "<host id='0:3:0:1:52:54:0:aa:0:2' ip='fd00:150::77'/>", ""))
+
+
+def lease_file(leases: str, entries: List[Dict[str, Any]]) -> None:
+    with open(os.path.join(leases, "virbr6.status"), "w") as f:
+        json.dump(entries, f)
+
+
+def found(files: "tuple[str, str]", family: int, **kwargs: Any) -> Tuple[Optional[str], str]:
+    nets, leases = files
+    kwargs.setdefault("routes", ROUTES)
+    kwargs.setdefault("local", HOST)
+    r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000, **kwargs)
+    return r.resolve(f"?mac={VICTIM}", family)
+
+
+@pytest.mark.parametrize("address, why", [
+    ("10.9.9.9", "outside the IPv4 prefix of network v6net"),
+    ("192.168.122.50", "outside the IPv4 prefix of network v6net"),  # another network
+    ("192.168.150.1", "an address of the host itself"),
+    ("127.0.0.1", "not a unicast address"),
+    ("169.254.1.1", "not a unicast address"),
+    ("224.0.0.1", "not a unicast address"),
+    ("192.168.150.0", "the network or broadcast address of network v6net"),
+    ("192.168.150.255", "the network or broadcast address of network v6net"),
+    ("fe80::1", "not a unicast address"),
+    ("::1", "not a unicast address"),
+    ("ff02::1", "not a unicast address"),
+    ("2001:db8::5", "outside the IPv6 prefix of network v6net"),
+    ("fd00:150::1", "an address of the host itself"),
+])
+def test_crafted_lease_addresses_are_refused(files: "tuple[str, str]", address: str,
+                                             why: str) -> None:
+    lease_file(files[1], [{"ip-address": address, "mac-address": VICTIM, "expiry-time": 3000}])
+    got, reason = found(files, 6 if ":" in address else 4)
+    assert got is None
+    assert reason.startswith(f"refused {address} from lease on virbr6: {why}")
+
+
+def test_a_good_lease_is_taken(files: "tuple[str, str]") -> None:
+    lease_file(files[1], [{"ip-address": "192.168.150.10", "mac-address": VICTIM,
+                           "expiry-time": 3000}])
+    assert found(files, 4) == ("192.168.150.10", "lease on virbr6")
+
+
+def test_address_not_routed_out_of_the_bridge_is_refused(files: "tuple[str, str]") -> None:
+    """An address inside the network's prefix that the host routes elsewhere (a more
+    specific route someone added) is not the guest's."""
+    from portfwd.hostnet import RouteTable
+
+    routes = RouteTable(
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+        "virbr6\t0096A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+        "eth9\t0A96A8C0\t00000000\t0001\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n", "")
+    lease_file(files[1], [{"ip-address": "192.168.150.10", "mac-address": VICTIM,
+                           "expiry-time": 3000}])
+    got, why = found(files, 4, routes=routes)
+    assert got is None and "routed out of eth9, not bridge virbr6" in why
+
+
+def test_ipv6_lease_of_another_mac_whose_client_id_ends_with_the_victims_mac(
+        files: "tuple[str, str]") -> None:
+    """The attacker's DHCPv6 client-id is its own choice: a DUID-LL ending in the
+    victim's MAC must not make the victim's forward lead to the attacker."""
+    lease_file(files[1], [
+        {"ip-address": "fd00:150::666", "mac-address": "52:54:00:66:66:66", "iaid": "1",
+         "client-id": "00:03:00:01:" + VICTIM, "expiry-time": 3000},
+        {"ip-address": "fd00:150::667", "iaid": "1",  # no MAC known: the DUID alone decides
+         "client-id": "00:03:00:01:" + VICTIM, "expiry-time": 3000},
+        {"ip-address": "fd00:150::668", "mac-address": "52:54:00:66:66:66", "iaid": "1",
+         "client-id": "ff:00:00:00:00:03:00:01:" + VICTIM, "expiry-time": 3000},
+    ])
+    got, why = found(files, 6)
+    assert got is None and why == f"no IPv6 address yet for NIC {VICTIM} on network v6net"
+    # the victim's own lease (the MAC dnsmasq saw) is found
+    lease_file(files[1], [{"ip-address": "fd00:150::10", "mac-address": VICTIM, "iaid": "9",
+                           "client-id": "00:04:aa:bb", "expiry-time": 3000}])
+    assert found(files, 6) == ("fd00:150::10", "lease on virbr6")
+
+
+def test_ipv6_lease_by_a_duid_the_network_reserves(files: "tuple[str, str]") -> None:
+    nets, leases = files
+    with open(os.path.join(nets, "v6net.xml"), "w") as f:
+        f.write(V6_NETWORK.replace("<host id='0:3:0:1:52:54:0:aa:0:2' ip='fd00:150::77'/>",
+                                   "<host id='0:4:1:2:3:4' name='web1' ip='fd00:150::42'/>"))
+    lease_file(leases, [{"ip-address": "fd00:150::42", "iaid": "1", "client-id": "00:04:01:02:03:04",
+                         "expiry-time": 3000}])
+    assert found(files, 6) == ("fd00:150::42", "reservation on network v6net")
+    # with reservations left out of [options] discover, the lease of that DUID is found
+    assert found(files, 6, sources=("lease",)) == ("fd00:150::42", "lease on virbr6")
+
+
+def test_duid_mac_reads_only_whole_link_layer_addresses() -> None:
+    assert duid_mac("0:3:0:1:52:54:0:aa:0:2") == VICTIM
+    assert duid_mac("00:01:00:01:2a:2b:2c:2d:52:54:00:aa:00:02") == VICTIM  # DUID-LLT
+    assert duid_mac("ff:00:03:00:01:52:54:00:aa:00:02") is None
+    assert duid_mac("00:02:00:00:00:09:52:54:00:aa:00:02") is None  # DUID-EN
+    assert duid_mac("zz") is None
+
+
+def test_address_reserved_for_another_mac_or_used_by_another_guest(
+        files: "tuple[str, str]") -> None:
+    nets, leases = files
+    with open(os.path.join(nets, "v6net.xml"), "w") as f:
+        f.write(V6_NETWORK.replace("<range", "<host mac='52:54:00:77:77:77' ip='192.168.150.77'/>"
+                                             "<range").replace("family='ipv6' ", "family='ipv6' "))
+    # the reservation sits in the IPv6 <dhcp>, which does not reserve IPv4: use the v4 <ip>
+    with open(os.path.join(nets, "v6net.xml"), "w") as f:
+        f.write(V6_NETWORK.replace("<ip address='192.168.150.1' prefix='24'/>",
+                                   "<ip address='192.168.150.1' prefix='24'><dhcp>"
+                                   "<host mac='52:54:00:77:77:77' ip='192.168.150.77'/>"
+                                   "</dhcp></ip>"))
+    lease_file(leases, [{"ip-address": "192.168.150.77", "mac-address": VICTIM,
+                         "expiry-time": 3000}])
+    got, why = found(files, 4)
+    assert got is None and "reserved on network v6net for MAC 52:54:00:77:77:77" in why
+    lease_file(leases, [{"ip-address": "192.168.150.30", "mac-address": VICTIM,
+                         "expiry-time": 3000}])
+    nets, leases = files
+    r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000,
+                 routes=ROUTES, local=HOST)
+    r.claimed = {"192.168.150.30": "db1"}
+    got, why = r.resolve(f"?mac={VICTIM}", 4)
+    assert got is None and why.endswith("the address of guest db1")
+
+
+def test_a_newer_lease_of_another_client_on_the_same_address_wins(
+        files: "tuple[str, str]") -> None:
+    lease_file(files[1], [
+        {"ip-address": "192.168.150.10", "mac-address": VICTIM, "expiry-time": 2000},
+        {"ip-address": "192.168.150.10", "mac-address": "52:54:00:66:66:66", "expiry-time": 3000},
+    ])
+    assert found(files, 4)[0] is None
+
+
+def test_two_running_guests_discovering_one_address_get_neither() -> None:
+    def state(guest: str, target: str, discovered: bool) -> GuestState:
+        b = Binding("any", 4, ("tcp", 80 if guest == "a" else 81), target, 80, guest, guest)
+        return GuestState(guest, None, "portfwd", [b], [],
+                          {target: "lease on virbr6"} if discovered else {})
+
+    wanted = {"a": state("a", "192.168.150.10", True), "b": state("b", "192.168.150.10", True),
+              "c": state("c", "192.168.150.11", True)}
+    _refuse_shared_discoveries(wanted)
+    assert [len(wanted[g].bindings) for g in "abc"] == [0, 0, 1]
+    assert wanted["a"].pending[0][1] == ("refused 192.168.150.10 from lease on virbr6: also the"
+                                         " address of guest b")
+
+
+class FakeLibvirt:
+    """The constants of libvirt-python's interfaceAddresses, and its error type."""
+
+    VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE = 0
+    VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT = 1
+    VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP = 2
+    VIR_IP_ADDR_TYPE_IPV4 = 0
+    VIR_IP_ADDR_TYPE_IPV6 = 1
+
+    class libvirtError(Exception):
+        pass
+
+
+class FakeDomain:
+    """A domain whose agent claims an address: what libvirt would pass on."""
+
+    def __init__(self) -> None:
+        self.asked: List[int] = []
+
+    def interfaceAddresses(self, source: int, flags: int) -> Dict[str, Any]:
+        self.asked.append(source)
+        if source != FakeLibvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT:
+            return {}
+        return {"eth0": {"hwaddr": VICTIM, "addrs": [{"type": 0, "addr": "192.168.150.99"}]}}
+
+
+@pytest.mark.parametrize("allowed, expected", [
+    (("reservation", "lease"), None),
+    (("reservation", "lease", "agent"), ("192.168.150.99", "guest agent")),
+])
+def test_agent_and_arp_are_asked_only_when_listed(allowed: Tuple[str, ...],
+                                                  expected: Optional[Tuple[str, str]]) -> None:
+    dom = FakeDomain()
+    lookup = libvirtapi._lookup(FakeLibvirt, dom, allowed)
+    assert lookup(VICTIM, 4) == expected
+    assert (FakeLibvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT in dom.asked) == ("agent" in allowed)
+    assert FakeLibvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP not in dom.asked
+    calls = len(dom.asked)
+    lookup(VICTIM, 6)
+    assert len(dom.asked) == calls  # asked once, up front: never later, under the lock
+
+
+def test_a_host_port_two_running_guests_claim_stays_with_the_first() -> None:
+    from portfwd.engine import _refuse_shared_keys
+
+    def state(guest: str) -> GuestState:
+        b = Binding("fwd", 4, ("203.0.113.1", "tcp", 8080), "192.168.150.10", 80, guest, guest)
+        return GuestState(guest, None, "portfwd", [b])
+
+    wanted = {"web2": state("web2"), "web1": state("web1")}
+    _refuse_shared_keys(wanted)
+    assert [len(wanted[g].bindings) for g in ("web1", "web2")] == [1, 0]
+    assert wanted["web2"].pending[0][1].startswith(
+        "host port 203.0.113.1:8080/tcp is held by guest web1")
