@@ -350,13 +350,21 @@ class Engine:
         A binding of another guest whose key ``new`` now claims (left from an
         earlier configuration) gives way to the current configuration.
         """
-        claimed = {(b.kind, b.family, b.key) for b in new}
+        claimed: Dict[Tuple[Any, ...], List[Tuple[int, int]]] = {}
+        for b in new:
+            claimed.setdefault((b.kind, b.family) + tuple(b.key[:-1]), []).append(b.span())
+
+        def free(b: Binding) -> bool:
+            first, last = b.span()
+            return not any(lo <= last and first <= hi
+                           for lo, hi in claimed.get((b.kind, b.family) + tuple(b.key[:-1]), []))
+
         everything = list(new)
         changed: List[GuestState] = []
         for st in self.all_states():
             if st.guest == name or st.table != table:
                 continue
-            kept = [b for b in st.bindings if (b.kind, b.family, b.key) not in claimed]
+            kept = [b for b in st.bindings if free(b)]
             if len(kept) != len(st.bindings):
                 log.warning(f"guest {st.guest}: {len(st.bindings) - len(kept)} forward(s) from an"
                             f" earlier configuration now belong to guest {name}")

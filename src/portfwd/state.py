@@ -20,7 +20,7 @@ DEFAULT_CONFIG = "/etc/portfwd/forward.toml"
 ENV_CONFIG = "PORTFWD_CONFIG"
 DEFAULT_RUN_DIR = "/run/portfwd"
 ENV_RUN_DIR = "PORTFWD_RUNDIR"
-CACHE_FORMAT = "2"
+CACHE_FORMAT = "3"  # 3: a range with equal ports is one template
 SUMMARY = "bridges.json"  # guest → bridges its forwards lead to (see engine.py)
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
