@@ -12,6 +12,8 @@ from netlab import Lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOOK = os.path.join(ROOT, "hook", "qemu")
+# DNAT rules per nat chain: 3 kinds (src, fwd, any) x (single ports, ranges) x 2 families
+DNAT_RULES = 12
 NETWORK_HOOK = os.path.join(ROOT, "hook", "network")
 
 

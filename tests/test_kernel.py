@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from netlab import CLIENT4, CLIENT6, GUEST4, GUEST6, HOST4, HOST6, Lab
-from pfhost import PortfwdHost, web1_config
+from pfhost import DNAT_RULES, PortfwdHost, web1_config
 
 pytestmark = pytest.mark.kernel
 
@@ -39,7 +39,7 @@ def test_started_then_reconnect_leaves_one_copy_that_works(served: Lab, pf: Port
     first = pf.table()
     assert pf.hook("web1", "reconnect").returncode == 0
     assert pf.table() == first
-    assert len(pf.rules()) == 6
+    assert len(pf.rules()) == DNAT_RULES
     for host in (HOST4, HOST6):
         assert served.reach("tcp", host, 8080) is not None
 

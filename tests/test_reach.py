@@ -223,3 +223,30 @@ def test_ipv6_disabled(rlab: ReachLab, pf: PortfwdHost, where: str) -> None:
     assert pf.hook("web1", "reconnect").returncode == 0
     assert pf.hook("web1", "stopped", "end").returncode == 0
     assert pf.elements() == {}
+
+
+def test_ranges_from_the_host_another_guest_and_localhost(lab: ReachLab, pf: PortfwdHost) -> None:
+    """A range kept as one element is reached like a single port: from the host
+    itself (chain output), from another guest of the bridge (hairpin) and, with
+    localhost = true, through 127.0.0.1."""
+    h = lab.host
+    if lab.ns(h, "test", "-e", "/proc/sys/net/bridge/bridge-nf-call-iptables",
+              check=False).returncode == 0:  # a plain bridge, as on a libvirt host
+        lab.ns(h, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0",
+               "net.bridge.bridge-nf-call-ip6tables=0")
+    lab.serve("tcp", [6000, 6003])
+    lab.serve("udp", [5000])
+    pf.write_config("[options]\nlocalhost = true\n" + web1_config("6000-6003", "5000-5003/udp"))
+    assert pf.hook("web1", "started").returncode == 0
+    for port in (6000, 6003):
+        assert lab.reach("tcp", HOST4, port, ns=h) == f"tcp {port} {HOST4}"
+        assert lab.reach("tcp", HOST6, port, ns=h) == f"tcp {port} {HOST6}"
+        assert lab.reach("tcp", HOST4, port, ns=lab.guest2) == f"tcp {port} {BRIDGE4}"
+        assert lab.reach("tcp", HOST6, port, ns=lab.guest2) == f"tcp {port} {BRIDGE6}"
+        assert lab.reach("tcp", "127.0.0.1", port, ns=h) == f"tcp {port} {BRIDGE4}"
+    assert lab.reach("udp", HOST4, 5000, ns=lab.guest3) == f"udp 5000 {GUEST3_4}"
+    assert lab.reach("udp", "127.0.0.1", 5000, ns=h) == f"udp 5000 {BRIDGE4}"
+    assert lab.probe("tcp", "127.0.0.1", 6004, ns=h) is None
+    assert pf.hook("web1", "stopped", "end").returncode == 0
+    assert lab.probe("tcp", "127.0.0.1", 6000, ns=h) is None
+    assert lab.probe("tcp", HOST4, 6000, ns=h) is None

@@ -421,23 +421,33 @@ class Engine:
         expand to one address): the newcomer's binding waits. A binding left from an
         earlier configuration gives way to the current one.
         """
-        holders: Dict[Tuple[Any, ...], str] = {}
-        everything: List[Binding] = []
-        changed: List[GuestState] = []
+        # ranges: a port slot is kind, family and the key without its port(s)
+        held: Dict[Tuple[Any, ...], List[Tuple[int, int, str]]] = {}
         others = [st for st in self.all_states() if st.guest != name and st.table == table]
         for st in others:
             for b in st.bindings:
-                holders[(b.kind, b.family, b.key)] = st.guest
+                held.setdefault(_slot(b), []).append(b.span() + (st.guest,))
         taken: List[Tuple[Binding, str]] = []
         for b in new:
-            holder = holders.get((b.kind, b.family, b.key))
+            first, last = b.span()
+            holder = next((g for lo, hi, g in held.get(_slot(b), []) if lo <= last and first <= hi),
+                          None)
             if holder is not None and self._still_claims(holder, b):
                 taken.append((b, holder))
         lost = {b for b, _ in taken}
-        mine = {(b.kind, b.family, b.key) for b in new if b not in lost}
-        everything += [b for b in new if b not in lost]
+        mine: Dict[Tuple[Any, ...], List[Tuple[int, int]]] = {}
+        for b in new:
+            if b not in lost:
+                mine.setdefault(_slot(b), []).append(b.span())
+
+        def free(b: Binding) -> bool:
+            first, last = b.span()
+            return not any(lo <= last and first <= hi for lo, hi in mine.get(_slot(b), []))
+
+        everything: List[Binding] = [b for b in new if b not in lost]
+        changed: List[GuestState] = []
         for st in others:
-            kept = [b for b in st.bindings if (b.kind, b.family, b.key) not in mine]
+            kept = [b for b in st.bindings if free(b)]
             if len(kept) != len(st.bindings):
                 log.warning(f"guest {st.guest}: {len(st.bindings) - len(kept)} forward(s) from an"
                             f" earlier configuration now belong to guest {name}")
@@ -458,8 +468,13 @@ class Engine:
         hit = self.cached(guest, st.uuid if st else None)
         if hit is None:
             return True  # cannot tell: the holder keeps what it has
-        return any(t[0] == b.kind and t[1] == b.family and tuple(t[2][-2:]) == b.key[-2:]
-                   for t in hit[2])
+        first, last = b.span()
+        for t in hit[2]:
+            lo, _, hi = str(t[2][-1]).partition("-")
+            if (t[0] == b.kind and t[1] == b.family and t[2][-2] == b.key[-2]
+                    and int(lo) <= last and first <= int(hi or lo)):
+                return True
+        return False
 
     def remove_guest(self, name: str) -> int:
         """Remove what was applied for this guest; returns how many bindings."""
@@ -658,16 +673,25 @@ def _refuse_shared_discoveries(wanted: Dict[str, GuestState]) -> None:
         st.bindings = keep
 
 
+def _slot(b: Binding) -> Tuple[Any, ...]:
+    """What two bindings must share to compete for host ports: all but the port(s)."""
+    return (b.kind, b.family) + tuple(b.key[:-1])
+
+
 def _refuse_shared_keys(wanted: Dict[str, GuestState]) -> None:
-    """A host port two guests claim after their listen interfaces were expanded to
-    addresses (invisible in the file alone): the first guest by name keeps it."""
-    holders: Dict[Tuple[Any, ...], str] = {}
+    """Host ports two guests claim after their listen interfaces were expanded to
+    addresses (invisible in the file alone): the first guest by name keeps them."""
+    held: Dict[Tuple[Any, ...], List[Tuple[int, int, str]]] = {}
     for name in sorted(wanted):
         st = wanted[name]
         keep = []
         for b in st.bindings:
-            holder = holders.setdefault((b.kind, b.family, b.key), name)
-            if holder == name:
+            first, last = b.span()
+            spans = held.setdefault(_slot(b), [])
+            holder = next((g for lo, hi, g in spans if g != name and lo <= last and first <= hi),
+                          None)
+            if holder is None:
+                spans.append((first, last, name))
                 keep.append(b)
             else:
                 st.pending.append((b, f"host port {plan.listen_text(b)}/{b.proto} is held by"

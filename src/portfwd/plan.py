@@ -6,11 +6,17 @@ Imports neither nftables nor libvirt. The table layout, per family F (4, 6):
 - ``anyF_ip``/``anyF_port``: protocol . port → …, for forwards on every local address
 - ``srcF_ip``/``srcF_port``: listen prefix . source prefix . protocol . port → …,
   interval maps for forwards with a ``from`` list (listen 0/0 = every address)
+- ``fwdF_range``, ``anyF_range``, ``srcF_range``: the same keys with a port
+  *interval* → guest address only, for ranges whose host and guest ports are
+  equal: one element per range, and the DNAT keeps the destination port
 
-One rule per map pair in chain ``prerouting`` DNATs through both maps, so the
-cost per packet does not grow with the number of forwards. nftables 1.0.6
-cannot declare a map with a concatenated value through JSON, hence the
-address and port maps side by side.
+One rule per map pair (and one per range map) in chain ``prerouting`` DNATs
+through them, so the cost per packet does not grow with the number of
+forwards. nftables 1.0.6 cannot declare a map with a concatenated value
+through JSON, hence the address and port maps side by side. It cannot shift a
+port range either (the kernel's NAT port offset, iptables' ``DNAT
+--to-destination A:B-C/BASE``), so a range whose guest ports differ from its
+host ports is stored port by port (``portspec.SHIFTED_MAX`` ports at most).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ if TYPE_CHECKING:
 
     KeyPart = Union[str, int]
     Command = Dict[str, Any]
-    # a binding without its guest: (kind, family, key, target, port, where)
+    # a binding without its guest: (kind, family, key, target, port, where); the key
+    # ends with the host port, or with "FIRST-LAST" for a range kept as one element
     Template = Tuple[str, int, Tuple[KeyPart, ...], str, int, str]
 
 PROTOCOLS = ("tcp", "udp", "sctp")
@@ -41,7 +48,9 @@ TABLE_COMMENT = TABLE_MARK + " managed by portfwd (forward.toml); changes here a
 
 
 class Binding:
-    """One host port of one forward: a key and its DNAT target.
+    """One host port of one forward, or one range of host ports forwarded to the
+    same guest ports (the key ends with ``"FIRST-LAST"``, ``port`` is FIRST): a
+    key and its DNAT target.
 
     A plain class, not a dataclass: the hook imports this module on every
     guest start, and ``dataclasses`` alone costs more than the start itself.
@@ -76,8 +85,30 @@ class Binding:
         return str(self.key[-2])
 
     @property
+    def is_range(self) -> bool:
+        """One element for a whole range (host port = guest port), in the ``range`` maps."""
+        return isinstance(self.key[-1], str)
+
+    @property
     def host_port(self) -> int:
-        return int(self.key[-1])
+        """The (first) host port."""
+        last = self.key[-1]
+        return int(last.partition("-")[0]) if isinstance(last, str) else int(last)
+
+    @property
+    def host_ports(self) -> str:
+        """``"80"`` or ``"1024-65535"``."""
+        return str(self.key[-1])
+
+    @property
+    def guest_ports(self) -> str:
+        """The guest port(s): a range keeps its ports."""
+        return str(self.key[-1]) if self.is_range else str(self.port)
+
+    def span(self) -> Tuple[int, int]:
+        """(first, last) host port."""
+        first, _, last = str(self.key[-1]).partition("-")
+        return int(first), int(last or first)
 
     @property
     def listen(self) -> str:
@@ -126,16 +157,23 @@ def templates(forwards: Iterable[Forward]) -> List[Template]:
                 # an interface name stands as "@NAME" until the hook finds its addresses
                 listen = [f"@{a}" if isinstance(a, str) else str(a) for a in pf.listen
                           if isinstance(a, str) or a.version == family]
+                rng = pf.ports
+                if rng.count > 1 and rng.guest_first == rng.host_first:
+                    # one interval element; the DNAT leaves the port as it is
+                    pairs: List[Tuple[KeyPart, int]] = [(f"{rng.host_first}-{rng.host_last}",
+                                                          rng.guest_first)]
+                else:
+                    pairs = list(rng.pairs())
                 if family == 4 and pf.localhost:
                     if not pf.listen:  # every address: that one needs its own key
-                        for host_port, guest_port in pf.ports.pairs():
+                        for host_port, guest_port in pairs:
                             for key, kind in _keys(family, ["127.0.0.1"], sources,
-                                                   pf.ports.proto, host_port):
+                                                   rng.proto, host_port):
                                 out.append((kind, family, key, target, guest_port, where))
                     else:
                         listen.append("127.0.0.1")
-                for host_port, guest_port in pf.ports.pairs():
-                    for key, kind in _keys(family, listen, sources, pf.ports.proto, host_port):
+                for host_port, guest_port in pairs:
+                    for key, kind in _keys(family, listen, sources, rng.proto, host_port):
                         out.append((kind, family, key, target, guest_port, where))
     return out
 
@@ -153,7 +191,7 @@ def bind(items: Iterable[Template], guest_name: str) -> List[Binding]:
 
 
 def _keys(family: int, listen: List[str], sources: List[str], proto: str,
-          port: int) -> List[Tuple[Tuple[KeyPart, ...], str]]:
+          port: KeyPart) -> List[Tuple[Tuple[KeyPart, ...], str]]:
     if sources:
         host_len = 32 if family == 4 else 128
         everywhere = "0.0.0.0/0" if family == 4 else "::/0"
@@ -220,11 +258,12 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
                                               "comment": TABLE_COMMENT}}}]
     for family in families:
         for kind in KINDS:
-            for what, value_type in (("ip", _addr_type(family)), ("port", "inet_service")):
+            for what, value_type in (("ip", _addr_type(family)), ("port", "inet_service"),
+                                     ("range", _addr_type(family))):
                 spec: Dict[str, Any] = {"family": "inet", "table": table,
                                         "name": map_name(kind, family, what),
                                         "type": _key_types(kind, family), "map": value_type}
-                if kind == "src":
+                if kind == "src" or what == "range":
                     spec["flags"] = ["interval"]
                 cmds.append({"add": {"map": spec}})
     cmds.append({"add": {"set": {"family": "inet", "table": table, "name": HAIRPIN_SET,
@@ -244,12 +283,16 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
                                  "expr": expr, "comment": comment}}}
 
     for family in families:
-        for kind in KINDS:
-            cmds.append(rule("prerouting", _dnat_rule(kind, family), f"portfwd {kind}{family}"))
-            out = _dnat_rule(kind, family)
+        # single ports first, as before; a range and a single port never share a port
+        # (the configuration refuses that), so the order decides nothing else
+        for kind, ranges in [(k, False) for k in KINDS] + [(k, True) for k in KINDS]:
+            name = f"{kind}{family}" + (" ranges" if ranges else "")
+            build = _range_rule if ranges else _dnat_rule
+            cmds.append(rule("prerouting", build(kind, family), f"portfwd {name}"))
+            out = build(kind, family)
             if kind != "fwd":  # only keys naming 127.0.0.1 itself reach loopback
                 out.insert(1, _not_loopback(family))
-            cmds.append(rule("output", out, f"portfwd {kind}{family} from the host"))
+            cmds.append(rule("output", out, f"portfwd {name} from the host"))
     mark = {"ct": {"key": "mark"}}
     ours = {"match": {"op": "==", "left": {"&": [mark, MARK]}, "right": MARK}}
     cmds.append(rule("postrouting", [
@@ -310,12 +353,36 @@ def _dnat_rule(kind: str, family: int) -> List[Dict[str, Any]]:
     ]
 
 
+def _range_rule(kind: str, family: int) -> List[Dict[str, Any]]:
+    """DNAT to the address of an equal-port range; the destination port stays.
+    The map lookup comes before ``fib``: a packet no range matches skips the
+    route lookup."""
+    exprs = _key_exprs(kind, family)
+    key = exprs[0] if len(exprs) == 1 else {"concat": exprs}
+    mark = {"ct": {"key": "mark"}}
+    return [
+        {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
+                   "right": "ipv4" if family == 4 else "ipv6"}},
+        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
+                   "right": {"set": list(PROTOCOLS)}}},
+        {"match": {"op": "==", "left": key, "right": "@" + map_name(kind, family, "range")}},
+        {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
+                   "right": "local"}},
+        {"mangle": {"key": mark, "value": {"|": [mark, MARK]}}},
+        {"dnat": {"family": "ip" if family == 4 else "ip6",
+                  "addr": {"map": {"key": key, "data": "@" + map_name(kind, family, "range")}}}},
+    ]
+
+
 def _key_json(b: Binding) -> Dict[str, Any]:
     parts: List[Any] = []
     for i, part in enumerate(b.key):
         if b.kind == "src" and i < 2:
             addr, _, length = str(part).partition("/")
             parts.append({"prefix": {"addr": addr, "len": int(length)}})
+        elif isinstance(part, str) and i == len(b.key) - 1:  # "FIRST-LAST"
+            first, last = b.span()
+            parts.append({"range": [first, last]})
         else:
             parts.append(part)
     return {"concat": parts}
@@ -326,7 +393,9 @@ def _elements(table: str, bindings: Iterable[Binding], op: str) -> List[Command]
     grouped: Dict[str, List[Any]] = {}
     for b in bindings:
         key = _key_json(b)
-        for what, value in (("ip", b.target), ("port", b.port)):
+        values: Tuple[Tuple[str, Any], ...] = ((("range", b.target),) if b.is_range
+                                               else (("ip", b.target), ("port", b.port)))
+        for what, value in values:
             name = map_name(b.kind, b.family, what)
             if op == "delete":
                 grouped.setdefault(name, []).append(key)
@@ -351,7 +420,7 @@ def guest_update(table: str, old: Sequence[Binding], new: Sequence[Binding]) -> 
 def full_rebuild(table: str, bindings: Sequence[Binding]) -> List[Command]:
     """One transaction: the table holds exactly ``bindings`` afterwards."""
     flushes = [{"flush": {"map": {"family": "inet", "table": table, "name": map_name(k, f, w)}}}
-               for f in (4, 6) for k in KINDS for w in ("ip", "port")]
+               for f in (4, 6) for k in KINDS for w in ("ip", "port", "range")]
     return skeleton(table) + flushes + _elements(table, bindings, "add")
 
 
@@ -367,7 +436,7 @@ def parse_selector(target: str) -> Tuple[str, str]:
     return fields.get("mac", ""), fields.get("suffix", "")
 
 
-def target_text(target: str, family: int, port: int) -> str:
+def target_text(target: str, family: int, port: Union[int, str]) -> str:
     """``192.0.2.1:80``, ``[2001:db8::1]:80``, or what a discovered address will be."""
     if target.startswith("?"):
         mac, suffix = parse_selector(target)
@@ -380,7 +449,7 @@ def describe(bindings: Sequence[Binding]) -> List[str]:
     """Human-readable lines, one per binding, for --dry-run."""
     lines = []
     for b in sorted(bindings, key=lambda b: (b.guest, b.family, b.proto, b.host_port, b.listen)):
-        target = target_text(b.target, b.family, b.port)
+        target = target_text(b.target, b.family, b.guest_ports)
         lines.append(f"{b.guest}\t{b.proto}\t{listen_text(b)} -> {target}\tfrom {b.sources}"
                      f"\t# {b.comment}")
     return lines
@@ -392,6 +461,6 @@ def listen_text(b: Binding) -> str:
         listen = "*" if b.family == 4 else "[*]"
     elif b.family == 6:
         listen = f"[{listen}]"
-    return f"{listen}:{b.host_port}"
+    return f"{listen}:{b.host_ports}"
 
 

@@ -8,6 +8,12 @@ from .model import PortRange
 from .plan import PROTOCOLS
 
 
+# nftables 1.0.6 cannot shift a port range in one element (the kernel's NAT port
+# offset is out of its reach), so a range whose guest ports differ from its host
+# ports costs one element per port; beyond this many the hook grows slow and big.
+SHIFTED_MAX = 1024
+
+
 class PortSpecError(ValueError):
     """A port spec is malformed; the message says how to write it."""
 
@@ -46,6 +52,13 @@ def make_range(proto: str, host: Tuple[int, int], guest: Tuple[int, int], spec: 
         raise PortSpecError(
             f"{spec!r}: host range has {host_len + 1} ports, guest range {guest_len + 1};"
             " ranges must be of equal length")
+    count = host_len + 1
+    if host[0] != guest[0] and count > SHIFTED_MAX:
+        raise PortSpecError(
+            f"{spec!r}: a range whose guest ports differ from its host ports holds at most"
+            f" {SHIFTED_MAX} ports, this one {count}: nftables cannot shift a port range,"
+            " so each of its ports would be an element of its own; forward the same ports"
+            f" on both sides (\"{guest[0]}-{guest[1]}\" is one element), or split it")
     return PortRange(proto, host[0], host[1], guest[0])
 
 

@@ -25,7 +25,7 @@ DEFAULT_CONFIG = "/etc/portfwd/forward.toml"
 ENV_CONFIG = "PORTFWD_CONFIG"
 DEFAULT_RUN_DIR = "/run/portfwd"
 ENV_RUN_DIR = "PORTFWD_RUNDIR"
-CACHE_FORMAT = "3"  # 3: long guest names map to hashed file names
+CACHE_FORMAT = "3"  # 3: long guest names map to hashed file names; a range is one template
 SUMMARY = "bridges.json"  # guest → bridges its forwards lead to (see engine.py)
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 # longest per-guest file name kept as is: with ".json.tmp.PID" it stays below NAME_MAX

@@ -11,15 +11,22 @@ if TYPE_CHECKING:
 
 
 def row(b: Binding, status: str, address_from: str = "") -> Dict[str, str]:
-    target = plan.target_text(b.target, b.family, b.port)
+    """One row per binding: a range kept as one element is one row."""
+    target = plan.target_text(b.target, b.family, b.guest_ports)
     return {"guest": b.guest, "proto": b.proto, "listen": plan.listen_text(b), "target": target,
             "sources": b.sources, "state": status, "address_from": address_from,
             "comment": b.comment}
 
 
 def live_state(b: Binding, maps: Dict[str, Dict[Tuple[Any, ...], Any]]) -> str:
-    ip = maps.get(plan.map_name(b.kind, b.family, "ip"), {}).get(_norm_key(b))
-    port = maps.get(plan.map_name(b.kind, b.family, "port"), {}).get(_norm_key(b))
+    key = _norm_key(b)
+    if b.is_range:
+        ip = maps.get(plan.map_name(b.kind, b.family, "range"), {}).get(key)
+        if ip is None:
+            return "missing"
+        return "active" if str(ip) == b.target else f"differs (table: {ip})"
+    ip = maps.get(plan.map_name(b.kind, b.family, "ip"), {}).get(key)
+    port = maps.get(plan.map_name(b.kind, b.family, "port"), {}).get(key)
     if ip is None or port is None:
         return "missing"
     if str(ip) != b.target or int(port) != b.port:
@@ -32,13 +39,15 @@ def _norm_key(b: Binding) -> Tuple[Any, ...]:
 
 
 def live_elements(objects: Sequence[Dict[str, Any]]) -> Dict[str, Dict[Tuple[Any, ...], Any]]:
-    """Map name → {normalised key: value} from a JSON table listing."""
+    """Map name → {normalised key: value} from a JSON table listing: the keys as
+    bindings write them (``src`` addresses as prefixes, a port interval as
+    ``"FIRST-LAST"``)."""
     out: Dict[str, Dict[Tuple[Any, ...], Any]] = {}
     for obj in objects:
         m = obj.get("map")
         if not m:
             continue
-        interval = "interval" in m.get("flags", [])
+        prefixes = m["name"].startswith("src")
         full = 32 if m["name"][3] == "4" else 128
         elems: Dict[Tuple[Any, ...], Any] = {}
         for key, value in m.get("elem", []):
@@ -49,7 +58,13 @@ def live_elements(objects: Sequence[Dict[str, Any]]) -> Dict[str, Dict[Tuple[Any
             for i, part in enumerate(parts):
                 if isinstance(part, dict) and "prefix" in part:
                     norm.append(f"{part['prefix']['addr']}/{part['prefix']['len']}")
-                elif interval and i < 2:
+                elif isinstance(part, dict) and "range" in part:
+                    first, last = part["range"]
+                    if prefixes and i < 2:  # an address range: not what portfwd writes
+                        norm.append(f"{first}-{last}")
+                    else:
+                        norm.append(str(first) if first == last else f"{first}-{last}")
+                elif prefixes and i < 2:
                     norm.append(f"{part}/{full}")
                 else:
                     norm.append(str(part))
