@@ -228,3 +228,17 @@ def test_a_host_port_two_running_guests_claim_stays_with_the_first() -> None:
     assert [len(wanted[g].bindings) for g in ("web1", "web2")] == [1, 0]
     assert wanted["web2"].pending[0][1].startswith(
         "host port 203.0.113.1:8080/tcp is held by guest web1")
+
+
+def test_a_range_and_a_port_inside_it_claimed_at_run_time_stay_with_one_guest() -> None:
+    from portfwd.engine import _refuse_shared_keys
+
+    def state(guest: str, port: "int | str") -> GuestState:
+        b = Binding("fwd", 4, ("203.0.113.1", "tcp", port), "192.168.150.10",
+                    int(str(port).split("-")[0]), guest, guest)
+        return GuestState(guest, None, "portfwd", [b])
+
+    wanted = {"a": state("a", "5000-5010"), "b": state("b", 5005), "c": state("c", 5011)}
+    _refuse_shared_keys(wanted)
+    assert [len(wanted[g].bindings) for g in "abc"] == [1, 0, 1]
+    assert "is held by guest a" in wanted["b"].pending[0][1]
