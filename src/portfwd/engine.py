@@ -421,33 +421,25 @@ class Engine:
         expand to one address): the newcomer's binding waits. A binding left from an
         earlier configuration gives way to the current one.
         """
-        # ranges: a port slot is kind, family and the key without its port(s)
-        held: Dict[Tuple[Any, ...], List[Tuple[int, int, str]]] = {}
+        held = _Claims()
         others = [st for st in self.all_states() if st.guest != name and st.table == table]
         for st in others:
             for b in st.bindings:
-                held.setdefault(_slot(b), []).append(b.span() + (st.guest,))
+                held.add(b, st.guest)
         taken: List[Tuple[Binding, str]] = []
         for b in new:
-            first, last = b.span()
-            holder = next((g for lo, hi, g in held.get(_slot(b), []) if lo <= last and first <= hi),
-                          None)
+            holder = held.holder(b)
             if holder is not None and self._still_claims(holder, b):
                 taken.append((b, holder))
         lost = {b for b, _ in taken}
-        mine: Dict[Tuple[Any, ...], List[Tuple[int, int]]] = {}
+        mine = _Claims()
         for b in new:
             if b not in lost:
-                mine.setdefault(_slot(b), []).append(b.span())
-
-        def free(b: Binding) -> bool:
-            first, last = b.span()
-            return not any(lo <= last and first <= hi for lo, hi in mine.get(_slot(b), []))
-
+                mine.add(b, name)
         everything: List[Binding] = [b for b in new if b not in lost]
         changed: List[GuestState] = []
         for st in others:
-            kept = [b for b in st.bindings if free(b)]
+            kept = [b for b in st.bindings if mine.holder(b) is None]
             if len(kept) != len(st.bindings):
                 log.warning(f"guest {st.guest}: {len(st.bindings) - len(kept)} forward(s) from an"
                             f" earlier configuration now belong to guest {name}")
@@ -678,20 +670,47 @@ def _slot(b: Binding) -> Tuple[Any, ...]:
     return (b.kind, b.family) + tuple(b.key[:-1])
 
 
+class _Claims:
+    """Who holds which host ports, per slot: single ports in a dict (10,000 forwards
+    stay linear), ranges in a list (there are few)."""
+
+    def __init__(self) -> None:
+        self.single: Dict[Tuple[Any, ...], Dict[int, str]] = {}
+        self.ranges: Dict[Tuple[Any, ...], List[Tuple[int, int, str]]] = {}
+
+    def add(self, b: Binding, owner: str) -> None:
+        first, last = b.span()
+        if first == last:
+            self.single.setdefault(_slot(b), {})[first] = owner
+        else:
+            self.ranges.setdefault(_slot(b), []).append((first, last, owner))
+
+    def holder(self, b: Binding) -> Optional[str]:
+        """Who holds a port of ``b``'s span in its slot, if anyone."""
+        slot, (first, last) = _slot(b), b.span()
+        singles = self.single.get(slot, {})
+        if first == last:
+            if first in singles:
+                return singles[first]
+        else:
+            hit = next((owner for port, owner in singles.items() if first <= port <= last), None)
+            if hit is not None:
+                return hit
+        return next((owner for lo, hi, owner in self.ranges.get(slot, [])
+                     if lo <= last and first <= hi), None)
+
+
 def _refuse_shared_keys(wanted: Dict[str, GuestState]) -> None:
     """Host ports two guests claim after their listen interfaces were expanded to
     addresses (invisible in the file alone): the first guest by name keeps them."""
-    held: Dict[Tuple[Any, ...], List[Tuple[int, int, str]]] = {}
+    held = _Claims()
     for name in sorted(wanted):
         st = wanted[name]
         keep = []
         for b in st.bindings:
-            first, last = b.span()
-            spans = held.setdefault(_slot(b), [])
-            holder = next((g for lo, hi, g in spans if g != name and lo <= last and first <= hi),
-                          None)
-            if holder is None:
-                spans.append((first, last, name))
+            holder = held.holder(b)
+            if holder is None or holder == name:
+                held.add(b, name)
                 keep.append(b)
             else:
                 st.pending.append((b, f"host port {plan.listen_text(b)}/{b.proto} is held by"
