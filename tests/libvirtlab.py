@@ -8,7 +8,15 @@ libvirt fires every hook for them exactly as for a real guest. Because such a
 guest runs no operating system, a namespace holding the guest's address,
 attached to the guest's bridge by a veth, stands in for its network stack.
 
-Everything started here is stopped by PID, everything written is removed.
+libvirt's files live in a private mount namespace: a holder process keeps it,
+with a copy of /etc/libvirt (its hooks replaced by portfwd's, installed from
+this checkout) bound over /etc/libvirt and tmpfs over /run/libvirt,
+/var/lib/libvirt, /var/log/libvirt and /var/cache/libvirt. libvirtd, virsh and
+portfwd all run in it (``argv``): a libvirtd of the host, its hooks (portfwd's
+own, if installed), its domains and its files are neither seen nor touched.
+
+Everything started here is stopped by PID; the namespace, and with it every
+file libvirt wrote, goes with the holder.
 """
 
 from __future__ import annotations
@@ -23,12 +31,23 @@ from typing import Dict, List, Optional
 
 from netlab import CLIENT4, CLIENT6, HOST4, HOST6, run
 
-PIDFILES = ["/run/libvirtd.pid", "/run/virtlogd.pid"]
-# where libvirt leaves files of the networks and guests these tests create
-LIBVIRT_STATE_DIRS = ["/var/lib/libvirt/dnsmasq", "/run/libvirt/network", "/var/log/libvirt/qemu",
-                      "/run/libvirt/qemu"]
+# inside the lab's mount namespace (so never a running libvirtd's of the host)
+LIBVIRTD_PID, VIRTLOGD_PID = "/run/libvirt/pf-libvirtd.pid", "/run/libvirt/pf-virtlogd.pid"
+PIDFILES = [LIBVIRTD_PID, VIRTLOGD_PID]
+PRIVATE = ["/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt"]
 HOOK_FILES = ["/etc/libvirt/hooks/qemu.d/portfwd", "/etc/libvirt/hooks/network.d/portfwd"]
 URI = "qemu:///system"
+# run by the holder: the mounts above, then wait
+MOUNTS = """set -e
+cp -a /etc/libvirt/. "$1/"
+rm -rf "$1/hooks"
+mkdir -p "$1/hooks/qemu.d" "$1/hooks/network.d"
+mount --bind "$1" /etc/libvirt
+shift
+for d in "$@"; do mount -t tmpfs -o mode=0755 tmpfs "$d"; done
+echo ready
+exec sleep infinity
+"""
 
 NET6_XML = """<network>
   <name>pfv6</name>
@@ -91,12 +110,6 @@ def stop_pid(pid: Optional[int], timeout: float = 10) -> None:
 
 class LibvirtLab:
     def __init__(self, base: str) -> None:
-        if any(_pid(p) and _alive(_pid(p) or 0) for p in PIDFILES):
-            raise RuntimeError("a libvirtd or virtlogd is already running on this machine;"
-                               " the libvirt tests need it stopped")
-        for path in HOOK_FILES:
-            if os.path.exists(path):
-                raise RuntimeError(f"{path} exists; the libvirt tests install their own hook")
         tag = f"pfv{os.getpid() % 100000}"
         self.lab, self.client = f"{tag}l", f"{tag}c"
         self.standins: List[str] = []
@@ -104,24 +117,53 @@ class LibvirtLab:
         self.config = os.path.join(base, "etc", "forward.toml")
         self.run_dir = os.path.join(base, "run")
         self.domains: List[str] = []
-        self.created: List[str] = []
-        self.files_before = {d: set(os.listdir(d)) if os.path.isdir(d) else set()
-                             for d in LIBVIRT_STATE_DIRS}
+        self.made: List[str] = []  # mount points this lab had to create on the host
+        self.holder: Optional[subprocess.Popen] = None
+        self.before = self._processes()
         try:
             self._build()
         except BaseException:
             self.close()
             raise
 
+    # -- the private mount namespace ------------------------------------------
+    def _enter_private_files(self) -> None:
+        for path in PRIVATE:
+            if not os.path.isdir(path):
+                os.makedirs(path)
+                self.made.append(path)
+        etc = os.path.join(self.base, "etc-libvirt")
+        os.makedirs(etc)
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "slave", "sh", "-c", MOUNTS, "mounts", etc,
+             *PRIVATE], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self.holder.stdout is not None
+        if self.holder.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"private mounts failed: {self.holder.stderr.read().decode()}")
+        self.etc = etc
+
+    def path(self, path: str) -> str:
+        """``path`` as the lab's libvirtd sees it, from outside its mount namespace."""
+        assert self.holder is not None
+        return f"/proc/{self.holder.pid}/root{path}"
+
+    def argv(self, ns: Optional[str], *cmd: str) -> List[str]:
+        """A command line that runs ``cmd`` in the lab's mount namespace and network
+        namespace ``ns`` (None: the root network namespace), as libvirtd sees things."""
+        assert self.holder is not None
+        enter = ["nsenter", f"--mount=/proc/{self.holder.pid}/ns/mnt", "--"]
+        return enter + (["ip", "netns", "exec", ns] if ns else []) + list(cmd)
+
     # -- setup ----------------------------------------------------------------
     def ns(self, ns: str, *cmd: str, check: bool = True,
            input: Optional[bytes] = None) -> subprocess.CompletedProcess:
-        return run("ip", "netns", "exec", ns, *cmd, check=check, input=input)
+        return run(*self.argv(ns, *cmd), check=check, input=input)
 
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return run("virsh", "-q", "-c", URI, *args, check=check)
+        return run(*self.argv(None, "virsh", "-q", "-c", URI, *args), check=check)
 
     def _build(self) -> None:
+        self._enter_private_files()
         for ns in (self.lab, self.client):
             run("ip", "netns", "add", ns)
             self.ns(ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
@@ -142,29 +184,25 @@ class LibvirtLab:
         with open(self.config, "w") as f:
             f.write("")
         os.chmod(self.config, 0o644)
-        for path in HOOK_FILES:
-            if not os.path.isdir(os.path.dirname(path)):
-                self.created.append(os.path.dirname(path))
-        r = run(sys.executable, "-m", "portfwd.cli", "install", "--root", os.path.join(self.base, "r"),
-                "--config", self.config, "--run-dir", self.run_dir)
-        for path in HOOK_FILES:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            shutil.copy2(os.path.join(self.base, "r", path.lstrip("/")), path)
-        del r
+        run(sys.executable, "-m", "portfwd.cli", "install", "--root", os.path.join(self.base, "r"),
+            "--config", self.config, "--run-dir", self.run_dir)
+        for path in HOOK_FILES:  # into the lab's private copy of /etc/libvirt
+            shutil.copy2(os.path.join(self.base, "r", path.lstrip("/")),
+                         os.path.join(self.etc, path[len("/etc/libvirt/"):]))
         self.start_daemons()
 
     def start_daemons(self) -> None:
         """virtlogd and libvirtd inside the lab namespace; hooks are read at libvirtd start."""
-        if not (_pid("/run/virtlogd.pid") and _alive(_pid("/run/virtlogd.pid") or 0)):
-            self.ns(self.lab, "virtlogd", "-d")
+        if not _alive(_pid(self.path(VIRTLOGD_PID)) or 0):
+            self.ns(self.lab, "virtlogd", "-d", "-p", VIRTLOGD_PID)
         self._start_libvirtd()
 
     def restart_libvirtd(self) -> None:
-        stop_pid(_pid("/run/libvirtd.pid"))
+        stop_pid(_pid(self.path(LIBVIRTD_PID)))
         self._start_libvirtd()
 
     def _start_libvirtd(self) -> None:
-        self.ns(self.lab, "libvirtd", "-d")
+        self.ns(self.lab, "libvirtd", "-d", "-p", LIBVIRTD_PID)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.virsh("version", check=False).returncode == 0:
@@ -239,32 +277,20 @@ class LibvirtLab:
 
     # -- teardown ---------------------------------------------------------------
     def close(self) -> None:
-        if _pid("/run/libvirtd.pid") and _alive(_pid("/run/libvirtd.pid") or 0):
+        if self.holder is not None and _alive(_pid(self.path(LIBVIRTD_PID)) or 0):
             for name in self.domains:
                 self.virsh("destroy", name, check=False)
                 self.virsh("undefine", name, check=False)
             for net in self.virsh("net-list", "--name", check=False).stdout.decode().split():
                 self.virsh("net-destroy", net, check=False)
-            if self.virsh("net-info", "pfv6", check=False).returncode == 0:
-                self.virsh("net-undefine", "pfv6", check=False)
-        for pidfile in ["/run/libvirt/qemu/" + d + ".pid" for d in self.domains] + \
-                       ["/run/libvirt/network/default.pid", "/run/libvirt/network/pfv6.pid"]:
-            stop_pid(_pid(pidfile))
-        for pidfile in PIDFILES:
-            stop_pid(_pid(pidfile))
-        for path in HOOK_FILES:
-            if os.path.exists(path):
-                os.unlink(path)
-        for folder, before in self.files_before.items():
-            if not os.path.isdir(folder):
-                continue
-            for name in set(os.listdir(folder)) - before:
-                path = os.path.join(folder, name)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    os.unlink(path)
-        for path in reversed(self.created):
+        if self.holder is not None:
+            for pidfile in ["/run/libvirt/qemu/" + d + ".pid" for d in self.domains] + \
+                           ["/run/libvirt/network/default.pid", "/run/libvirt/network/pfv6.pid"] \
+                           + PIDFILES:
+                stop_pid(_pid(self.path(pidfile)))
+            self.holder.kill()  # its mount namespace, and every file libvirt wrote, go with it
+            self.holder.wait()
+        for path in reversed(self.made):
             try:
                 os.rmdir(path)
             except OSError:
@@ -272,12 +298,22 @@ class LibvirtLab:
         for ns in self.standins + [self.client, self.lab]:
             run("ip", "netns", "del", ns, check=False)
 
-    def pids(self) -> Dict[str, List[int]]:
-        """Processes of the kinds these tests start, still alive (for the leak check)."""
+    @staticmethod
+    def _processes() -> Dict[str, List[int]]:
         out: Dict[str, List[int]] = {}
         for name in ("libvirtd", "virtlogd", "dnsmasq", "qemu-system-x86"):
             r = run("pgrep", "-x", name, check=False)
             alive = [int(p) for p in r.stdout.split() if _alive(int(p))]
             if alive:
                 out[name] = alive
+        return out
+
+    def pids(self) -> Dict[str, List[int]]:
+        """Processes of the kinds these tests start that were not running before the
+        lab (a libvirtd of the host may run beside it), still alive: the leak check."""
+        out = {}
+        for name, pids in self._processes().items():
+            left = [p for p in pids if p not in self.before.get(name, [])]
+            if left:
+                out[name] = left
         return out

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Iterator, List, Optional
 
 import pytest
@@ -78,10 +79,21 @@ def probe(lab: LibvirtLab, proto: str, addr: str, port: int, tries: int = 3) -> 
     return None
 
 
+def probe_after_restart(lab: LibvirtLab, proto: str, addr: str, port: int) -> Optional[str]:
+    """libvirtd answers before its reconnect hooks (one thread per guest) have all run:
+    poll for a while instead of probing once."""
+    deadline = time.monotonic() + 20
+    while True:
+        got = probe(lab, proto, addr, port, tries=1)
+        if got is not None or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
+
+
 def portfwd(lab: LibvirtLab, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PORTFWD_CONFIG=lab.config, PORTFWD_RUNDIR=lab.run_dir)
-    return subprocess.run(["ip", "netns", "exec", lab.lab, sys.executable, "-m", "portfwd.cli",
-                           *args], capture_output=True, env=env)
+    return subprocess.run(lab.argv(lab.lab, sys.executable, "-m", "portfwd.cli", *args),
+                          capture_output=True, env=env)
 
 
 def elements(lab: LibvirtLab) -> int:
@@ -142,7 +154,7 @@ def test_libvirtd_restart_reconnect_keeps_one_copy(vlab: LibvirtLab) -> None:
         before = elements(vlab)
         assert before == 4  # 2 ports, address and port maps
         vlab.restart_libvirtd()
-        assert probe(vlab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+        assert probe_after_restart(vlab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
         assert elements(vlab) == before
         assert sum("PORTFWD_FWI" in r for r in fwi(vlab)) == 1
         assert fwi(vlab)[1] == "-A LIBVIRT_FWI -o virbr0 -j PORTFWD_FWI"
@@ -163,7 +175,7 @@ def test_nft_flush_ruleset_then_reapply(vlab: LibvirtLab) -> None:
         # reconnect puts portfwd's accept back on top of its reject
         vlab.restart_libvirtd()
         assert any("REJECT" in r for r in fwi(vlab))
-        assert probe(vlab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+        assert probe_after_restart(vlab, "tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
         assert fwi(vlab)[1] == "-A LIBVIRT_FWI -o virbr0 -j PORTFWD_FWI"
     finally:
         vlab.virsh("destroy", "pf-web1")

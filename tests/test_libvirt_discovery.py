@@ -48,7 +48,7 @@ class Lab:
     def start_daemon(self) -> None:
         log = open(self.daemon_log, "ab")
         self.procs.append(subprocess.Popen(
-            ["ip", "netns", "exec", self.lab.lab, sys.executable, "-m", "portfwd.cli", "daemon"],
+            self.lab.argv(self.lab.lab, sys.executable, "-m", "portfwd.cli", "daemon"),
             stdout=log, stderr=log, env=self.env()))
 
     def serve(self, ns: str) -> None:
@@ -58,8 +58,8 @@ class Lab:
         assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
 
     def status(self) -> list:
-        r = subprocess.run(["ip", "netns", "exec", self.lab.lab, sys.executable, "-m",
-                            "portfwd.cli", "status", "--json"], capture_output=True, env=self.env())
+        r = subprocess.run(self.lab.argv(self.lab.lab, sys.executable, "-m", "portfwd.cli",
+                                         "status", "--json"), capture_output=True, env=self.env())
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)["forwards"]
 
@@ -217,7 +217,7 @@ def test_sync_and_daemon_never_hang_while_guests_start(dlab: Lab) -> None:
         for _ in range(8):
             try:
                 syncs.append(subprocess.run(
-                    ["ip", "netns", "exec", lab.lab, sys.executable, "-m", "portfwd.cli", "sync"],
+                    lab.argv(lab.lab, sys.executable, "-m", "portfwd.cli", "sync"),
                     capture_output=True, env=dlab.env(), timeout=120))
             except subprocess.TimeoutExpired:
                 failures.append("portfwd sync hung")
@@ -232,8 +232,8 @@ def test_sync_and_daemon_never_hang_while_guests_start(dlab: Lab) -> None:
             for name, _, _ in others:
                 for action in ("start", "destroy"):
                     try:
-                        r = subprocess.run(["virsh", "-q", "-c", "qemu:///system", action, name],
-                                           capture_output=True, timeout=120)
+                        r = subprocess.run(lab.argv(None, "virsh", "-q", "-c", "qemu:///system",
+                                                    action, name), capture_output=True, timeout=120)
                     except subprocess.TimeoutExpired:
                         failures.append(f"virsh {action} {name} hung")
                         continue
