@@ -114,6 +114,7 @@ class locked:
             os.close(self.fd)
             self.fd = -1
             raise
+        sweep(self.root)
 
     def _wait(self, timeout: float) -> None:
         """Poll for the lock; give up when the same process held it for ``timeout``."""
@@ -141,6 +142,45 @@ class locked:
                  tb: Optional[TracebackType]) -> None:
         os.close(self.fd)
         self.fd = -1
+
+
+def sweep(root: str) -> None:
+    """Remove what a run killed midway left (called holding the lock, so no writer is
+    alive): ``*.tmp.PID`` files of write_atomic, the ``compiled.new.PID`` link and
+    ``compiled.PID.N`` folders the ``compiled`` link does not point to."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    try:
+        current = os.readlink(os.path.join(root, "compiled"))
+    except OSError:
+        current = ""
+    for name in names:
+        path = os.path.join(root, name)
+        if ".tmp." in name or name.startswith("compiled.new."):
+            _remove(path)
+        elif name.startswith("compiled.") and name != current and not os.path.islink(path):
+            _remove(path)
+        elif name == "guests":
+            try:
+                for entry in os.listdir(path):
+                    if ".tmp." in entry:
+                        _remove(os.path.join(path, entry))
+            except OSError:
+                pass
+
+
+def _remove(path: str) -> None:
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def lock_holder(fd: int) -> str:
