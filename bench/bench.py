@@ -223,14 +223,16 @@ def measure(alone: Site, loaded: Site) -> List[Row]:
 
     # 1, 2, 3: starts of the subject guest and floor (b), alone and loaded, interleaved
     times: Dict[str, Dict[int, List[float]]] = {k: {n: [] for n in SIZES}
-                                                for k in ("hook", "floor", "hook+", "floor+")}
+                                                for k in ("hook", "floor", "hook+", "floor+",
+                                                          "stop")}
     for n in SIZES:
         for site in (alone, loaded):
             site.write_config(n, others=site is loaded)
             site.restart(SUBJECT)  # warm: the first run after a change compiles the config
             site.floor_nft(n)
         for _ in range(REPEATS[n]):
-            times["hook"][n].append(alone.restart(SUBJECT))
+            times["stop"][n].append(alone.hook(SUBJECT, "stopped", "end"))
+            times["hook"][n].append(alone.hook(SUBJECT, "started", "begin"))
             times["floor"][n].append(alone.floor_nft(n))
             times["hook+"][n].append(loaded.restart(SUBJECT))
             times["floor+"][n].append(loaded.floor_nft(n))
@@ -263,6 +265,11 @@ def measure(alone: Site, loaded: Site) -> List[Row]:
         rows.append(Row(f"hook started, {n} fwd", m["hook"][n], m["floor"][n], ratio,
                         "<=1.3x floor" if small else "-", ratio <= 1.3 if small else None))
     for n in SIZES:
+        ratio = m["stop"][n] / m["hook"][n]
+        small = n <= 100
+        rows.append(Row(f"hook stopped, {n} fwd", m["stop"][n], m["hook"][n], ratio,
+                        "<=1.2x started" if small else "-", ratio <= 1.2 if small else None))
+    for n in SIZES:
         ratio = m["hook+"][n] / m["hook"][n]
         rows.append(Row(f"hook started, {n} fwd, +10k others", m["hook+"][n], m["floor+"][n],
                         ratio, "0.8-1.2x row 2", 0.8 <= ratio <= 1.2))
@@ -281,7 +288,8 @@ def measure(alone: Site, loaded: Site) -> List[Row]:
 
 NOTES = """\
 hook rows: wall time of `ip netns exec NS python -I hook/qemu GUEST started begin -`,
-each after an untimed `stopped end`; floors also run under `ip netns exec`.
+each after a `stopped end` (timed alone: the "stopped" rows, whose floor column is the
+start of the same N); floors also run under `ip netns exec`.
 '+10k others': ratio is to the same N without others (row 2, measured interleaved);
 its floor column is floor (b) measured in that loaded namespace.
 'guest not in config': floor is floor (a). Subprocess sync = interpreter start +
