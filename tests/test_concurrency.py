@@ -59,7 +59,7 @@ def live(pf: PortfwdHost) -> List[Tuple[str, int, str]]:
     return out
 
 
-def hook(pf: PortfwdHost, guest: str, op: str) -> subprocess.Popen:
+def hook(pf: PortfwdHost, guest: str, op: str) -> "subprocess.Popen[bytes]":
     sub = "end" if op in ("stopped", "release") else "begin"
     p = subprocess.Popen(["ip", "netns", "exec", pf.lab.host, sys.executable, "-I", HOOK, guest,
                           op, sub, "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

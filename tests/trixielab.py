@@ -111,8 +111,8 @@ class TrixieLab:
         self.standins: List[str] = []
         self.base = base
         self.root = "/mnt/trixie"  # where the overlay sits in the holder's mount namespace
-        self.holder: Optional[subprocess.Popen] = None
-        self.procs: List[subprocess.Popen] = []
+        self.holder: "Optional[subprocess.Popen[bytes]]" = None
+        self.procs: "List[subprocess.Popen[bytes]]" = []
         self.made_mountpoint = False
         self.backend = backend  # None: libvirt's own default (iptables in Debian 13's build)
         try:
@@ -128,10 +128,10 @@ class TrixieLab:
                 "chroot", self.root, "env", "-i", f"PATH={PATH}", "HOME=/root", "LC_ALL=C.UTF-8",
                 *cmd]
 
-    def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess:
+    def sh(self, script: str, check: bool = True) -> "subprocess.CompletedProcess[bytes]":
         return run(*self.argv("sh", "-c", script), check=check)
 
-    def ns(self, ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    def ns(self, ns: str, *cmd: str, check: bool = True) -> "subprocess.CompletedProcess[bytes]":
         return run("ip", "netns", "exec", ns, *cmd, check=check)
 
     def file(self, path: str) -> str:
@@ -139,10 +139,10 @@ class TrixieLab:
         assert self.holder is not None
         return f"/proc/{self.holder.pid}/root{self.root}{path}"
 
-    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def virsh(self, *args: str, check: bool = True) -> "subprocess.CompletedProcess[bytes]":
         return run(*self.argv("virsh", "-q", "-c", "qemu:///system", *args), check=check)
 
-    def portfwd(self, *args: str) -> subprocess.CompletedProcess:
+    def portfwd(self, *args: str) -> "subprocess.CompletedProcess[bytes]":
         return run(*self.argv("/opt/portfwd/bin/portfwd", *args), check=False)
 
     # -- setup ----------------------------------------------------------------
@@ -165,6 +165,7 @@ class TrixieLab:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self.holder.stdout is not None
         if self.holder.stdout.readline().strip() != b"ready":
+            assert self.holder.stderr is not None
             raise RuntimeError(f"trixie root mounts failed: {self.holder.stderr.read().decode()}")
         # the uplink to the client
         self.ns(self.host, "ip", "link", "add", "uplink", "type", "veth", "peer", "name", "eth0",
@@ -183,10 +184,12 @@ class TrixieLab:
         src = self.file("/opt/portfwd-src")
         os.makedirs(src)
         for part in ("pyproject.toml", "README.md", "src", "hook", "config", "systemd"):
-            copy = shutil.copytree if os.path.isdir(os.path.join(CHECKOUT, part)) else shutil.copy2
-            copy(os.path.join(CHECKOUT, part), os.path.join(src, part),  # type: ignore[operator]
-                 **({"symlinks": True, "ignore": shutil.ignore_patterns("__pycache__", "*.egg-info")}
-                    if copy is shutil.copytree else {}))
+            if os.path.isdir(os.path.join(CHECKOUT, part)):
+                shutil.copytree(os.path.join(CHECKOUT, part), os.path.join(src, part),
+                                symlinks=True,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            else:
+                shutil.copy2(os.path.join(CHECKOUT, part), os.path.join(src, part))
         with open(self.file("/usr/local/sbin/tc"), "w") as f:
             f.write(TC_WRAPPER)
         os.chmod(self.file("/usr/local/sbin/tc"), 0o755)
@@ -281,7 +284,7 @@ class TrixieLab:
             r = self.ns(self.client, sys.executable, TRAFFIC, "probe", proto, addr, str(port),
                         check=False)
             if r.returncode == 0:
-                return r.stdout.decode().strip()
+                return str(r.stdout.decode().strip())
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.2)
