@@ -11,13 +11,20 @@ PORT -j DNAT --to PRIVATE:PORT`` per port, carrying ``-s SOURCE_IP`` for
 ``port_range``; ``public_ip`` defaults to the address of the host's default-route
 interface. In the other lab, portfwd with the file ``portfwd import`` made,
 applied by its libvirt hook. Every configured port is probed, tcp or udp, on
-two host addresses, from an address ``source_ip`` admits and one it does not;
+two host addresses, from an address ``source_ip`` admits and one it does not,
+and from the host itself (the old hook's OUTPUT rules, portfwd's output chain);
 both labs must give the same answers (guest port and the source the guest
 sees), with one documented exception:
 
 - the old hook leaves ``source_ip`` out of its ``port_range`` rules, so a range
   of an entry with ``source_ip`` answers every source there; the converted
   forward keeps the restriction (``from``) for ranges too.
+
+Not compared: a guest reaching its own forward (hairpin). The old hook makes it
+work by writing 0 to the host's ``net.bridge.bridge-nf-call-iptables`` (for
+every bridge, Docker's too) and SNATs it to ``public_ip``; portfwd leaves that
+setting alone and masquerades to the bridge address (see "Who can reach a
+forward" in the README), so the guest sees a different source by design.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from ipaddress import ip_address, ip_network
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from netlab import CLIENT4, GUEST4, HOST4, TRAFFIC, Lab, run
@@ -45,7 +52,8 @@ RANGE_FIRST = 5000
 EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "import",
                        "example.json")
 
-Probe = Tuple[str, str, int, str]  # proto, destination, port, source namespace role
+Probe = Tuple[str, str, int, str]  # proto, destination, port, who sends (a role)
+ROLES = ("client", "client2", "host")  # the host's own connections take the destination as source
 
 
 class Twin:
@@ -74,9 +82,9 @@ class Twin:
             raise
         self.pf = PortfwdHost(lab, base)
 
-    def source(self, role: str) -> Tuple[str, str]:
-        """Namespace and address of a probing client."""
-        return (self.lab.client, CLIENT4) if role == "client" else (self.client2, CLIENT2)
+    def namespace(self, role: str) -> str:
+        """Where a probe of ``role`` runs: a client, or the host itself."""
+        return {"client": self.lab.client, "client2": self.client2, "host": self.lab.host}[role]
 
     def probe_all(self, probes: List[Probe], answers: List[bool]) -> List[Optional[str]]:
         """The answers to ``probes``, all sent at once, one process per client. A probe
@@ -84,16 +92,19 @@ class Twin:
         neighbour discovery); one whose expected answer is silence once, briefly
         (the lab answers in microseconds)."""
         out: List[Optional[str]] = [None] * len(probes)
-        for role in ("client", "client2"):
-            ns, _ = self.source(role)
+
+        def role_probes(role: str) -> None:  # one process per role, the roles in parallel
             mine = [i for i, p in enumerate(probes) if p[3] == role]
             if not mine:
-                continue
+                return
             specs = [f"{probes[i][0]},{probes[i][1]},{probes[i][2]},"
                      + ("3,1.5" if answers[i] else "1,0.5") for i in mine]
-            r = self.lab.ns(ns, sys.executable, TRAFFIC, "probes", *specs)
+            r = self.lab.ns(self.namespace(role), sys.executable, TRAFFIC, "probes", *specs)
             for i, answer in zip(mine, json.loads(r.stdout)):
                 out[i] = answer
+
+        with ThreadPoolExecutor(max_workers=len(ROLES)) as pool:
+            list(pool.map(role_probes, ROLES))
         return out
 
     def close(self) -> None:
@@ -162,7 +173,7 @@ def old_answer(doc: Dict[str, Any], p: Probe, default_public: str) -> Tuple[Opti
     """What the old hook's rules answer to ``p``, and whether portfwd is documented
     to differ there (a range of an entry with source_ip, from another source)."""
     proto, dest, port, role = p
-    source = CLIENT4 if role == "client" else CLIENT2
+    source = {"client": CLIENT4, "client2": CLIENT2, "host": dest}[role]
     for _, e in entries_of(doc):
         if e.get("public_ip", default_public) != dest:
             continue
@@ -188,7 +199,7 @@ def probes_of(doc: Dict[str, Any]) -> List[Probe]:
             ports |= {(r["protocol"], p) for p in range(r["init_port"],
                                                        r["init_port"] + r["ports_num"])}
     return [(proto, dest, port, role) for proto, port in sorted(ports)
-            for dest in (HOST4, HOST2) for role in ("client", "client2")]
+            for dest in (HOST4, HOST2) for role in ROLES]
 
 
 def compare(twins: Tuple[Twin, Twin], doc: Dict[str, Any]) -> None:
@@ -206,10 +217,10 @@ def compare(twins: Tuple[Twin, Twin], doc: Dict[str, Any]) -> None:
         assert r.returncode == 0 and b"error" not in r.stderr.lower(), r.stderr
     probes = probes_of(doc)
     wants = [old_answer(doc, p, HOST4) for p in probes]
-    expected = [want is not None for want, _ in wants]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        old_run = pool.submit(old.probe_all, probes, expected)
-        new_answers = new.probe_all(probes, expected)
+        old_run = pool.submit(old.probe_all, probes, [want is not None for want, _ in wants])
+        new_answers = new.probe_all(probes, [want is not None and not differs
+                                             for want, differs in wants])
         old_answers = old_run.result()
     report = []
     for p, (want, differs), got_old, got_new in zip(probes, wants, old_answers, new_answers):
@@ -289,7 +300,18 @@ def hooks_docs(draw: Any) -> Dict[str, Any]:
     return doc
 
 
-@settings(max_examples=8, deadline=None, derandomize=True,
+EVERY_KIND = {  # each case at least once, whatever hypothesis draws
+    "web1": [{"private_ip": GUEST4, "public_ip": HOST2, "source_ip": "198.51.100.0/24",
+              "port_map": {"tcp": [22, [1100, 80]], "udp": [[1101, 3000]]},
+              "port_range": [{"init_port": RANGE_FIRST, "ports_num": 3, "protocol": "udp"}]},
+             {"private_ip": GUEST4, "port_map": {"udp": [443]}}],
+    "x y": {"private_ip": GUEST4, "source_ip": CLIENT4, "port_map": {"tcp": [[1102, 443]]},
+            "port_range": [{"init_port": RANGE_FIRST, "ports_num": 2, "protocol": "tcp"}]},
+}
+
+
+@example(doc=EVERY_KIND)
+@settings(max_examples=15, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(doc=hooks_docs())
 def test_generated_hooks_json_reaches_the_same(twins: Tuple[Twin, Twin],
