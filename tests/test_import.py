@@ -101,6 +101,10 @@ def test_every_key_and_both_entry_forms() -> None:
      ' "b": {"private_ip": "10.0.0.2", "port_map": {"tcp": [[80, 8080]]}}}',
      "h.json:2:55: b.port_map.tcp[0]: host port 80/tcp on every IPv4 address is claimed twice:"
      " here for b and at h.json:1:55 (a.port_map.tcp[0]) for a"),
+    ('{"forward[7].ports[3]": {"private_ip": "10.0.0.1", "port_map": {"tcp": [80]}},'
+     ' "b": {"private_ip": "10.0.0.2", "port_map": {"tcp": [80]}}}',
+     'h.json:1:133: b.port_map.tcp[0]: host port 80/tcp on every IPv4 address is claimed twice:'
+     ' here for b and at h.json:1:73 ("forward[7].ports[3]".port_map.tcp[0])'),
     ('{"a/b": {"private_ip": "10.0.0.1", "port_map": {"tcp": [80]}}}',
      'h.json:1:9: "a/b".guest: \'a/b\' is not a libvirt domain name'),
     ('{"a": {"private_ip": "10.0.0.1", /* open', "h.json:1:34: JSON syntax: comment /*"),
@@ -210,6 +214,25 @@ def test_generated_files_convert_port_for_port(doc: Dict[str, Any]) -> None:
                                                   else [])
             want = [] if "source_ip" not in entry else [entry["source_ip"]]
             assert [str(n) for n in p.sources] == [str(IPv4Network(w)) for w in want]
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2, 70000) | st.floats(allow_nan=False)
+                    | st.text(max_size=8) | st.sampled_from(["tcp", "udp", "icmp", "10.0.0.1"]),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                        st.sampled_from(["private_ip", "port_map", "port_range", "tcp", "init_port",
+                                         "ports_num", "protocol", "public_ip", "x"]) | st.text(),
+                        inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(JSON.map(json.dumps), st.text(max_size=60)))
+def test_any_input_gives_a_file_or_located_errors(text: str) -> None:
+    result = convert(text, "h.json")
+    assert bool(result.toml) != bool(result.errors) or (not result.toml and result.warnings)
+    for line in result.errors:
+        assert line.startswith("h.json:"), line
+    if result.toml:
+        parse(result.toml)
 
 
 # -- the command --

@@ -231,13 +231,22 @@ class _Converter:
 
     def relocate(self, line: str) -> str:
         """A message about the converted TOML, its places turned into hooks.json ones."""
-        def path_of(m: "re.Match[str]") -> Path:
-            entry, ports = self.origins[int(m.group("f"))]
-            return ports[int(m.group("p"))] if m.group("p") is not None else entry
+        def path_of(m: "re.Match[str]") -> Optional[Path]:
+            f, p = int(m.group("f")), m.group("p")
+            if f >= len(self.origins) or (p is not None and int(p) >= len(self.origins[f][1])):
+                return None  # not a place of ours (a guest name may look like one)
+            entry, ports = self.origins[f]
+            return ports[int(p)] if p is not None else entry
 
-        line = _LEADING.sub(lambda m: f"{self.where(path_of(m))}: {pointer(path_of(m))}", line)
-        line = _AT.sub(lambda m: f"{self.where(path_of(m))} ({pointer(path_of(m))})", line)
-        line = _BARE.sub(lambda m: pointer(path_of(m)), line)
+        def leading(m: "re.Match[str]") -> str:
+            path = path_of(m)
+            return m.group() if path is None else f"{self.where(path)}: {pointer(path)}"
+
+        def at(m: "re.Match[str]") -> str:
+            path = path_of(m)
+            return m.group() if path is None else f"{self.where(path)} ({pointer(path)})"
+
+        line = _AT.sub(at, _LEADING.sub(leading, line))
         if not line.startswith(self.source):
             line = f"{self.source}: {line.replace(CONVERTED + ': ', '')}"
         return line
@@ -501,7 +510,6 @@ CONVERTED = "<converted>"
 _ENTRY = r"forward\[(?P<f>\d+)\](?:\.ports\[(?P<p>\d+)\])?"
 _LEADING = re.compile(r"\A<converted>:\d+:\d+: " + _ENTRY)
 _AT = re.compile(r"<converted>:\d+:\d+ \(" + _ENTRY + r"\)")
-_BARE = re.compile(_ENTRY)
 
 
 def retire_steps(guests: List[str], output: Optional[str], hooks_json: str) -> List[str]:
