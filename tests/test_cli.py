@@ -117,7 +117,7 @@ def test_sync_unreachable_libvirt_is_a_host_error(pf: PortfwdHost) -> None:
 
 
 @pytest.mark.parametrize("command", ["check", "sync", "status", "flush", "reapply", "daemon",
-                                     "install"])
+                                     "install", "import"])
 def test_every_command_has_help(pf: PortfwdHost, command: str) -> None:
     r = pf.cli(command, "--help")
     assert r.returncode == 0 and b"usage: portfwd " + command.encode() in r.stdout

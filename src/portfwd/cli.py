@@ -243,6 +243,64 @@ def cmd_install(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from . import importer
+
+    try:
+        with open(args.hooks_json, "rb") as source:
+            data = source.read()
+    except OSError as e:
+        raise ConfigError([f"{args.hooks_json}: cannot read: {e.strerror}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        row = data[:e.start].count(b"\n") + 1
+        col = e.start - data.rfind(b"\n", 0, e.start)
+        raise ConfigError([f"{args.hooks_json}:{row}:{col}: not UTF-8 text"]) from None
+    listen = args.listen
+    if listen is None:  # the old hook's default: the interface of the default IPv4 route
+        listen = _default_route_interface()
+    result = importer.convert(text, args.hooks_json, None if listen == "all" else listen)
+    for warning in result.warnings:
+        print(warning, file=sys.stderr)
+    if result.errors:
+        raise ConfigError(result.errors)
+    if args.output is None:
+        sys.stdout.write(result.toml)
+    else:
+        tmp = f"{args.output}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write(result.toml)
+            os.fchmod(out.fileno(), 0o644)
+        try:
+            if args.force:
+                os.replace(tmp, args.output)
+            else:
+                os.link(tmp, args.output)  # fails if it exists, never half-written
+        except FileExistsError:
+            print(f"{args.output}: exists; not overwritten (use --force to replace it)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+        print(f"wrote {args.output}: {len(result.guests)} guest(s)", file=sys.stderr)
+    for step in importer.retire_steps(result.guests, args.output, args.hooks_json):
+        print(step, file=sys.stderr)
+    return EXIT_OK
+
+
+def _default_route_interface() -> Optional[str]:
+    """The interface of the default IPv4 route with the lowest metric, or None."""
+    try:
+        with open("/proc/net/route", encoding="ascii") as f:
+            rows = [line.split() for line in f.read().splitlines()[1:]]
+    except OSError:
+        return None
+    defaults = [(int(r[6]), r[0]) for r in rows if len(r) > 7 and r[1] == r[7] == "00000000"]
+    return min(defaults)[1] if defaults else None
+
+
 def _commented_out_forwards(example: str) -> str:
     """The example with every line from the first [[forward]] on commented out,
     so that installing forwards nothing until the admin says so."""
@@ -308,6 +366,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", metavar="DIR",
                    help=f"state directory of the hooks (default: {state.DEFAULT_RUN_DIR})")
     p.set_defaults(func=cmd_install)
+    p = sub.add_parser("import", help="convert libvirt-hook-qemu's hooks.json to forward.toml",
+                       description="Convert the hooks.json of libvirt-hook-qemu to forward.toml:"
+                                   " printed, or written with -o; then how to retire the old"
+                                   " hook without a gap (on stderr).")
+    p.add_argument("hooks_json", metavar="HOOKS_JSON", help="e.g. /etc/libvirt/hooks/hooks.json")
+    p.add_argument("-o", "--output", metavar="PATH", help="write here (mode 0644) instead of stdout")
+    p.add_argument("--force", action="store_true", help="replace an existing -o file")
+    p.add_argument("--listen", metavar="ADDRESS|INTERFACE|all",
+                   help="where an entry without public_ip answers (default: the interface of"
+                        " the default IPv4 route, whose address the old hook used; all: every"
+                        " local address)")
+    p.set_defaults(func=cmd_import)
     return parser
 
 
