@@ -20,6 +20,7 @@ import json
 import os
 import time
 
+from .constants import DEFAULT_DISCOVER, DISCOVER_SOURCES
 from .plan import parse_selector
 
 TYPE_CHECKING = False
@@ -37,8 +38,8 @@ NETWORK_DIRS = ("/run/libvirt/network", "/etc/libvirt/qemu/networks")
 QEMU_STATUS_DIR = "/run/libvirt/qemu"  # libvirt's NAME.xml of each running domain
 ENV_QEMU_STATUS_DIR = "PORTFWD_QEMU_STATUS_DIR"  # for tests: another folder
 # where an address may be found; "agent" and "arp" trust the guest, so are opt-in
-SOURCES = ("reservation", "lease", "agent", "arp")
-DEFAULT_SOURCES = ("reservation", "lease")
+SOURCES = DISCOVER_SOURCES
+DEFAULT_SOURCES = DEFAULT_DISCOVER
 
 
 class Nic:

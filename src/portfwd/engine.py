@@ -18,7 +18,8 @@ import os
 from . import compat, hostnet, log, plan, state
 from .errors import HostError
 from .nft import Nft
-from .plan import DEFAULT_TABLE, Binding
+from .constants import DEFAULT_TABLE, LAYOUT, TABLE_COMMENT, TABLE_MARK, UNMARKED_LAYOUT
+from .plan import Binding
 from .discover import DEFAULT_SOURCES, running_domain
 from .record import GuestState
 from .resolve import INACTIVE, resolve
@@ -302,7 +303,7 @@ class Engine:
     def _layout_known(self, table: str) -> bool:
         """Whether we created ``table`` with this version's layout (then a guest
         change need not resend it: re-adding the base chain costs every start)."""
-        return self._read_layout(table) == plan.LAYOUT
+        return self._read_layout(table) == LAYOUT
 
     def _read_layout(self, table: str) -> Optional[str]:
         try:
@@ -333,10 +334,10 @@ class Engine:
         comment = self.nft.table_comment(table)
         if comment is None:
             return None
-        if comment.startswith(plan.TABLE_MARK):
+        if comment.startswith(TABLE_MARK):
             return True
         # made in this boot by a portfwd from before the marker (its layout record says so)
-        return comment == "" and self._read_layout(table) == plan.UNMARKED_LAYOUT
+        return comment == "" and self._read_layout(table) == UNMARKED_LAYOUT
 
     def claim_table(self, table: str, create: bool = True) -> None:
         """Before building ``table``: create it with portfwd's marker when absent, and
@@ -347,10 +348,10 @@ class Engine:
         owner = self.table_owner(table)
         if owner is False:
             raise HostError(f"table inet {table} exists and was not made by portfwd (it lacks"
-                            f" the comment \"{plan.TABLE_MARK} …\"); portfwd leaves it alone:"
+                            f" the comment \"{TABLE_MARK} …\"); portfwd leaves it alone:"
                             " set another name with `table` in [options] of the configuration")
         if owner is None and create:
-            self.nft.create_table(table, plan.TABLE_COMMENT)
+            self.nft.create_table(table, TABLE_COMMENT)
             self._forget_layout(table)
         if owner or create:
             self._owned.add(table)
@@ -362,7 +363,7 @@ class Engine:
             pass
 
     def _remember_layout(self, table: str) -> None:
-        state.write_atomic(os.path.join(self.root, f"layout.{table}"), plan.LAYOUT.encode())
+        state.write_atomic(os.path.join(self.root, f"layout.{table}"), LAYOUT.encode())
 
     def apply_guest(self, name: str, uuid: Optional[str], table: str, templates: Sequence[Any],
                     resolver: Optional[Resolver] = None) -> GuestState:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Optional, Tuple, Union
 
-from .plan import DEFAULT_TABLE
+from .constants import DEFAULT_DISCOVER, DEFAULT_TABLE
 
 IPAddress = Union[IPv4Address, IPv6Address]
 Listen = Union[IPv4Address, IPv6Address, str]  # an address, or an interface name
@@ -110,7 +110,7 @@ class Options:
     listen: Tuple[Listen, ...] = ()
     strict: bool = False
     localhost: bool = False
-    discover: Tuple[str, ...] = ("reservation", "lease")  # discover.DEFAULT_SOURCES
+    discover: Tuple[str, ...] = DEFAULT_DISCOVER
 
 
 @dataclass(frozen=True)

@@ -33,19 +33,7 @@ if TYPE_CHECKING:
     # ends with the host port, or with "FIRST-LAST" for a range kept as one element
     Template = Tuple[str, int, Tuple[KeyPart, ...], str, int, str]
 
-PROTOCOLS = ("tcp", "udp", "sctp")
-DEFAULT_TABLE = "portfwd"
-LAYOUT = "4"  # bump whenever skeleton() changes: tables made by another layout get rebuilt
-UNMARKED_LAYOUT = "3"  # the last layout whose tables carried no marker (see TABLE_MARK)
-HAIRPIN_SET = "hairpin"
-KINDS = ("src", "fwd", "any")  # lookup order in the chain
-PRIORITY = -105  # just before dstnat (-100): our DNAT binds first
-MARK = 0x01000000  # conntrack mark bit on every connection portfwd DNATs (see compat.py)
-COMMENT_MAX = 120
-# every table portfwd creates carries this comment; it never changes or deletes one without it
-TABLE_MARK = "portfwd:"
-TABLE_COMMENT = TABLE_MARK + " managed by portfwd (forward.toml); changes here are overwritten"
-
+from .constants import COMMENT_MAX, HAIRPIN_SET, KINDS, MARK, PRIORITY, PROTOCOLS, TABLE_COMMENT
 
 class Binding:
     """One host port of one forward, or one range of host ports forwarded to the
