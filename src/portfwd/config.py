@@ -17,7 +17,7 @@ from .conflicts import Claim, claimed_where, claims_of, clash_message, find_conf
 from .constants import DEFAULT_TABLE, DISCOVER_SOURCES
 from .errors import ConfigError
 from .model import (Config, Forward, IPAddress, IPNetwork, Listen,
-                    Options, PortForward, Where, families_of)
+                    Options, PortForward, Where)
 from .tomlpos import Path, Positions, deepest, locate
 
 from .toml import tomllib
@@ -713,7 +713,7 @@ class _Validator:
         claims: List[Claim] = []
         for fwd in forwards:
             for pf in fwd.ports:
-                claims.extend(claims_of(pf, families_of(fwd, pf), len(items)))
+                claims.extend(claims_of(pf, fwd.families(pf), len(items)))
                 items.append((fwd, pf))
         for first, second in find_conflicts(claims):
             (fa, pa), (fb, pb) = items[first.owner], items[second.owner]

@@ -15,7 +15,7 @@ import json
 import marshal
 import os
 
-from . import compat, hostnet, log, plan, state
+from . import compat, display, hostnet, log, plan, rules, state
 from .errors import HostError
 from .nft import Nft
 from .constants import DEFAULT_TABLE, LAYOUT, TABLE_COMMENT, TABLE_MARK, UNMARKED_LAYOUT
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
     from .discover import Resolver
-    from .model import Config, Guest
+    from .model import Config, Forward, Guest
 
     Wanted = Dict[int, Set[str]]
 
@@ -77,7 +77,7 @@ class Engine:
         shutil.rmtree(target, ignore_errors=True)
         for sub in ("name", "uuid"):
             os.makedirs(os.path.join(target, sub))
-        groups: Dict[Tuple[str, str], List[Any]] = {}
+        groups: Dict[Tuple[str, str], List[Forward]] = {}
         for fwd in config.forwards:
             key = ("name", fwd.guest) if fwd.guest is not None else ("uuid", str(fwd.uuid))
             groups.setdefault(key, []).append(fwd)
@@ -98,7 +98,7 @@ class Engine:
             if name.startswith("compiled.") and old != target and not os.path.islink(old):
                 shutil.rmtree(old, ignore_errors=True)
 
-    def cached(self, name: str, uuid: Optional[str]) -> Optional[Tuple[str, bool, List[Any]]]:
+    def cached(self, name: str, uuid: Optional[str]) -> Optional[Tuple[str, bool, List[plan.Template]]]:
         """(table, strict, binding templates) of a guest from the cache; None if stale."""
         if state.cached_signature(self.root) != state.config_signature(self.config_path):
             return None
@@ -106,7 +106,7 @@ class Engine:
             with open(os.path.join(state.compiled_dir(self.root), "options"), "rb") as f:
                 table, strict, discover = marshal.load(f)
             self.discover = tuple(str(d) for d in discover)
-            items: List[Any] = []
+            items: List[plan.Template] = []
             for path in state.cached_guest_files(name, uuid, self.root):
                 with open(path, "rb") as f:
                     items.extend(marshal.load(f))
@@ -114,7 +114,7 @@ class Engine:
             return None
         return str(table), bool(strict), items
 
-    def guest_config(self, name: str, uuid: Optional[str]) -> Tuple[str, bool, List[Any]]:
+    def guest_config(self, name: str, uuid: Optional[str]) -> Tuple[str, bool, List[plan.Template]]:
         """(table, strict, binding templates) of one guest: from the cache, else by parsing."""
         hit = self.cached(name, uuid)
         if hit is not None:
@@ -252,7 +252,7 @@ class Engine:
             if not want and not self._layout_known(table):
                 written.pop(table, None)  # a table portfwd no longer keeps: nothing to do
             elif written.get(table) != want:
-                self._apply_with_layout(table, plan.hairpin(table, want))
+                self._apply_with_layout(table, rules.hairpin(table, want))
                 written[table] = want
         self._write_json("hairpin.json", written)
         enabled = set(self._read_json("localnet.json", []))
@@ -312,7 +312,7 @@ class Engine:
         except OSError:
             return None
 
-    def _apply_with_layout(self, table: str, cmds: List[plan.Command]) -> None:
+    def _apply_with_layout(self, table: str, cmds: List[rules.Command]) -> None:
         """Apply ``cmds`` to ``table``; (re)create the table's layout first if it is
         not known to be there, or if the change fails without it (a flushed rule set)."""
         if self._layout_known(table):
@@ -322,7 +322,7 @@ class Engine:
             except HostError as e:
                 log.info(f"table inet {table}: rebuilding its layout ({e})")
         self.claim_table(table)
-        self.nft.apply(plan.skeleton(table) + cmds)
+        self.nft.apply(rules.skeleton(table) + cmds)
         self._remember_layout(table)
         self._forget_hairpin(table)
 
@@ -365,7 +365,7 @@ class Engine:
     def _remember_layout(self, table: str) -> None:
         state.write_atomic(os.path.join(self.root, f"layout.{table}"), LAYOUT.encode())
 
-    def apply_guest(self, name: str, uuid: Optional[str], table: str, templates: Sequence[Any],
+    def apply_guest(self, name: str, uuid: Optional[str], table: str, templates: Sequence[plan.Template],
                     resolver: Optional[Resolver] = None) -> GuestState:
         """Make the table hold exactly this guest's forwards whose address is known;
         returns what was applied and what waits for an address."""
@@ -381,17 +381,17 @@ class Engine:
         if old_state and old_state.table != table:  # the configuration renamed the table
             if old and self.table_owner(old_state.table):
                 self._apply_with_layout(old_state.table,
-                                        plan.guest_update(old_state.table, old, []))
+                                        rules.guest_update(old_state.table, old, []))
             old = []
         if new or old:
             try:
-                self._apply_with_layout(table, plan.guest_update(table, old, new))
+                self._apply_with_layout(table, rules.guest_update(table, old, new))
             except HostError as first:
                 log.warning(f"guest {name}: incremental update refused ({first});"
                             " rebuilding the table from recorded state")
                 for b, holder in self._rebuild_with(name, table, new):
                     new.remove(b)
-                    why = f"host port {plan.listen_text(b)}/{b.proto} is held by guest {holder}"
+                    why = f"host port {display.listen_text(b)}/{b.proto} is held by guest {holder}"
                     log.warning(f"guest {name}: {why}; fix the configuration (`portfwd check`)")
                     wanted.pending.append((b, why))
         applied = GuestState(name, uuid, table, new, wanted.pending, wanted.sources,
@@ -448,7 +448,7 @@ class Engine:
                                           st.warnings))
             everything += kept
         self.claim_table(table)
-        self.nft.apply(plan.full_rebuild(table, everything))
+        self.nft.apply(rules.full_rebuild(table, everything))
         self._remember_layout(table)
         self._forget_hairpin(table)
         self.write_states(changed)
@@ -480,7 +480,7 @@ class Engine:
         if old_state.bindings and (self._layout_known(old_state.table)
                                    or self.table_owner(old_state.table)):
             self._apply_with_layout(old_state.table,
-                                    plan.guest_update(old_state.table, old_state.bindings, []))
+                                    rules.guest_update(old_state.table, old_state.bindings, []))
         self._report(self.ensure_compat())
         return len(old_state.bindings)
 
@@ -498,13 +498,13 @@ class Engine:
                 self.write_states([GuestState(st.guest, st.uuid, st.table, [])])
             else:
                 states.append(st)
-        cmds: List[plan.Command] = []
+        cmds: List[rules.Command] = []
         everything: List[Binding] = []
         tables = sorted({st.table for st in states})
         for table in tables:
             self.claim_table(table)
             bindings = [b for st in states if st.table == table for b in st.bindings]
-            cmds += plan.full_rebuild(table, bindings)
+            cmds += rules.full_rebuild(table, bindings)
             everything += bindings
         self.nft.apply(cmds)
         for table in tables:
@@ -518,8 +518,8 @@ class Engine:
         """Make the table hold exactly the forwards of ``guests``, in one transaction
         (``resolvers``: per guest name, for addresses found when the guest runs)."""
         table = config.options.table
-        by_name: Dict[str, List[Any]] = {}
-        by_uuid: Dict[str, List[Any]] = {}
+        by_name: Dict[str, List[Forward]] = {}
+        by_uuid: Dict[str, List[Forward]] = {}
         for fwd in config.forwards:
             if fwd.guest is not None:
                 by_name.setdefault(fwd.guest, []).append(fwd)
@@ -549,20 +549,20 @@ class Engine:
         for st in wanted.values():
             _log_refusals(st.guest, before.get(st.guest), st)
         everything = [b for st in wanted.values() for b in st.bindings]
-        cmds: List[plan.Command] = []
+        cmds: List[rules.Command] = []
         dropped = [t for t in sorted({st.table for st in old_states} - {table})
                    if self.table_owner(t)]
         for old_table in dropped:
-            cmds += plan.drop_table(old_table)
+            cmds += rules.drop_table(old_table)
         self.claim_table(table, create=not dry_run)
         try:
-            self.nft.apply(cmds + plan.full_rebuild(table, everything), dry_run=dry_run)
+            self.nft.apply(cmds + rules.full_rebuild(table, everything), dry_run=dry_run)
         except HostError as e:
             if dry_run:
                 raise
             # one guest's bad forward must not cost every other guest theirs
             log.warning(f"nftables refused the whole table ({e}); applying guest by guest")
-            self.nft.apply(cmds + plan.full_rebuild(table, []))
+            self.nft.apply(cmds + rules.full_rebuild(table, []))
             everything = self._apply_each(table, wanted)
         if dry_run:
             return everything + [b for st in wanted.values() for b, _ in st.pending]
@@ -584,7 +584,7 @@ class Engine:
         applied: List[Binding] = []
         for st in wanted.values():
             try:
-                self.nft.apply(plan.guest_update(table, [], st.bindings))
+                self.nft.apply(rules.guest_update(table, [], st.bindings))
             except HostError as e:
                 log.error(f"guest {st.guest}: {e}")
                 st.pending += [(b, str(e)) for b in st.bindings]
@@ -603,9 +603,9 @@ class Engine:
         owners = {t: self.table_owner(t) for t in sorted(tables)}
         present = [t for t, owner in owners.items() if owner]
         foreign = [t for t, owner in owners.items() if owner is False]
-        cmds: List[plan.Command] = []
+        cmds: List[rules.Command] = []
         for table in present:
-            cmds += plan.drop_table(table)
+            cmds += rules.drop_table(table)
         self.nft.apply(cmds)
         self._owned.clear()
         shutil.rmtree(os.path.join(self.root, "guests"), ignore_errors=True)
@@ -714,7 +714,7 @@ def _refuse_shared_keys(wanted: Dict[str, GuestState]) -> None:
                 held.add(b, name)
                 keep.append(b)
             else:
-                st.pending.append((b, f"host port {plan.listen_text(b)}/{b.proto} is held by"
+                st.pending.append((b, f"host port {display.listen_text(b)}/{b.proto} is held by"
                                       f" guest {holder}; fix the configuration (`portfwd check`)"))
         st.bindings = keep
 

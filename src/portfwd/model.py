@@ -103,6 +103,24 @@ class Forward:
             return f"?mac={mac}&suffix={self.ipv6_suffix}"
         return f"?mac={mac}" if self.discover else None
 
+    def families(self, pf: PortForward) -> Tuple[int, ...]:
+        """The address families (4, 6) in which this port forward is active.
+
+        A family needs a guest address; a listen list or a from list that names
+        only the other family shuts it out.
+        """
+        out = []
+        for family in (4, 6):
+            if self.target(family) is None:
+                continue
+            if pf.listen and not any(isinstance(a, str) or a.version == family for a in pf.listen) \
+                    and not (family == 4 and pf.localhost):
+                continue
+            if pf.sources and not any(n.version == family for n in pf.sources):
+                continue
+            out.append(family)
+        return tuple(out)
+
 
 @dataclass(frozen=True)
 class Options:
@@ -134,21 +152,3 @@ class Guest:
     name: str
     uuid: Optional[str] = None
 
-
-def families_of(fwd: Forward, pf: PortForward) -> Tuple[int, ...]:
-    """The address families (4, 6) in which this port forward is active.
-
-    A family needs a guest address; a listen list or a from list that names
-    only the other family shuts it out.
-    """
-    out = []
-    for family in (4, 6):
-        if fwd.target(family) is None:
-            continue
-        if pf.listen and not any(isinstance(a, str) or a.version == family for a in pf.listen) \
-                and not (family == 4 and pf.localhost):
-            continue
-        if pf.sources and not any(n.version == family for n in pf.sources):
-            continue
-        out.append(family)
-    return tuple(out)
