@@ -115,10 +115,10 @@ class LibvirtLab:
 
     # -- setup ----------------------------------------------------------------
     def ns(self, ns: str, *cmd: str, check: bool = True,
-           input: Optional[bytes] = None) -> subprocess.CompletedProcess:
+           input: Optional[bytes] = None) -> subprocess.CompletedProcess[bytes]:
         return run("ip", "netns", "exec", ns, *cmd, check=check, input=input)
 
-    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
         return run("virsh", "-q", "-c", URI, *args, check=check)
 
     def _build(self) -> None:

@@ -35,7 +35,7 @@ ports = ["8086:80", "5356:53/udp"]
 
 class Servers:
     def __init__(self) -> None:
-        self.procs: List[subprocess.Popen] = []
+        self.procs: List["subprocess.Popen[bytes]"] = []
 
     def start(self, ns: str) -> None:
         for proto, port in (("tcp", "80"), ("udp", "53")):
@@ -78,7 +78,7 @@ def probe(lab: LibvirtLab, proto: str, addr: str, port: int, tries: int = 3) -> 
     return None
 
 
-def portfwd(lab: LibvirtLab, *args: str) -> subprocess.CompletedProcess:
+def portfwd(lab: LibvirtLab, *args: str) -> subprocess.CompletedProcess[bytes]:
     env = dict(os.environ, PORTFWD_CONFIG=lab.config, PORTFWD_RUNDIR=lab.run_dir)
     return subprocess.run(["ip", "netns", "exec", lab.lab, sys.executable, "-m", "portfwd.cli",
                            *args], capture_output=True, env=env)

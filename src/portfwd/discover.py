@@ -21,7 +21,6 @@ import os
 import time
 
 from .constants import DEFAULT_DISCOVER, DISCOVER_SOURCES
-from .plan import parse_selector
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -29,6 +28,7 @@ if TYPE_CHECKING:
     from xml.etree.ElementTree import Element
 
     from .hostnet import RouteTable as Routes
+    from .values import Selector
 
     # (mac, family) → (address, source) or None
     Lookup = Callable[[str, int], Optional[Tuple[str, str]]]
@@ -253,17 +253,17 @@ class Resolver:
             return next((n for n in self.nics if n.mac == mac), None)
         return next((n for n in self.nics if n.network), self.nics[0] if self.nics else None)
 
-    def applies(self, selector: str, family: int) -> bool:
+    def applies(self, selector: Selector, family: int) -> bool:
         """False when the NIC's network is known to have no range of ``family`` (an
         IPv4-only network): a discovered forward then has nothing to wait for."""
-        nic = self.nic(parse_selector(selector)[0])
+        nic = self.nic(selector.mac)
         network = self._network(nic.network) if nic else None
         return network is None or family in network.families
 
-    def resolve(self, selector: str, family: int) -> Tuple[Optional[str], str]:
+    def resolve(self, selector: Selector, family: int) -> Tuple[Optional[str], str]:
         """(address, where it came from), or (None, why there is none yet or why
         what was found is refused)."""
-        mac, suffix = parse_selector(selector)
+        mac, suffix = selector.mac, selector.suffix
         nic = self.nic(mac)
         if nic is None:
             return None, (f"the domain has no NIC with MAC {mac}" if mac

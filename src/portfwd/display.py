@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from .plan import parse_selector
+from .values import Selector
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import List, Sequence, Union
 
     from .plan import Binding
+    from .values import Target
 
 
-def target_text(target: str, family: int, port: Union[int, str]) -> str:
+def target_text(target: Target, family: int, port: Union[int, str]) -> str:
     """``192.0.2.1:80``, ``[2001:db8::1]:80``, or what a discovered address will be."""
-    if target.startswith("?"):
-        mac, suffix = parse_selector(target)
-        what = f"IPv{family} of {mac or 'the first NIC'}" + (f", suffix {suffix}" if suffix else "")
-        return f"<{what}>:{port}"
+    if isinstance(target, Selector):
+        return f"<{target.describe(family)}>:{port}"
     return f"[{target}]:{port}" if family == 6 else f"{target}:{port}"
 
 

@@ -7,6 +7,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Optional, Tuple, Union
 
 from .constants import DEFAULT_DISCOVER, DEFAULT_TABLE
+from .values import Selector
 
 IPAddress = Union[IPv4Address, IPv6Address]
 Listen = Union[IPv4Address, IPv6Address, str]  # an address, or an interface name
@@ -92,16 +93,16 @@ class Forward:
         """No address given: both families are found from libvirt's data."""
         return self.ipv4 is None and self.ipv6 is None and self.ipv6_suffix is None
 
-    def target(self, family: int) -> Optional[str]:
-        """The guest address of ``family``, or a selector (``?mac=…[&suffix=…]``) for
-        an address discovered when the guest runs, or None when not forwarded."""
+    def target(self, family: int) -> Optional[Union[str, Selector]]:
+        """The guest address of ``family``, or a selector for an address discovered
+        when the guest runs, or None when not forwarded."""
         given = self.ipv4 if family == 4 else self.ipv6
         if given is not None:
             return str(given)
         mac = self.interface or ""
         if family == 6 and self.ipv6_suffix is not None:
-            return f"?mac={mac}&suffix={self.ipv6_suffix}"
-        return f"?mac={mac}" if self.discover else None
+            return Selector(mac, str(self.ipv6_suffix))
+        return Selector(mac) if self.discover else None
 
     def families(self, pf: PortForward) -> Tuple[int, ...]:
         """The address families (4, 6) in which this port forward is active.

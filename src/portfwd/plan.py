@@ -14,27 +14,35 @@ if TYPE_CHECKING:
 
     from .model import Config, Forward, Guest
 
-    KeyPart = Union[str, int]
-    # a binding without its guest: (kind, family, key, target, port, where); the key
-    # ends with the host port, or with "FIRST-LAST" for a range kept as one element
-    Template = Tuple[str, int, Tuple[KeyPart, ...], str, int, str]
+    from .values import Target
+
+    # a listen interface stands in a key as a ListenIface until resolve expands it
+    KeyPart = Union[str, int, ListenIface]
+    # a binding without its guest, as the compiled configuration stores it (marshal:
+    # plain data): (kind, family, key, target, port, where, entry); the key ends with
+    # the host port, or with "FIRST-LAST" for a range kept as one element; a listen
+    # interface in the key is "@NAME", a target to discover "?mac=…" (see values.py);
+    # where = "forward[0].ports[2] 8080:80/tcp", entry = "forward[0].ports[2]"
+    Template = Tuple[str, int, Tuple[Union[str, int], ...], str, int, str, str]
 
 from .constants import COMMENT_MAX
+from .values import ListenIface, Selector, key_part_from_text, target_from_text
 
 
 class Binding:
     """One host port of one forward, or one range of host ports forwarded to the
     same guest ports (the key ends with ``"FIRST-LAST"``, ``port`` is FIRST): a
-    key and its DNAT target.
+    key and its DNAT target. ``entry`` names the configuration entry it comes from
+    (``forward[0].ports[2]``; "" in state recorded by earlier versions).
 
     A plain class, not a dataclass: the hook imports this module on every
     guest start, and ``dataclasses`` alone costs more than the start itself.
     """
 
-    __slots__ = ("kind", "family", "key", "target", "port", "guest", "comment")
+    __slots__ = ("kind", "family", "key", "target", "port", "guest", "comment", "entry")
 
-    def __init__(self, kind: str, family: int, key: Tuple[KeyPart, ...], target: str, port: int,
-                 guest: str, comment: str) -> None:
+    def __init__(self, kind: str, family: int, key: Tuple[KeyPart, ...], target: Target,
+                 port: int, guest: str, comment: str, entry: str = "") -> None:
         self.kind = kind  # "fwd", "any" or "src"
         self.family = family  # 4 or 6
         self.key = key
@@ -42,6 +50,7 @@ class Binding:
         self.port = port
         self.guest = guest
         self.comment = comment
+        self.entry = entry
 
     def _fields(self) -> Tuple[Any, ...]:
         return (self.kind, self.family, self.key, self.target, self.port, self.guest, self.comment)
@@ -56,6 +65,23 @@ class Binding:
         return f"Binding{self._fields()!r}"
 
     @property
+    def address(self) -> str:
+        """The guest address (of a binding ``resolve`` made ready for the kernel)."""
+        if isinstance(self.target, Selector):
+            from .errors import BugError
+
+            raise BugError(f"binding {self!r} has no address yet")
+        return self.target
+
+    def with_target(self, target: Target) -> "Binding":
+        return Binding(self.kind, self.family, self.key, target, self.port, self.guest,
+                       self.comment, self.entry)
+
+    def with_key(self, key: Tuple[KeyPart, ...]) -> "Binding":
+        return Binding(self.kind, self.family, key, self.target, self.port, self.guest,
+                       self.comment, self.entry)
+
+    @property
     def proto(self) -> str:
         return str(self.key[-2])
 
@@ -68,7 +94,7 @@ class Binding:
     def host_port(self) -> int:
         """The (first) host port."""
         last = self.key[-1]
-        return int(last.partition("-")[0]) if isinstance(last, str) else int(last)
+        return last if isinstance(last, int) else int(str(last).partition("-")[0])
 
     @property
     def host_ports(self) -> str:
@@ -100,12 +126,17 @@ class Binding:
         return str(self.key[1]) if self.kind == "src" else "*"
 
     def to_json(self) -> List[Any]:
-        return [self.kind, self.family, list(self.key), self.target, self.port, self.guest, self.comment]
+        """As recorded in /run/portfwd (``entry`` last: earlier versions wrote 7 fields)."""
+        key = [str(p) if isinstance(p, ListenIface) else p for p in self.key]
+        return [self.kind, self.family, key, str(self.target), self.port, self.guest,
+                self.comment, self.entry]
 
     @classmethod
     def from_json(cls, raw: Sequence[Any]) -> "Binding":
-        kind, family, key, target, port, guest, comment = raw
-        return cls(str(kind), int(family), tuple(key), str(target), int(port), str(guest), str(comment))
+        kind, family, key, target, port, guest, comment = raw[:7]
+        entry = str(raw[7]) if len(raw) > 7 else ""
+        return cls(str(kind), int(family), tuple(key_part_from_text(p) for p in key),
+                   target_from_text(str(target)), int(port), str(guest), str(comment), entry)
 
 
 def guest_bindings(config: Config, guest: Guest) -> List[Binding]:
@@ -123,9 +154,10 @@ def templates(forwards: Iterable[Forward]) -> List[Template]:
     out: List[Template] = []
     for fwd in forwards:
         for pf in fwd.ports:
-            where = f"{pf.where.path} {pf.ports}"
+            entry = pf.where.path
+            where = f"{entry} {pf.ports}"
             for family in fwd.families(pf):
-                target = str(fwd.target(family))
+                target = str(fwd.target(family))  # an address or "?mac=…"
                 sources = [str(n) for n in pf.sources if n.version == family]
                 # an interface name stands as "@NAME" until the hook finds its addresses
                 listen = [f"@{a}" if isinstance(a, str) else str(a) for a in pf.listen
@@ -133,7 +165,7 @@ def templates(forwards: Iterable[Forward]) -> List[Template]:
                 rng = pf.ports
                 if rng.count > 1 and rng.guest_first == rng.host_first:
                     # one interval element; the DNAT leaves the port as it is
-                    pairs: List[Tuple[KeyPart, int]] = [(f"{rng.host_first}-{rng.host_last}",
+                    pairs: List[Tuple[Union[str, int], int]] = [(f"{rng.host_first}-{rng.host_last}",
                                                           rng.guest_first)]
                 else:
                     pairs = list(rng.pairs())
@@ -142,29 +174,32 @@ def templates(forwards: Iterable[Forward]) -> List[Template]:
                         for host_port, guest_port in pairs:
                             for key, kind in _keys(family, ["127.0.0.1"], sources,
                                                    rng.proto, host_port):
-                                out.append((kind, family, key, target, guest_port, where))
+                                out.append((kind, family, key, target, guest_port, where,
+                                            entry))
                     else:
                         listen.append("127.0.0.1")
                 for host_port, guest_port in pairs:
                     for key, kind in _keys(family, listen, sources, rng.proto, host_port):
-                        out.append((kind, family, key, target, guest_port, where))
+                        out.append((kind, family, key, target, guest_port, where, entry))
     return out
 
 
 def bind(items: Iterable[Template], guest_name: str) -> List[Binding]:
-    """Templates tied to a guest; the comment names the guest and the config entry."""
+    """Templates tied to a guest; the comment names the guest and the config entry.
+    The text a template carries becomes typed values here (values.py)."""
     comments: Dict[str, str] = {}
     out = []
-    for kind, family, key, target, port, where in items:
+    for kind, family, key, target, port, where, entry in items:
         comment = comments.get(where)
         if comment is None:
             comment = comments[where] = _comment(f"{guest_name} {where}")
-        out.append(Binding(kind, family, tuple(key), target, port, guest_name, comment))
+        out.append(Binding(kind, family, tuple(key_part_from_text(p) for p in key),
+                           target_from_text(target), port, guest_name, comment, entry))
     return out
 
 
 def _keys(family: int, listen: List[str], sources: List[str], proto: str,
-          port: KeyPart) -> List[Tuple[Tuple[KeyPart, ...], str]]:
+          port: Union[str, int]) -> List[Tuple[Tuple[Union[str, int], ...], str]]:
     if sources:
         host_len = 32 if family == 4 else 128
         everywhere = "0.0.0.0/0" if family == 4 else "::/0"
@@ -181,8 +216,3 @@ def _comment(text: str) -> str:
         return text
     return data[:COMMENT_MAX - 3].decode("utf-8", "ignore") + "..."
 
-
-def parse_selector(target: str) -> Tuple[str, str]:
-    """``?mac=M&suffix=S`` → (M, S); either may be empty (M empty: the first NIC)."""
-    fields = dict(part.partition("=")[::2] for part in target[1:].split("&"))
-    return fields.get("mac", ""), fields.get("suffix", "")

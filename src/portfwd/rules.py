@@ -41,6 +41,10 @@ def map_name(kind: str, family: int, what: str) -> str:
     return f"{kind}{family}_{what}"
 
 
+# every map of the table: name → (kind, family, what)
+MAPS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS for w in ("ip", "port", "range")}
+
+
 def _key_types(kind: str, family: int) -> List[str]:
     addr = _addr_type(family)
     if kind == "src":
@@ -154,46 +158,49 @@ def hairpin(table: str, bridges: Sequence[str]) -> List[Command]:
     return cmds
 
 
-def _dnat_rule(kind: str, family: int) -> List[Dict[str, Any]]:
+# small builders of the DNAT rules' expressions
+_MARK = {"ct": {"key": "mark"}}
+_SET_MARK = {"mangle": {"key": _MARK, "value": {"|": [_MARK, MARK]}}}
+_LOCAL = {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
+                    "right": "local"}}
+# nft accepts a port mapping only after a transport protocol match
+_L4PROTO = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
+                      "right": {"set": list(PROTOCOLS)}}}
+
+
+def _nfproto(family: int) -> Dict[str, Any]:
+    return {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
+                      "right": "ipv4" if family == 4 else "ipv6"}}
+
+
+def _lookup_key(kind: str, family: int) -> Any:
     exprs = _key_exprs(kind, family)
-    key = exprs[0] if len(exprs) == 1 else {"concat": exprs}
-    mark = {"ct": {"key": "mark"}}
-    return [
-        {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
-                   "right": "ipv4" if family == 4 else "ipv6"}},
-        {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
-                   "right": "local"}},
-        # nft accepts a port mapping only after a transport protocol match
-        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
-                   "right": {"set": list(PROTOCOLS)}}},
-        # only connections that hit a map get the mark, which libvirt's chains let through
-        {"match": {"op": "==", "left": key, "right": "@" + map_name(kind, family, "port")}},
-        {"mangle": {"key": mark, "value": {"|": [mark, MARK]}}},
-        {"dnat": {"family": "ip" if family == 4 else "ip6",
-                  "addr": {"map": {"key": key, "data": "@" + map_name(kind, family, "ip")}},
-                  "port": {"map": {"key": key, "data": "@" + map_name(kind, family, "port")}}}},
-    ]
+    return exprs[0] if len(exprs) == 1 else {"concat": exprs}
+
+
+def _in_map(key: Any, name: str) -> Dict[str, Any]:
+    return {"match": {"op": "==", "left": key, "right": "@" + name}}
+
+
+def _dnat_rule(kind: str, family: int) -> List[Dict[str, Any]]:
+    key = _lookup_key(kind, family)
+    ip, port = map_name(kind, family, "ip"), map_name(kind, family, "port")
+    # only connections that hit a map get the mark, which libvirt's chains let through
+    return [_nfproto(family), _LOCAL, _L4PROTO, _in_map(key, port), _SET_MARK,
+            {"dnat": {"family": "ip" if family == 4 else "ip6",
+                      "addr": {"map": {"key": key, "data": "@" + ip}},
+                      "port": {"map": {"key": key, "data": "@" + port}}}}]
 
 
 def _range_rule(kind: str, family: int) -> List[Dict[str, Any]]:
     """DNAT to the address of an equal-port range; the destination port stays.
     The map lookup comes before ``fib``: a packet no range matches skips the
     route lookup."""
-    exprs = _key_exprs(kind, family)
-    key = exprs[0] if len(exprs) == 1 else {"concat": exprs}
-    mark = {"ct": {"key": "mark"}}
-    return [
-        {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
-                   "right": "ipv4" if family == 4 else "ipv6"}},
-        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
-                   "right": {"set": list(PROTOCOLS)}}},
-        {"match": {"op": "==", "left": key, "right": "@" + map_name(kind, family, "range")}},
-        {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
-                   "right": "local"}},
-        {"mangle": {"key": mark, "value": {"|": [mark, MARK]}}},
-        {"dnat": {"family": "ip" if family == 4 else "ip6",
-                  "addr": {"map": {"key": key, "data": "@" + map_name(kind, family, "range")}}}},
-    ]
+    key = _lookup_key(kind, family)
+    name = map_name(kind, family, "range")
+    return [_nfproto(family), _L4PROTO, _in_map(key, name), _LOCAL, _SET_MARK,
+            {"dnat": {"family": "ip" if family == 4 else "ip6",
+                      "addr": {"map": {"key": key, "data": "@" + name}}}}]
 
 
 def _key_json(b: Binding) -> Dict[str, Any]:
@@ -215,8 +222,8 @@ def _elements(table: str, bindings: Iterable[Binding], op: str) -> List[Command]
     grouped: Dict[str, List[Any]] = {}
     for b in bindings:
         key = _key_json(b)
-        values: Tuple[Tuple[str, Any], ...] = ((("range", b.target),) if b.is_range
-                                               else (("ip", b.target), ("port", b.port)))
+        values: Tuple[Tuple[str, Any], ...] = ((("range", b.address),) if b.is_range
+                                               else (("ip", b.address), ("port", b.port)))
         for what, value in values:
             name = map_name(b.kind, b.family, what)
             if op == "delete":
@@ -241,8 +248,8 @@ def guest_update(table: str, old: Sequence[Binding], new: Sequence[Binding]) -> 
 
 def full_rebuild(table: str, bindings: Sequence[Binding]) -> List[Command]:
     """One transaction: the table holds exactly ``bindings`` afterwards."""
-    flushes = [{"flush": {"map": {"family": "inet", "table": table, "name": map_name(k, f, w)}}}
-               for f in (4, 6) for k in KINDS for w in ("ip", "port", "range")]
+    flushes = [{"flush": {"map": {"family": "inet", "table": table, "name": name}}}
+               for name in MAPS]
     return skeleton(table) + flushes + _elements(table, bindings, "add")
 
 

@@ -24,12 +24,12 @@ def live_state(b: Binding, maps: Dict[str, Dict[Tuple[Any, ...], Any]]) -> str:
         ip = maps.get(rules.map_name(b.kind, b.family, "range"), {}).get(key)
         if ip is None:
             return "missing"
-        return "active" if str(ip) == b.target else f"differs (table: {ip})"
+        return "active" if str(ip) == b.address else f"differs (table: {ip})"
     ip = maps.get(rules.map_name(b.kind, b.family, "ip"), {}).get(key)
     port = maps.get(rules.map_name(b.kind, b.family, "port"), {}).get(key)
     if ip is None or port is None:
         return "missing"
-    if str(ip) != b.target or int(port) != b.port:
+    if str(ip) != b.address or int(port) != b.port:
         return f"differs (table: {ip}:{port})"
     return "active"
 
@@ -47,8 +47,11 @@ def live_elements(objects: Sequence[Dict[str, Any]]) -> Dict[str, Dict[Tuple[Any
         m = obj.get("map")
         if not m:
             continue
-        prefixes = m["name"].startswith("src")
-        full = 32 if m["name"][3] == "4" else 128
+        if m["name"] not in rules.MAPS:
+            continue
+        kind, family, _ = rules.MAPS[m["name"]]
+        prefixes = kind == "src"
+        full = 32 if family == 4 else 128
         elems: Dict[Tuple[Any, ...], Any] = {}
         for key, value in m.get("elem", []):
             if isinstance(key, dict) and "elem" in key:

@@ -1,0 +1,176 @@
+"""Small typed values that cross module lines, instead of strings that the next
+module would parse again. Plain ``__slots__`` classes: the hook imports this
+module on every guest start, and they cost nothing to import.
+
+On disk (the compiled configuration, the recorded guest state) some of them are
+still written as the text earlier versions wrote (``?mac=…&suffix=…``, ``@eth0``,
+``inactive: …``); ``from_text`` here is the only place that reads that text.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, List, Optional, Set, Tuple, Union
+
+    # a binding's DNAT target: a guest address, or a selector until it is discovered
+    Target = Union[str, "Selector"]
+
+
+class Selector:
+    """A guest address to discover when the guest runs: the address of the NIC with
+    this MAC ("" = the first NIC on a libvirt network), for IPv6 optionally a suffix
+    (``::10``) joined to the network's prefix."""
+
+    __slots__ = ("mac", "suffix")
+
+    def __init__(self, mac: str = "", suffix: str = "") -> None:
+        self.mac = mac
+        self.suffix = suffix
+
+    @classmethod
+    def from_text(cls, text: str) -> "Selector":
+        """``?mac=M&suffix=S`` (as written on disk) → Selector."""
+        fields = dict(part.partition("=")[::2] for part in text[1:].split("&"))
+        return cls(fields.get("mac", ""), fields.get("suffix", ""))
+
+    def __str__(self) -> str:
+        return f"?mac={self.mac}&suffix={self.suffix}" if self.suffix else f"?mac={self.mac}"
+
+    def describe(self, family: int) -> str:
+        """``IPv6 of 52:54:00:…, suffix ::10``, for people."""
+        return (f"IPv{family} of {self.mac or 'the first NIC'}"
+                + (f", suffix {self.suffix}" if self.suffix else ""))
+
+    def _fields(self) -> Tuple[str, str]:
+        return (self.mac, self.suffix)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Selector) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return f"Selector{self._fields()!r}"
+
+
+def target_from_text(text: str) -> Target:
+    """A target as written on disk: a selector starts with ``?``."""
+    return Selector.from_text(text) if text.startswith("?") else text
+
+
+class ListenIface:
+    """A listen interface in a binding's key, standing for its addresses until
+    ``resolve`` expands it; ``prefix`` is the length of a ``src`` key's listen prefix
+    (None in a ``fwd`` key)."""
+
+    __slots__ = ("name", "prefix")
+
+    def __init__(self, name: str, prefix: Optional[int] = None) -> None:
+        self.name = name
+        self.prefix = prefix
+
+    @classmethod
+    def from_text(cls, text: str) -> "ListenIface":
+        """``@eth0`` or ``@eth0/32`` (as written on disk) → ListenIface."""
+        name, slash, length = text[1:].partition("/")
+        return cls(name, int(length) if slash else None)
+
+    def with_address(self, address: str) -> str:
+        """The key part for one of the interface's addresses."""
+        return address if self.prefix is None else f"{address}/{self.prefix}"
+
+    def __str__(self) -> str:
+        return f"@{self.name}" if self.prefix is None else f"@{self.name}/{self.prefix}"
+
+    def _fields(self) -> Tuple[str, Optional[int]]:
+        return (self.name, self.prefix)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ListenIface) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return f"ListenIface{self._fields()!r}"
+
+
+def key_part_from_text(part: Any) -> Any:
+    """A key part as written on disk: an interface placeholder starts with ``@``."""
+    return ListenIface.from_text(part) if isinstance(part, str) and part.startswith("@") else part
+
+
+class Reason:
+    """Why a binding is pending. ``kind``: WAITING (for an address: the daemon or the
+    next sync may find it), INACTIVE (IPv6 off: no address will cure it), REFUSED (a
+    discovered address portfwd does not trust), HELD (another guest holds the port)."""
+
+    WAITING, INACTIVE, REFUSED, HELD = "waiting", "inactive", "refused", "held"
+    _PREFIX = "inactive: "  # how an INACTIVE reason is written on disk
+
+    __slots__ = ("kind", "text")
+
+    def __init__(self, kind: str, text: str) -> None:
+        self.kind = kind
+        self.text = text
+
+    @classmethod
+    def from_text(cls, text: str) -> "Reason":
+        """A reason as written on disk (which did not record the kind)."""
+        if text.startswith(cls._PREFIX):
+            return cls(cls.INACTIVE, text[len(cls._PREFIX):])
+        if text.startswith("refused "):
+            return cls(cls.REFUSED, text)
+        if " is held by guest " in text:
+            return cls(cls.HELD, text)
+        return cls(cls.WAITING, text)
+
+    def __str__(self) -> str:
+        """The text written on disk and shown: ``inactive: …`` for INACTIVE."""
+        return self._PREFIX + self.text if self.kind == self.INACTIVE else self.text
+
+    def _fields(self) -> Tuple[str, str]:
+        return (self.kind, self.text)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Reason) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return f"Reason{self._fields()!r}"
+
+
+class Bridges:
+    """Where one guest's forwards lead, as the bridges summary records it: the table,
+    the interfaces the kernel routes the guest addresses to (per family), and those
+    of forwards from 127.0.0.1 (which need ``route_localnet``)."""
+
+    __slots__ = ("table", "routed", "localnet")
+
+    def __init__(self, table: str, routed: Optional[Set[Tuple[int, str]]] = None,
+                 localnet: Optional[Set[str]] = None) -> None:
+        self.table = table
+        self.routed = routed or set()  # (family, interface)
+        self.localnet = localnet or set()
+
+    def to_json(self) -> List[str]:
+        """``["4:virbr0", "L:virbr0", "T:portfwd"]``: the format bridges.json has always had."""
+        return sorted([f"T:{self.table}"] + [f"{f}:{i}" for f, i in self.routed]
+                      + [f"L:{i}" for i in self.localnet])
+
+    @classmethod
+    def from_json(cls, entries: List[str], default_table: str) -> "Bridges":
+        out = cls(default_table)
+        for entry in entries:
+            kind, _, name = str(entry).partition(":")
+            if kind == "T":
+                out.table = name
+            elif kind in ("4", "6"):
+                out.routed.add((int(kind), name))
+            elif kind == "L":
+                out.localnet.add(name)
+        return out
