@@ -186,4 +186,4 @@ def test_resolve_splits_known_and_pending(files: "tuple[str, str]") -> None:
     assert [b.target for b in st.bindings] == ["192.168.122.50", "192.0.2.1"]
     assert [(b.key, str(why)) for b, why in st.pending] == [
         (("tcp", 8081), "no IPv4 address yet for NIC 52:54:00:aa:00:02 on network v6net")]
-    assert st.sources == {"192.168.122.50": "reservation on network default"}
+    assert st.address_from == {"192.168.122.50": "reservation on network default"}

@@ -55,7 +55,7 @@ def host(monkeypatch: pytest.MonkeyPatch) -> Dict[str, Optional[str]]:
 def test_explicit_targets_pass_through(host: Dict[str, Optional[str]]) -> None:
     b = Binding("any", 4, ("tcp", 8080), "192.168.122.10", 80, "web1", C)
     out = resolve([b], None, cast(hostnet.RouteTable, FakeRoutes({})))
-    assert out.bindings == [b] and out.pending == [] and out.sources == {}
+    assert out.bindings == [b] and out.pending == [] and out.address_from == {}
 
 
 def test_listen_interface_becomes_each_address(host: Dict[str, Optional[str]]) -> None:
@@ -75,7 +75,7 @@ def test_selector_resolved_once_and_recorded(host: Dict[str, Optional[str]]) -> 
     fake = FakeResolver({(sel, 4): ("192.168.122.10", "lease")})
     out = resolve(bs, cast(Resolver, fake), cast(hostnet.RouteTable, FakeRoutes({})))
     assert [b.target for b in out.bindings] == ["192.168.122.10"] * 2
-    assert out.sources == {"192.168.122.10": "lease"}
+    assert out.address_from == {"192.168.122.10": "lease"}
     assert fake.asked == [(sel, 4)]
 
 
@@ -124,7 +124,7 @@ def test_recorded_state_of_earlier_versions_loads() -> None:
     waiting, inactive = st.pending
     assert waiting[0].key[0] == ListenIface("eth0")
     assert waiting[0].target == Selector("52:54:00:00:00:01")
-    assert waiting[1].kind == Reason.WAITING and inactive[1].kind == Reason.INACTIVE
+    assert waiting[1].cause == Reason.WAITING and inactive[1].cause == Reason.INACTIVE
     again = st.to_json()
     assert [p[:7] + p[8:] for p in again["pending"]] == raw["pending"]
     assert GuestState.from_json(again).to_json() == again

@@ -285,7 +285,7 @@ class Engine:
                     why = f"host port {display.listen_text(b)}/{b.proto} is held by guest {holder}"
                     log.warning(f"guest {name}: {why}; fix the configuration (`portfwd check`)")
                     wanted.pending.append((b, Reason(Reason.HELD, why)))
-        applied = GuestState(name, uuid, table, new, wanted.pending, wanted.sources,
+        applied = GuestState(name, uuid, table, new, wanted.pending, wanted.address_from,
                              wanted.warnings)
         self.write_states([applied])
         self._report(self.ensure_compat())
@@ -335,7 +335,7 @@ class Engine:
             if len(kept) != len(st.bindings):
                 log.warning(f"guest {st.guest}: {len(st.bindings) - len(kept)} forward(s) from an"
                             f" earlier configuration now belong to guest {name}")
-                changed.append(GuestState(st.guest, st.uuid, st.table, kept, st.pending, st.sources,
+                changed.append(GuestState(st.guest, st.uuid, st.table, kept, st.pending, st.address_from,
                                           st.warnings))
             everything += kept
         self.claim_table(table)
@@ -432,7 +432,7 @@ class Engine:
             found = resolve(planned[guest.name], resolver, self.routes)
             if not found.empty:
                 wanted[guest.name] = GuestState(guest.name, guest.uuid, table, found.bindings,
-                                                found.pending, found.sources, found.warnings)
+                                                found.pending, found.address_from, found.warnings)
         _refuse_shared_discoveries(wanted)
         _refuse_shared_keys(wanted)
         for st in wanted.values():
@@ -519,9 +519,9 @@ class Engine:
                 running.add(st.uuid)
             maps = live.get(st.table, {})
             for b in st.bindings:
-                rows.append(row(b, live_state(b, maps), st.sources.get(b.address, "config")))
+                rows.append(row(b, live_state(b, maps), st.address_from.get(b.address, "config")))
             for b, why in st.pending:
-                rows.append(row(b, str(why) if why.kind == Reason.INACTIVE else f"pending: {why}"))
+                rows.append(row(b, str(why) if why.cause == Reason.INACTIVE else f"pending: {why}"))
         if config is not None:
             for fwd in config.forwards:
                 if fwd.guest in running or fwd.uuid in running:
@@ -542,8 +542,8 @@ def _refuse_shared_discoveries(wanted: Dict[str, GuestState]) -> None:
         keep = []
         for b in st.bindings:
             others = sorted(owners[b.address] - {st.guest})
-            if others and b.address in st.sources:  # discovered, and another guest has it
-                why = (f"refused {b.address} from {st.sources[b.address]}: also the address of"
+            if others and b.address in st.address_from:  # discovered, and another guest has it
+                why = (f"refused {b.address} from {st.address_from[b.address]}: also the address of"
                        f" guest {others[0]}")
                 st.pending.append((b, Reason(Reason.REFUSED, why)))
             else:
@@ -610,7 +610,7 @@ def _log_refusals(name: str, before: Optional[GuestState], now: GuestState) -> N
     when its reason first appears."""
     seen = {why for _, why in before.pending} if before else set()
     for why in dict.fromkeys(why for _, why in now.pending
-                             if why.kind in (Reason.REFUSED, Reason.HELD)):
+                             if why.cause in (Reason.REFUSED, Reason.HELD)):
         if why not in seen:
             log.warning(f"guest {name}: {why}")
 

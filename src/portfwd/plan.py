@@ -26,10 +26,10 @@ if TYPE_CHECKING:
     Template = Tuple[str, int, Tuple[Union[str, int], ...], str, int, str, str]
 
 from .constants import COMMENT_MAX
-from .values import ListenIface, Selector, key_part_from_text, target_from_text
+from .values import ListenIface, Selector, Value, key_part_from_text, target_from_text
 
 
-class Binding:
+class Binding(Value):
     """One host port of one forward, or one range of host ports forwarded to the
     same guest ports (the key ends with ``"FIRST-LAST"``, ``port`` is FIRST): a
     key and its DNAT target. ``entry`` names the configuration entry it comes from
@@ -55,14 +55,6 @@ class Binding:
     def _fields(self) -> Tuple[Any, ...]:
         return (self.kind, self.family, self.key, self.target, self.port, self.guest, self.comment)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Binding) and self._fields() == other._fields()
-
-    def __hash__(self) -> int:
-        return hash(self._fields())
-
-    def __repr__(self) -> str:
-        return f"Binding{self._fields()!r}"
 
     @property
     def address(self) -> str:

@@ -15,18 +15,18 @@ class GuestState:
     bindings in the kernel, where each address came from, and the bindings
     still waiting for an address (each with the reason)."""
 
-    __slots__ = ("guest", "uuid", "table", "bindings", "pending", "sources", "warnings")
+    __slots__ = ("guest", "uuid", "table", "bindings", "pending", "address_from", "warnings")
 
     def __init__(self, guest: str, uuid: Optional[str], table: str, bindings: List[Binding],
                  pending: Optional[List[Tuple[Binding, Reason]]] = None,
-                 sources: Optional[Dict[str, str]] = None,
+                 address_from: Optional[Dict[str, str]] = None,
                  warnings: Optional[List[str]] = None) -> None:
         self.guest = guest
         self.uuid = uuid
         self.table = table
         self.bindings = bindings
         self.pending = pending or []  # (binding, why it is not applied)
-        self.sources = sources or {}  # discovered address → where it came from
+        self.address_from = address_from or {}  # discovered address → where it came from
         self.warnings = warnings or []  # e.g. a tentative listen address skipped
 
     @property
@@ -37,7 +37,7 @@ class GuestState:
         return {"guest": self.guest, "uuid": self.uuid, "table": self.table,
                 "bindings": [b.to_json() for b in self.bindings],
                 "pending": [b.to_json() + [str(why)] for b, why in self.pending],
-                "sources": self.sources, "warnings": self.warnings}
+                "sources": self.address_from, "warnings": self.warnings}
 
     @classmethod
     def from_json(cls, raw: Dict[str, Any]) -> "GuestState":

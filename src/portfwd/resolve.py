@@ -39,7 +39,7 @@ def resolve(bindings: List[Binding], resolver: Optional[Resolver],
                 if address is None:
                     out.pending.append((b, Reason.from_text(why)))
                     continue
-                out.sources[address] = why
+                out.address_from[address] = why
                 b = b.with_target(address)
             if b.family == 6:
                 if b.address not in ipv6_off:

@@ -17,7 +17,27 @@ if TYPE_CHECKING:
     Target = Union[str, "Selector"]
 
 
-class Selector:
+class Value:
+    """Equality, hash and repr from ``_fields()``: the base of the small values here
+    (and of ``plan.Binding``)."""
+
+    __slots__ = ()
+
+    def _fields(self) -> Tuple[Any, ...]:
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Value) and type(other) is type(self)
+                and self._fields() == other._fields())
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}{self._fields()!r}"
+
+
+class Selector(Value):
     """A guest address to discover when the guest runs: the address of the NIC with
     this MAC ("" = the first NIC on a libvirt network), for IPv6 optionally a suffix
     (``::10``) joined to the network's prefix."""
@@ -45,14 +65,6 @@ class Selector:
     def _fields(self) -> Tuple[str, str]:
         return (self.mac, self.suffix)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Selector) and self._fields() == other._fields()
-
-    def __hash__(self) -> int:
-        return hash(self._fields())
-
-    def __repr__(self) -> str:
-        return f"Selector{self._fields()!r}"
 
 
 def target_from_text(text: str) -> Target:
@@ -60,7 +72,7 @@ def target_from_text(text: str) -> Target:
     return Selector.from_text(text) if text.startswith("?") else text
 
 
-class ListenIface:
+class ListenIface(Value):
     """A listen interface in a binding's key, standing for its addresses until
     ``resolve`` expands it; ``prefix`` is the length of a ``src`` key's listen prefix
     (None in a ``fwd`` key)."""
@@ -87,14 +99,6 @@ class ListenIface:
     def _fields(self) -> Tuple[str, Optional[int]]:
         return (self.name, self.prefix)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ListenIface) and self._fields() == other._fields()
-
-    def __hash__(self) -> int:
-        return hash(self._fields())
-
-    def __repr__(self) -> str:
-        return f"ListenIface{self._fields()!r}"
 
 
 def key_part_from_text(part: Any) -> Any:
@@ -102,23 +106,23 @@ def key_part_from_text(part: Any) -> Any:
     return ListenIface.from_text(part) if isinstance(part, str) and part.startswith("@") else part
 
 
-class Reason:
-    """Why a binding is pending. ``kind``: WAITING (for an address: the daemon or the
+class Reason(Value):
+    """Why a binding is pending. ``cause``: WAITING (for an address: the daemon or the
     next sync may find it), INACTIVE (IPv6 off: no address will cure it), REFUSED (a
     discovered address portfwd does not trust), HELD (another guest holds the port)."""
 
     WAITING, INACTIVE, REFUSED, HELD = "waiting", "inactive", "refused", "held"
     _PREFIX = "inactive: "  # how an INACTIVE reason is written on disk
 
-    __slots__ = ("kind", "text")
+    __slots__ = ("cause", "text")
 
-    def __init__(self, kind: str, text: str) -> None:
-        self.kind = kind
+    def __init__(self, cause: str, text: str) -> None:
+        self.cause = cause
         self.text = text
 
     @classmethod
     def from_text(cls, text: str) -> "Reason":
-        """A reason as written on disk (which did not record the kind)."""
+        """A reason as written on disk (which does not record the cause)."""
         if text.startswith(cls._PREFIX):
             return cls(cls.INACTIVE, text[len(cls._PREFIX):])
         if text.startswith("refused "):
@@ -129,19 +133,11 @@ class Reason:
 
     def __str__(self) -> str:
         """The text written on disk and shown: ``inactive: …`` for INACTIVE."""
-        return self._PREFIX + self.text if self.kind == self.INACTIVE else self.text
+        return self._PREFIX + self.text if self.cause == self.INACTIVE else self.text
 
     def _fields(self) -> Tuple[str, str]:
-        return (self.kind, self.text)
+        return (self.cause, self.text)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Reason) and self._fields() == other._fields()
-
-    def __hash__(self) -> int:
-        return hash(self._fields())
-
-    def __repr__(self) -> str:
-        return f"Reason{self._fields()!r}"
 
 
 class Bridges:
@@ -166,11 +162,11 @@ class Bridges:
     def from_json(cls, entries: List[str], default_table: str) -> "Bridges":
         out = cls(default_table)
         for entry in entries:
-            kind, _, name = str(entry).partition(":")
-            if kind == "T":
+            tag, _, name = str(entry).partition(":")
+            if tag == "T":
                 out.table = name
-            elif kind in ("4", "6"):
-                out.routed.add((int(kind), name))
-            elif kind == "L":
+            elif tag in ("4", "6"):
+                out.routed.add((int(tag), name))
+            elif tag == "L":
                 out.localnet.add(name)
         return out
