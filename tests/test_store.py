@@ -12,7 +12,7 @@ from portfwd.values import Bridges
 
 
 def _bridges(st: GuestState) -> Bridges:
-    return Bridges(st.table, {(4, "virbr0")}, {"virbr0"} if st.guest == "web1" else set())
+    return Bridges.of(st.table, {(4, "virbr0")}, {"virbr0"} if st.guest == "web1" else set())
 
 
 def test_guests_and_summary_round_trip(tmp_path: "os.PathLike[str]") -> None:

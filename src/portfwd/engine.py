@@ -112,14 +112,14 @@ class Engine:
     def _bridges_of(self, st: GuestState) -> Bridges:
         """The table, the interfaces the kernel routes the targets to, and those of
         forwards from 127.0.0.1."""
-        found = Bridges(st.table)
+        routed, localnet = set(), set()
         for b in st.bindings:
             iface = self.routes.interface_for(b.address)
             if iface:
-                found.routed.add((b.family, iface))
+                routed.add((b.family, iface))
                 if b.kind != "any" and str(b.key[0]).startswith("127."):
-                    found.localnet.add(iface)
-        return found
+                    localnet.add(iface)
+        return Bridges.of(st.table, routed, localnet)
 
     def read_summary(self) -> Dict[str, Bridges]:
         return self.store.read_summary(self._bridges_of)

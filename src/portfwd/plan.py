@@ -185,8 +185,12 @@ def bind(items: Iterable[Template], guest_name: str) -> List[Binding]:
         comment = comments.get(where)
         if comment is None:
             comment = comments[where] = _comment(f"{guest_name} {where}")
-        out.append(Binding(kind, family, tuple(key_part_from_text(p) for p in key),
-                           target_from_text(target), port, guest_name, comment, entry))
+        first = key[0]  # only a listen address can be an interface ("@eth0")
+        parts: Tuple[KeyPart, ...] = (
+            (key_part_from_text(first),) + tuple(key[1:])
+            if isinstance(first, str) and first[:1] == "@" else tuple(key))
+        out.append(Binding(kind, family, parts, target_from_text(target), port, guest_name,
+                           comment, entry))
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, List, Optional, Set, Tuple, Union
+    from typing import Any, Iterable, List, Optional, Set, Tuple, Union
 
     # a binding's DNAT target: a guest address, or a selector until it is discovered
     Target = Union[str, "Selector"]
@@ -143,30 +143,40 @@ class Reason(Value):
 class Bridges:
     """Where one guest's forwards lead, as the bridges summary records it: the table,
     the interfaces the kernel routes the guest addresses to (per family), and those
-    of forwards from 127.0.0.1 (which need ``route_localnet``)."""
+    of forwards from 127.0.0.1 (which need ``route_localnet``).
 
-    __slots__ = ("table", "routed", "localnet")
+    Kept as the entries bridges.json has always held (``["4:virbr0", "L:virbr0",
+    "T:portfwd"]``) and read on demand: every guest change rewrites the summary of
+    all guests, which must stay cheap with thousands of them."""
 
-    def __init__(self, table: str, routed: Optional[Set[Tuple[int, str]]] = None,
-                 localnet: Optional[Set[str]] = None) -> None:
-        self.table = table
-        self.routed = routed or set()  # (family, interface)
-        self.localnet = localnet or set()
+    __slots__ = ("entries", "default_table")
+
+    def __init__(self, entries: List[str], default_table: str = "") -> None:
+        self.entries = entries
+        self.default_table = default_table
+
+    @classmethod
+    def of(cls, table: str, routed: Iterable[Tuple[int, str]] = (),
+           localnet: Iterable[str] = ()) -> "Bridges":
+        return cls(sorted({f"T:{table}"} | {f"{f}:{i}" for f, i in routed}
+                          | {f"L:{i}" for i in localnet}))
+
+    @property
+    def table(self) -> str:
+        return next((e[2:] for e in self.entries if e.startswith("T:")), self.default_table)
+
+    @property
+    def routed(self) -> Set[Tuple[int, str]]:
+        """(family, interface) of every guest address with a route."""
+        return {(int(e[0]), e[2:]) for e in self.entries if e[:2] in ("4:", "6:")}
+
+    @property
+    def localnet(self) -> Set[str]:
+        return {e[2:] for e in self.entries if e.startswith("L:")}
 
     def to_json(self) -> List[str]:
-        """``["4:virbr0", "L:virbr0", "T:portfwd"]``: the format bridges.json has always had."""
-        return sorted([f"T:{self.table}"] + [f"{f}:{i}" for f, i in self.routed]
-                      + [f"L:{i}" for i in self.localnet])
+        return self.entries
 
     @classmethod
     def from_json(cls, entries: List[str], default_table: str) -> "Bridges":
-        out = cls(default_table)
-        for entry in entries:
-            tag, _, name = str(entry).partition(":")
-            if tag == "T":
-                out.table = name
-            elif tag in ("4", "6"):
-                out.routed.add((int(tag), name))
-            elif tag == "L":
-                out.localnet.add(name)
-        return out
+        return cls([str(e) for e in entries], default_table)
