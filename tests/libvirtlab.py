@@ -118,7 +118,7 @@ class LibvirtLab:
         self.run_dir = os.path.join(base, "run")
         self.domains: List[str] = []
         self.made: List[str] = []  # mount points this lab had to create on the host
-        self.holder: Optional[subprocess.Popen] = None
+        self.holder: "Optional[subprocess.Popen[bytes]]" = None
         self.before = self._processes()
         try:
             self._build()
@@ -139,6 +139,7 @@ class LibvirtLab:
              *PRIVATE], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self.holder.stdout is not None
         if self.holder.stdout.readline().strip() != b"ready":
+            assert self.holder.stderr is not None
             raise RuntimeError(f"private mounts failed: {self.holder.stderr.read().decode()}")
         self.etc = etc
 
@@ -156,10 +157,10 @@ class LibvirtLab:
 
     # -- setup ----------------------------------------------------------------
     def ns(self, ns: str, *cmd: str, check: bool = True,
-           input: Optional[bytes] = None) -> subprocess.CompletedProcess:
+           input: Optional[bytes] = None) -> subprocess.CompletedProcess[bytes]:
         return run(*self.argv(ns, *cmd), check=check, input=input)
 
-    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
         return run(*self.argv(None, "virsh", "-q", "-c", URI, *args), check=check)
 
     def _build(self) -> None:

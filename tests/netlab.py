@@ -27,7 +27,7 @@ GUEST4, GUEST6 = "192.168.150.10", "fd00:150::10"
 
 
 def run(*cmd: str, check: bool = True, input: Optional[bytes] = None,
-        env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+        env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(list(cmd), check=check, input=input, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -37,7 +37,7 @@ class Lab:
         tag = f"pf{os.getpid() % 100000}x{next(_counter)}"
         self.host, self.guest, self.client = f"{tag}h", f"{tag}g", f"{tag}c"
         self.tag = tag
-        self.procs: List[subprocess.Popen] = []
+        self.procs: List["subprocess.Popen[bytes]"] = []
         try:
             self._build()
         except BaseException:
@@ -77,7 +77,7 @@ class Lab:
         self.ns(c, "ip", "-6", "route", "add", "default", "via", HOST6)
 
     def ns(self, ns: str, *cmd: str, check: bool = True, input: Optional[bytes] = None,
-           env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+           env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess[bytes]:
         return run("ip", "netns", "exec", ns, *cmd, check=check, input=input, env=env)
 
     def serve(self, proto: str, ports: Sequence[int], ns: Optional[str] = None) -> None:
@@ -89,7 +89,7 @@ class Lab:
         assert p.stdout is not None
         line = p.stdout.readline()
         if line.strip() != b"ready":
-            raise RuntimeError(f"server did not start: {line!r} {p.stderr.read() if p.stderr else ''}")
+            raise RuntimeError(f"server did not start: {line!r} {p.stderr.read() if p.stderr else b''!r}")
 
     def probe(self, proto: str, addr: str, port: int, ns: Optional[str] = None) -> Optional[str]:
         """The server's answer through ``addr:port`` from the client, or None."""

@@ -48,7 +48,7 @@ def domain_xml(name: str, uuid: str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
 
 
 def run_reading_all(argv: List[str], env: Dict[str, str],
-                    guest: str) -> subprocess.CompletedProcess:
+                    guest: str) -> subprocess.CompletedProcess[bytes]:
     """Run a hook with 2 MB of domain XML on stdin, failing if it exits without
     reading it all (libvirt writes the whole XML: it would see EPIPE)."""
     import threading
@@ -97,20 +97,20 @@ class PortfwdHost:
         os.replace(tmp, self.config)
 
     def hook(self, guest: str, op: str, sub: str = "begin", extra: str = "-",
-             xml: Optional[bytes] = None, python_flags: List[str] = []) -> subprocess.CompletedProcess:
+             xml: Optional[bytes] = None, python_flags: List[str] = []) -> subprocess.CompletedProcess[bytes]:
         """Run the hook exactly as libvirt does: argv, XML on stdin, minimal environment."""
         return self.lab.ns(self.lab.host, sys.executable, "-I", *python_flags, HOOK, guest, op, sub,
                            extra, input=domain_xml(guest) if xml is None else xml, env=self.env,
                            check=False)
 
-    def network_hook(self, network: str, op: str) -> "Callable[[], subprocess.CompletedProcess]":
+    def network_hook(self, network: str, op: str) -> "Callable[[], subprocess.CompletedProcess[bytes]]":
         """A deferred run of the network hook as libvirt runs it."""
         xml = (f"<hookData><network><name>{network}</name><bridge name='br0'/></network>"
                "</hookData>").encode()
         return lambda: self.lab.ns(self.lab.host, sys.executable, "-I", NETWORK_HOOK, network, op,
                                    "begin", "-", input=xml, env=self.env, check=False)
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
+    def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         return self.lab.ns(self.lab.host, sys.executable, "-m", "portfwd.cli", *args,
                            env=self.env, check=False)
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import List
 
-from portfwd import plan
+from portfwd import display, plan
 from portfwd.model import Config, Guest
 
 UUID_GUEST_NAME = "vm-by-uuid"
 
 
 def plan_text(config: Config) -> str:
-    """Every guest's bindings, guest by guest, as ``plan.describe`` prints them."""
+    """Every guest's bindings, guest by guest, as ``display.describe`` prints them."""
     guests: List[Guest] = []
     for fwd in config.forwards:
         guest = Guest(fwd.guest, None) if fwd.guest else Guest(UUID_GUEST_NAME, fwd.uuid)
@@ -19,5 +19,5 @@ def plan_text(config: Config) -> str:
             guests.append(guest)
     lines = [f"table inet {config.options.table}"]
     for guest in guests:
-        lines += plan.describe(plan.guest_bindings(config, guest))
+        lines += display.describe(plan.guest_bindings(config, guest))
     return "\n".join(lines) + "\n"

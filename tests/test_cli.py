@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+from typing import List, Tuple
 
 import pytest
 
@@ -38,7 +39,7 @@ ports = ["9999"]
 """
 
 
-def status(pf: PortfwdHost) -> list:
+def status(pf: PortfwdHost) -> List[Tuple[str, str, str, str, str]]:
     r = pf.cli("status", "--json")
     assert r.returncode == 0, r.stderr
     return sorted((row["guest"], row["proto"], row["listen"], row["target"], row["state"])

@@ -10,6 +10,8 @@ against a real libvirtd.
 from __future__ import annotations
 
 import json
+import subprocess
+from typing import Callable, List
 
 import pytest
 
@@ -157,7 +159,9 @@ def test_libvirt_rebuild_is_repaired_by_reconnect_network_hook_and_reapply(
     assert lab.reach("tcp", HOST4, 8080) is not None
     network_hook = [pf.network_hook("net", "started"), pf.network_hook("net", "updated"),
                     pf.network_hook("net", "port-created")]
-    for repair in [lambda: pf.hook("web1", "reconnect"), *network_hook, lambda: pf.cli("reapply")]:
+    repairs: List[Callable[[], "subprocess.CompletedProcess[bytes]"]] = [
+        lambda: pf.hook("web1", "reconnect"), *network_hook, lambda: pf.cli("reapply")]
+    for repair in repairs:
         libvirt_rebuild(lab)
         assert lab.probe("tcp", HOST4, 8080) is None  # libvirt's reject is on top again
         status = json.loads(pf.cli("status", "--json").stdout)
@@ -311,7 +315,9 @@ def test_foreign_chain_of_that_name_is_left_alone_when_unneeded(lab: Lab, pf: Po
     libvirt_iptables(lab)
     lab.ns(lab.host, "iptables", "-w", "-N", "PORTFWD_FWI")
     lab.ns(lab.host, "iptables", "-w", "-A", "PORTFWD_FWI", "-s", "198.51.100.7", "-j", "DROP")
-    rules = lambda: lab.ns(lab.host, "iptables", "-S").stdout.decode()  # noqa: E731
+    def rules() -> str:
+        return lab.ns(lab.host, "iptables", "-S").stdout.decode()
+
     before = rules()
     assert pf.cli("flush").returncode == 0
     assert rules() == before and "-A PORTFWD_FWI -s 198.51.100.7/32 -j DROP" in before

@@ -120,7 +120,7 @@ def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     assert state.config_path("/x/cli.toml") == "/x/cli.toml"
 
 
-def _check(*args: str, env_path: "str | None" = None) -> subprocess.CompletedProcess:
+def _check(*args: str, env_path: "str | None" = None) -> "subprocess.CompletedProcess[str]":
     env = dict(os.environ)
     env.pop(state.ENV_CONFIG, None)
     if env_path:

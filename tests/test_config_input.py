@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import List
 
 import pytest
 from hypothesis import given, settings
@@ -19,7 +20,7 @@ FWD = '[[forward]]\nguest = "a"\nipv4 = "10.0.0.1"\n'
 DEEP = "arrays or inline tables nested too deeply (forward.toml needs 3 levels at most)"
 
 
-def errors(text: str) -> list:
+def errors(text: str) -> List[str]:
     with pytest.raises(ConfigError) as e:
         config.parse(text, "f.toml")
     return e.value.lines
@@ -116,7 +117,7 @@ TOKENS = st.sampled_from([
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(TOKENS, max_size=60))
-def test_any_text_gives_a_config_or_located_errors(tokens: list) -> None:
+def test_any_text_gives_a_config_or_located_errors(tokens: List[str]) -> None:
     text = "".join(tokens)
     try:
         config.parse(text, "f.toml")

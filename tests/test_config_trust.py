@@ -156,7 +156,7 @@ def test_relative_paths_loops_and_dangling_links(etc: str, monkeypatch: pytest.M
 
 # -- what the file is ---------------------------------------------------------
 
-def check(path: str) -> subprocess.CompletedProcess:
+def check(path: str) -> "subprocess.CompletedProcess[str]":
     env = dict(os.environ)
     env.pop(state.ENV_CONFIG, None)
     return subprocess.run([sys.executable, "-m", "portfwd.cli", "check", "--config", path],

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from ipaddress import ip_address
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,7 +25,7 @@ def claims(draw: st.DrawFn) -> List[Claim]:
     return out
 
 
-def brute_force(items: List[Claim]) -> set:
+def brute_force(items: List[Claim]) -> "set[Tuple[int, int]]":
     found = set()
     for a in items:
         for b in items:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any, Dict, List
 
 import pytest
 
@@ -11,6 +12,7 @@ from portfwd.discover import Resolver, domain_nics, read_network
 from portfwd.hostnet import RouteTable
 from portfwd.resolve import resolve
 from portfwd.plan import Binding
+from portfwd.values import Selector
 
 # the routes of a host with these networks up: virbr0 192.168.122.0/24, virbr6
 # 192.168.150.0/24 and fd00:150::/64 (as /proc/net/route and /proc/net/ipv6_route print them)
@@ -93,7 +95,7 @@ def files(tmp_path: "os.PathLike[str]") -> "tuple[str, str]":
     return lay_out(str(tmp_path))
 
 
-def write_leases(folder: str, bridge: str, entries: list) -> None:
+def write_leases(folder: str, bridge: str, entries: List[Dict[str, Any]]) -> None:
     with open(os.path.join(folder, f"{bridge}.status"), "w") as f:
         json.dump(entries, f)
 
@@ -122,7 +124,7 @@ def test_reservation_comes_before_lease(files: "tuple[str, str]") -> None:
                                      "mac-address": "52:54:00:aa:00:01", "expiry-time": 2e9}])
     r = resolver(files, now=1e9)
     # the default NIC is the first one on a libvirt network, not the bridged one
-    assert r.resolve("?mac=", 4) == ("192.168.122.50", "reservation on network default")
+    assert r.resolve(Selector(""), 4) == ("192.168.122.50", "reservation on network default")
 
 
 def test_lease_newest_unexpired_wins_and_mac_case_is_ignored(files: "tuple[str, str]") -> None:
@@ -136,27 +138,27 @@ def test_lease_newest_unexpired_wins_and_mac_case_is_ignored(files: "tuple[str, 
          "expiry-time": 3000},
     ])
     r = resolver(files, now=1000)
-    assert r.resolve("?mac=52:54:00:aa:00:02", 4) == ("192.168.150.11", "lease on virbr6")
+    assert r.resolve(Selector("52:54:00:aa:00:02"), 4) == ("192.168.150.11", "lease on virbr6")
     later = resolver(files, now=5000)
-    assert later.resolve("?mac=52:54:00:aa:00:02", 4)[0] is None
+    assert later.resolve(Selector("52:54:00:aa:00:02"), 4)[0] is None
 
 
 def test_ipv6_reservation_by_duid_and_suffix(files: "tuple[str, str]") -> None:
     nets, leases = files
     r = resolver(files)
-    assert r.resolve("?mac=52:54:00:aa:00:02", 6) == ("fd00:150::77", "reservation on network v6net")
-    assert r.resolve("?mac=52:54:00:aa:00:02&suffix=::10", 6) == ("fd00:150::10",
+    assert r.resolve(Selector("52:54:00:aa:00:02"), 6) == ("fd00:150::77", "reservation on network v6net")
+    assert r.resolve(Selector("52:54:00:aa:00:02", "::10"), 6) == ("fd00:150::10",
                                                                   "suffix on network v6net")
-    address, why = r.resolve("?mac=&suffix=::10", 6)  # the default NIC's network has no IPv6
+    address, why = r.resolve(Selector("", "::10"), 6)  # the default NIC's network has no IPv6
     assert address is None and "has no IPv6 range" in why
 
 
 def test_reasons_when_nothing_is_known(files: "tuple[str, str]") -> None:
     nets, leases = files
     r = resolver(files)
-    assert r.resolve("?mac=52:54:00:aa:00:02", 4) == (
+    assert r.resolve(Selector("52:54:00:aa:00:02"), 4) == (
         None, "no IPv4 address yet for NIC 52:54:00:aa:00:02 on network v6net")
-    assert r.resolve("?mac=52:54:00:ff:ff:ff", 4) == (
+    assert r.resolve(Selector("52:54:00:ff:ff:ff"), 4) == (
         None, "the domain has no NIC with MAC 52:54:00:ff:ff:ff")
 
 
@@ -169,19 +171,19 @@ def test_libvirt_lookup_is_the_last_source(files: "tuple[str, str]") -> None:
         return ("192.168.150.44", "guest agent") if family == 4 else None
 
     r = resolver(files, lookup=lookup)
-    assert r.resolve("?mac=52:54:00:aa:00:02", 4) == ("192.168.150.44", "guest agent")
-    assert r.resolve("?mac=", 4)[1] == "reservation on network default"
+    assert r.resolve(Selector("52:54:00:aa:00:02"), 4) == ("192.168.150.44", "guest agent")
+    assert r.resolve(Selector(""), 4)[1] == "reservation on network default"
     assert asked == [("52:54:00:aa:00:02", 4)]
 
 
 def test_resolve_splits_known_and_pending(files: "tuple[str, str]") -> None:
     nets, leases = files
     r = resolver(files)
-    known = Binding("any", 4, ("tcp", 8080), "?mac=", 80, "web1", "c")
-    waiting = Binding("any", 4, ("tcp", 8081), "?mac=52:54:00:aa:00:02", 80, "web1", "c")
+    known = Binding("any", 4, ("tcp", 8080), Selector(), 80, "web1", "c")
+    waiting = Binding("any", 4, ("tcp", 8081), Selector("52:54:00:aa:00:02"), 80, "web1", "c")
     fixed = Binding("any", 4, ("tcp", 8082), "192.0.2.1", 80, "web1", "c")
     st = resolve([known, waiting, fixed], r)
     assert [b.target for b in st.bindings] == ["192.168.122.50", "192.0.2.1"]
-    assert [(b.key, why) for b, why in st.pending] == [
+    assert [(b.key, str(why)) for b, why in st.pending] == [
         (("tcp", 8081), "no IPv4 address yet for NIC 52:54:00:aa:00:02 on network v6net")]
-    assert st.sources == {"192.168.122.50": "reservation on network default"}
+    assert st.address_from == {"192.168.122.50": "reservation on network default"}

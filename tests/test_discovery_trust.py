@@ -15,6 +15,7 @@ from portfwd import libvirtapi
 from portfwd.discover import Resolver, duid_mac
 from portfwd.engine import _refuse_shared_discoveries
 from portfwd.plan import Binding
+from portfwd.values import Selector
 from portfwd.record import GuestState
 from test_discover import DOMAIN, HOST, ROUTES, V6_NETWORK, lay_out
 
@@ -38,7 +39,7 @@ def found(files: "tuple[str, str]", family: int, **kwargs: Any) -> Tuple[Optiona
     kwargs.setdefault("routes", ROUTES)
     kwargs.setdefault("local", HOST)
     r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000, **kwargs)
-    return r.resolve(f"?mac={VICTIM}", family)
+    return r.resolve(Selector(VICTIM), family)
 
 
 @pytest.mark.parametrize("address, why", [
@@ -147,7 +148,7 @@ def test_address_reserved_for_another_mac_or_used_by_another_guest(
     r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000,
                  routes=ROUTES, local=HOST)
     r.claimed = {"192.168.150.30": "db1"}
-    got, why = r.resolve(f"?mac={VICTIM}", 4)
+    got, why = r.resolve(Selector(VICTIM), 4)
     assert got is None and why.endswith("the address of guest db1")
 
 
@@ -170,7 +171,7 @@ def test_two_running_guests_discovering_one_address_get_neither() -> None:
               "c": state("c", "192.168.150.11", True)}
     _refuse_shared_discoveries(wanted)
     assert [len(wanted[g].bindings) for g in "abc"] == [0, 0, 1]
-    assert wanted["a"].pending[0][1] == ("refused 192.168.150.10 from lease on virbr6: also the"
+    assert str(wanted["a"].pending[0][1]) == ("refused 192.168.150.10 from lease on virbr6: also the"
                                          " address of guest b")
 
 
@@ -226,7 +227,7 @@ def test_a_host_port_two_running_guests_claim_stays_with_the_first() -> None:
     wanted = {"web2": state("web2"), "web1": state("web1")}
     _refuse_shared_keys(wanted)
     assert [len(wanted[g].bindings) for g in ("web1", "web2")] == [1, 0]
-    assert wanted["web2"].pending[0][1].startswith(
+    assert str(wanted["web2"].pending[0][1]).startswith(
         "host port 203.0.113.1:8080/tcp is held by guest web1")
 
 
@@ -241,4 +242,4 @@ def test_a_range_and_a_port_inside_it_claimed_at_run_time_stay_with_one_guest() 
     wanted = {"a": state("a", "5000-5010"), "b": state("b", 5005), "c": state("c", 5011)}
     _refuse_shared_keys(wanted)
     assert [len(wanted[g].bindings) for g in "abc"] == [1, 0, 1]
-    assert "is held by guest a" in wanted["b"].pending[0][1]
+    assert "is held by guest a" in str(wanted["b"].pending[0][1])

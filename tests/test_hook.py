@@ -145,11 +145,10 @@ def test_broken_config_keeps_rules_and_exits_zero(pf: PortfwdHost) -> None:
             in r.stderr.decode()
         assert "Traceback" not in r.stderr.decode()
         assert pf.table() == before
-    syntax = pf.write_config("[[forward]\n")
+    pf.write_config("[[forward]\n")
     r = pf.hook("web1", "started")
     assert r.returncode == 0 and f"{pf.config}:1:" in r.stderr.decode()
     assert pf.table() == before
-    del syntax
 
 
 def test_strict_fails_start_phases_only(pf: PortfwdHost) -> None:

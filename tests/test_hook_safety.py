@@ -31,16 +31,16 @@ def libvirt_env(tmp: str) -> Dict[str, str]:
             "PORTFWD_RUNDIR": os.path.join(tmp, "run")}
 
 
-def run(argv: List[str], tmp: str, xml: bytes = b"<domain/>\n") -> subprocess.CompletedProcess:
+def run(argv: List[str], tmp: str, xml: bytes = b"<domain/>\n") -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(argv, input=xml, env=libvirt_env(tmp), capture_output=True, timeout=60)
 
 
-def feed_all(argv: List[str], tmp: str) -> subprocess.CompletedProcess:
+def feed_all(argv: List[str], tmp: str) -> subprocess.CompletedProcess[bytes]:
     """Run with 2 MB on stdin, failing if the hook exits without reading it (EPIPE)."""
     return run_reading_all(argv, libvirt_env(tmp), "web1")
 
 
-def one_line(r: subprocess.CompletedProcess) -> str:
+def one_line(r: subprocess.CompletedProcess[bytes]) -> str:
     """The run succeeded, wrote nothing to stdout and exactly one line to stderr."""
     assert (r.returncode, r.stdout) == (0, b""), r.stderr
     lines = r.stderr.decode().splitlines()

@@ -237,7 +237,7 @@ def test_any_input_gives_a_file_or_located_errors(text: str) -> None:
 
 # -- the command --
 
-def _cli(*args: str, cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Optional[str] = None) -> "subprocess.CompletedProcess[str]":
     return subprocess.run([sys.executable, "-m", "portfwd.cli", "import", *args], cwd=cwd,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -36,7 +36,7 @@ ports = ["8086:80", "5356:53/udp"]
 
 class Servers:
     def __init__(self) -> None:
-        self.procs: List[subprocess.Popen] = []
+        self.procs: List["subprocess.Popen[bytes]"] = []
 
     def start(self, ns: str) -> None:
         for proto, port in (("tcp", "80"), ("udp", "53")):
@@ -90,7 +90,7 @@ def probe_after_restart(lab: LibvirtLab, proto: str, addr: str, port: int) -> Op
         time.sleep(0.2)
 
 
-def portfwd(lab: LibvirtLab, *args: str) -> subprocess.CompletedProcess:
+def portfwd(lab: LibvirtLab, *args: str) -> subprocess.CompletedProcess[bytes]:
     env = dict(os.environ, PORTFWD_CONFIG=lab.config, PORTFWD_RUNDIR=lab.run_dir)
     return subprocess.run(lab.argv(lab.lab, sys.executable, "-m", "portfwd.cli", *args),
                           capture_output=True, env=env)

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -39,10 +39,10 @@ class Lab:
 
     def __init__(self, lab: LibvirtLab) -> None:
         self.lab = lab
-        self.procs: List[subprocess.Popen] = []
+        self.procs: List["subprocess.Popen[bytes]"] = []
         self.daemon_log = os.path.join(lab.base, "daemon.log")
 
-    def env(self) -> dict:
+    def env(self) -> Dict[str, str]:
         return dict(os.environ, PORTFWD_CONFIG=self.lab.config, PORTFWD_RUNDIR=self.lab.run_dir)
 
     def start_daemon(self) -> None:
@@ -57,11 +57,12 @@ class Lab:
         self.procs.append(p)
         assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
 
-    def status(self) -> list:
+    def status(self) -> List[Dict[str, str]]:
         r = subprocess.run(self.lab.argv(self.lab.lab, sys.executable, "-m", "portfwd.cli",
                                          "status", "--json"), capture_output=True, env=self.env())
         assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)["forwards"]
+        rows: List[Dict[str, str]] = json.loads(r.stdout)["forwards"]
+        return rows
 
     def probe(self, port: int) -> Optional[str]:
         r = self.lab.ns(self.lab.client, sys.executable, TRAFFIC, "probe", "tcp", HOST4, str(port),
@@ -106,7 +107,7 @@ def dlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     assert lab.pids() == {}, "processes left behind"
 
 
-def rows(dlab: Lab, guest: str) -> list:
+def rows(dlab: Lab, guest: str) -> List[Tuple[str, str, str]]:
     return [(r["target"], r["state"], r["address_from"]) for r in dlab.status() if r["guest"] == guest]
 
 
@@ -210,7 +211,7 @@ def test_sync_and_daemon_never_hang_while_guests_start(dlab: Lab) -> None:
     for name, network, mac in others:
         lab.start(name, network, mac)
         lab.virsh("destroy", name)
-    syncs: List[subprocess.CompletedProcess] = []
+    syncs: List[subprocess.CompletedProcess[bytes]] = []
     failures: List[str] = []
 
     def sync_loop() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Iterator
+from typing import Any, Dict, Iterator
 
 import pytest
 
@@ -79,10 +79,11 @@ def rlab(lab: ReachLab) -> ReachLab:
     return lab
 
 
-def status(pf: PortfwdHost) -> dict:
+def status(pf: PortfwdHost) -> Dict[str, Any]:
     r = pf.cli("status", "--json")
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    out: Dict[str, Any] = json.loads(r.stdout)
+    return out
 
 
 def test_from_the_host_itself(rlab: ReachLab, pf: PortfwdHost) -> None:

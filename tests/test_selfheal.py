@@ -10,7 +10,7 @@ from typing import Any, List
 import pytest
 
 from pfhost import PortfwdHost, web1_config
-from portfwd import plan
+from portfwd import constants
 from portfwd.engine import Engine
 
 pytestmark = pytest.mark.kernel
@@ -47,7 +47,7 @@ class Killed(BaseException):
 
 class DiesOnApply:
     def table_comment(self, table: str) -> str:
-        return plan.TABLE_COMMENT
+        return constants.TABLE_COMMENT
 
     def apply(self, commands: Any, dry_run: bool = False) -> None:
         raise Killed()

@@ -30,7 +30,9 @@ def serve(proto: str, ports: "list[int]") -> None:
     print("ready", flush=True)
     while True:
         for key, _ in sel.select():
-            s = key.fileobj
+            listener = key.fileobj
+            assert isinstance(listener, socket.socket)
+            s = listener
             port = key.data
             if proto == "tcp":
                 conn, peer = s.accept()

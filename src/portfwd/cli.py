@@ -17,7 +17,7 @@ import shutil
 import sys
 from typing import Callable, List, Optional
 
-from . import libvirtapi, log, plan, state
+from . import display, libvirtapi, log, state
 from .config import load
 from .engine import Engine
 from .errors import BugError, ConfigError, HostError
@@ -91,7 +91,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"# table inet {config.options.table}: {len(bindings)} binding(s) for"
               f" {len(guests)} running guest(s); nothing applied (nftables accepted the batch)")
-        for line in plan.describe(bindings):
+        for line in display.describe(bindings):
             print(line)
     else:
         owners = {b.guest for b in bindings}

@@ -5,7 +5,7 @@ libvirt's NAT networks end their inbound chain with a reject for the bridge
 libvirt_network`` with its nftables backend). An accept in our own table
 cannot beat a reject in another base chain, so portfwd puts one narrow accept
 at the head of libvirt's chain, per bridge that has forwards, for connections
-carrying the conntrack mark portfwd's DNAT sets (``plan.MARK``) and nothing
+carrying the conntrack mark portfwd's DNAT sets (``constants.MARK``) and nothing
 else. Everything here is found from the live ruleset.
 
 iptables backend: ``-o BRIDGE -j PORTFWD_FWI`` at the head of LIBVIRT_FWI,
@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 
 from .errors import HostError
-from .plan import MARK
+from .constants import MARK
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -14,17 +14,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import portspec
 from .conflicts import Claim, claimed_where, claims_of, clash_message, find_conflicts
+from .constants import DEFAULT_TABLE, DISCOVER_SOURCES
 from .errors import ConfigError
-from .plan import DEFAULT_TABLE
 from .model import (Config, Forward, IPAddress, IPNetwork, Listen,
-                    Options, PortForward, Where, families_of)
+                    Options, PortForward, Where)
 from .tomlpos import Path, Positions, deepest, locate
 
 from .toml import tomllib
 
 TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}\Z")
 OPTION_KEYS = ("table", "listen", "strict", "localhost", "discover")
-DISCOVER_SOURCES = ("reservation", "lease", "agent", "arp")  # discover.SOURCES
 FORWARD_KEYS = ("guest", "uuid", "interface", "ipv4", "ipv6", "ports", "listen", "from",
                 "localhost")
 IFNAME = re.compile(r"(?=.*[A-Za-z])[A-Za-z0-9_.-]{1,15}\Z")
@@ -714,7 +713,7 @@ class _Validator:
         claims: List[Claim] = []
         for fwd in forwards:
             for pf in fwd.ports:
-                claims.extend(claims_of(pf, families_of(fwd, pf), len(items)))
+                claims.extend(claims_of(pf, fwd.families(pf), len(items)))
                 items.append((fwd, pf))
         for first, second in find_conflicts(claims):
             (fa, pa), (fb, pb) = items[first.owner], items[second.owner]

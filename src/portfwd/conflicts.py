@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ipaddress import IPv4Address, ip_address
 
-from .model import Config, Forward, IPAddress, Listen, PortForward, Where, families_of
+from .model import Config, Forward, IPAddress, Listen, PortForward, Where
 
 # interface name, family (4 or 6) → the interface's addresses of that family
 AddressesOf = Callable[[str, int], Sequence[str]]
@@ -111,7 +111,7 @@ def interface_conflicts(config: Config, addresses_of: AddressesOf,
         for pf in fwd.ports:
             owner = len(items)
             items.append((fwd, pf))
-            for claim in claims_of(pf, families_of(fwd, pf), owner):
+            for claim in claims_of(pf, fwd.families(pf), owner):
                 if not isinstance(claim.address, str):
                     claims.append(claim)
                     continue

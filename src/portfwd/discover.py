@@ -20,7 +20,7 @@ import json
 import os
 import time
 
-from .plan import parse_selector
+from .constants import DEFAULT_DISCOVER, DISCOVER_SOURCES
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from xml.etree.ElementTree import Element
 
     from .hostnet import RouteTable as Routes
+    from .values import Selector
 
     # (mac, family) → (address, source) or None
     Lookup = Callable[[str, int], Optional[Tuple[str, str]]]
@@ -37,8 +38,8 @@ NETWORK_DIRS = ("/run/libvirt/network", "/etc/libvirt/qemu/networks")
 QEMU_STATUS_DIR = "/run/libvirt/qemu"  # libvirt's NAME.xml of each running domain
 ENV_QEMU_STATUS_DIR = "PORTFWD_QEMU_STATUS_DIR"  # for tests: another folder
 # where an address may be found; "agent" and "arp" trust the guest, so are opt-in
-SOURCES = ("reservation", "lease", "agent", "arp")
-DEFAULT_SOURCES = ("reservation", "lease")
+SOURCES = DISCOVER_SOURCES
+DEFAULT_SOURCES = DEFAULT_DISCOVER
 
 
 class Nic:
@@ -252,17 +253,17 @@ class Resolver:
             return next((n for n in self.nics if n.mac == mac), None)
         return next((n for n in self.nics if n.network), self.nics[0] if self.nics else None)
 
-    def applies(self, selector: str, family: int) -> bool:
+    def applies(self, selector: Selector, family: int) -> bool:
         """False when the NIC's network is known to have no range of ``family`` (an
         IPv4-only network): a discovered forward then has nothing to wait for."""
-        nic = self.nic(parse_selector(selector)[0])
+        nic = self.nic(selector.mac)
         network = self._network(nic.network) if nic else None
         return network is None or family in network.families
 
-    def resolve(self, selector: str, family: int) -> Tuple[Optional[str], str]:
+    def resolve(self, selector: Selector, family: int) -> Tuple[Optional[str], str]:
         """(address, where it came from), or (None, why there is none yet or why
         what was found is refused)."""
-        mac, suffix = parse_selector(selector)
+        mac, suffix = selector.mac, selector.suffix
         nic = self.nic(mac)
         if nic is None:
             return None, (f"the domain has no NIC with MAC {mac}" if mac

@@ -1,7 +1,9 @@
 """The engine shared by the hooks and the CLI.
 
-It turns a configuration and guests into nftables transactions and keeps
-/run/portfwd in step with what it applied. Callers hold ``state.locked()``.
+It only sequences: configuration → bindings (``plan``) → what the kernel can
+hold now (``resolve``) → nftables JSON (``rules``) applied by ``nft`` → recorded
+state (``state.Store``, the owner of /run/portfwd) → libvirt's chains
+(``compat``). Callers hold ``state.locked()``.
 
 The hook imports this module for every guest that has forwards, so it
 imports only what a guest start needs (``json`` comes with ``nftables``);
@@ -11,25 +13,24 @@ changed.
 
 from __future__ import annotations
 
-import json
-import marshal
-import os
 
-from . import compat, hostnet, log, plan, state
+from . import compat, display, hostnet, log, plan, rules, state
 from .errors import HostError
 from .nft import Nft
-from .plan import DEFAULT_TABLE, Binding
+from .constants import DEFAULT_TABLE, LAYOUT, TABLE_COMMENT, TABLE_MARK, UNMARKED_LAYOUT
+from .plan import Binding
 from .discover import DEFAULT_SOURCES, running_domain
 from .record import GuestState
-from .resolve import INACTIVE, resolve
+from .resolve import resolve
 from .status import live_elements, live_state, row
+from .values import Bridges, Reason
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
     from .discover import Resolver
-    from .model import Config, Guest
+    from .model import Config, Forward, Guest
 
     Wanted = Dict[int, Set[str]]
 
@@ -38,6 +39,7 @@ class Engine:
     def __init__(self, config_path: str, root: Optional[str] = None) -> None:
         self.config_path = config_path
         self.root = root or state.run_dir()
+        self.store = state.Store(self.root)
         self._nft: Optional[Nft] = None
         self._routes: Optional[hostnet.RouteTable] = None
         self._owned: Set[str] = set()  # tables seen to carry portfwd's marker in this run
@@ -69,51 +71,24 @@ class Engine:
     def _write_cache(self, config: Config, signature: str) -> None:
         """One file per guest name (and per UUID) holding its binding templates, so
         that the hook reads a few bytes instead of the whole configuration."""
-        import shutil
-
-        state.ensure_dir(self.root)
-        target = os.path.join(self.root, f"compiled.{os.getpid()}.{id(config)}")
-        shutil.rmtree(target, ignore_errors=True)
-        for sub in ("name", "uuid"):
-            os.makedirs(os.path.join(target, sub))
-        groups: Dict[Tuple[str, str], List[Any]] = {}
+        by_guest: Dict[Tuple[str, str], List[Forward]] = {}
         for fwd in config.forwards:
             key = ("name", fwd.guest) if fwd.guest is not None else ("uuid", str(fwd.uuid))
-            groups.setdefault(key, []).append(fwd)
-        for (sub, ident), forwards in groups.items():
-            with open(os.path.join(target, sub, state.file_name(ident)), "wb") as f:
-                marshal.dump(plan.templates(forwards), f)
-        with open(os.path.join(target, "options"), "wb") as f:
-            marshal.dump((config.options.table, config.options.strict,
-                          list(config.options.discover)), f)
-        with open(os.path.join(target, "signature"), "w", encoding="utf-8") as f:
-            f.write(signature)
-        link = state.compiled_dir(self.root)
-        tmp_link = f"{link}.new.{os.getpid()}"
-        os.symlink(os.path.basename(target), tmp_link)
-        os.replace(tmp_link, link)
-        for name in os.listdir(self.root):
-            old = os.path.join(self.root, name)
-            if name.startswith("compiled.") and old != target and not os.path.islink(old):
-                shutil.rmtree(old, ignore_errors=True)
+            by_guest.setdefault(key, []).append(fwd)
+        self.store.write_compiled({key: plan.templates(forwards)
+                                   for key, forwards in by_guest.items()},
+                                  (config.options.table, config.options.strict,
+                                   list(config.options.discover)), signature)
 
-    def cached(self, name: str, uuid: Optional[str]) -> Optional[Tuple[str, bool, List[Any]]]:
+    def cached(self, name: str, uuid: Optional[str]) -> Optional[Tuple[str, bool, List[plan.Template]]]:
         """(table, strict, binding templates) of a guest from the cache; None if stale."""
-        if state.cached_signature(self.root) != state.config_signature(self.config_path):
+        hit = self.store.read_compiled(name, uuid, self.config_path)
+        if hit is None:
             return None
-        try:
-            with open(os.path.join(state.compiled_dir(self.root), "options"), "rb") as f:
-                table, strict, discover = marshal.load(f)
-            self.discover = tuple(str(d) for d in discover)
-            items: List[Any] = []
-            for path in state.cached_guest_files(name, uuid, self.root):
-                with open(path, "rb") as f:
-                    items.extend(marshal.load(f))
-        except (OSError, EOFError, ValueError, TypeError):
-            return None
-        return str(table), bool(strict), items
+        table, strict, self.discover, templates = hit
+        return table, strict, templates
 
-    def guest_config(self, name: str, uuid: Optional[str]) -> Tuple[str, bool, List[Any]]:
+    def guest_config(self, name: str, uuid: Optional[str]) -> Tuple[str, bool, List[plan.Template]]:
         """(table, strict, binding templates) of one guest: from the cache, else by parsing."""
         hit = self.cached(name, uuid)
         if hit is not None:
@@ -123,79 +98,31 @@ class Engine:
         return (config.options.table, config.options.strict,
                 plan.templates(config.forwards_for(name, uuid)))
 
-    # -- per-guest state ----------------------------------------------------
+    # -- recorded state (state.Store owns the files) ---------------------------
     def read_state(self, name: str) -> Optional[GuestState]:
-        try:
-            with open(state.guest_state_path(name, self.root), encoding="utf-8") as f:
-                return GuestState.from_json(json.load(f))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning(f"ignoring unreadable state of guest {name}: {e}")
-            return None
+        return self.store.read_guest(name)
 
     def all_states(self) -> List[GuestState]:
-        out = []
-        folder = os.path.join(self.root, "guests")
-        try:
-            names = sorted(os.listdir(folder))
-        except FileNotFoundError:
-            return []
-        for name in names:
-            if not name.endswith(".json"):
-                continue
-            path = os.path.join(folder, name)
-            try:
-                with open(path, encoding="utf-8") as f:
-                    out.append(GuestState.from_json(json.load(f)))
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                log.warning(f"ignoring unreadable state file {path}: {e}")
-        return out
+        return self.store.all_guests()
 
     def write_states(self, states: Iterable[GuestState]) -> None:
         """Record (or, for no bindings, forget) guests, and where their forwards lead."""
-        summary = self.read_summary()
-        for st in states:
-            path = state.guest_state_path(st.guest, self.root)
-            if st.empty:
-                summary.pop(st.guest, None)
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                continue
-            summary[st.guest] = self._bridges_of(st)
-            state.ensure_dir(os.path.dirname(path))
-            state.write_atomic(path, json.dumps(st.to_json(), separators=(",", ":")).encode())
-        state.write_atomic(self._summary_path(), json.dumps(summary, sort_keys=True).encode())
+        self.store.write_guests(states, self._bridges_of)
 
-    def _bridges_of(self, st: GuestState) -> List[str]:
-        """``["T:portfwd", "4:virbr0", "L:virbr0", …]``: the table, the interfaces the
-        kernel routes the targets to, and those of forwards from 127.0.0.1."""
-        found = {f"T:{st.table}"}
+    def _bridges_of(self, st: GuestState) -> Bridges:
+        """The table, the interfaces the kernel routes the targets to, and those of
+        forwards from 127.0.0.1."""
+        routed, localnet = set(), set()
         for b in st.bindings:
-            iface = self.routes.interface_for(b.target)
+            iface = self.routes.interface_for(b.address)
             if iface:
-                found.add(f"{b.family}:{iface}")
+                routed.add((b.family, iface))
                 if b.kind != "any" and str(b.key[0]).startswith("127."):
-                    found.add(f"L:{iface}")
-        return sorted(found)
+                    localnet.add(iface)
+        return Bridges.of(st.table, routed, localnet)
 
-    def _summary_path(self) -> str:
-        return os.path.join(self.root, state.SUMMARY)
-
-    def read_summary(self) -> Dict[str, List[str]]:
-        """Guest → the bridges its forwards lead to; kept beside the states, so that
-        knowing which bridges need an accept does not read every guest's state."""
-        try:
-            with open(self._summary_path(), encoding="utf-8") as f:
-                data = json.load(f)
-            return {str(k): [str(a) for a in v] for k, v in data.items()}
-        except FileNotFoundError:
-            pass  # none yet, or lost: the states say it all
-        except (OSError, ValueError, AttributeError) as e:
-            log.warning(f"rebuilding unreadable {self._summary_path()}: {e}")
-        return {st.guest: self._bridges_of(st) for st in self.all_states()}
+    def read_summary(self) -> Dict[str, Bridges]:
+        return self.store.read_summary(self._bridges_of)
 
     # -- libvirt's chains and other firewalls ----------------------------------
     def wanted_bridges(self, recompute: bool = False) -> Wanted:
@@ -203,15 +130,13 @@ class Engine:
         for every recorded guest (after a network came back, possibly renamed)."""
         if recompute:
             summary = {st.guest: self._bridges_of(st) for st in self.all_states()}
-            state.write_atomic(self._summary_path(), json.dumps(summary, sort_keys=True).encode())
+            self.store.write_summary(summary)
         else:
             summary = self.read_summary()
         wanted: Wanted = {4: set(), 6: set()}
-        for entries in summary.values():
-            for entry in entries:
-                family, _, bridge = entry.partition(":")
-                if family in ("4", "6"):
-                    wanted[int(family)].add(bridge)
+        for bridges in summary.values():
+            for family, bridge in bridges.routed:
+                wanted[family].add(bridge)
         return wanted
 
     def ensure_compat(self, wanted: Optional[Wanted] = None) -> List[str]:
@@ -236,25 +161,19 @@ class Engine:
         is compared with its live value (localnet.json: where portfwd turned it on)."""
         per_table: Dict[str, Set[str]] = {}
         localnet: Set[str] = set()
-        for entries in self.read_summary().values():
-            table = next((e[2:] for e in entries if e.startswith("T:")), DEFAULT_TABLE)
-            bridges = per_table.setdefault(table, set())
-            for entry in entries:
-                kind, _, name = entry.partition(":")
-                if kind in ("4", "6"):
-                    bridges.add(name)
-                elif kind == "L":
-                    localnet.add(name)
-        written = self._read_json("hairpin.json", {})
+        for bridges in self.read_summary().values():
+            per_table.setdefault(bridges.table, set()).update(name for _, name in bridges.routed)
+            localnet |= bridges.localnet
+        written = self.store.hairpin()
         for table in sorted(set(per_table) | set(written)):
             want = sorted(per_table.get(table, set()))
             if not want and not self._layout_known(table):
                 written.pop(table, None)  # a table portfwd no longer keeps: nothing to do
             elif written.get(table) != want:
-                self._apply_with_layout(table, plan.hairpin(table, want))
+                self._apply_with_layout(table, rules.hairpin(table, want))
                 written[table] = want
-        self._write_json("hairpin.json", written)
-        enabled = set(self._read_json("localnet.json", []))
+        self.store.write_hairpin(written)
+        enabled = set(self.store.localnet())
         # compared with the live sysctl: a network restart recreates the bridge with it off
         for bridge in sorted(localnet):
             if hostnet.set_route_localnet(bridge, True):
@@ -262,23 +181,7 @@ class Engine:
         for bridge in sorted(enabled - localnet):
             hostnet.set_route_localnet(bridge, False)
             enabled.discard(bridge)
-        self._write_json("localnet.json", sorted(enabled))
-
-    def _read_json(self, name: str, default: Any) -> Any:
-        try:
-            with open(os.path.join(self.root, name), encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return default
-
-    def _write_json(self, name: str, value: Any) -> None:
-        state.write_atomic(os.path.join(self.root, name), json.dumps(value).encode())
-
-    def _forget_hairpin(self, table: str) -> None:
-        """The table was (re)created: its hairpin set is empty, whatever was written."""
-        written = self._read_json("hairpin.json", {})
-        if written.pop(table, None) is not None:
-            self._write_json("hairpin.json", written)
+        self.store.write_localnet(sorted(enabled))
 
     def firewall(self, addresses: Optional[Iterable[str]] = None) -> Tuple[List[str], List[str]]:
         """(how the host filters forwarded traffic, what blocks portfwd's forwards),
@@ -302,16 +205,9 @@ class Engine:
     def _layout_known(self, table: str) -> bool:
         """Whether we created ``table`` with this version's layout (then a guest
         change need not resend it: re-adding the base chain costs every start)."""
-        return self._read_layout(table) == plan.LAYOUT
+        return self.store.layout(table) == LAYOUT
 
-    def _read_layout(self, table: str) -> Optional[str]:
-        try:
-            with open(os.path.join(self.root, f"layout.{table}"), encoding="ascii") as f:
-                return f.read()
-        except OSError:
-            return None
-
-    def _apply_with_layout(self, table: str, cmds: List[plan.Command]) -> None:
+    def _apply_with_layout(self, table: str, cmds: List[rules.Command]) -> None:
         """Apply ``cmds`` to ``table``; (re)create the table's layout first if it is
         not known to be there, or if the change fails without it (a flushed rule set)."""
         if self._layout_known(table):
@@ -321,9 +217,8 @@ class Engine:
             except HostError as e:
                 log.info(f"table inet {table}: rebuilding its layout ({e})")
         self.claim_table(table)
-        self.nft.apply(plan.skeleton(table) + cmds)
-        self._remember_layout(table)
-        self._forget_hairpin(table)
+        self.nft.apply(rules.skeleton(table) + cmds)
+        self._built(table)
 
     def table_owner(self, table: str) -> Optional[bool]:
         """True: ``table`` is portfwd's (it carries the marker, or a portfwd from before
@@ -333,10 +228,10 @@ class Engine:
         comment = self.nft.table_comment(table)
         if comment is None:
             return None
-        if comment.startswith(plan.TABLE_MARK):
+        if comment.startswith(TABLE_MARK):
             return True
         # made in this boot by a portfwd from before the marker (its layout record says so)
-        return comment == "" and self._read_layout(table) == plan.UNMARKED_LAYOUT
+        return comment == "" and self.store.layout(table) == UNMARKED_LAYOUT
 
     def claim_table(self, table: str, create: bool = True) -> None:
         """Before building ``table``: create it with portfwd's marker when absent, and
@@ -347,30 +242,27 @@ class Engine:
         owner = self.table_owner(table)
         if owner is False:
             raise HostError(f"table inet {table} exists and was not made by portfwd (it lacks"
-                            f" the comment \"{plan.TABLE_MARK} …\"); portfwd leaves it alone:"
+                            f" the comment \"{TABLE_MARK} …\"); portfwd leaves it alone:"
                             " set another name with `table` in [options] of the configuration")
         if owner is None and create:
-            self.nft.create_table(table, plan.TABLE_COMMENT)
-            self._forget_layout(table)
+            self.nft.create_table(table, TABLE_COMMENT)
+            self.store.forget_layout(table)
         if owner or create:
             self._owned.add(table)
 
-    def _forget_layout(self, table: str) -> None:
-        try:
-            os.unlink(os.path.join(self.root, f"layout.{table}"))
-        except FileNotFoundError:
-            pass
+    def _built(self, table: str) -> None:
+        """``table`` was (re)built with this layout: its hairpin set is empty."""
+        self.store.remember_layout(table, LAYOUT)
+        self.store.forget_hairpin(table)
 
-    def _remember_layout(self, table: str) -> None:
-        state.write_atomic(os.path.join(self.root, f"layout.{table}"), plan.LAYOUT.encode())
-
-    def apply_guest(self, name: str, uuid: Optional[str], table: str, templates: Sequence[Any],
+    def apply_guest(self, name: str, uuid: Optional[str], table: str, planned: Sequence[Binding],
                     resolver: Optional[Resolver] = None) -> GuestState:
-        """Make the table hold exactly this guest's forwards whose address is known;
-        returns what was applied and what waits for an address."""
+        """Make the table hold exactly this guest's forwards whose address is known
+        (``planned``: ``plan.bind`` of its templates); returns what was applied and
+        what waits for an address."""
         if resolver is not None:
             self._prepare(resolver, self.discover, self._claimed_by_others(name))
-        wanted = resolve(plan.bind(templates, name), resolver, self.routes)
+        wanted = resolve(list(planned), resolver, self.routes)
         new = wanted.bindings
         old_state = self.read_state(name)
         _log_refusals(name, old_state, wanted)
@@ -380,20 +272,20 @@ class Engine:
         if old_state and old_state.table != table:  # the configuration renamed the table
             if old and self.table_owner(old_state.table):
                 self._apply_with_layout(old_state.table,
-                                        plan.guest_update(old_state.table, old, []))
+                                        rules.guest_update(old_state.table, old, []))
             old = []
         if new or old:
             try:
-                self._apply_with_layout(table, plan.guest_update(table, old, new))
+                self._apply_with_layout(table, rules.guest_update(table, old, new))
             except HostError as first:
                 log.warning(f"guest {name}: incremental update refused ({first});"
                             " rebuilding the table from recorded state")
                 for b, holder in self._rebuild_with(name, table, new):
                     new.remove(b)
-                    why = f"host port {plan.listen_text(b)}/{b.proto} is held by guest {holder}"
+                    why = f"host port {display.listen_text(b)}/{b.proto} is held by guest {holder}"
                     log.warning(f"guest {name}: {why}; fix the configuration (`portfwd check`)")
-                    wanted.pending.append((b, why))
-        applied = GuestState(name, uuid, table, new, wanted.pending, wanted.sources,
+                    wanted.pending.append((b, Reason(Reason.HELD, why)))
+        applied = GuestState(name, uuid, table, new, wanted.pending, wanted.address_from,
                              wanted.warnings)
         self.write_states([applied])
         self._report(self.ensure_compat())
@@ -408,7 +300,7 @@ class Engine:
 
     def _claimed_by_others(self, name: str) -> Dict[str, str]:
         """Guest addresses other guests' forwards lead to, from their recorded state."""
-        return {b.target: st.guest for st in self.all_states() if st.guest != name
+        return {b.address: st.guest for st in self.all_states() if st.guest != name
                 for b in st.bindings}
 
     def _rebuild_with(self, name: str, table: str,
@@ -443,13 +335,12 @@ class Engine:
             if len(kept) != len(st.bindings):
                 log.warning(f"guest {st.guest}: {len(st.bindings) - len(kept)} forward(s) from an"
                             f" earlier configuration now belong to guest {name}")
-                changed.append(GuestState(st.guest, st.uuid, st.table, kept, st.pending, st.sources,
+                changed.append(GuestState(st.guest, st.uuid, st.table, kept, st.pending, st.address_from,
                                           st.warnings))
             everything += kept
         self.claim_table(table)
-        self.nft.apply(plan.full_rebuild(table, everything))
-        self._remember_layout(table)
-        self._forget_hairpin(table)
+        self.nft.apply(rules.full_rebuild(table, everything))
+        self._built(table)
         self.write_states(changed)
         return taken
 
@@ -461,10 +352,10 @@ class Engine:
         if hit is None:
             return True  # cannot tell: the holder keeps what it has
         first, last = b.span()
-        for t in hit[2]:
-            lo, _, hi = str(t[2][-1]).partition("-")
-            if (t[0] == b.kind and t[1] == b.family and t[2][-2] == b.key[-2]
-                    and int(lo) <= last and first <= int(hi or lo)):
+        for c in plan.bind(hit[2], guest):
+            lo, hi = c.span()
+            if (c.kind == b.kind and c.family == b.family and c.proto == b.proto
+                    and lo <= last and first <= hi):
                 return True
         return False
 
@@ -479,7 +370,7 @@ class Engine:
         if old_state.bindings and (self._layout_known(old_state.table)
                                    or self.table_owner(old_state.table)):
             self._apply_with_layout(old_state.table,
-                                    plan.guest_update(old_state.table, old_state.bindings, []))
+                                    rules.guest_update(old_state.table, old_state.bindings, []))
         self._report(self.ensure_compat())
         return len(old_state.bindings)
 
@@ -497,18 +388,17 @@ class Engine:
                 self.write_states([GuestState(st.guest, st.uuid, st.table, [])])
             else:
                 states.append(st)
-        cmds: List[plan.Command] = []
+        cmds: List[rules.Command] = []
         everything: List[Binding] = []
         tables = sorted({st.table for st in states})
         for table in tables:
             self.claim_table(table)
             bindings = [b for st in states if st.table == table for b in st.bindings]
-            cmds += plan.full_rebuild(table, bindings)
+            cmds += rules.full_rebuild(table, bindings)
             everything += bindings
         self.nft.apply(cmds)
         for table in tables:
-            self._remember_layout(table)
-            self._forget_hairpin(table)
+            self._built(table)
         self._report(self.ensure_compat(self.wanted_bridges(recompute=True)))
         return everything
 
@@ -517,8 +407,8 @@ class Engine:
         """Make the table hold exactly the forwards of ``guests``, in one transaction
         (``resolvers``: per guest name, for addresses found when the guest runs)."""
         table = config.options.table
-        by_name: Dict[str, List[Any]] = {}
-        by_uuid: Dict[str, List[Any]] = {}
+        by_name: Dict[str, List[Forward]] = {}
+        by_uuid: Dict[str, List[Forward]] = {}
         for fwd in config.forwards:
             if fwd.guest is not None:
                 by_name.setdefault(fwd.guest, []).append(fwd)
@@ -531,7 +421,7 @@ class Engine:
                                                          guest.name)
         # addresses the configuration gives are the admin's word: no guest may discover them
         explicit = {b.target: b.guest for bindings in planned.values() for b in bindings
-                    if not b.target.startswith("?")}
+                    if isinstance(b.target, str)}
         old_states = self.all_states()
         before = {st.guest: st for st in old_states}
         wanted: Dict[str, GuestState] = {}
@@ -542,34 +432,34 @@ class Engine:
             found = resolve(planned[guest.name], resolver, self.routes)
             if not found.empty:
                 wanted[guest.name] = GuestState(guest.name, guest.uuid, table, found.bindings,
-                                                found.pending, found.sources, found.warnings)
+                                                found.pending, found.address_from, found.warnings)
         _refuse_shared_discoveries(wanted)
         _refuse_shared_keys(wanted)
         for st in wanted.values():
             _log_refusals(st.guest, before.get(st.guest), st)
         everything = [b for st in wanted.values() for b in st.bindings]
-        cmds: List[plan.Command] = []
+        cmds: List[rules.Command] = []
         dropped = [t for t in sorted({st.table for st in old_states} - {table})
                    if self.table_owner(t)]
         for old_table in dropped:
-            cmds += plan.drop_table(old_table)
+            cmds += rules.drop_table(old_table)
         self.claim_table(table, create=not dry_run)
         try:
-            self.nft.apply(cmds + plan.full_rebuild(table, everything), dry_run=dry_run)
+            self.nft.apply(cmds + rules.full_rebuild(table, everything), dry_run=dry_run)
         except HostError as e:
             if dry_run:
                 raise
             # one guest's bad forward must not cost every other guest theirs
             log.warning(f"nftables refused the whole table ({e}); applying guest by guest")
-            self.nft.apply(cmds + plan.full_rebuild(table, []))
+            self.nft.apply(cmds + rules.full_rebuild(table, []))
             everything = self._apply_each(table, wanted)
         if dry_run:
             return everything + [b for st in wanted.values() for b, _ in st.pending]
-        self._remember_layout(table)
+        self.store.remember_layout(table, LAYOUT)
         for gone in dropped + [table]:
-            self._forget_hairpin(gone)
+            self.store.forget_hairpin(gone)
         for gone in dropped:
-            self._forget_layout(gone)
+            self.store.forget_layout(gone)
             self._owned.discard(gone)
         self.write_states([GuestState(st.guest, st.uuid, st.table, []) for st in old_states
                            if st.guest not in wanted]
@@ -583,10 +473,10 @@ class Engine:
         applied: List[Binding] = []
         for st in wanted.values():
             try:
-                self.nft.apply(plan.guest_update(table, [], st.bindings))
+                self.nft.apply(rules.guest_update(table, [], st.bindings))
             except HostError as e:
                 log.error(f"guest {st.guest}: {e}")
-                st.pending += [(b, str(e)) for b in st.bindings]
+                st.pending += [(b, Reason(Reason.WAITING, str(e))) for b in st.bindings]
                 st.bindings = []
             applied += st.bindings
         return applied
@@ -594,23 +484,18 @@ class Engine:
     def flush(self, config_table: Optional[str]) -> Tuple[List[str], List[str]]:
         """Remove every table portfwd made and forget all state; returns the tables
         removed and those left alone because someone else made them."""
-        import shutil
-
         tables: Set[str] = {st.table for st in self.all_states()} | {DEFAULT_TABLE}
         if config_table:
             tables.add(config_table)
         owners = {t: self.table_owner(t) for t in sorted(tables)}
         present = [t for t, owner in owners.items() if owner]
         foreign = [t for t, owner in owners.items() if owner is False]
-        cmds: List[plan.Command] = []
+        cmds: List[rules.Command] = []
         for table in present:
-            cmds += plan.drop_table(table)
+            cmds += rules.drop_table(table)
         self.nft.apply(cmds)
         self._owned.clear()
-        shutil.rmtree(os.path.join(self.root, "guests"), ignore_errors=True)
-        for name in os.listdir(self.root):
-            if name in (state.SUMMARY, "hairpin.json") or name.startswith("layout."):
-                os.unlink(os.path.join(self.root, name))
+        self.store.clear()
         self.ensure_compat({4: set(), 6: set()})  # also turns route_localnet back off
         return present, foreign
 
@@ -634,9 +519,9 @@ class Engine:
                 running.add(st.uuid)
             maps = live.get(st.table, {})
             for b in st.bindings:
-                rows.append(row(b, live_state(b, maps), st.sources.get(b.target, "config")))
+                rows.append(row(b, live_state(b, maps), st.address_from.get(b.address, "config")))
             for b, why in st.pending:
-                rows.append(row(b, why if why.startswith(INACTIVE) else f"pending: {why}"))
+                rows.append(row(b, str(why) if why.cause == Reason.INACTIVE else f"pending: {why}"))
         if config is not None:
             for fwd in config.forwards:
                 if fwd.guest in running or fwd.uuid in running:
@@ -652,14 +537,15 @@ def _refuse_shared_discoveries(wanted: Dict[str, GuestState]) -> None:
     owners: Dict[str, Set[str]] = {}
     for st in wanted.values():
         for b in st.bindings:
-            owners.setdefault(b.target, set()).add(st.guest)
+            owners.setdefault(b.address, set()).add(st.guest)
     for st in wanted.values():
         keep = []
         for b in st.bindings:
-            others = sorted(owners[b.target] - {st.guest})
-            if others and b.target in st.sources:  # discovered, and another guest has it
-                st.pending.append((b, f"refused {b.target} from {st.sources[b.target]}: also"
-                                      f" the address of guest {others[0]}"))
+            others = sorted(owners[b.address] - {st.guest})
+            if others and b.address in st.address_from:  # discovered, and another guest has it
+                why = (f"refused {b.address} from {st.address_from[b.address]}: also the address of"
+                       f" guest {others[0]}")
+                st.pending.append((b, Reason(Reason.REFUSED, why)))
             else:
                 keep.append(b)
         st.bindings = keep
@@ -713,8 +599,9 @@ def _refuse_shared_keys(wanted: Dict[str, GuestState]) -> None:
                 held.add(b, name)
                 keep.append(b)
             else:
-                st.pending.append((b, f"host port {plan.listen_text(b)}/{b.proto} is held by"
-                                      f" guest {holder}; fix the configuration (`portfwd check`)"))
+                st.pending.append((b, Reason(Reason.HELD, f"host port {display.listen_text(b)}/"
+                                                          f"{b.proto} is held by guest {holder};"
+                                                          " fix the configuration (`portfwd check`)")))
         st.bindings = keep
 
 
@@ -723,7 +610,7 @@ def _log_refusals(name: str, before: Optional[GuestState], now: GuestState) -> N
     when its reason first appears."""
     seen = {why for _, why in before.pending} if before else set()
     for why in dict.fromkeys(why for _, why in now.pending
-                             if why.startswith("refused ") or " is held by guest " in why):
+                             if why.cause in (Reason.REFUSED, Reason.HELD)):
         if why not in seen:
             log.warning(f"guest {name}: {why}")
 

@@ -157,12 +157,16 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) 
         table, strict, templates = engine.guest_config(name, uuid)
         if op in CHECK:
             return 0
+        from .plan import bind
+        from .values import Selector
+
+        planned = bind(templates, name)
         resolver = None
-        if any(str(t[3]).startswith("?") for t in templates):  # addresses to discover
+        if any(isinstance(b.target, Selector) for b in planned):  # addresses to discover
             from .discover import Resolver
 
             resolver = Resolver(name, xml)
-        applied = engine.apply_guest(name, uuid, table, templates, resolver)
+        applied = engine.apply_guest(name, uuid, table, planned, resolver)
         if not applied.empty or had_state:
             waiting = f", {len(applied.pending)} waiting for an address" if applied.pending else ""
             log.info(f"guest {name} {op}: {len(applied.bindings)} forward(s) in table inet"
@@ -188,8 +192,6 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) 
 def _strict_despite_error(path: str) -> bool:
     """``strict`` as the broken file still says it (if portfwd may trust that file: a
     FIFO or a file others can write is not even opened), else as last compiled."""
-    import marshal
-
     try:
         from .config import strict_setting
 
@@ -199,7 +201,6 @@ def _strict_despite_error(path: str) -> bool:
     except Exception:
         pass
     try:
-        with open(os.path.join(state.compiled_dir(), "options"), "rb") as f:
-            return bool(marshal.load(f)[1])
+        return state.Store().compiled_strict()
     except Exception:
         return False

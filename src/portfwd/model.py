@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Optional, Tuple, Union
 
-from .plan import DEFAULT_TABLE
+from .constants import DEFAULT_DISCOVER, DEFAULT_TABLE
+from .values import Selector
 
 IPAddress = Union[IPv4Address, IPv6Address]
 Listen = Union[IPv4Address, IPv6Address, str]  # an address, or an interface name
@@ -92,16 +93,34 @@ class Forward:
         """No address given: both families are found from libvirt's data."""
         return self.ipv4 is None and self.ipv6 is None and self.ipv6_suffix is None
 
-    def target(self, family: int) -> Optional[str]:
-        """The guest address of ``family``, or a selector (``?mac=…[&suffix=…]``) for
-        an address discovered when the guest runs, or None when not forwarded."""
+    def target(self, family: int) -> Optional[Union[str, Selector]]:
+        """The guest address of ``family``, or a selector for an address discovered
+        when the guest runs, or None when not forwarded."""
         given = self.ipv4 if family == 4 else self.ipv6
         if given is not None:
             return str(given)
         mac = self.interface or ""
         if family == 6 and self.ipv6_suffix is not None:
-            return f"?mac={mac}&suffix={self.ipv6_suffix}"
-        return f"?mac={mac}" if self.discover else None
+            return Selector(mac, str(self.ipv6_suffix))
+        return Selector(mac) if self.discover else None
+
+    def families(self, pf: PortForward) -> Tuple[int, ...]:
+        """The address families (4, 6) in which this port forward is active.
+
+        A family needs a guest address; a listen list or a from list that names
+        only the other family shuts it out.
+        """
+        out = []
+        for family in (4, 6):
+            if self.target(family) is None:
+                continue
+            if pf.listen and not any(isinstance(a, str) or a.version == family for a in pf.listen) \
+                    and not (family == 4 and pf.localhost):
+                continue
+            if pf.sources and not any(n.version == family for n in pf.sources):
+                continue
+            out.append(family)
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -110,7 +129,7 @@ class Options:
     listen: Tuple[Listen, ...] = ()
     strict: bool = False
     localhost: bool = False
-    discover: Tuple[str, ...] = ("reservation", "lease")  # discover.DEFAULT_SOURCES
+    discover: Tuple[str, ...] = DEFAULT_DISCOVER
 
 
 @dataclass(frozen=True)
@@ -134,21 +153,3 @@ class Guest:
     name: str
     uuid: Optional[str] = None
 
-
-def families_of(fwd: Forward, pf: PortForward) -> Tuple[int, ...]:
-    """The address families (4, 6) in which this port forward is active.
-
-    A family needs a guest address; a listen list or a from list that names
-    only the other family shuts it out.
-    """
-    out = []
-    for family in (4, 6):
-        if fwd.target(family) is None:
-            continue
-        if pf.listen and not any(isinstance(a, str) or a.version == family for a in pf.listen) \
-                and not (family == 4 and pf.localhost):
-            continue
-        if pf.sources and not any(n.version == family for n in pf.sources):
-            continue
-        out.append(family)
-    return tuple(out)

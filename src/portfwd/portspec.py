@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Tuple
 
 from .model import PortRange
-from .plan import PROTOCOLS
+from .constants import PROTOCOLS
 
 
 # nftables 1.0.6 cannot shift a port range in one element (the kernel's NAT port

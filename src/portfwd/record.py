@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .plan import Binding
+from .values import Reason
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -14,18 +15,18 @@ class GuestState:
     bindings in the kernel, where each address came from, and the bindings
     still waiting for an address (each with the reason)."""
 
-    __slots__ = ("guest", "uuid", "table", "bindings", "pending", "sources", "warnings")
+    __slots__ = ("guest", "uuid", "table", "bindings", "pending", "address_from", "warnings")
 
     def __init__(self, guest: str, uuid: Optional[str], table: str, bindings: List[Binding],
-                 pending: Optional[List[Tuple[Binding, str]]] = None,
-                 sources: Optional[Dict[str, str]] = None,
+                 pending: Optional[List[Tuple[Binding, Reason]]] = None,
+                 address_from: Optional[Dict[str, str]] = None,
                  warnings: Optional[List[str]] = None) -> None:
         self.guest = guest
         self.uuid = uuid
         self.table = table
         self.bindings = bindings
         self.pending = pending or []  # (binding, why it is not applied)
-        self.sources = sources or {}  # discovered address → where it came from
+        self.address_from = address_from or {}  # discovered address → where it came from
         self.warnings = warnings or []  # e.g. a tentative listen address skipped
 
     @property
@@ -35,13 +36,14 @@ class GuestState:
     def to_json(self) -> Dict[str, Any]:
         return {"guest": self.guest, "uuid": self.uuid, "table": self.table,
                 "bindings": [b.to_json() for b in self.bindings],
-                "pending": [b.to_json() + [why] for b, why in self.pending],
-                "sources": self.sources, "warnings": self.warnings}
+                "pending": [b.to_json() + [str(why)] for b, why in self.pending],
+                "sources": self.address_from, "warnings": self.warnings}
 
     @classmethod
     def from_json(cls, raw: Dict[str, Any]) -> "GuestState":
         return cls(str(raw["guest"]), raw.get("uuid"), str(raw["table"]),
                    [Binding.from_json(b) for b in raw["bindings"]],
-                   [(Binding.from_json(p[:7]), str(p[7])) for p in raw.get("pending", [])],
+                   [(Binding.from_json(p[:-1]), Reason.from_text(str(p[-1])))
+                    for p in raw.get("pending", [])],
                    {str(k): str(v) for k, v in raw.get("sources", {}).items()},
                    [str(w) for w in raw.get("warnings", [])])

@@ -7,6 +7,7 @@ from __future__ import annotations
 from . import hostnet
 from .plan import Binding
 from .record import GuestState
+from .values import ListenIface, Reason, Selector
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -15,22 +16,19 @@ if TYPE_CHECKING:
     from .discover import Resolver
 
 
-INACTIVE = "inactive: "  # a pending reason that no address will cure
-
-
 def resolve(bindings: List[Binding], resolver: Optional[Resolver],
             routes: Optional[hostnet.RouteTable] = None) -> GuestState:
     """Turn planned bindings into what the kernel can hold now: listen interface
     names become their current usable addresses, selectors the guest address they
     stand for; what cannot be applied waits in ``pending`` with the reason
-    (IPv6 on a host or bridge where it is disabled: ``inactive``)."""
+    (IPv6 on a host or bridge where it is disabled: ``Reason.INACTIVE``)."""
     out = GuestState("", None, "", [])
-    found: Dict[Tuple[str, int], Tuple[Optional[str], str]] = {}
+    found: Dict[Tuple[Selector, int], Tuple[Optional[str], str]] = {}
     listens: Dict[Tuple[str, int], List[str]] = {}
     ipv6_off: Dict[str, Optional[str]] = {}  # target → why IPv6 cannot reach it
     for planned in bindings:
         for b in _expand_listen(planned, listens, out):
-            if b.target.startswith("?"):
+            if isinstance(b.target, Selector):
                 if resolver is not None and not resolver.applies(b.target, b.family):
                     continue
                 key = (b.target, b.family)
@@ -39,16 +37,16 @@ def resolve(bindings: List[Binding], resolver: Optional[Resolver],
                                   else (None, "no domain XML to find the guest's NIC in"))
                 address, why = found[key]
                 if address is None:
-                    out.pending.append((b, why))
+                    out.pending.append((b, Reason.from_text(why)))
                     continue
-                out.sources[address] = why
-                b = Binding(b.kind, b.family, b.key, address, b.port, b.guest, b.comment)
+                out.address_from[address] = why
+                b = b.with_target(address)
             if b.family == 6:
-                if b.target not in ipv6_off:
-                    ipv6_off[b.target] = _ipv6_off_for(b, bindings, routes)
-                off = ipv6_off[b.target]
+                if b.address not in ipv6_off:
+                    ipv6_off[b.address] = _ipv6_off_for(b, bindings, routes)
+                off = ipv6_off[b.address]
                 if off:
-                    out.pending.append((b, INACTIVE + off))
+                    out.pending.append((b, Reason(Reason.INACTIVE, off)))
                     continue
             out.bindings.append(b)
     return out
@@ -58,13 +56,14 @@ def _ipv6_off_for(b: Binding, bindings: List[Binding],
                   routes: Optional[hostnet.RouteTable]) -> Optional[str]:
     """Why IPv6 cannot reach this binding's guest: IPv6 off on the host or on the
     bridge. A bridge with IPv6 off has no IPv6 route, so it is found through the
-    IPv4 address of the same forward entry."""
+    IPv4 address of the same guest and configuration entry."""
     if routes is None:
         return hostnet.ipv6_off()
-    bridge = routes.interface_for(b.target)
+    bridge = routes.interface_for(b.address)
     if bridge is None:
         siblings = {routes.interface_for(o.target) for o in bindings
-                    if o.family == 4 and o.comment == b.comment and not o.target.startswith("?")}
+                    if o.family == 4 and o.guest == b.guest and o.entry == b.entry
+                    and isinstance(o.target, str)}
         for sibling in sorted(s for s in siblings if s):
             off = hostnet.ipv6_off(sibling)
             if off:
@@ -74,17 +73,17 @@ def _ipv6_off_for(b: Binding, bindings: List[Binding],
 
 def _expand_listen(b: Binding, cache: Dict[Tuple[str, int], List[str]],
                    out: GuestState) -> List[Binding]:
-    """``@eth0`` in a binding's key → one binding per usable address of eth0 now."""
-    first = str(b.key[0]) if b.kind in ("fwd", "src") else ""
-    if not first.startswith("@"):
+    """A listen interface in a binding's key → one binding per usable address of it now."""
+    first = b.key[0] if b.kind in ("fwd", "src") else None
+    if not isinstance(first, ListenIface):
         return [b]
-    name, slash, length = first[1:].partition("/")
+    name = first.name
     if (name, b.family) not in cache:
         good, skipped = hostnet.usable_addresses(name, b.family)
         cache[(name, b.family)] = good
         out.warnings += [w for w in skipped if w not in out.warnings]
     addresses = cache[(name, b.family)]
     if not addresses:
-        out.pending.append((b, f"no usable IPv{b.family} address on listen interface {name}"))
-    return [Binding(b.kind, b.family, (a + slash + length,) + tuple(b.key[1:]), b.target, b.port,
-                    b.guest, b.comment) for a in addresses]
+        out.pending.append((b, Reason(Reason.WAITING,
+                                      f"no usable IPv{b.family} address on listen interface {name}")))
+    return [b.with_key((first.with_address(a),) + tuple(b.key[1:])) for a in addresses]

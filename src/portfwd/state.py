@@ -1,5 +1,20 @@
-"""What portfwd keeps under /run/portfwd: the lock, per-guest applied state,
-and the compiled configuration the hook reads instead of parsing TOML.
+"""What portfwd keeps under /run/portfwd (``$PORTFWD_RUNDIR``): every file, its
+format and its atomic write live here (``Store``, and the lock ``locked``).
+
+    lock                  flock: one portfwd run at a time (``locked``)
+    compiled -> compiled.PID.N/   the parsed configuration the hook reads (marshal):
+        signature         CACHE_FORMAT, Python version, stat of forward.toml
+        options           (table, strict, [discover sources])
+        name/NAME         the binding templates (``plan.Template``) of guest NAME
+        uuid/UUID         … of a guest named by UUID
+    guests/NAME.json      what was applied per guest (``record.GuestState.to_json``)
+    bridges.json          guest → ``values.Bridges.to_json()``: where its forwards lead
+    hairpin.json          table → the bridges portfwd last wrote into its hairpin set
+    localnet.json         bridges where portfwd turned route_localnet on
+    layout.TABLE          the ``constants.LAYOUT`` TABLE was last built with
+
+Every file is replaced by a rename (``write_atomic``; the cache by swapping the
+``compiled`` symlink), so a reader sees the old or the new content.
 
 Cheap to import (only os, sys, fcntl: not even typing): the hook's fast path
 lives on it, and libvirt runs the hook for every guest and every phase.
@@ -19,14 +34,21 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import TracebackType
-    from typing import List, Optional, Type
+    from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
+
+    from .plan import Template
+    from .record import GuestState
+    from .values import Bridges
 
 DEFAULT_CONFIG = "/etc/portfwd/forward.toml"
 ENV_CONFIG = "PORTFWD_CONFIG"
 DEFAULT_RUN_DIR = "/run/portfwd"
 ENV_RUN_DIR = "PORTFWD_RUNDIR"
-CACHE_FORMAT = "3"  # 3: long guest names map to hashed file names; a range is one template
-SUMMARY = "bridges.json"  # guest → bridges its forwards lead to (see engine.py)
+CACHE_FORMAT = "4"  # 3: long guest names map to hashed file names; a range is one template;
+# 4: a template names its configuration entry
+SUMMARY = "bridges.json"  # guest → bridges its forwards lead to
+HAIRPIN = "hairpin.json"
+LOCALNET = "localnet.json"
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 # longest per-guest file name kept as is: with ".json.tmp.PID" it stays below NAME_MAX
 # (255 bytes); longer ones become a readable prefix, "~" and a hash
@@ -259,3 +281,227 @@ def cached_guest_files(name: str, uuid: Optional[str], root: Optional[str] = Non
     return found
 
 
+
+
+class Store:
+    """Every file under the run directory but the lock: how each is named, its
+    format, and its atomic write. Callers hold ``locked()``. The heavier imports
+    (json, marshal, the typed records) load only when a method needs them: the
+    hook's early exit never gets here."""
+
+    def __init__(self, root: Optional[str] = None) -> None:
+        self.root = root or run_dir()
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    # -- compiled/ -------------------------------------------------------------
+    def write_compiled(self, groups: Dict[Tuple[str, str], List[Template]],
+                       options: Tuple[str, bool, List[str]], signature: str) -> None:
+        """A new ``compiled.PID.N`` folder, then the ``compiled`` symlink swapped to
+        it in one rename: the hook sees the old cache or the new one, never a mix."""
+        import marshal
+        import shutil
+
+        ensure_dir(self.root)
+        target = self._path(f"compiled.{os.getpid()}.{id(groups)}")
+        shutil.rmtree(target, ignore_errors=True)
+        for sub in ("name", "uuid"):
+            os.makedirs(os.path.join(target, sub))
+        for (sub, ident), templates in groups.items():
+            with open(os.path.join(target, sub, file_name(ident)), "wb") as f:
+                marshal.dump(templates, f)
+        with open(os.path.join(target, "options"), "wb") as f:
+            marshal.dump(options, f)
+        with open(os.path.join(target, "signature"), "w", encoding="utf-8") as f:
+            f.write(signature)
+        link = compiled_dir(self.root)
+        tmp_link = f"{link}.new.{os.getpid()}"
+        os.symlink(os.path.basename(target), tmp_link)
+        os.replace(tmp_link, link)
+        for name in os.listdir(self.root):
+            old = self._path(name)
+            if name.startswith("compiled.") and old != target and not os.path.islink(old):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def read_compiled(self, name: str, uuid: Optional[str], config: str
+                      ) -> Optional[Tuple[str, bool, Tuple[str, ...], List[Template]]]:
+        """(table, strict, discover, templates) of a guest; None if stale or unreadable."""
+        import marshal
+
+        if cached_signature(self.root) != config_signature(config):
+            return None
+        try:
+            with open(os.path.join(compiled_dir(self.root), "options"), "rb") as f:
+                table, strict, discover = marshal.load(f)
+            items: List[Template] = []
+            for path in cached_guest_files(name, uuid, self.root):
+                with open(path, "rb") as f:
+                    items.extend(marshal.load(f))
+        except (OSError, EOFError, ValueError, TypeError):
+            return None
+        return str(table), bool(strict), tuple(str(d) for d in discover), items
+
+    def compiled_strict(self) -> bool:
+        """``strict`` as last compiled, whatever the signature (False if unknown)."""
+        import marshal
+
+        try:
+            with open(os.path.join(compiled_dir(self.root), "options"), "rb") as f:
+                return bool(marshal.load(f)[1])
+        except (OSError, EOFError, ValueError, TypeError, IndexError):
+            return False
+
+    # -- guests/NAME.json ----------------------------------------------------------
+    def read_guest(self, name: str) -> Optional[GuestState]:
+        import json
+
+        from . import log
+        from .record import GuestState
+
+        try:
+            with open(guest_state_path(name, self.root), encoding="utf-8") as f:
+                return GuestState.from_json(json.load(f))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning(f"ignoring unreadable state of guest {name}: {e}")
+            return None
+
+    def all_guests(self) -> List[GuestState]:
+        import json
+
+        from . import log
+        from .record import GuestState
+
+        out = []
+        folder = self._path("guests")
+        try:
+            names = sorted(os.listdir(folder))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    out.append(GuestState.from_json(json.load(f)))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning(f"ignoring unreadable state file {path}: {e}")
+        return out
+
+    def write_guests(self, states: Iterable[GuestState],
+                     bridges_of: Callable[[GuestState], Bridges]) -> None:
+        """Record (or, for no bindings, forget) guests, and where their forwards lead."""
+        import json
+
+        summary = self.read_summary(bridges_of)
+        for st in states:
+            path = guest_state_path(st.guest, self.root)
+            if st.empty:
+                summary.pop(st.guest, None)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            summary[st.guest] = bridges_of(st)
+            ensure_dir(os.path.dirname(path))
+            write_atomic(path, json.dumps(st.to_json(), separators=(",", ":")).encode())
+        self.write_summary(summary)
+
+    # -- bridges.json ------------------------------------------------------------
+    def read_summary(self, bridges_of: Callable[[GuestState], Bridges]) -> Dict[str, Bridges]:
+        """Guest → the bridges its forwards lead to; kept beside the states, so that
+        knowing which bridges need an accept does not read every guest's state.
+        Missing or unreadable: rebuilt from the states with ``bridges_of``."""
+        import json
+
+        from . import log
+        from .constants import DEFAULT_TABLE
+        from .values import Bridges
+
+        path = self._path(SUMMARY)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            return {str(k): Bridges.from_json(v, DEFAULT_TABLE) for k, v in data.items()}
+        except FileNotFoundError:
+            pass  # none yet, or lost: the states say it all
+        except (OSError, ValueError, AttributeError, TypeError) as e:
+            log.warning(f"rebuilding unreadable {path}: {e}")
+        return {st.guest: bridges_of(st) for st in self.all_guests()}
+
+    def write_summary(self, summary: Dict[str, Bridges]) -> None:
+        import json
+
+        data = {guest: bridges.to_json() for guest, bridges in summary.items()}
+        write_atomic(self._path(SUMMARY), json.dumps(data, sort_keys=True).encode())
+
+    # -- hairpin.json, localnet.json -----------------------------------------------
+    def _read_json(self, name: str, default: Any) -> Any:
+        import json
+
+        try:
+            with open(self._path(name), encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return default
+
+    def _write_json(self, name: str, value: Any) -> None:
+        import json
+
+        write_atomic(self._path(name), json.dumps(value).encode())
+
+    def hairpin(self) -> Dict[str, List[str]]:
+        """Table → the bridges portfwd last wrote into its hairpin set."""
+        data = self._read_json(HAIRPIN, {})
+        return {str(k): [str(b) for b in v] for k, v in data.items()} if isinstance(data, dict) \
+            else {}
+
+    def write_hairpin(self, written: Dict[str, List[str]]) -> None:
+        self._write_json(HAIRPIN, written)
+
+    def forget_hairpin(self, table: str) -> None:
+        """The table was (re)created: its hairpin set is empty, whatever was written."""
+        written = self.hairpin()
+        if written.pop(table, None) is not None:
+            self.write_hairpin(written)
+
+    def localnet(self) -> List[str]:
+        """The bridges where portfwd turned ``route_localnet`` on."""
+        data = self._read_json(LOCALNET, [])
+        return [str(b) for b in data] if isinstance(data, list) else []
+
+    def write_localnet(self, bridges: List[str]) -> None:
+        self._write_json(LOCALNET, sorted(bridges))
+
+    # -- layout.TABLE --------------------------------------------------------------
+    def layout(self, table: str) -> Optional[str]:
+        """The layout portfwd last built ``table`` with in this boot, if any."""
+        try:
+            with open(self._path(f"layout.{table}"), encoding="ascii") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def remember_layout(self, table: str, layout: str) -> None:
+        write_atomic(self._path(f"layout.{table}"), layout.encode())
+
+    def forget_layout(self, table: str) -> None:
+        try:
+            os.unlink(self._path(f"layout.{table}"))
+        except FileNotFoundError:
+            pass
+
+    # -- everything ----------------------------------------------------------------
+    def clear(self) -> None:
+        """Forget every guest and table (``portfwd flush``); the compiled
+        configuration and localnet.json stay (the sysctls are turned off after)."""
+        import shutil
+
+        shutil.rmtree(self._path("guests"), ignore_errors=True)
+        for name in os.listdir(self.root):
+            if name in (SUMMARY, HAIRPIN) or name.startswith("layout."):
+                os.unlink(self._path(name))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import plan
+from . import display, rules
 from .plan import Binding
 
 TYPE_CHECKING = False
@@ -12,8 +12,8 @@ if TYPE_CHECKING:
 
 def row(b: Binding, status: str, address_from: str = "") -> Dict[str, str]:
     """One row per binding: a range kept as one element is one row."""
-    target = plan.target_text(b.target, b.family, b.guest_ports)
-    return {"guest": b.guest, "proto": b.proto, "listen": plan.listen_text(b), "target": target,
+    target = display.target_text(b.target, b.family, b.guest_ports)
+    return {"guest": b.guest, "proto": b.proto, "listen": display.listen_text(b), "target": target,
             "sources": b.sources, "state": status, "address_from": address_from,
             "comment": b.comment}
 
@@ -21,15 +21,15 @@ def row(b: Binding, status: str, address_from: str = "") -> Dict[str, str]:
 def live_state(b: Binding, maps: Dict[str, Dict[Tuple[Any, ...], Any]]) -> str:
     key = _norm_key(b)
     if b.is_range:
-        ip = maps.get(plan.map_name(b.kind, b.family, "range"), {}).get(key)
+        ip = maps.get(rules.map_name(b.kind, b.family, "range"), {}).get(key)
         if ip is None:
             return "missing"
-        return "active" if str(ip) == b.target else f"differs (table: {ip})"
-    ip = maps.get(plan.map_name(b.kind, b.family, "ip"), {}).get(key)
-    port = maps.get(plan.map_name(b.kind, b.family, "port"), {}).get(key)
+        return "active" if str(ip) == b.address else f"differs (table: {ip})"
+    ip = maps.get(rules.map_name(b.kind, b.family, "ip"), {}).get(key)
+    port = maps.get(rules.map_name(b.kind, b.family, "port"), {}).get(key)
     if ip is None or port is None:
         return "missing"
-    if str(ip) != b.target or int(port) != b.port:
+    if str(ip) != b.address or int(port) != b.port:
         return f"differs (table: {ip}:{port})"
     return "active"
 
@@ -47,8 +47,11 @@ def live_elements(objects: Sequence[Dict[str, Any]]) -> Dict[str, Dict[Tuple[Any
         m = obj.get("map")
         if not m:
             continue
-        prefixes = m["name"].startswith("src")
-        full = 32 if m["name"][3] == "4" else 128
+        if m["name"] not in rules.MAPS:
+            continue
+        kind, family, _ = rules.MAPS[m["name"]]
+        prefixes = kind == "src"
+        full = 32 if family == 4 else 128
         elems: Dict[Tuple[Any, ...], Any] = {}
         for key, value in m.get("elem", []):
             if isinstance(key, dict) and "elem" in key:

@@ -1,0 +1,259 @@
+"""Pure planning, second step: bindings → nftables JSON commands, through small
+builders that return data (only ``nft.py`` executes). ``skeleton`` builds the
+table; a change to what it builds needs a new ``constants.LAYOUT`` (tests/test_rules.py
+holds a golden copy). The table, per family F (4, 6):
+
+- ``fwdF_ip``/``fwdF_port``: listen address . protocol . port → guest address / port
+- ``anyF_ip``/``anyF_port``: protocol . port → …, for forwards on every local address
+- ``srcF_ip``/``srcF_port``: listen prefix . source prefix . protocol . port → …,
+  interval maps for forwards with a ``from`` list (listen 0/0 = every address)
+- ``fwdF_range``, ``anyF_range``, ``srcF_range``: the same keys with a port
+  *interval* → guest address only, for ranges whose host and guest ports are
+  equal: one element per range, and the DNAT keeps the destination port
+
+One rule per map pair (and one per range map) in chain ``prerouting`` DNATs
+through them, so the cost per packet does not grow with the number of
+forwards. nftables 1.0.6 cannot declare a map with a concatenated value
+through JSON, hence the address and port maps side by side. It cannot shift a
+port range either (the kernel's NAT port offset, iptables' ``DNAT
+--to-destination A:B-C/BASE``), so a range whose guest ports differ from its
+host ports is stored port by port (``portspec.SHIFTED_MAX`` ports at most).
+"""
+
+from __future__ import annotations
+
+from .constants import HAIRPIN_SET, KINDS, MARK, PRIORITY, PROTOCOLS, TABLE_COMMENT
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, Iterable, List, Sequence, Tuple
+
+    from .plan import Binding
+
+    Command = Dict[str, Any]
+
+
+def _addr_type(family: int) -> str:
+    return "ipv4_addr" if family == 4 else "ipv6_addr"
+
+
+def map_name(kind: str, family: int, what: str) -> str:
+    return f"{kind}{family}_{what}"
+
+
+# every map of the table: name → (kind, family, what)
+MAPS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS for w in ("ip", "port", "range")}
+
+
+def _key_types(kind: str, family: int) -> List[str]:
+    addr = _addr_type(family)
+    if kind == "src":
+        return [addr, addr, "inet_proto", "inet_service"]
+    if kind == "fwd":
+        return [addr, "inet_proto", "inet_service"]
+    return ["inet_proto", "inet_service"]
+
+
+def _key_exprs(kind: str, family: int) -> List[Dict[str, Any]]:
+    proto = "ip" if family == 4 else "ip6"
+    daddr = {"payload": {"protocol": proto, "field": "daddr"}}
+    saddr = {"payload": {"protocol": proto, "field": "saddr"}}
+    tail = [{"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]
+    if kind == "src":
+        return [daddr, saddr] + tail
+    if kind == "fwd":
+        return [daddr] + tail
+    return tail
+
+
+def skeleton(table: str, ipv6: bool = True) -> List[Command]:
+    """Commands that (re)create the table, maps, chains and rules; safe to rerun.
+
+    - ``prerouting`` (nat): DNAT of connections arriving from elsewhere;
+    - ``output`` (nat): the same for connections the host itself opens, never
+      catching its loopback traffic (127.0.0.1 only for ``localhost`` keys);
+    - ``postrouting`` (nat): masquerade of hairpin connections (in and out of
+      the same bridge: another guest, or a guest reaching its own forward) and
+      of connections from 127.0.0.1, nothing else;
+    - ``raw_prerouting``: drops packets to 127.0.0.0/8 that arrive from
+      outside, as ``route_localnet`` would otherwise let them in.
+    ``ipv6 = False`` leaves IPv6 out, for kernels without IPv6.
+    """
+    families = (4, 6) if ipv6 else (4,)
+    cmds: List[Command] = [{"add": {"table": {"family": "inet", "name": table,
+                                              "comment": TABLE_COMMENT}}}]
+    for family in families:
+        for kind in KINDS:
+            for what, value_type in (("ip", _addr_type(family)), ("port", "inet_service"),
+                                     ("range", _addr_type(family))):
+                spec: Dict[str, Any] = {"family": "inet", "table": table,
+                                        "name": map_name(kind, family, what),
+                                        "type": _key_types(kind, family), "map": value_type}
+                if kind == "src" or what == "range":
+                    spec["flags"] = ["interval"]
+                cmds.append({"add": {"map": spec}})
+    cmds.append({"add": {"set": {"family": "inet", "table": table, "name": HAIRPIN_SET,
+                                 "type": ["ifname", "ifname"]}}})
+    chains = [("prerouting", "nat", "prerouting", PRIORITY),
+              ("output", "nat", "output", PRIORITY),
+              ("postrouting", "nat", "postrouting", 100 - 5),  # before srcnat (100)
+              ("raw_prerouting", "filter", "prerouting", -300)]
+    for name, kind_, hook, prio in chains:
+        chain = {"family": "inet", "table": table, "name": name}
+        cmds.append({"add": {"chain": dict(chain, type=kind_, hook=hook, prio=prio,
+                                           policy="accept")}})
+        cmds.append({"flush": {"chain": chain}})
+
+    def rule(chain: str, expr: List[Dict[str, Any]], comment: str) -> Command:
+        return {"add": {"rule": {"family": "inet", "table": table, "chain": chain,
+                                 "expr": expr, "comment": comment}}}
+
+    for family in families:
+        # single ports first, as before; a range and a single port never share a port
+        # (the configuration refuses that), so the order decides nothing else
+        for kind, ranges in [(k, False) for k in KINDS] + [(k, True) for k in KINDS]:
+            name = f"{kind}{family}" + (" ranges" if ranges else "")
+            build = _range_rule if ranges else _dnat_rule
+            cmds.append(rule("prerouting", build(kind, family), f"portfwd {name}"))
+            out = build(kind, family)
+            if kind != "fwd":  # only keys naming 127.0.0.1 itself reach loopback
+                out.insert(1, _not_loopback(family))
+            cmds.append(rule("output", out, f"portfwd {name} from the host"))
+    mark = {"ct": {"key": "mark"}}
+    ours = {"match": {"op": "==", "left": {"&": [mark, MARK]}, "right": MARK}}
+    cmds.append(rule("postrouting", [
+        ours,
+        {"match": {"op": "==", "left": {"concat": [{"meta": {"key": "iifname"}},
+                                                    {"meta": {"key": "oifname"}}]},
+                   "right": "@" + HAIRPIN_SET}},
+        {"masquerade": None}], "portfwd hairpin: back out of the bridge it came from"))
+    cmds.append(rule("postrouting", [
+        ours,
+        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                   "right": {"prefix": {"addr": "127.0.0.0", "len": 8}}}},
+        {"masquerade": None}], "portfwd localhost"))
+    cmds.append(rule("raw_prerouting", [
+        {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "lo"}},
+        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                   "right": {"prefix": {"addr": "127.0.0.0", "len": 8}}}},
+        {"drop": None}], "portfwd: loopback addresses are not reachable from outside"))
+    return cmds
+
+
+def _not_loopback(family: int) -> Dict[str, Any]:
+    if family == 4:
+        return {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                          "right": {"prefix": {"addr": "127.0.0.0", "len": 8}}}}
+    return {"match": {"op": "!=", "left": {"payload": {"protocol": "ip6", "field": "daddr"}},
+                      "right": "::1"}}
+
+
+def hairpin(table: str, bridges: Sequence[str]) -> List[Command]:
+    """Make the hairpin set hold exactly these bridges (``BRIDGE . BRIDGE``)."""
+    where = {"family": "inet", "table": table, "name": HAIRPIN_SET}
+    cmds: List[Command] = [{"flush": {"set": where}}]
+    if bridges:
+        cmds.append({"add": {"element": dict(where, elem=[{"concat": [b, b]}
+                                                          for b in sorted(bridges)])}})
+    return cmds
+
+
+# small builders of the DNAT rules' expressions
+_MARK = {"ct": {"key": "mark"}}
+_SET_MARK = {"mangle": {"key": _MARK, "value": {"|": [_MARK, MARK]}}}
+_LOCAL = {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
+                    "right": "local"}}
+# nft accepts a port mapping only after a transport protocol match
+_L4PROTO = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
+                      "right": {"set": list(PROTOCOLS)}}}
+
+
+def _nfproto(family: int) -> Dict[str, Any]:
+    return {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
+                      "right": "ipv4" if family == 4 else "ipv6"}}
+
+
+def _lookup_key(kind: str, family: int) -> Any:
+    exprs = _key_exprs(kind, family)
+    return exprs[0] if len(exprs) == 1 else {"concat": exprs}
+
+
+def _in_map(key: Any, name: str) -> Dict[str, Any]:
+    return {"match": {"op": "==", "left": key, "right": "@" + name}}
+
+
+def _dnat_rule(kind: str, family: int) -> List[Dict[str, Any]]:
+    key = _lookup_key(kind, family)
+    ip, port = map_name(kind, family, "ip"), map_name(kind, family, "port")
+    # only connections that hit a map get the mark, which libvirt's chains let through
+    return [_nfproto(family), _LOCAL, _L4PROTO, _in_map(key, port), _SET_MARK,
+            {"dnat": {"family": "ip" if family == 4 else "ip6",
+                      "addr": {"map": {"key": key, "data": "@" + ip}},
+                      "port": {"map": {"key": key, "data": "@" + port}}}}]
+
+
+def _range_rule(kind: str, family: int) -> List[Dict[str, Any]]:
+    """DNAT to the address of an equal-port range; the destination port stays.
+    The map lookup comes before ``fib``: a packet no range matches skips the
+    route lookup."""
+    key = _lookup_key(kind, family)
+    name = map_name(kind, family, "range")
+    return [_nfproto(family), _L4PROTO, _in_map(key, name), _LOCAL, _SET_MARK,
+            {"dnat": {"family": "ip" if family == 4 else "ip6",
+                      "addr": {"map": {"key": key, "data": "@" + name}}}}]
+
+
+def _key_json(b: Binding) -> Dict[str, Any]:
+    parts: List[Any] = []
+    for i, part in enumerate(b.key):
+        if b.kind == "src" and i < 2:
+            addr, _, length = str(part).partition("/")
+            parts.append({"prefix": {"addr": addr, "len": int(length)}})
+        elif isinstance(part, str) and i == len(b.key) - 1:  # "FIRST-LAST"
+            first, last = b.span()
+            parts.append({"range": [first, last]})
+        else:
+            parts.append(part)
+    return {"concat": parts}
+
+
+def _elements(table: str, bindings: Iterable[Binding], op: str) -> List[Command]:
+    """One command per map, carrying all its elements."""
+    grouped: Dict[str, List[Any]] = {}
+    for b in bindings:
+        key = _key_json(b)
+        values: Tuple[Tuple[str, Any], ...] = ((("range", b.address),) if b.is_range
+                                               else (("ip", b.address), ("port", b.port)))
+        for what, value in values:
+            name = map_name(b.kind, b.family, what)
+            if op == "delete":
+                grouped.setdefault(name, []).append(key)
+            else:
+                grouped.setdefault(name, []).append([{"elem": {"val": key, "comment": b.comment}}, value])
+    return [{op: {"element": {"family": "inet", "table": table, "name": name, "elem": elems}}}
+            for name, elems in sorted(grouped.items())]
+
+
+def guest_update(table: str, old: Sequence[Binding], new: Sequence[Binding]) -> List[Command]:
+    """Drop ``old`` bindings no longer wanted, ensure ``new`` (the table's layout
+    must exist: prefix ``skeleton(table)`` when unsure).
+
+    Dropping adds the element first, so a binding already gone is no error.
+    """
+    wanted = set(new)
+    gone = [b for b in old if b not in wanted]
+    return (_elements(table, gone, "add") + _elements(table, gone, "delete")
+            + _elements(table, new, "add"))
+
+
+def full_rebuild(table: str, bindings: Sequence[Binding]) -> List[Command]:
+    """One transaction: the table holds exactly ``bindings`` afterwards."""
+    flushes = [{"flush": {"map": {"family": "inet", "table": table, "name": name}}}
+               for name in MAPS]
+    return skeleton(table) + flushes + _elements(table, bindings, "add")
+
+
+def drop_table(table: str) -> List[Command]:
+    """One transaction removing the table; no error when it is absent."""
+    t = {"family": "inet", "name": table}
+    return [{"add": {"table": t}}, {"delete": {"table": t}}]

@@ -1,0 +1,145 @@
+"""compat's decisions on hand-built rule sets: no root, no nftables, no iptables.
+
+The live counterparts (the same layouts built in a namespace, with traffic) are
+in tests/test_compat.py."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, cast
+
+import pytest
+
+from portfwd import compat
+from portfwd.constants import MARK
+from portfwd.nft import Nft
+
+Json = Dict[str, Any]
+
+
+def _oif(bridge: str) -> Json:
+    return {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": bridge}}
+
+
+def _reject(bridge: str, handle: int) -> Json:
+    return {"family": "ip", "table": "libvirt_network", "chain": "guest_input", "handle": handle,
+            "expr": [_oif(bridge), {"counter": None}, {"reject": None}]}
+
+
+def _established(bridge: str, handle: int) -> Json:
+    return {"family": "ip", "table": "libvirt_network", "chain": "guest_input", "handle": handle,
+            "expr": [_oif(bridge),
+                     {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                                "right": ["established", "related"]}},
+                     {"counter": None}, {"accept": None}]}
+
+
+def _ours(bridge: str, handle: int) -> Json:
+    mark = {"ct": {"key": "mark"}}
+    return {"family": "ip", "table": "libvirt_network", "chain": "guest_input", "handle": handle,
+            "comment": "portfwd",
+            "expr": [_oif(bridge),
+                     {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+                     {"match": {"op": "==", "left": {"&": [mark, MARK]}, "right": MARK}},
+                     {"counter": None}, {"accept": None}]}
+
+
+class FakeNft:
+    """Answers compat's listings from hand-built chains: (family, table, name) → rules."""
+
+    def __init__(self, chains: Dict[Any, List[Json]], extra: Optional[List[Json]] = None) -> None:
+        self.chains = chains
+        self.extra = extra or []
+
+    def list(self, what: Json) -> Optional[List[Json]]:
+        if "chains" in what:
+            return [{"chain": {"family": f, "table": t, "name": n}} for f, t, n in self.chains] \
+                + self.extra
+        c = what["chain"]
+        rules = self.chains.get((c["family"], c["table"], c["name"]))
+        return None if rules is None else [{"rule": r} for r in rules]
+
+
+@pytest.fixture(autouse=True)
+def no_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing read from this machine: no iptables-legacy, every tool found."""
+    monkeypatch.setattr(compat, "_legacy_rules", lambda fam: None)
+    monkeypatch.setattr(compat, "which", lambda name: f"/usr/sbin/{name}")
+
+
+def _read(guest_input: List[Json], extra: Optional[List[Json]] = None) -> compat.Firewall:
+    fake = FakeNft({("ip", "libvirt_network", "guest_input"): guest_input,
+                    ("ip", "libvirt_network", "forward"): []}, extra)
+    return compat.read(cast(Nft, fake))
+
+
+def test_nft_backend_gets_one_accept_per_rejecting_bridge_at_the_head() -> None:
+    fw = _read([_established("virbr0", 5), _reject("virbr0", 6), _established("virbr1", 7),
+                _reject("virbr1", 8)])
+    commands, argvs = compat.changes(fw, {4: {"virbr0", "virbr9"}, 6: set()})
+    assert argvs == []
+    assert len(commands) == 1  # virbr9 has no reject: nothing to pass
+    rule = commands[0]["insert"]["rule"]
+    assert rule["table"] == "libvirt_network" and rule["chain"] == "guest_input"
+    assert rule["comment"] == "portfwd" and rule["expr"][0] == _oif("virbr0")
+    assert compat.blockers(fw, {4: {"virbr0"}}) != []
+
+
+def test_accepts_in_place_change_nothing_and_block_nothing() -> None:
+    fw = _read([_ours("virbr0", 9), _established("virbr0", 5), _reject("virbr0", 6)])
+    assert compat.changes(fw, {4: {"virbr0"}}) == ([], [])
+    assert compat.blockers(fw, {4: {"virbr0"}}) == []
+
+
+def test_accept_below_the_reject_is_moved_to_the_head() -> None:
+    fw = _read([_established("virbr0", 5), _reject("virbr0", 6), _ours("virbr0", 9)])
+    commands, _ = compat.changes(fw, {4: {"virbr0"}})
+    assert [next(iter(c)) for c in commands] == ["delete", "insert"]
+    assert commands[0]["delete"]["rule"]["handle"] == 9
+
+
+def test_accept_no_bridge_needs_is_removed() -> None:
+    fw = _read([_ours("virbr0", 9), _established("virbr0", 5), _reject("virbr0", 6)])
+    commands, _ = compat.changes(fw, {4: set()})
+    assert commands == [{"delete": {"rule": {"family": "ip", "table": "libvirt_network",
+                                             "chain": "guest_input", "handle": 9}}}]
+
+
+def test_a_foreign_rule_with_our_comment_is_not_ours() -> None:
+    fake = _reject("virbr0", 9)
+    fake["comment"] = "portfwd"
+    fw = _read([fake])
+    assert [r.kind for r in fw.guest_input[4]] == [compat.REJECT]
+
+
+def test_iptables_backend_makes_the_chain_and_jumps_to_it() -> None:
+    fw = compat.Firewall()
+    fw.fwi[4] = [compat.Rule(compat.OTHER, "virbr0"), compat.Rule(compat.REJECT, "virbr0")]
+    commands, argvs = compat.changes(fw, {4: {"virbr0"}})
+    assert commands == []
+    assert argvs == [
+        ["iptables-nft", "-w", "-N", compat.CHAIN],
+        ["iptables-nft", "-w", "-A", compat.CHAIN] + compat.ACCEPT_SPEC,
+        ["iptables-nft", "-w", "-I", "LIBVIRT_FWI", "1", "-o", "virbr0", "-j", compat.CHAIN],
+    ]
+
+
+def test_iptables_backend_leaves_a_foreign_chain_content_alone() -> None:
+    fw = compat.Firewall()
+    fw.fwi[4] = [compat.Rule(compat.REJECT, "virbr0")]
+    fw.our_chain[4] = compat.OTHER
+    _, argvs = compat.changes(fw, {4: set()})
+    assert argvs == []  # someone else's rules in PORTFWD_FWI: never flushed or deleted
+    fw.our_chain[4] = compat.OURS
+    _, argvs = compat.changes(fw, {4: set()})
+    assert argvs == [["iptables-nft", "-w", "-F", compat.CHAIN],
+                     ["iptables-nft", "-w", "-X", compat.CHAIN]]
+
+
+def test_drop_policy_elsewhere_is_a_blocker_never_a_change() -> None:
+    policy = {"chain": {"family": "inet", "table": "filter", "name": "forward",
+                        "hook": "forward", "policy": "drop"}}
+    fw = _read([], extra=[policy])
+    assert compat.changes(fw, {4: {"virbr0"}, 6: {"virbr0"}}) == ([], [])
+    lines = compat.blockers(fw, {4: {"virbr0"}, 6: set()})
+    assert len(lines) == 1 and lines[0].startswith("table inet filter chain forward: policy drop")
+    assert compat.blockers(fw, {4: set(), 6: set()}) == []

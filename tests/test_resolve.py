@@ -1,0 +1,130 @@
+"""resolve() with fakes: no root, no interfaces, no libvirt."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple, cast
+
+import pytest
+
+from portfwd import hostnet
+from portfwd.discover import Resolver
+from portfwd.plan import Binding
+from portfwd.resolve import resolve
+from portfwd.values import ListenIface, Reason, Selector
+
+C = "web1 forward[0].ports[0] 8080:80/tcp"
+
+
+class FakeRoutes:
+    def __init__(self, routes: Dict[str, str]) -> None:
+        self.routes = routes
+
+    def interface_for(self, address: str) -> Optional[str]:
+        return self.routes.get(address)
+
+
+class FakeResolver:
+    """Answers selectors from a table: (selector, family) → (address, where/why)."""
+
+    def __init__(self, answers: Dict[Tuple[Selector, int], Tuple[Optional[str], str]],
+                 families: Tuple[int, ...] = (4, 6)) -> None:
+        self.answers = answers
+        self.families = families
+        self.asked: List[Tuple[Selector, int]] = []
+
+    def applies(self, selector: Selector, family: int) -> bool:
+        return family in self.families
+
+    def resolve(self, selector: Selector, family: int) -> Tuple[Optional[str], str]:
+        self.asked.append((selector, family))
+        return self.answers.get((selector, family), (None, "no lease yet"))
+
+
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> Dict[str, Optional[str]]:
+    """Fake kernel facts: interface → addresses per family, bridge → why IPv6 is off."""
+    off: Dict[str, Optional[str]] = {}
+    addrs = {("eth0", 4): (["203.0.113.5", "203.0.113.6"], []),
+             ("eth0", 6): ([], ["2001:db8::5 is tentative: skipped"])}
+    monkeypatch.setattr(hostnet, "usable_addresses",
+                        lambda name, family: addrs.get((name, family), ([], [])))
+    monkeypatch.setattr(hostnet, "ipv6_off", lambda iface=None: off.get(iface or ""))
+    return off
+
+
+def test_explicit_targets_pass_through(host: Dict[str, Optional[str]]) -> None:
+    b = Binding("any", 4, ("tcp", 8080), "192.168.122.10", 80, "web1", C)
+    out = resolve([b], None, cast(hostnet.RouteTable, FakeRoutes({})))
+    assert out.bindings == [b] and out.pending == [] and out.address_from == {}
+
+
+def test_listen_interface_becomes_each_address(host: Dict[str, Optional[str]]) -> None:
+    b4 = Binding("fwd", 4, (ListenIface("eth0"), "tcp", 8080), "192.168.122.10", 80, "web1", C)
+    b6 = Binding("fwd", 6, (ListenIface("eth0"), "tcp", 8080), "fd00::10", 80, "web1", C)
+    out = resolve([b4, b6], None, cast(hostnet.RouteTable, FakeRoutes({})))
+    assert [b.key for b in out.bindings] == [("203.0.113.5", "tcp", 8080),
+                                             ("203.0.113.6", "tcp", 8080)]
+    assert out.pending == [(b6, Reason(Reason.WAITING,
+                                       "no usable IPv6 address on listen interface eth0"))]
+    assert out.warnings == ["2001:db8::5 is tentative: skipped"]
+
+
+def test_selector_resolved_once_and_recorded(host: Dict[str, Optional[str]]) -> None:
+    sel = Selector("52:54:00:00:00:01")
+    bs = [Binding("any", 4, ("tcp", p), sel, p, "web1", C) for p in (80, 443)]
+    fake = FakeResolver({(sel, 4): ("192.168.122.10", "lease")})
+    out = resolve(bs, cast(Resolver, fake), cast(hostnet.RouteTable, FakeRoutes({})))
+    assert [b.target for b in out.bindings] == ["192.168.122.10"] * 2
+    assert out.address_from == {"192.168.122.10": "lease"}
+    assert fake.asked == [(sel, 4)]
+
+
+def test_unresolved_selector_waits_and_inapplicable_family_is_skipped(
+        host: Dict[str, Optional[str]]) -> None:
+    sel = Selector()
+    b4 = Binding("any", 4, ("tcp", 80), sel, 80, "web1", C)
+    b6 = Binding("any", 6, ("tcp", 80), sel, 80, "web1", C)
+    out = resolve([b4, b6], cast(Resolver, FakeResolver({}, families=(4,))),
+                  cast(hostnet.RouteTable, FakeRoutes({})))
+    assert out.bindings == [] and out.pending == [(b4, Reason(Reason.WAITING, "no lease yet"))]
+    out = resolve([b4], None, None)
+    assert [str(why) for _, why in out.pending] == ["no domain XML to find the guest's NIC in"]
+
+
+def test_ipv6_off_on_the_bridge_found_through_the_ipv4_sibling(
+        host: Dict[str, Optional[str]]) -> None:
+    host["virbr0"] = "IPv6 is disabled on virbr0"
+    b4 = Binding("any", 4, ("tcp", 80), "192.168.122.10", 80, "web1", C, "forward[0].ports[0]")
+    b6 = Binding("any", 6, ("tcp", 80), "fd00::10", 80, "web1", C, "forward[0].ports[0]")
+    other = Binding("any", 4, ("tcp", 81), "192.168.122.10", 81, "web1", C, "forward[0].ports[1]")
+    routes = cast(hostnet.RouteTable, FakeRoutes({"192.168.122.10": "virbr0"}))
+    out = resolve([b4, b6], None, routes)
+    assert out.bindings == [b4]
+    assert out.pending == [(b6, Reason(Reason.INACTIVE, "IPv6 is disabled on virbr0"))]
+    assert str(out.pending[0][1]) == "inactive: IPv6 is disabled on virbr0"
+    # the sibling is found by its configuration entry, not its comment
+    out = resolve([other, b6], None, routes)
+    assert out.bindings == [other, b6]
+
+
+def test_recorded_state_of_earlier_versions_loads() -> None:
+    """A guest state file as the previous version wrote it (7-field bindings,
+    "?mac=…" targets, "@eth0" keys, "inactive: " reasons) reads into typed values."""
+    from portfwd.record import GuestState
+
+    raw: Dict[str, Any] = {"guest": "web1", "uuid": None, "table": "portfwd",
+           "bindings": [["any", 4, ["tcp", 8080], "192.168.122.10", 80, "web1", C]],
+           "pending": [["fwd", 4, ["@eth0", "tcp", 8080], "?mac=52:54:00:00:00:01", 80, "web1", C,
+                        "no usable IPv4 address on listen interface eth0"],
+                       ["any", 6, ["tcp", 8080], "fd00::10", 80, "web1", C,
+                        "inactive: IPv6 is disabled on this host"]],
+           "sources": {}, "warnings": []}
+    st = GuestState.from_json(raw)
+    assert st.bindings[0].address == "192.168.122.10" and st.bindings[0].entry == ""
+    waiting, inactive = st.pending
+    assert waiting[0].key[0] == ListenIface("eth0")
+    assert waiting[0].target == Selector("52:54:00:00:00:01")
+    assert waiting[1].cause == Reason.WAITING and inactive[1].cause == Reason.INACTIVE
+    again = st.to_json()
+    assert [p[:7] + p[8:] for p in again["pending"]] == raw["pending"]
+    assert GuestState.from_json(again).to_json() == again
