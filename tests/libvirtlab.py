@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from netlab import CLIENT4, CLIENT6, HOST4, HOST6, run
+from netlab import CLIENT4, CLIENT6, HOST4, HOST6, plug_and_wait, run, standin_namespace
 
 # inside the lab's mount namespace (so never a running libvirtd's of the host)
 LIBVIRTD_PID, VIRTLOGD_PID = "/run/libvirt/pf-libvirtd.pid", "/run/libvirt/pf-virtlogd.pid"
@@ -233,38 +233,18 @@ class LibvirtLab:
         """A namespace holding a guest's addresses (``addr4`` None: none yet, for DHCP),
         on ``bridge`` by a veth whose guest end has ``mac``."""
         ns = f"{self.lab[:-1]}g{len(self.standins)}"
-        run("ip", "netns", "add", ns)
         self.standins.append(ns)
-        self.ns(ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0")
-        self.ns(ns, "ip", "link", "set", "lo", "up")
         peer = f"pfs{len(self.standins)}"
-        self.ns(self.lab, "ip", "link", "add", peer, "type", "veth", "peer", "name", "eth0",
-                "netns", ns)
-        if mac:
-            self.ns(ns, "ip", "link", "set", "eth0", "address", mac)
-        if addr4:
-            self.ns(ns, "ip", "addr", "add", f"{addr4}/24", "dev", "eth0")
-        self.ns(ns, "ip", "link", "set", "eth0", "up")
+        standin_namespace(self.ns, self.lab, ns, peer, mac, addr4, addr6)
         self.plug(peer, bridge)
         if addr4 and gw4:
             self.ns(ns, "ip", "route", "add", "default", "via", gw4)
         if addr6 and gw6:
-            self.ns(ns, "ip", "addr", "add", f"{addr6}/64", "dev", "eth0")
             self.ns(ns, "ip", "-6", "route", "add", "default", "via", gw6)
         return ns
 
     def plug(self, peer: str, bridge: str) -> None:
-        """Attach a stand-in's veth to a bridge and wait until the port forwards
-        (libvirt's bridges run STP: a new port listens and learns for a few seconds)."""
-        self.ns(self.lab, "ip", "link", "set", peer, "master", bridge, "up")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            shown = self.ns(self.lab, "bridge", "link", "show", "dev", peer).stdout.decode()
-            if " state forwarding " in shown:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"bridge port {peer} on {bridge} did not reach forwarding: {shown}")
+        plug_and_wait(self.ns, self.lab, peer, bridge)
 
     def start(self, name: str, network: str, mac: str) -> None:
         """Define the domain (once) and start it."""

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAFFIC = os.path.join(HERE, "traffic.py")
@@ -30,6 +30,52 @@ def run(*cmd: str, check: bool = True, input: Optional[bytes] = None,
         env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(list(cmd), check=check, input=input, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def stop_processes(procs: "Sequence[subprocess.Popen[bytes]]") -> None:
+    """Terminate, then if need be kill, every process of ``procs`` and reap it."""
+    for p in procs:
+        p.terminate()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+RunIn = Callable[..., "subprocess.CompletedProcess[bytes]"]  # (ns, *cmd) → the finished run
+
+
+def standin_namespace(run_in: RunIn, host: str, ns: str, peer: str, mac: Optional[str],
+                      addr4: Optional[str], addr6: Optional[str]) -> None:
+    """Namespace ``ns`` standing in for a guest's network stack: its eth0 (with ``mac``
+    and the addresses given) is the far end of veth ``peer`` in namespace ``host``."""
+    run("ip", "netns", "add", ns)
+    run_in(ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
+           "net.ipv6.conf.default.accept_dad=0")
+    run_in(ns, "ip", "link", "set", "lo", "up")
+    run_in(host, "ip", "link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", ns)
+    if mac:
+        run_in(ns, "ip", "link", "set", "eth0", "address", mac)
+    if addr4:
+        run_in(ns, "ip", "addr", "add", f"{addr4}/24", "dev", "eth0")
+    if addr6:
+        run_in(ns, "ip", "addr", "add", f"{addr6}/64", "dev", "eth0", "nodad")
+    run_in(ns, "ip", "link", "set", "eth0", "up")
+
+
+def plug_and_wait(run_in: RunIn, host: str, peer: str, bridge: str) -> None:
+    """Attach veth ``peer`` to ``bridge`` and wait until the port forwards (libvirt's
+    bridges run STP: a new port listens and learns for a few seconds)."""
+    run_in(host, "ip", "link", "set", peer, "master", bridge, "up")
+    deadline = time.monotonic() + 30
+    shown = ""
+    while time.monotonic() < deadline:
+        shown = run_in(host, "bridge", "link", "show", "dev", peer).stdout.decode()
+        if " state forwarding " in shown:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"bridge port {peer} on {bridge} did not reach forwarding: {shown}")
 
 
 class Lab:

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from libvirtlab import LibvirtLab
-from netlab import CLIENT4, HOST4, TRAFFIC
+from netlab import CLIENT4, HOST4, TRAFFIC, stop_processes
 
 pytestmark = pytest.mark.kernel
 
@@ -74,13 +74,7 @@ class Lab:
                     "-t", "5", "-T", "1", *args)
 
     def close(self) -> None:
-        for p in self.procs:
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs)
 
 
 def until(what: Callable[[], object], timeout: float = 15.0) -> object:

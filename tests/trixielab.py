@@ -24,7 +24,8 @@ import sys
 import time
 from typing import List, Optional
 
-from netlab import CLIENT4, CLIENT6, HOST4, HOST6, TRAFFIC, run
+from netlab import (CLIENT4, CLIENT6, HOST4, HOST6, TRAFFIC, plug_and_wait, run,
+                    standin_namespace, stop_processes)
 
 ROOT_PACKAGES = ["libvirt-daemon-system", "qemu-system-x86", "dnsmasq-base", "nftables",
                  "python3-nftables", "python3-libvirt", "iproute2", "procps", "busybox",
@@ -234,47 +235,25 @@ class TrixieLab:
     def standin(self, bridge: str, mac: str, addr4: Optional[str] = None,
                 gw4: Optional[str] = None, addr6: Optional[str] = None,
                 gw6: Optional[str] = None) -> str:
+        """A stand-in guest on ``bridge`` answering tcp 80 and udp 53."""
         ns = f"{self.host[:-1]}g{len(self.standins)}"
-        run("ip", "netns", "add", ns)
         self.standins.append(ns)
-        self.ns(ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0")
-        self.ns(ns, "ip", "link", "set", "lo", "up")
         peer = f"pft{len(self.standins)}"
-        self.ns(self.host, "ip", "link", "add", peer, "type", "veth", "peer", "name", "eth0",
-                "netns", ns)
-        self.ns(ns, "ip", "link", "set", "eth0", "address", mac)
-        if addr4:
-            self.ns(ns, "ip", "addr", "add", f"{addr4}/24", "dev", "eth0")
-        if addr6:
-            self.ns(ns, "ip", "addr", "add", f"{addr6}/64", "dev", "eth0", "nodad")
-        self.ns(ns, "ip", "link", "set", "eth0", "up")
+        standin_namespace(self.ns, self.host, ns, peer, mac, addr4, addr6)
         self.plug(peer, bridge)
         if gw4:
             self.ns(ns, "ip", "route", "add", "default", "via", gw4)
         if gw6:
             self.ns(ns, "ip", "-6", "route", "add", "default", "via", gw6)
-        p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, TRAFFIC, "serve", "tcp",
-                              "80"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.procs.append(p)
-        assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
-        p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, TRAFFIC, "serve", "udp",
-                              "53"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.procs.append(p)
-        assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
+        for proto, port in (("tcp", "80"), ("udp", "53")):
+            p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, TRAFFIC, "serve",
+                                  proto, port], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self.procs.append(p)
+            assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
         return ns
 
     def plug(self, peer: str, bridge: str) -> None:
-        """Attach a stand-in's veth to a bridge; wait until STP lets the port forward."""
-        self.ns(self.host, "ip", "link", "set", peer, "master", bridge, "up")
-        deadline = time.monotonic() + 30
-        shown = ""
-        while time.monotonic() < deadline:
-            shown = self.ns(self.host, "bridge", "link", "show", "dev", peer).stdout.decode()
-            if " state forwarding " in shown:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"bridge port {peer} on {bridge} did not reach forwarding: {shown}")
+        plug_and_wait(self.ns, self.host, peer, bridge)
 
     def probe(self, proto: str, addr: str, port: int, wait: float = 0.0) -> Optional[str]:
         """The stand-in's answer through ``addr:port`` from the client (polling up to
@@ -290,26 +269,26 @@ class TrixieLab:
             time.sleep(0.2)
 
     def restart_libvirtd(self) -> None:
-        self.sh("kill $(cat /run/libvirtd.pid)")
+        """Stop libvirtd (SIGTERM; SIGKILL after 30 s, as systemd would), start it again,
+        and wait until it answers."""
+        pid = self.sh("cat /run/libvirtd.pid").stdout.decode().strip()
+        self.sh(f"kill {pid}")
         deadline = time.monotonic() + 30
-        while self.sh("test -e /run/libvirtd.pid && kill -0 $(cat /run/libvirtd.pid)",
-                      check=False).returncode == 0:
+        while self.sh(f"kill -0 {pid}", check=False).returncode == 0:
             if time.monotonic() > deadline:
-                raise RuntimeError("libvirtd in the trixie root did not stop")
+                self.sh(f"kill -9 {pid}", check=False)
+                deadline = time.monotonic() + 10
             time.sleep(0.1)
         self.sh("libvirtd -d")
+        deadline = time.monotonic() + 60
         while self.virsh("version", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("libvirtd in the trixie root did not answer after a restart")
             time.sleep(0.2)
 
     # -- teardown ---------------------------------------------------------------
     def close(self) -> None:
-        for p in self.procs:
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs)
         if self.holder is not None:
             self._kill_namespace(self.holder.pid)
             self.holder.kill()
