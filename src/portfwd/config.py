@@ -529,7 +529,8 @@ class _Validator:
                        self.discover(raw.get("discover"), path + ("discover",)))
 
     def discover(self, value: Any, path: Path) -> Tuple[str, ...]:
-        """``[options] discover``: where guest addresses may be found, in that order."""
+        """``[options] discover``: which address sources portfwd may use (it always asks them
+        in the order reservation, lease, agent, ARP)."""
         if value is None:
             return Options().discover
         if not self.expect(value, list, path, 'a list such as ["reservation", "lease"]'):
