@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, List
+from typing import Any, Dict, List
 
 import pytest
 
@@ -26,6 +26,7 @@ GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golde
 # adds a line, an old line never changes
 SKELETON_DIGESTS = {
     "4": "edb57721fcd44899d1aa7bf08276a028b88ae9059b7fae589a671ca57f2ca77d",
+    "5": "3d5358b1b9fb5e2abe9f59987df73954ec9186094a314872759a2bbcdfc8f6bf",
 }
 
 
@@ -104,9 +105,42 @@ def test_full_rebuild_starts_with_the_skeleton_and_flushes_every_map() -> None:
     cmds = rules.full_rebuild("portfwd", [])
     skeleton = rules.skeleton("portfwd")
     assert cmds[:len(skeleton)] == skeleton
-    flushed = {c["flush"]["map"]["name"] for c in cmds[len(skeleton):]}
-    declared = {c["add"]["map"]["name"] for c in skeleton if "map" in c.get("add", {})}
-    assert flushed == declared and len(declared) == 18
+    flushed = {(kind, c["flush"][kind]["name"]) for c in cmds[len(skeleton):]
+               for kind in c["flush"]}
+    declared = {(kind, c["add"][kind]["name"]) for c in skeleton for kind in ("map", "set")
+                if kind in c.get("add", {})}
+    declared.discard(("set", "hairpin"))  # hairpin() keeps that one
+    assert flushed == declared and len(declared) == 18 + 6
+
+
+def test_counters_sit_on_maps_looked_up_once_per_connection() -> None:
+    """A counter advances on every lookup of its element: only the maps the DNAT reads
+    (and nothing tests before the mark) may carry one, or a connection counts twice."""
+    skeleton = rules.skeleton("portfwd")
+    counted = {c["add"]["map"]["name"] for c in skeleton
+               if "map" in c.get("add", {}) and c["add"]["map"].get("stmt")}
+    assert counted == {n for n, (_, _, what) in rules.MAPS.items() if what in ("ip", "range")}
+    for cmd in skeleton:
+        rule = cmd.get("add", {}).get("rule")
+        if rule is None:
+            continue
+        lookups = [json.dumps(e) for e in rule["expr"]]
+        for name in counted:
+            assert sum(text.count(f'"@{name}"') for text in lookups) <= 1, (rule["comment"], name)
+
+
+def test_migration_drops_maps_an_earlier_layout_declared_otherwise() -> None:
+    old: List[Dict[str, Any]] = [{"chain": {"family": "inet", "table": "portfwd", "name": "prerouting"}},
+           {"map": {"family": "inet", "table": "portfwd", "name": "any4_ip",
+                    "type": ["inet_proto", "inet_service"], "map": "ipv4_addr"}},
+           {"map": {"family": "inet", "table": "portfwd", "name": "any4_port",
+                    "type": ["inet_proto", "inet_service"], "map": "inet_service"}}]
+    assert rules.migration("portfwd", old) == [
+        {"flush": {"chain": {"family": "inet", "table": "portfwd", "name": "prerouting"}}},
+        {"delete": {"map": {"family": "inet", "table": "portfwd", "name": "any4_ip"}}}]
+    current = [{"map": dict(c["add"]["map"])} for c in rules.skeleton("portfwd")
+               if "map" in c.get("add", {})]
+    assert rules.migration("portfwd", current) == []
 
 
 def test_every_dnat_names_its_family() -> None:

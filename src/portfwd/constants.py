@@ -7,7 +7,7 @@ PROTOCOLS = ("tcp", "udp", "sctp")
 FAMILIES = (4, 6)
 
 # the table's layout (rules.skeleton)
-LAYOUT = "4"  # bump whenever rules.skeleton() changes: tables made by another layout get rebuilt
+LAYOUT = "5"  # bump whenever rules.skeleton() changes: tables made by another layout get rebuilt
 UNMARKED_LAYOUT = "3"  # the last layout whose tables carried no marker (see TABLE_MARK)
 HAIRPIN_SET = "hairpin"
 KINDS = ("src", "fwd", "any")  # lookup order in the chain

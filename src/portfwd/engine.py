@@ -22,7 +22,6 @@ from .plan import Binding
 from .discover import DEFAULT_SOURCES, running_domain
 from .record import GuestState
 from .resolve import resolve
-from .status import live_elements, live_state, row
 from .values import Bridges, Reason
 
 TYPE_CHECKING = False
@@ -44,6 +43,7 @@ class Engine:
         self._routes: Optional[hostnet.RouteTable] = None
         self._owned: Set[str] = set()  # tables seen to carry portfwd's marker in this run
         self.discover: Tuple[str, ...] = DEFAULT_SOURCES  # [options] discover, once read
+        self.pending: List[Tuple[Binding, Reason]] = []  # what the last sync left waiting
 
     @property
     def nft(self) -> Nft:
@@ -217,8 +217,22 @@ class Engine:
             except HostError as e:
                 log.info(f"table inet {table}: rebuilding its layout ({e})")
         self.claim_table(table)
-        self.nft.apply(rules.skeleton(table) + cmds)
+        migration = self._migration(table)
+        if migration:  # rebuilt from the record first; cmds are relative to it
+            recorded = [b for st in self.all_states() if st.table == table for b in st.bindings]
+            self.nft.apply(migration + rules.full_rebuild(table, recorded))
+            self.nft.apply(cmds)
+        else:
+            self.nft.apply(rules.skeleton(table) + cmds)
         self._built(table)
+
+    def _migration(self, table: str) -> List[rules.Command]:
+        """What must go before ``table`` is rebuilt, if an earlier portfwd built it
+        with maps that this layout declares otherwise (``rules.migration``); asks
+        the kernel only when this layout is not known to be there."""
+        if self._layout_known(table) or not self.table_owner(table):
+            return []
+        return rules.migration(table, self.nft.list_table(table) or [])
 
     def table_owner(self, table: str) -> Optional[bool]:
         """True: ``table`` is portfwd's (it carries the marker, or a portfwd from before
@@ -339,7 +353,7 @@ class Engine:
                                           st.warnings))
             everything += kept
         self.claim_table(table)
-        self.nft.apply(rules.full_rebuild(table, everything))
+        self.nft.apply(self._migration(table) + rules.full_rebuild(table, everything))
         self._built(table)
         self.write_states(changed)
         return taken
@@ -394,7 +408,7 @@ class Engine:
         for table in tables:
             self.claim_table(table)
             bindings = [b for st in states if st.table == table for b in st.bindings]
-            cmds += rules.full_rebuild(table, bindings)
+            cmds += self._migration(table) + rules.full_rebuild(table, bindings)
             everything += bindings
         self.nft.apply(cmds)
         for table in tables:
@@ -405,7 +419,9 @@ class Engine:
     def sync(self, config: Config, guests: Iterable[Guest], dry_run: bool = False,
              resolvers: Optional[Dict[str, Resolver]] = None) -> List[Binding]:
         """Make the table hold exactly the forwards of ``guests``, in one transaction
-        (``resolvers``: per guest name, for addresses found when the guest runs)."""
+        (``resolvers``: per guest name, for addresses found when the guest runs);
+        returns the bindings applied (``dry_run``: that would be), and leaves those
+        waiting for an address in ``self.pending``."""
         table = config.options.table
         by_name: Dict[str, List[Forward]] = {}
         by_uuid: Dict[str, List[Forward]] = {}
@@ -444,6 +460,7 @@ class Engine:
         for old_table in dropped:
             cmds += rules.drop_table(old_table)
         self.claim_table(table, create=not dry_run)
+        cmds += self._migration(table)
         try:
             self.nft.apply(cmds + rules.full_rebuild(table, everything), dry_run=dry_run)
         except HostError as e:
@@ -453,8 +470,9 @@ class Engine:
             log.warning(f"nftables refused the whole table ({e}); applying guest by guest")
             self.nft.apply(cmds + rules.full_rebuild(table, []))
             everything = self._apply_each(table, wanted)
+        self.pending = [(b, why) for st in wanted.values() for b, why in st.pending]
         if dry_run:
-            return everything + [b for st in wanted.values() for b, _ in st.pending]
+            return everything
         self.store.remember_layout(table, LAYOUT)
         for gone in dropped + [table]:
             self.store.forget_hairpin(gone)
@@ -498,37 +516,6 @@ class Engine:
         self.store.clear()
         self.ensure_compat({4: set(), 6: set()})  # also turns route_localnet back off
         return present, foreign
-
-    # -- status -------------------------------------------------------------
-    def warnings(self) -> List[str]:
-        """What the last changes skipped, guest by guest (e.g. a tentative address)."""
-        return [f"guest {st.guest}: {w}" for st in self.all_states() for w in st.warnings]
-
-    def status(self, config: Optional[Config]) -> List[Dict[str, str]]:
-        """Every recorded binding with whether the kernel holds it, plus
-        configured forwards of guests that are not running."""
-        rows: List[Dict[str, str]] = []
-        states = self.all_states()
-        live: Dict[str, Dict[str, Dict[Tuple[Any, ...], Any]]] = {}
-        for table in sorted({st.table for st in states}):
-            live[table] = live_elements(self.nft.list_table(table) or [])
-        running = set()
-        for st in states:
-            running.add(st.guest)
-            if st.uuid:
-                running.add(st.uuid)
-            maps = live.get(st.table, {})
-            for b in st.bindings:
-                rows.append(row(b, live_state(b, maps), st.address_from.get(b.address, "config")))
-            for b, why in st.pending:
-                rows.append(row(b, str(why) if why.cause == Reason.INACTIVE else f"pending: {why}"))
-        if config is not None:
-            for fwd in config.forwards:
-                if fwd.guest in running or fwd.uuid in running:
-                    continue
-                for b in plan.forwards_bindings([fwd], fwd.label):
-                    rows.append(row(b, "guest not running"))
-        return rows
 
 
 def _refuse_shared_discoveries(wanted: Dict[str, GuestState]) -> None:

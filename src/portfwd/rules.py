@@ -9,7 +9,16 @@ holds a golden copy). The table, per family F (4, 6):
   interval maps for forwards with a ``from`` list (listen 0/0 = every address)
 - ``fwdF_range``, ``anyF_range``, ``srcF_range``: the same keys with a port
   *interval* → guest address only, for ranges whose host and guest ports are
-  equal: one element per range, and the DNAT keeps the destination port
+  equal: one element per range, and the DNAT keeps the destination port;
+  ``fwdF_rkeys``, ``anyF_rkeys``, ``srcF_rkeys``: the same keys alone (a set),
+  which the range rule tests before it marks the connection
+
+The ``ip`` and ``range`` maps carry a counter per element, which is what
+``portfwd status`` shows per forward. Each is looked up exactly once per
+connection that portfwd DNATs (the membership tests before the mark use the
+``port`` maps and the ``rkeys`` sets, which count nothing), and only the first
+packet of a connection passes a nat chain: the counters count connections
+(and the bytes of their first packets) at no cost to the packets that follow.
 
 One rule per map pair (and one per range map) in chain ``prerouting`` DNATs
 through them, so the cost per packet does not grow with the number of
@@ -43,6 +52,10 @@ def map_name(kind: str, family: int, what: str) -> str:
 
 # every map of the table: name → (kind, family, what)
 MAPS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS for w in ("ip", "port", "range")}
+# the maps whose elements count the connections they DNAT (see the module's docstring)
+COUNTED = ("ip", "range")
+# the key sets of the range maps: name → (kind, family)
+RANGE_KEYS = {map_name(k, f, "rkeys"): (k, f) for f in (4, 6) for k in KINDS}
 
 
 def _key_types(kind: str, family: int) -> List[str]:
@@ -91,7 +104,13 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
                                         "type": _key_types(kind, family), "map": value_type}
                 if kind == "src" or what == "range":
                     spec["flags"] = ["interval"]
+                if what in COUNTED:
+                    spec["stmt"] = [{"counter": None}]
                 cmds.append({"add": {"map": spec}})
+            cmds.append({"add": {"set": {"family": "inet", "table": table,
+                                         "name": map_name(kind, family, "rkeys"),
+                                         "type": _key_types(kind, family),
+                                         "flags": ["interval"]}}})
     cmds.append({"add": {"set": {"family": "inet", "table": table, "name": HAIRPIN_SET,
                                  "type": ["ifname", "ifname"]}}})
     chains = [("prerouting", "nat", "prerouting", PRIORITY),
@@ -198,7 +217,8 @@ def _range_rule(kind: str, family: int) -> List[Dict[str, Any]]:
     route lookup."""
     key = _lookup_key(kind, family)
     name = map_name(kind, family, "range")
-    return [_nfproto(family), _L4PROTO, _in_map(key, name), _LOCAL, _SET_MARK,
+    return [_nfproto(family), _L4PROTO, _in_map(key, map_name(kind, family, "rkeys")), _LOCAL,
+            _SET_MARK,
             {"dnat": {"family": "ip" if family == 4 else "ip6",
                       "addr": {"map": {"key": key, "data": "@" + name}}}}]
 
@@ -230,6 +250,10 @@ def _elements(table: str, bindings: Iterable[Binding], op: str) -> List[Command]
                 grouped.setdefault(name, []).append(key)
             else:
                 grouped.setdefault(name, []).append([{"elem": {"val": key, "comment": b.comment}}, value])
+        if b.is_range:
+            name = map_name(b.kind, b.family, "rkeys")
+            grouped.setdefault(name, []).append(
+                key if op == "delete" else {"elem": {"val": key, "comment": b.comment}})
     return [{op: {"element": {"family": "inet", "table": table, "name": name, "elem": elems}}}
             for name, elems in sorted(grouped.items())]
 
@@ -250,7 +274,42 @@ def full_rebuild(table: str, bindings: Sequence[Binding]) -> List[Command]:
     """One transaction: the table holds exactly ``bindings`` afterwards."""
     flushes = [{"flush": {"map": {"family": "inet", "table": table, "name": name}}}
                for name in MAPS]
+    flushes += [{"flush": {"set": {"family": "inet", "table": table, "name": name}}}
+                for name in RANGE_KEYS]
     return skeleton(table) + flushes + _elements(table, bindings, "add")
+
+
+def migration(table: str, objects: Sequence[Dict[str, Any]]) -> List[Command]:
+    """For a listed table that an earlier layout built: commands that empty its
+    chains and drop the maps and sets it declared otherwise (type, flags,
+    counters) than ``skeleton`` does, which nftables refuses to declare anew.
+    [] when there are none. Follow them with ``full_rebuild`` in the same
+    transaction, so that no packet sees a gap."""
+    wanted: Dict[str, Tuple[Any, ...]] = {}
+    for cmd in skeleton(table):
+        for kind in ("map", "set"):
+            spec = cmd.get("add", {}).get(kind)
+            if spec is not None:
+                wanted[spec["name"]] = _declaration(kind, spec)
+    stale: List[Command] = []
+    chains: List[Command] = []
+    for obj in objects:
+        if "chain" in obj and obj["chain"].get("table") == table:
+            chains.append({"flush": {"chain": {"family": "inet", "table": table,
+                                               "name": obj["chain"]["name"]}}})
+        for kind in ("map", "set"):
+            spec = obj.get(kind)
+            if spec is not None and spec["name"] in wanted \
+                    and _declaration(kind, spec) != wanted[spec["name"]]:
+                stale.append({"delete": {kind: {"family": "inet", "table": table,
+                                                "name": spec["name"]}}})
+    return chains + stale if stale else []
+
+
+def _declaration(kind: str, spec: Dict[str, Any]) -> Tuple[Any, ...]:
+    types = spec["type"]
+    return (kind, tuple(types) if isinstance(types, list) else (types,), spec.get("map"),
+            tuple(sorted(spec.get("flags", []))), bool(spec.get("stmt")))
 
 
 def drop_table(table: str) -> List[Command]:
