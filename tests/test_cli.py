@@ -192,3 +192,36 @@ def test_install_puts_a_working_hook_in_qemu_d(pf: PortfwdHost, tmp_path: "os.Pa
                     check=False)
     assert (run.returncode, run.stdout) == (0, b""), run.stderr
     assert len(pf.elements()["any4_ip"]) == 1
+
+
+def test_uninstall_removes_what_install_put_and_every_rule(pf: PortfwdHost,
+                                                           tmp_path: "os.PathLike[str]") -> None:
+    root = os.path.join(str(tmp_path), "root")
+    r = pf.cli("install", "--root", root)
+    assert r.returncode == 0, r.stderr
+    installed = [os.path.join(root, p) for p in (
+        "etc/libvirt/hooks/qemu.d/portfwd", "etc/libvirt/hooks/network.d/portfwd",
+        "etc/systemd/system/portfwd.service", "etc/systemd/system/portfwd-sync.service",
+        "etc/systemd/system/portfwd-reapply.service", "usr/local/sbin/portfwd")]
+    assert all(os.path.lexists(p) for p in installed)
+    other_hook = os.path.join(root, "etc/libvirt/hooks/qemu.d/other")
+    with open(other_hook, "w") as f:
+        f.write("#!/bin/sh\n")
+    config = os.path.join(root, "etc/portfwd/forward.toml")
+    pf.write_config(CONFIG)
+    assert pf.cli("sync", "--connect", TEST_URI).returncode == 0
+    assert pf.table() is not None
+
+    r = pf.cli("uninstall", "--root", root)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode().splitlines()
+    assert "removed: table inet portfwd and portfwd's accepts in libvirt's chains" in out
+    assert f"kept: {config} (remove it too with --purge)" in out
+    assert not any(os.path.lexists(p) for p in installed)
+    assert os.path.exists(other_hook) and os.path.exists(config)  # others' hooks, the config
+    assert pf.table() is None and not os.path.exists(pf.run_dir)
+
+    r = pf.cli("uninstall", "--root", root, "--purge")
+    assert r.returncode == 0, r.stderr
+    assert f"removed: {config}" in r.stdout.decode().splitlines()
+    assert not os.path.exists(os.path.dirname(config))

@@ -65,7 +65,8 @@ def _shadowed(fwd: Forward, pf: PortForward, sockets: Sequence[Socket],
         interfaces = [a for a in pf.listen if isinstance(a, str)]
         every = not pf.listen
         for s in sockets:
-            if s.family != family or s.proto != rng.proto \
+            dual = s.family == 6 and s.wildcard and family == 4  # [::] takes IPv4 too by default
+            if (s.family != family and not dual) or s.proto != rng.proto \
                     or not rng.host_first <= s.port <= rng.host_last:
                 continue
             if s.loopback and not (pf.localhost and family == 4):
