@@ -123,7 +123,7 @@ def test_ipv6_lease_by_a_duid_the_network_reserves(files: "tuple[str, str]") -> 
                          "expiry-time": 3000}])
     assert found(files, 6) == ("fd00:150::42", "reservation on network v6net")
     # with reservations left out of [options] discover, the lease of that DUID is found
-    assert found(files, 6, sources=("lease",)) == ("fd00:150::42", "lease on virbr6")
+    assert found(files, 6, discover=("lease",)) == ("fd00:150::42", "lease on virbr6")
 
 
 def test_duid_mac_reads_only_whole_link_layer_addresses() -> None:

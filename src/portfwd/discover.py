@@ -221,14 +221,14 @@ class Resolver:
 
     ``routes`` (interface_for) and ``local`` (the host's own addresses) are read
     from the kernel when not given; ``claimed`` maps addresses other running
-    guests use to their names; ``sources`` is ``[options] discover``.
+    guests use to their names; ``discover`` is ``[options] discover``.
     """
 
     def __init__(self, guest: str, xml: Optional[bytes], lookup: Optional[Lookup] = None,
                  lease_dir: str = LEASE_DIR, network_dirs: Tuple[str, ...] = NETWORK_DIRS,
                  now: Optional[float] = None, routes: Optional[Routes] = None,
                  local: Optional[Set[str]] = None,
-                 sources: Sequence[str] = DEFAULT_SOURCES) -> None:
+                 discover: Sequence[str] = DEFAULT_SOURCES) -> None:
         self.guest = guest
         self.nics = domain_nics(xml) if xml else []
         self.lookup = lookup
@@ -238,7 +238,7 @@ class Resolver:
         self.routes = routes
         self.local = local
         self.claimed: Dict[str, str] = {}
-        self.sources = tuple(sources)
+        self.discover = tuple(discover)
         self._networks: Dict[str, Optional[Network]] = {}
 
     def _network(self, name: Optional[str]) -> Optional[Network]:
@@ -286,9 +286,9 @@ class Resolver:
                                                 f"suffix on network {network.name}")
         else:
             found = None
-            if "reservation" in self.sources:
+            if "reservation" in self.discover:
                 found = self._reserved(nic, network, family)
-            if found is None and "lease" in self.sources:
+            if found is None and "lease" in self.discover:
                 found = self._leased(nic, network, family)
             if found is None and self.lookup is not None:
                 found = self.lookup(nic.mac, family)

@@ -292,10 +292,10 @@ class Engine:
         self._report(self.ensure_compat())
         return applied
 
-    def _prepare(self, resolver: Resolver, sources: Sequence[str],
+    def _prepare(self, resolver: Resolver, discover: Sequence[str],
                  claimed: Dict[str, str]) -> None:
         """What a resolver needs to vet discovered addresses against this host."""
-        resolver.sources = tuple(sources)
+        resolver.discover = tuple(discover)
         resolver.routes = self.routes
         resolver.claimed = claimed
 
