@@ -519,6 +519,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except HostError as e:
         log.error(str(e))
         return EXIT_HOST
+    except BrokenPipeError:  # the reader left (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except PermissionError as e:
         log.error(f"{e.filename}: {e.strerror} (run portfwd as root)")
         return EXIT_HOST

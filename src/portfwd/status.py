@@ -216,7 +216,9 @@ def table_lines(rows: Sequence[Row]) -> List[str]:
     table = [header]
     for r in rows:
         state = r["state"]
-        if r["reason"]:
+        if state == BLOCKED:  # the lines after the table name what blocks it
+            state += " (see below)"
+        elif r["reason"]:
             state += f": {r['reason']}"
         elif r["address_from"] not in ("", "config"):
             state += f" ({r['address_from']})"
