@@ -205,18 +205,24 @@ def cmd_reapply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_flush(args: argparse.Namespace) -> int:
-    path = state.config_path(args.config)
+def _flush(path: str) -> List[str]:
+    """Remove every table and accept portfwd made and its state (whatever the
+    configuration says, a broken one too); returns the tables removed."""
     table: Optional[str] = None
     try:
         table = load(path).options.table
     except ConfigError:
-        pass  # flush must work with a broken file too
+        pass  # the configured table name is all it is asked for
     with state.locked():
         removed, foreign = Engine(path).flush(table)
-    print("removed: " + (", ".join(f"table inet {t}" for t in removed) or "nothing (no portfwd table)"))
     for t in foreign:
         log.warning(f"table inet {t} left alone: portfwd did not make it")
+    return removed
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    removed = _flush(state.config_path(args.config))
+    print("removed: " + (", ".join(f"table inet {t}" for t in removed) or "nothing (no portfwd table)"))
     return EXIT_OK
 
 
@@ -300,21 +306,11 @@ def cmd_install(args: argparse.Namespace) -> int:
 def cmd_uninstall(args: argparse.Namespace) -> int:
     from . import uninstall
 
-    config = state.config_path(args.config)
     stopped = uninstall.stop_units(args.root, DATA_DIR)
     if stopped:
         print(stopped)
-    table: Optional[str] = None
-    try:
-        table = load(config).options.table
-    except ConfigError:
-        pass  # uninstall must work with a broken file too
-    with state.locked():
-        tables, foreign = Engine(config).flush(table)
-    for t in tables:
+    for t in _flush(state.config_path(args.config)):
         print(f"removed: table inet {t} and portfwd's accepts in libvirt's chains")
-    for t in foreign:
-        log.warning(f"table inet {t} left alone: portfwd did not make it")
     removed, kept = uninstall.remove_files(args.root, DATA_DIR,
                                            args.config or state.DEFAULT_CONFIG, args.purge)
     if uninstall.remove_run_dir(state.run_dir()):
