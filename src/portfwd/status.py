@@ -13,7 +13,7 @@ from .values import Reason, Selector
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+    from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
     from .engine import Engine
     from .model import Config
@@ -71,7 +71,7 @@ def report(engine: Engine, config: Optional[Config]) -> Report:
 
 
 def rows_of(states: Sequence[GuestState], live: Dict[str, Live], config: Optional[Config],
-            blocked_by: Any = lambda b: []) -> List[Row]:
+            blocked_by: Callable[[Binding], List[str]] = lambda b: []) -> List[Row]:
     """Every recorded binding with its state in the kernel, the bindings waiting for
     an address, and the configured forwards of guests that are not running; the
     bindings of one forward that differ only in their source network share a row.
