@@ -229,9 +229,10 @@ class Engine:
 
     def _migration(self, table: str) -> List[rules.Command]:
         """What must go before ``table`` is rebuilt, if an earlier portfwd built it
-        with maps that this layout declares otherwise (``rules.migration``); asks
-        the kernel only when this layout is not known to be there."""
-        if self._layout_known(table) or not self.table_owner(table):
+        (its record names another layout) with maps that this layout declares
+        otherwise (``rules.migration``); asks the kernel only then."""
+        built = self.store.layout(table)
+        if built is None or built == LAYOUT or not self.table_owner(table):
             return []
         return rules.migration(table, self.nft.list_table(table) or [])
 
