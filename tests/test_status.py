@@ -165,3 +165,30 @@ def test_status_of_guest_addresses_from_config(pf: PortfwdHost) -> None:
     assert sorted((r["listen"], r["target"], r["guest_ports"], r["family"]) for r in out) == [
         ("*:7000", f"{GUEST4}:8000", "8000", 4), ("*:7001", f"{GUEST4}:8001", "8001", 4),
         ("[*]:7000", f"[{GUEST6}]:8000", "8000", 6), ("[*]:7001", f"[{GUEST6}]:8001", "8001", 6)]
+
+
+def test_two_bridges_behind_libvirts_reject_are_both_active(pf: PortfwdHost) -> None:
+    """portfwd's accepts for two bridges in libvirt's chain: neither forward is
+    reported blocked (each bridge is judged with the others in place)."""
+    lab = pf.lab
+    lab.ns(lab.host, "ip", "link", "add", "br1", "type", "veth", "peer", "name", "br1p")
+    lab.ns(lab.host, "ip", "addr", "add", "192.168.160.1/24", "dev", "br1")
+    for name in ("br1", "br1p"):
+        lab.ns(lab.host, "ip", "link", "set", name, "up")
+    for bridge, net in (("br0", "192.168.150.0/24"), ("br1", "192.168.160.0/24")):
+        if bridge == "br0":
+            lab.ns(lab.host, "iptables", "-N", "LIBVIRT_FWI")
+            lab.ns(lab.host, "iptables", "-A", "FORWARD", "-j", "LIBVIRT_FWI")
+        lab.ns(lab.host, "iptables", "-A", "LIBVIRT_FWI", "-d", net, "-o", bridge, "-m",
+               "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT")
+        lab.ns(lab.host, "iptables", "-A", "LIBVIRT_FWI", "-o", bridge, "-j", "REJECT")
+    pf.write_config(web1_config("8080:80") + '\n[[forward]]\nguest = "web2"\n'
+                    'ipv4 = "192.168.160.10"\nports = ["9090:90"]\n')
+    assert pf.hook("web1", "started").returncode == 0
+    assert pf.hook("web2", "started").returncode == 0
+    assert "-A LIBVIRT_FWI -o br1 -j PORTFWD_FWI" in lab.ns(lab.host, "iptables", "-S").stdout.decode()
+    out = status(pf)
+    assert {(r["listen"], r["state"]) for r in out["forwards"]} == {
+        ("*:8080", "active"), ("[*]:8080", "active"), ("*:9090", "active")}
+    lab.serve("tcp", [80])
+    assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"

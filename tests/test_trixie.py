@@ -63,7 +63,7 @@ EXPECTED = [f"tcp 80 {CLIENT4}", f"udp 53 {CLIENT4}", f"tcp 80 {CLIENT6}", f"udp
 def test_forward_reaches_the_guest_over_both_families(tlab: TrixieLab) -> None:
     assert both_families(tlab, wait=10) == EXPECTED
     r = tlab.portfwd("status", "--json")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, (r.stdout.decode(), r.stderr)
     assert b'"state": "active"' in r.stdout
 
 

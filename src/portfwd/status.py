@@ -56,10 +56,7 @@ def report(engine: Engine, config: Optional[Config]) -> Report:
             for table in sorted({st.table for st in states})}
     fw = compat.read(engine.nft)
     wanted = engine.wanted_bridges()
-    blockers: Dict[Tuple[int, str], List[str]] = {}
-    for family, bridges in wanted.items():
-        for bridge in bridges:
-            blockers[(family, bridge)] = compat.blockers(fw, {family: {bridge}})
+    blockers = compat.blocked_bridges(fw, wanted)
 
     def blocked_by(b: Binding) -> List[str]:
         bridge = engine.routes.interface_for(b.address)
