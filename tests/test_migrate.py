@@ -139,6 +139,16 @@ def test_live_migration_moves_the_forward(fleet: Fleet) -> None:
     assert (claims(a), claims(b)) == (True, False)
     assert ask(b, b.host4) is None  # no forward on B while the guest runs on A
 
+    # a migration that fails on B after its `migrate begin` hook leaves nothing there
+    b.virsh("net-destroy", "fleet")
+    failed = a.migrate(GUEST, b)
+    assert failed.returncode != 0 and b"network 'fleet' is not active" in failed.stderr
+    assert [c for _, c in b.hook_calls()] == [f"{GUEST} {op}" for op in (
+        "migrate begin -", "prepare begin -", "stopped end -", "release end -")]
+    assert (claims(a), claims(b)) == (True, False)
+    assert ask(a, a.host4) == before
+    b.virsh("net-start", "fleet")
+
     samples: List[Sample] = []
     stop = threading.Event()
     poller = threading.Thread(target=poll_claims, args=(a, b, samples, stop))
