@@ -39,13 +39,11 @@ ports = ["{HOST_PORT}:{GUEST_PORT}"]
 guest = "{GUEST}"
 ports = ["{FOUND_PORT}:{GUEST_PORT}"]
 """
-# defined alike on every host of the fleet, bridge MAC included: the guest's ARP entry
-# for its gateway stays right when it lands on another host
+# defined alike on every host of the fleet (libvirt draws each bridge's MAC: they differ)
 NETWORK_XML = f"""<network>
   <name>fleet</name>
   <forward mode='nat'/>
   <bridge name='virbr-fleet' stp='off'/>
-  <mac address='52:54:00:70:66:fe'/>
   <ip address='192.168.152.1' netmask='255.255.255.0'>
     <dhcp><host mac='{MAC}' ip='{GUEST4}'/></dhcp>
   </ip>
