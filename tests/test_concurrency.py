@@ -163,6 +163,8 @@ def test_random_parallel_hooks_sync_daemon_and_reapply_keep_the_table_exact(
                 assert hairpin(pf) == (["br0"] if running else []), f"round {round_no}: hairpin"
                 leftovers = [n for n in os.listdir(pf.run_dir) if ".tmp." in n or ".new." in n]
                 assert leftovers == [], f"round {round_no}: temporary files left: {leftovers}"
+            if round_no % 500 == 499:  # progress of a long run (pytest -s shows it)
+                print(f"{round_no + 1} rounds in {time.monotonic() - started:.1f} s", flush=True)
     finally:
         daemon.terminate()
         _, err = daemon.communicate(timeout=30)
