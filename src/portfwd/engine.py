@@ -15,6 +15,7 @@ from __future__ import annotations
 
 
 from . import compat, display, hostnet, log, plan, rules, state
+from .claims import Claims, refuse_shared_discoveries, refuse_shared_keys
 from .errors import HostError
 from .nft import Nft
 from .constants import DEFAULT_TABLE, LAYOUT, TABLE_COMMENT, TABLE_MARK, UNMARKED_LAYOUT
@@ -117,7 +118,7 @@ class Engine:
             iface = self.routes.interface_for(b.address)
             if iface:
                 routed.add((b.family, iface))
-                if b.kind != "any" and str(b.key[0]).startswith("127."):
+                if b.via_loopback:
                     localnet.add(iface)
         return Bridges.of(st.table, routed, localnet)
 
@@ -268,7 +269,7 @@ class Engine:
         _log_refusals(name, old_state, wanted)
         if old_state is None and wanted.empty:
             return wanted
-        old = old_state.bindings if old_state else []
+        old = old_state.bindings + old_state.removing if old_state else []
         if old_state and old_state.table != table:  # the configuration renamed the table
             if old and self.table_owner(old_state.table):
                 self._apply_with_layout(old_state.table,
@@ -291,10 +292,10 @@ class Engine:
         self._report(self.ensure_compat())
         return applied
 
-    def _prepare(self, resolver: Resolver, sources: Sequence[str],
+    def _prepare(self, resolver: Resolver, discover: Sequence[str],
                  claimed: Dict[str, str]) -> None:
         """What a resolver needs to vet discovered addresses against this host."""
-        resolver.sources = tuple(sources)
+        resolver.discover = tuple(discover)
         resolver.routes = self.routes
         resolver.claimed = claimed
 
@@ -313,7 +314,7 @@ class Engine:
         expand to one address): the newcomer's binding waits. A binding left from an
         earlier configuration gives way to the current one.
         """
-        held = _Claims()
+        held = Claims()
         others = [st for st in self.all_states() if st.guest != name and st.table == table]
         for st in others:
             for b in st.bindings:
@@ -324,7 +325,7 @@ class Engine:
             if holder is not None and self._still_claims(holder, b):
                 taken.append((b, holder))
         lost = {b for b, _ in taken}
-        mine = _Claims()
+        mine = Claims()
         for b in new:
             if b not in lost:
                 mine.add(b, name)
@@ -364,13 +365,13 @@ class Engine:
         old_state = self.read_state(name)
         if old_state is None:
             return 0
-        # forget first: killed halfway, what stays in the kernel is an orphan that the
-        # next rebuild (reapply, sync) drops, never a record that brings it back
-        self.write_states([GuestState(name, old_state.uuid, old_state.table, [])])
-        if old_state.bindings and (self._layout_known(old_state.table)
-                                   or self.table_owner(old_state.table)):
-            self._apply_with_layout(old_state.table,
-                                    rules.guest_update(old_state.table, old_state.bindings, []))
+        table, doomed = old_state.table, old_state.bindings + old_state.removing
+        # recorded as being removed first: killed halfway, the next stop or rebuild
+        # (reapply, sync) takes out what is left, and nothing brings it back
+        self.write_states([GuestState(name, old_state.uuid, table, [], removing=doomed)])
+        if doomed and (self._layout_known(table) or self.table_owner(table)):
+            self._apply_with_layout(table, rules.guest_update(table, doomed, []))
+        self.write_states([GuestState(name, old_state.uuid, table, [])])
         self._report(self.ensure_compat())
         return len(old_state.bindings)
 
@@ -399,14 +400,23 @@ class Engine:
         self.nft.apply(cmds)
         for table in tables:
             self._built(table)
+        self.write_states([GuestState(st.guest, st.uuid, st.table, st.bindings, st.pending,
+                                      st.address_from, st.warnings)
+                           for st in states if st.removing])  # rebuilt without them: done
         self._report(self.ensure_compat(self.wanted_bridges(recompute=True)))
         return everything
 
     def sync(self, config: Config, guests: Iterable[Guest], dry_run: bool = False,
-             resolvers: Optional[Dict[str, Resolver]] = None) -> List[Binding]:
+             resolvers: Optional[Dict[str, Resolver]] = None,
+             settle: bool = False) -> List[Binding]:
         """Make the table hold exactly the forwards of ``guests``, in one transaction
-        (``resolvers``: per guest name, for addresses found when the guest runs)."""
+        (``resolvers``: per guest name, for addresses found when the guest runs;
+        ``settle``: libvirt's status files tell which guests started or stopped
+        since ``guests`` was asked, see ``_settled``)."""
         table = config.options.table
+        old_states = self.all_states()
+        guests, started_since = (_settled(list(guests), old_states) if settle
+                                 else (list(guests), []))
         by_name: Dict[str, List[Forward]] = {}
         by_uuid: Dict[str, List[Forward]] = {}
         for fwd in config.forwards:
@@ -422,9 +432,10 @@ class Engine:
         # addresses the configuration gives are the admin's word: no guest may discover them
         explicit = {b.target: b.guest for bindings in planned.values() for b in bindings
                     if isinstance(b.target, str)}
-        old_states = self.all_states()
         before = {st.guest: st for st in old_states}
-        wanted: Dict[str, GuestState] = {}
+        # a guest started since libvirt was asked: the record its hook just wrote stands
+        wanted: Dict[str, GuestState] = {st.guest: st for st in started_since
+                                         if st.table == table}
         for guest in guests:
             resolver = (resolvers or {}).get(guest.name)
             if resolver is not None:
@@ -433,8 +444,8 @@ class Engine:
             if not found.empty:
                 wanted[guest.name] = GuestState(guest.name, guest.uuid, table, found.bindings,
                                                 found.pending, found.address_from, found.warnings)
-        _refuse_shared_discoveries(wanted)
-        _refuse_shared_keys(wanted)
+        refuse_shared_discoveries(wanted)
+        refuse_shared_keys(wanted)
         for st in wanted.values():
             _log_refusals(st.guest, before.get(st.guest), st)
         everything = [b for st in wanted.values() for b in st.bindings]
@@ -531,80 +542,6 @@ class Engine:
         return rows
 
 
-def _refuse_shared_discoveries(wanted: Dict[str, GuestState]) -> None:
-    """A discovered address that two running guests lead to belongs to neither: both
-    are refused (pending), so no guest can pull another's forward to itself."""
-    owners: Dict[str, Set[str]] = {}
-    for st in wanted.values():
-        for b in st.bindings:
-            owners.setdefault(b.address, set()).add(st.guest)
-    for st in wanted.values():
-        keep = []
-        for b in st.bindings:
-            others = sorted(owners[b.address] - {st.guest})
-            if others and b.address in st.address_from:  # discovered, and another guest has it
-                why = (f"refused {b.address} from {st.address_from[b.address]}: also the address of"
-                       f" guest {others[0]}")
-                st.pending.append((b, Reason(Reason.REFUSED, why)))
-            else:
-                keep.append(b)
-        st.bindings = keep
-
-
-def _slot(b: Binding) -> Tuple[Any, ...]:
-    """What two bindings must share to compete for host ports: all but the port(s)."""
-    return (b.kind, b.family) + tuple(b.key[:-1])
-
-
-class _Claims:
-    """Who holds which host ports, per slot: single ports in a dict (10,000 forwards
-    stay linear), ranges in a list (there are few)."""
-
-    def __init__(self) -> None:
-        self.single: Dict[Tuple[Any, ...], Dict[int, str]] = {}
-        self.ranges: Dict[Tuple[Any, ...], List[Tuple[int, int, str]]] = {}
-
-    def add(self, b: Binding, owner: str) -> None:
-        first, last = b.span()
-        if first == last:
-            self.single.setdefault(_slot(b), {})[first] = owner
-        else:
-            self.ranges.setdefault(_slot(b), []).append((first, last, owner))
-
-    def holder(self, b: Binding) -> Optional[str]:
-        """Who holds a port of ``b``'s span in its slot, if anyone."""
-        slot, (first, last) = _slot(b), b.span()
-        singles = self.single.get(slot, {})
-        if first == last:
-            if first in singles:
-                return singles[first]
-        else:
-            hit = next((owner for port, owner in singles.items() if first <= port <= last), None)
-            if hit is not None:
-                return hit
-        return next((owner for lo, hi, owner in self.ranges.get(slot, [])
-                     if lo <= last and first <= hi), None)
-
-
-def _refuse_shared_keys(wanted: Dict[str, GuestState]) -> None:
-    """Host ports two guests claim after their listen interfaces were expanded to
-    addresses (invisible in the file alone): the first guest by name keeps them."""
-    held = _Claims()
-    for name in sorted(wanted):
-        st = wanted[name]
-        keep = []
-        for b in st.bindings:
-            holder = held.holder(b)
-            if holder is None or holder == name:
-                held.add(b, name)
-                keep.append(b)
-            else:
-                st.pending.append((b, Reason(Reason.HELD, f"host port {display.listen_text(b)}/"
-                                                          f"{b.proto} is held by guest {holder};"
-                                                          " fix the configuration (`portfwd check`)")))
-        st.bindings = keep
-
-
 def _log_refusals(name: str, before: Optional[GuestState], now: GuestState) -> None:
     """Log each refused discovered address and each port held by another guest once:
     when its reason first appears."""
@@ -613,6 +550,18 @@ def _log_refusals(name: str, before: Optional[GuestState], now: GuestState) -> N
                              if why.cause in (Reason.REFUSED, Reason.HELD)):
         if why not in seen:
             log.warning(f"guest {name}: {why}")
+
+
+def _settled(listed: List[Guest], recorded: List[GuestState]
+             ) -> Tuple[List[Guest], List[GuestState]]:
+    """Libvirt was asked before portfwd's lock was taken, and a hook may have run
+    since. Where libvirt's status files tell (``running_domain``): a listed guest
+    whose file is gone has stopped since (left out); a recorded guest that was not
+    listed but has a file has started since (returned: its record stands)."""
+    names = {g.name for g in listed}
+    still = [g for g in listed if running_domain(g.name) is not False]
+    started = [st for st in recorded if st.guest not in names and running_domain(st.guest)]
+    return still, started
 
 
 def _same(a: Optional[GuestState], b: GuestState) -> bool:
