@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import display, libvirtapi, log, state
 from .config import load
+from .discover import status_files_tell
 from .engine import Engine
 from .errors import BugError, ConfigError, HostError
 from .model import Config, Where
@@ -111,7 +112,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     with state.locked():
         engine = Engine(config.path)
         before = [b for st in engine.all_states() for b in st.bindings]
-        bindings = engine.sync(config, guests, dry_run=args.dry_run, resolvers=resolvers)
+        bindings = engine.sync(config, guests, dry_run=args.dry_run, resolvers=resolvers,
+                               settle=status_files_tell(args.connect))
         if not args.dry_run:
             engine.compile()
     if args.dry_run:
