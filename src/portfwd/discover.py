@@ -20,6 +20,7 @@ import json
 import os
 import time
 
+from .bridgeport import taps
 from .constants import DEFAULT_DISCOVER, DISCOVER_SOURCES
 
 TYPE_CHECKING = False
@@ -230,6 +231,7 @@ class Resolver:
                  sources: Sequence[str] = DEFAULT_SOURCES) -> None:
         self.guest = guest
         self.nics = domain_nics(xml) if xml else []
+        self.taps = taps(xml) if xml else []  # for hairpin mode (bridgeport)
         self.lookup = lookup
         self.lease_dir = lease_dir
         self.network_dirs = network_dirs

@@ -14,7 +14,7 @@ changed.
 from __future__ import annotations
 
 
-from . import compat, display, hostnet, log, plan, rules, state
+from . import bridgeport, compat, display, hostnet, log, plan, rules, state
 from .errors import HostError
 from .nft import Nft
 from .constants import DEFAULT_TABLE, LAYOUT, TABLE_COMMENT, TABLE_MARK, UNMARKED_LAYOUT
@@ -44,6 +44,7 @@ class Engine:
         self._routes: Optional[hostnet.RouteTable] = None
         self._owned: Set[str] = set()  # tables seen to carry portfwd's marker in this run
         self.discover: Tuple[str, ...] = DEFAULT_SOURCES  # [options] discover, once read
+        self.taps: Dict[str, List[str]] = {}  # guest → taps of its live XML, when given
 
     @property
     def nft(self) -> Nft:
@@ -144,6 +145,7 @@ class Engine:
         (and remove them where no forward needs them); returns what still blocks."""
         wanted = self.wanted_bridges() if wanted is None else wanted
         self._ensure_hairpin_and_localnet()
+        self._ensure_hairpin_ports()
         fw = compat.read(self.nft)
         commands, argvs = compat.changes(fw, wanted)
         if commands:
@@ -182,6 +184,20 @@ class Engine:
             hostnet.set_route_localnet(bridge, False)
             enabled.discard(bridge)
         self.store.write_localnet(sorted(enabled))
+
+    def _ensure_hairpin_ports(self) -> None:
+        """Hairpin mode on the taps of guests with forwards, on the bridges those lead
+        to (a guest reaching its own forward where br_netfilter bridges it back); put
+        back as found where the forwards went (``bridgeport``; ports.json)."""
+        wanted = {guest: {name for _, name in b.routed} for guest, b in self.read_summary().items()}
+        recorded = self.store.hairpin_ports()
+        if not recorded and not any(wanted.get(g) for g in self.taps):
+            return  # nothing recorded, no live XML of a guest with forwards: sysfs untouched
+        updated, problems = bridgeport.reconcile(wanted, self.taps, recorded)
+        for line in problems:
+            log.warning(line)
+        if updated != recorded:
+            self.store.write_hairpin_ports(updated)
 
     def firewall(self, addresses: Optional[Iterable[str]] = None) -> Tuple[List[str], List[str]]:
         """(how the host filters forwarded traffic, what blocks portfwd's forwards),
@@ -428,6 +444,7 @@ class Engine:
         for guest in guests:
             resolver = (resolvers or {}).get(guest.name)
             if resolver is not None:
+                self.taps[guest.name] = resolver.taps
                 self._prepare(resolver, config.options.discover, explicit)
             found = resolve(planned[guest.name], resolver, self.routes)
             if not found.empty:

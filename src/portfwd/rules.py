@@ -22,7 +22,7 @@ host ports is stored port by port (``portspec.SHIFTED_MAX`` ports at most).
 
 from __future__ import annotations
 
-from .constants import HAIRPIN_SET, KINDS, MARK, PRIORITY, PROTOCOLS, TABLE_COMMENT
+from .constants import HAIRPIN_MARK, HAIRPIN_SET, KINDS, MARK, PRIORITY, PROTOCOLS, TABLE_COMMENT
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -72,9 +72,12 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
     - ``prerouting`` (nat): DNAT of connections arriving from elsewhere;
     - ``output`` (nat): the same for connections the host itself opens, never
       catching its loopback traffic (127.0.0.1 only for ``localhost`` keys);
-    - ``postrouting`` (nat): masquerade of hairpin connections (in and out of
-      the same bridge: another guest, or a guest reaching its own forward) and
-      of connections from 127.0.0.1, nothing else;
+    - ``forward`` (filter): marks hairpin connections (in and out of the same
+      bridge: another guest, or a guest reaching its own forward) with
+      ``HAIRPIN_MARK``; here, unlike in postrouting, both interfaces are known
+      also where br_netfilter bridges the DNATed packet instead of routing it;
+    - ``postrouting`` (nat): masquerade of those marked connections and of
+      connections from 127.0.0.1, nothing else;
     - ``raw_prerouting``: drops packets to 127.0.0.0/8 that arrive from
       outside, as ``route_localnet`` would otherwise let them in.
     ``ipv6 = False`` leaves IPv6 out, for kernels without IPv6.
@@ -96,6 +99,7 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
                                  "type": ["ifname", "ifname"]}}})
     chains = [("prerouting", "nat", "prerouting", PRIORITY),
               ("output", "nat", "output", PRIORITY),
+              ("forward", "filter", "forward", -5),  # marks only: before others' filters
               ("postrouting", "nat", "postrouting", 100 - 5),  # before srcnat (100)
               ("raw_prerouting", "filter", "prerouting", -300)]
     for name, kind_, hook, prio in chains:
@@ -121,12 +125,17 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
             cmds.append(rule("output", out, f"portfwd {name} from the host"))
     mark = {"ct": {"key": "mark"}}
     ours = {"match": {"op": "==", "left": {"&": [mark, MARK]}, "right": MARK}}
-    cmds.append(rule("postrouting", [
+    both = MARK | HAIRPIN_MARK
+    cmds.append(rule("forward", [
         ours,
         {"match": {"op": "==", "left": {"concat": [{"meta": {"key": "iifname"}},
                                                     {"meta": {"key": "oifname"}}]},
                    "right": "@" + HAIRPIN_SET}},
-        {"masquerade": None}], "portfwd hairpin: back out of the bridge it came from"))
+        {"mangle": {"key": mark, "value": {"|": [mark, HAIRPIN_MARK]}}}],
+        "portfwd hairpin: back out of the bridge it came from"))
+    cmds.append(rule("postrouting", [
+        {"match": {"op": "==", "left": {"&": [mark, both]}, "right": both}},
+        {"masquerade": None}], "portfwd hairpin"))
     cmds.append(rule("postrouting", [
         ours,
         {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},

@@ -11,6 +11,8 @@ format and its atomic write live here (``Store``, and the lock ``locked``).
     bridges.json          guest → ``values.Bridges.to_json()``: where its forwards lead
     hairpin.json          table → the bridges portfwd last wrote into its hairpin set
     localnet.json         bridges where portfwd turned route_localnet on
+    ports.json            guest → tap → [ifindex, hairpin mode found]: the bridge ports
+                          portfwd keeps in hairpin mode (``bridgeport``)
     layout.TABLE          the ``constants.LAYOUT`` TABLE was last built with
 
 Every file is replaced by a rename (``write_atomic``; the cache by swapping the
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
 
+    from .bridgeport import Records
     from .plan import Template
     from .record import GuestState
     from .values import Bridges
@@ -49,6 +52,7 @@ CACHE_FORMAT = "4"  # 3: long guest names map to hashed file names; a range is o
 SUMMARY = "bridges.json"  # guest → bridges its forwards lead to
 HAIRPIN = "hairpin.json"
 LOCALNET = "localnet.json"
+PORTS = "ports.json"
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 # longest per-guest file name kept as is: with ".json.tmp.PID" it stays below NAME_MAX
 # (255 bytes); longer ones become a readable prefix, "~" and a hash
@@ -477,6 +481,22 @@ class Store:
     def write_localnet(self, bridges: List[str]) -> None:
         self._write_json(LOCALNET, sorted(bridges))
 
+    # -- ports.json ----------------------------------------------------------------
+    def hairpin_ports(self) -> Records:
+        """Guest → tap → (ifindex, hairpin mode before portfwd turned it on)."""
+        data = self._read_json(PORTS, {})
+        out: Records = {}
+        try:
+            for guest, taps in data.items():
+                out[str(guest)] = {str(tap): (int(v[0]), str(v[1])) for tap, v in taps.items()}
+        except (AttributeError, TypeError, ValueError, IndexError):
+            return {}
+        return out
+
+    def write_hairpin_ports(self, records: Records) -> None:
+        self._write_json(PORTS, {guest: {tap: list(v) for tap, v in taps.items()}
+                                 for guest, taps in records.items()})
+
     # -- layout.TABLE --------------------------------------------------------------
     def layout(self, table: str) -> Optional[str]:
         """The layout portfwd last built ``table`` with in this boot, if any."""
@@ -498,7 +518,8 @@ class Store:
     # -- everything ----------------------------------------------------------------
     def clear(self) -> None:
         """Forget every guest and table (``portfwd flush``); the compiled
-        configuration and localnet.json stay (the sysctls are turned off after)."""
+        configuration, localnet.json and ports.json stay (the sysctls and hairpin
+        modes are put back after)."""
         import shutil
 
         shutil.rmtree(self._path("guests"), ignore_errors=True)
