@@ -202,7 +202,8 @@ def hairpin_mode(lab: LibvirtLab, port: str) -> Optional[str]:
 def test_hairpin_mode_of_the_guest_tap(vlab: LibvirtLab) -> None:
     """The hooks find the guest's tap in the XML libvirt gives them: hairpin mode is on
     while the guest has forwards, turned on again by ``reconnect`` after a libvirtd
-    restart, and forgotten when the guest stops (libvirt removes the tap)."""
+    restart and by ``sync``, and forgotten when the guest stops (libvirt removes the
+    tap)."""
     vlab.start(*WEB1)
     try:
         listed = vlab.virsh("domiflist", "pf-web1").stdout.decode().split()
@@ -218,6 +219,11 @@ def test_hairpin_mode_of_the_guest_tap(vlab: LibvirtLab) -> None:
         assert hairpin_mode(vlab, tap) == "1"
         with open(os.path.join(vlab.run_dir, "ports.json")) as f:
             assert list(json.load(f)["pf-web1"]) == [tap]
+        # sync reads the taps from libvirt's XML of each running guest
+        vlab.ns(vlab.lab, "ip", "link", "set", "dev", tap, "type", "bridge_slave", "hairpin", "off")
+        r = portfwd(vlab, "sync")
+        assert r.returncode == 0, r.stderr
+        assert hairpin_mode(vlab, tap) == "1"
     finally:
         vlab.virsh("destroy", "pf-web1")
     assert hairpin_mode(vlab, tap) in (None, "0")
