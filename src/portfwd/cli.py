@@ -230,6 +230,14 @@ def cmd_install(args: argparse.Namespace) -> int:
         os.makedirs(unit_dir, exist_ok=True)
         state.write_atomic(os.path.join(unit_dir, unit), text.encode())
         done.append(f"unit {os.path.join(unit_dir, unit)}")
+    from . import docs
+
+    for path, text in ((at("/usr/local/share/man/man8/portfwd.8"), docs.man_page(_parser())),
+                       (at("/usr/local/share/bash-completion/completions/portfwd"),
+                        docs.bash_completion(_parser()))):
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        state.write_atomic(path, text.encode(), mode=0o644)
+        done.append(f"{'manual page' if path.endswith('.8') else 'bash completion'} {path}")
     for line in done:
         print(f"installed: {line}")
     if root == "/" and os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
