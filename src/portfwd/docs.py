@@ -37,9 +37,13 @@ class Command:
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 helps = {a.dest: a.help or "" for a in action._choices_actions}
+                seen: List[argparse.ArgumentParser] = []
                 for name, sub in action.choices.items():
-                    if name in helps:  # aliases share a parser and have no help row
-                        self.children.append(Command(path + (name,), sub, helps[name]))
+                    # an alias shares its command's parser; a hidden command stays hidden
+                    if any(sub is s for s in seen) or helps.get(name) == argparse.SUPPRESS:
+                        continue
+                    seen.append(sub)
+                    self.children.append(Command(path + (name,), sub, helps.get(name, "")))
             elif action.help == argparse.SUPPRESS:
                 continue
             elif action.option_strings:
