@@ -105,7 +105,7 @@ class DebRoot(RootLab):
         run("ip", "netns", "del", self.netns, check=False)
 
 
-@pytest.fixture(scope="module", params=["bookworm", SUITE])
+@pytest.fixture(scope="module", params=["bookworm", pytest.param(SUITE, marks=pytest.mark.trixie)])
 def root(request: pytest.FixtureRequest, deb: Tuple[str, str],
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[DebRoot]:
     """A root with the .deb installed by apt (asserted by the first test)."""
