@@ -260,3 +260,50 @@ def test_install_over_a_pip_install_keeps_its_configuration(
         assert r.returncode == 0, r.stdout.decode()[-3000:] + r.stderr.decode()
     finally:
         lab.close()
+
+
+# -- libvirt learns of the hooks ---------------------------------------------------------
+
+# systemd cannot run as PID 1 in these roots: a stand-in for /usr/bin/systemctl (in the
+# overlay) says libvirtd is active and logs what it is asked
+SYSTEMCTL = """#!/bin/sh
+echo "$*" >> /tmp/systemctl.log
+case "$*" in
+    *is-enabled*) echo enabled ;;
+    *is-active*libvirtd.service*) exit 0 ;;
+    *is-active*) exit 3 ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("opt_in", [False, True], ids=["default", "opted in"])
+def test_first_install_tells_or_restarts_libvirtd(deb: Tuple[str, str], opt_in: bool,
+                                                  tmp_path_factory: pytest.TempPathFactory) -> None:
+    lab = DebRoot(str(tmp_path_factory.mktemp("restart")), "bookworm", deb[0])
+    try:
+        os.unlink(lab.file("/usr/bin/systemctl"))
+        lab.write("/usr/bin/systemctl", SYSTEMCTL, 0o755)
+        os.makedirs(lab.file("/run/systemd/system"))
+        if opt_in:
+            lab.sh("echo 'portfwd portfwd/restart-libvirt boolean true' | debconf-set-selections")
+        r = lab.apt(f"install {lab.deb}")
+        assert r.returncode == 0, r.stdout.decode()[-3000:] + r.stderr.decode()
+        with open(lab.file("/tmp/systemctl.log")) as f:
+            calls = f.read().splitlines()
+        restarts = [c for c in calls if re.search(r"\brestart libvirtd\.service$", c)]
+        told = ("portfwd: libvirt finds hooks only when it starts: run 'systemctl restart"
+                " libvirtd.service' once (running guests keep running).")
+        output = r.stdout.decode() + r.stderr.decode()
+        assert (len(restarts), told in output) == ((1, False) if opt_in else (0, True)), calls
+        assert [c for c in calls if re.search(r"\bstart portfwd\.service$", c)], calls
+        # an upgrade (here: the same version again) neither restarts nor tells again
+        os.unlink(lab.file("/tmp/systemctl.log"))
+        r = lab.apt(f"install --reinstall {lab.deb}")
+        assert r.returncode == 0, r.stderr.decode()
+        with open(lab.file("/tmp/systemctl.log")) as f:
+            assert not [c for c in f.read().splitlines() if "libvirtd.service" in c
+                        and "is-active" not in c]
+        assert told not in r.stdout.decode() + r.stderr.decode()
+    finally:
+        lab.close()
