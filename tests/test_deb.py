@@ -305,5 +305,11 @@ def test_first_install_tells_or_restarts_libvirtd(deb: Tuple[str, str], opt_in: 
             assert not [c for c in f.read().splitlines() if "libvirtd.service" in c
                         and "is-active" not in c]
         assert told not in r.stdout.decode() + r.stderr.decode()
+        # dpkg-reconfigure asks again; a yes restarts now
+        lab.sh("echo 'portfwd portfwd/restart-libvirt boolean true' | debconf-set-selections")
+        lab.sh("dpkg-reconfigure -f noninteractive portfwd </dev/null")
+        with open(lab.file("/tmp/systemctl.log")) as f:
+            calls = f.read().splitlines()
+        assert len([c for c in calls if re.search(r"\brestart libvirtd\.service$", c)]) == 1
     finally:
         lab.close()
