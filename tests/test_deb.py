@@ -10,6 +10,7 @@ one test_trixie.py uses) mounted as overlays, each in a network namespace of its
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -65,12 +66,16 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Tuple[str, str]:
     return path, before
 
 
+_roots = itertools.count()
+
+
 class DebRoot(RootLab):
     """A Debian root of ``suite`` in its own network namespace, with the .deb at /tmp."""
 
     def __init__(self, base: str, suite: str, deb: str) -> None:
-        super().__init__(base, f"/mnt/portfwd-{suite}")
-        self.netns = f"pfd{os.getpid() % 100000}{suite[0]}"
+        tag = f"pfd{os.getpid() % 100000}x{next(_roots)}"  # one per root alive at once
+        super().__init__(base, f"/mnt/{tag}")
+        self.netns = tag
         self.deb = f"/tmp/{os.path.basename(deb)}"
         self.installed: "Optional[subprocess.CompletedProcess[bytes]]" = None
         try:
