@@ -7,7 +7,7 @@ from .values import Reason
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, List, Optional, Tuple
+    from typing import Any, Dict, List, Optional, Set, Tuple
 
 
 class GuestState:
@@ -47,3 +47,24 @@ class GuestState:
                     for p in raw.get("pending", [])],
                    {str(k): str(v) for k, v in raw.get("sources", {}).items()},
                    [str(w) for w in raw.get("warnings", [])])
+
+
+class Recorded:
+    """A guest's state file as read, parsed only as far as a sync needs: whose it is,
+    its table, and the reasons of its pending bindings; ``same`` compares it whole."""
+
+    __slots__ = ("guest", "uuid", "table", "raw")
+
+    def __init__(self, raw: Dict[str, Any]) -> None:
+        self.guest = str(raw["guest"])
+        uuid = raw.get("uuid")
+        self.uuid = None if uuid is None else str(uuid)
+        self.table = str(raw["table"])
+        self.raw = raw
+
+    def reasons(self) -> Set[Reason]:
+        return {Reason.from_text(str(p[-1])) for p in self.raw.get("pending", [])}
+
+    def same(self, state: GuestState) -> bool:
+        """Whether ``state`` would be written as exactly this file."""
+        return bool(self.raw == state.to_json())

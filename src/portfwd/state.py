@@ -34,10 +34,12 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import TracebackType
-    from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
+    from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, TypeVar
 
     from .plan import Template
-    from .record import GuestState
+    from .record import GuestState, Recorded
+
+    T = TypeVar("T")
     from .values import Bridges
 
 DEFAULT_CONFIG = "/etc/portfwd/forward.toml"
@@ -369,10 +371,22 @@ class Store:
             return None
 
     def all_guests(self) -> List[GuestState]:
+        from .record import GuestState
+
+        return self._each_guest(GuestState.from_json)
+
+    def all_records(self) -> List[Recorded]:
+        """Every guest's state as read, parsed only as far as a sync needs (10,000
+        bindings cost as much to parse as to read)."""
+        from .record import Recorded
+
+        return self._each_guest(Recorded)
+
+    def _each_guest(self, parse: Callable[[Dict[str, Any]], T]) -> List[T]:
+        """``parse`` of every guests/NAME.json; an unreadable one is logged and skipped."""
         import json
 
         from . import log
-        from .record import GuestState
 
         out = []
         folder = self._path("guests")
@@ -386,8 +400,8 @@ class Store:
             path = os.path.join(folder, name)
             try:
                 with open(path, encoding="utf-8") as f:
-                    out.append(GuestState.from_json(json.load(f)))
-            except (OSError, ValueError, KeyError, TypeError) as e:
+                    out.append(parse(json.load(f)))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 log.warning(f"ignoring unreadable state file {path}: {e}")
         return out
 
