@@ -207,6 +207,11 @@ def _remove(path: str) -> None:
         pass
 
 
+def _stat_key(st: os.stat_result) -> Tuple[int, int, int]:
+    """Tells one version of a file from another (write_atomic renames a new inode in)."""
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def lock_holder(fd: int) -> str:
     """The pid holding a ``flock`` on ``fd``'s file, from /proc/locks ("" if unknown)."""
     try:
@@ -293,6 +298,9 @@ class Store:
 
     def __init__(self, root: Optional[str] = None) -> None:
         self.root = root or run_dir()
+        # bridges.json as last read or written, keyed by its stat: a hook reads it
+        # three times, and with thousands of guests each read costs
+        self._summary: Optional[Tuple[Tuple[int, int, int], Dict[str, Bridges]]] = None
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -439,8 +447,13 @@ class Store:
         path = self._path(SUMMARY)
         try:
             with open(path, encoding="utf-8") as f:
+                key = _stat_key(os.fstat(f.fileno()))
+                if self._summary is not None and self._summary[0] == key:
+                    return dict(self._summary[1])
                 data = json.load(f)
-            return {str(k): Bridges.from_json(v, DEFAULT_TABLE) for k, v in data.items()}
+            summary = {str(k): Bridges.from_json(v, DEFAULT_TABLE) for k, v in data.items()}
+            self._summary = (key, summary)
+            return dict(summary)
         except FileNotFoundError:
             pass  # none yet, or lost: the states say it all
         except (OSError, ValueError, AttributeError, TypeError) as e:
@@ -451,7 +464,12 @@ class Store:
         import json
 
         data = {guest: bridges.to_json() for guest, bridges in summary.items()}
-        write_atomic(self._path(SUMMARY), json.dumps(data, sort_keys=True).encode())
+        path = self._path(SUMMARY)
+        write_atomic(path, json.dumps(data, sort_keys=True).encode())
+        try:
+            self._summary = (_stat_key(os.stat(path)), dict(summary))
+        except OSError:
+            self._summary = None
 
     # -- hairpin.json, localnet.json -----------------------------------------------
     def _read_json(self, name: str, default: Any) -> Any:
