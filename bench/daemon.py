@@ -181,6 +181,7 @@ def inside(base: str) -> int:
 # -- outside ------------------------------------------------------------------------
 
 def run(base: str) -> List[Row]:
+    os.makedirs(base, mode=0o755, exist_ok=True)
     ns = f"pfdm{os.getpid()}"
     sh("ip", "netns", "add", ns)
     try:

@@ -15,7 +15,8 @@ Per lab, from the client: TCP connections opened and reset one after another
 64-byte echo round trips over one established TCP connection (per packet), and
 one-datagram UDP round trips each from a new socket (a new flow). The floor is the
 same traffic to the guest's own address (routed, no DNAT) in the "1 fwd" lab.
-Rounds alternate between the labs, so drift of a shared machine hits all alike.
+Rounds alternate between the labs (each first in turn), so drift of a shared machine
+hits all alike.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def measure(lab: Lab, host: str, port: int) -> Dict[str, Any]:
 
 def run(base: str) -> List[Row]:
     """Every data-path figure, as report rows."""
+    os.makedirs(base, mode=0o755, exist_ok=True)
     labs: Dict[str, Tuple[Lab, Site]] = {}
     servers: List["subprocess.Popen[bytes]"] = []
     try:
@@ -152,8 +154,11 @@ def run(base: str) -> List[Row]:
             k: {"rate": [], "rtt": [], "udp": []} for k in targets}
         for lab, host, port in targets.values():
             measure(lab, host, port)  # warm: neighbours, caches
+        order = list(targets)
         for _ in range(ROUNDS):
-            for what, (lab, host, port) in targets.items():
+            order = order[1:] + order[:1]  # each lab first in turn: no place is favoured
+            for what in order:
+                lab, host, port = targets[what]
                 got = measure(lab, host, port)
                 samples[what]["rate"].append(float(got["rate"]))
                 samples[what]["rtt"] += got["rtt"]
