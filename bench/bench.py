@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import common
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 HOOK = os.path.join(os.path.dirname(HERE), "hook", "qemu")
 FLOOR_NFT = os.path.join(HERE, "floor_nft.py")
@@ -57,19 +59,11 @@ class Row:
     ok: Optional[bool]
 
 
-class Site:
-    """A network namespace with its own forward.toml and run directory."""
+class Site(common.Site):
+    """A network namespace of its own with a forward.toml and run directory."""
 
     def __init__(self, ns: str, base: str) -> None:
-        self.ns = ns
-        etc = os.path.join(base, "etc")
-        os.makedirs(etc, mode=0o755)
-        os.chmod(base, 0o755)
-        os.chmod(etc, 0o755)  # portfwd refuses a config others may write
-        self.config = os.path.join(etc, "forward.toml")
-        self.rundir = os.path.join(base, "run")
-        self.env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-                    "PORTFWD_CONFIG": self.config, "PORTFWD_RUNDIR": self.rundir}
+        super().__init__(base, ns)
         self.made = False
 
     def create(self) -> None:

@@ -12,7 +12,7 @@ import os
 import statistics
 import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -190,3 +190,23 @@ def require_root(name: str) -> bool:
         sys.stderr.write(f"{name}: run as root (it makes network namespaces)\n")
         return False
     return True
+
+
+def part_main(name: str, run: Callable[[str], List[Row]], notes: str) -> int:
+    """A part run as a script: its rows measured under a temporary directory on tmpfs
+    (removed after), printed as a table with its notes."""
+    import shutil
+    import tempfile
+
+    if not require_root(name):
+        return 2
+    tmp = tempfile.mkdtemp(prefix="pfbench.", dir=TMPFS if os.path.isdir(TMPFS) else None)
+    os.chmod(tmp, 0o755)  # portfwd refuses a config others may write, or its folders
+    try:
+        rows = run(os.path.join(tmp, "part"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(table(rows))
+    print()
+    print(notes)
+    return 0

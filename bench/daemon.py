@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
-from common import (BRIDGE4, ROOT, TMPFS, PATH, Row, Site, forward_toml, median, other_name,
-                    others_toml, require_root, sh, table)
+from common import (BRIDGE4, ROOT, PATH, Row, Site, forward_toml, median, other_name,
+                    others_toml, part_main, sh)
 
 LEASE_GUEST, LEASE_MAC = "lease1", "52:54:00:aa:00:01"
 ADDRESSES = ("192.168.150.10", "192.168.150.11")  # a new lease moves between them
@@ -232,18 +230,7 @@ looks at lease files every --interval {INTERVAL:g} s and lets a change settle 0.
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--inside":
         return inside(sys.argv[2])
-    if not require_root("daemon.py"):
-        return 2
-    tmp = tempfile.mkdtemp(prefix="pfbench.", dir=TMPFS if os.path.isdir(TMPFS) else None)
-    os.chmod(tmp, 0o755)
-    try:
-        result = run(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(table(result))
-    print()
-    print(NOTES)
-    return 0
+    return part_main("daemon.py", run, NOTES)
 
 
 if __name__ == "__main__":

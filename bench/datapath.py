@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from typing import Any, Dict, List, Tuple
 
-from common import (GUEST4, HOST4, TMPFS, Lab, Row, Site, forward_toml, median, other_name,
-                    others_toml, require_root, sh, table)
+from common import (GUEST4, HOST4, Lab, Row, Site, forward_toml, median, other_name,
+                    others_toml, part_main, sh)
 
 ROUNDS = int(os.environ.get("PFBENCH_ROUNDS", "5"))
 CONNECTS, ECHOES, DATAGRAMS = 1000, 2000, 600  # per round and lab
@@ -206,17 +204,7 @@ with RST; round trips: median of every sample over all rounds."""
 
 
 def main() -> int:
-    if not require_root("datapath.py"):
-        return 2
-    tmp = tempfile.mkdtemp(prefix="pfbench.", dir=TMPFS if os.path.isdir(TMPFS) else None)
-    try:
-        result = run(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(table(result))
-    print()
-    print(NOTES)
-    return 0
+    return part_main("datapath.py", run, NOTES)
 
 
 if __name__ == "__main__":

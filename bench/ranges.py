@@ -14,14 +14,11 @@ packet is measured by bench/datapath.py.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Dict, List, Tuple
 
-from common import (GUEST4, GUEST6, HOOK, TMPFS, Row, Site, forward_toml, median, require_root,
-                    sh, table)
+from common import GUEST4, GUEST6, HOOK, Row, Site, forward_toml, median, part_main, sh
 
 HOOK_REPEATS = {"1 port": 15, "full range": 7}  # PFBENCH_REPEATS=N overrides both
 SHAPES = {"1 port": ["8080:80"], "full range": ["1-65535/tcp", "1-65535/udp"]}
@@ -87,17 +84,7 @@ runs of /usr/bin/time's %M. Elements: in all of portfwd's maps after `started`."
 
 
 def main() -> int:
-    if not require_root("ranges.py"):
-        return 2
-    tmp = tempfile.mkdtemp(prefix="pfbench.", dir=TMPFS if os.path.isdir(TMPFS) else None)
-    try:
-        rows = run(os.path.join(tmp, "a"))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(table(rows))
-    print()
-    print(NOTES)
-    return 0
+    return part_main("ranges.py", run, NOTES)
 
 
 if __name__ == "__main__":
