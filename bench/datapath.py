@@ -14,7 +14,8 @@ Per lab, from the client: TCP connections opened and reset one after another
 (each a new conntrack entry, so each passes the nat chains: the connect rate),
 64-byte echo round trips over one established TCP connection (per packet), and
 one-datagram UDP round trips each from a new socket (a new flow). The floor is the
-same traffic to the guest's own address (routed, no DNAT) in the "1 fwd" lab.
+same traffic to the guest's own address (routed, no DNAT) in a fourth lab set up
+as "1 fwd" (each lab carries one kind of traffic: conntrack alike).
 Rounds alternate between the labs (each first in turn), so drift of a shared machine
 hits all alike.
 """
@@ -31,11 +32,12 @@ from common import (GUEST4, HOST4, Lab, Row, Site, forward_toml, median, other_n
                     others_toml, part_main, sh)
 
 ROUNDS = int(os.environ.get("PFBENCH_ROUNDS", "5"))
-CONNECTS, ECHOES, DATAGRAMS = 1000, 2000, 600  # per round and lab
+CONNECTS, ECHOES, DATAGRAMS = 3000, 2000, 1000  # per round and lab
 SUBJECT = "web1"
 LABS = {"1 fwd": ["8080:80", "8080:80/udp"],
         "10k fwd": ["8080:80", "8080:80/udp"],
-        "full range": ["1-65535/tcp", "1-65535/udp"]}
+        "full range": ["1-65535/tcp", "1-65535/udp"],
+        "floor": ["8080:80", "8080:80/udp"]}  # a lab of its own: each carries one kind of traffic
 TARGET_SPREAD = 0.10  # 10k fwd within 10 % of 1 fwd
 
 SERVER = r"""
@@ -147,7 +149,7 @@ def run(base: str) -> List[Row]:
         targets = {"1 fwd": (labs["1 fwd"][0], HOST4, 8080),
                    "10k fwd": (labs["10k fwd"][0], HOST4, 8080),
                    "full range": (labs["full range"][0], HOST4, 80),
-                   "no DNAT (floor)": (labs["1 fwd"][0], GUEST4, 80)}
+                   "no DNAT (floor)": (labs["floor"][0], GUEST4, 80)}
         samples: Dict[str, Dict[str, List[float]]] = {
             k: {"rate": [], "rtt": [], "udp": []} for k in targets}
         for lab, host, port in targets.values():
