@@ -2,13 +2,14 @@
 packet, with 1 forward in the table and with 10,000, and through a full-range
 forward.
 
-Run as root: ``.venv/bin/python bench/datapath.py`` (see bench/README.md). Three
+Run as root: ``.venv/bin/python bench/datapath.py`` (see bench/README.md). Four
 labs, each a client → host → guest set of namespaces made for the run (removed
 at the end), portfwd's rules in the host's:
 
 - "1 fwd": guest web1 with ``8080:80`` (tcp) and ``8080:80/udp``, nothing else;
 - "10k fwd": the same plus 1,000 other guests x 10 forwards;
 - "full range": web1 with ``1-65535/tcp`` and ``1-65535/udp`` (DNAT keeps the port).
+- "floor": as "1 fwd", for the traffic that bypasses the DNAT.
 
 Per lab, from the client: TCP connections opened and reset one after another
 (each a new conntrack entry, so each passes the nat chains: the connect rate),
