@@ -20,6 +20,7 @@ from . import libvirtapi, log, state
 from .discover import LEASE_DIR, status_files_tell
 from .engine import Engine
 from .errors import ConfigError, HostError
+from .model import Config
 
 
 def lease_signature(lease_dir: str = LEASE_DIR) -> Tuple[Tuple[str, int, int], ...]:
@@ -50,6 +51,7 @@ class Daemon:
         self.libvirt = libvirtapi.bindings()
         self.seen: Optional[Tuple[Any, ...]] = None  # what the last reconcile looked at
         self.bad_config: Optional[str] = None  # signature of a config known to be invalid
+        self.config: Optional[Tuple[str, Config]] = None  # (signature, the valid config read)
 
     # -- libvirt -----------------------------------------------------------
     def start_event_loop(self) -> None:
@@ -89,22 +91,25 @@ class Daemon:
         signature = state.config_signature(self.engine.config_path)
         if signature == self.bad_config:
             return
-        try:
-            with state.locked(self.engine.root):
-                config = self.engine.compile()
-        except ConfigError as e:
-            self.bad_config = signature
-            for line in e.lines:
-                log.error(line)
-            log.error("configuration invalid: forwards left as they were")
-            return
+        if self.config is None or self.config[0] != signature:  # else: a lease or guest change
+            try:
+                with state.locked(self.engine.root):
+                    self.config = (signature, self.engine.compile())
+            except ConfigError as e:
+                self.bad_config = signature
+                for line in e.lines:
+                    log.error(line)
+                log.error("configuration invalid: forwards left as they were")
+                return
         self.bad_config = None
+        config = self.config[1]
+        self.engine.forget_claims()  # a table seen before may have been flushed away since
         # everything libvirt knows is asked now, never under the lock (see running_guests)
         guests, resolvers = libvirtapi.running_guests(self.conn, config)
         with state.locked(self.engine.root):
             bindings = self.engine.sync(config, guests, resolvers=resolvers,
                                         settle=status_files_tell(self.uri))
-            pending = sum(len(st.pending) for st in self.engine.all_states())
+            pending = self.engine.waiting
         log.info(f"synced: {len(bindings)} forward(s) for {len({b.guest for b in bindings})}"
                  f" guest(s)" + (f", {pending} waiting for an address" if pending else ""))
 
