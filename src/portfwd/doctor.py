@@ -322,9 +322,11 @@ def guest_checks(g: GuestFacts, host: HostFacts) -> List[Check]:
 def walk(host: HostFacts, guests: Sequence[GuestFacts]) -> List[Check]:
     """Host layers, then each guest's; a broken host layer ends the walk."""
     families = sorted({t.family for g in guests for t in g.targets}) or [4]
-    out = host_checks(host, families)
-    if any(not c.ok for c in out):
-        return [c for c in out if c.ok] + [next(c for c in out if not c.ok)]
+    out: List[Check] = []
+    for check in host_checks(host, families):
+        out.append(check)
+        if not check.ok:
+            return out
     for g in guests:
         out += guest_checks(g, host)
     return out
