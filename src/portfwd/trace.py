@@ -232,8 +232,9 @@ class Lines:
         self.buffer = b""
         self.lines: List[str] = []
 
-    def until(self, want: str, deadline: float) -> List[str]:
-        """Lines up to one containing ``want`` ("" = all until ``deadline``)."""
+    def until(self, want: str, deadline: float, ends: Tuple[str, ...] = ()) -> List[str]:
+        """Lines up to one containing ``want`` ("" = all until ``deadline``); after a
+        line containing one of ``ends``, only a short while longer."""
         import select
 
         got: List[str] = []
@@ -244,6 +245,8 @@ class Lines:
                 got.append(text)
                 if want and want in text:
                     return got
+                if any(end in text for end in ends):
+                    deadline = min(deadline, time.monotonic() + 0.2)
             left = deadline - time.monotonic()
             if left <= 0:
                 return got
@@ -321,7 +324,10 @@ def run(config_path: str, guest: str, port: int, proto: str, source: Optional[st
             sock = send_from_host(proto, src, dst, sport, port)
         else:
             inject(packet(proto, src, dst, sport, port), family == 6)
-        lines = reader.until("", time.monotonic() + timeout)
+        # the probe's journey ends at our own last chains, or at a drop
+        lines = reader.until("", time.monotonic() + timeout, (
+            f"inet {table} postrouting packet:", f"inet {table} input packet:",
+            "(verdict drop)", "policy drop"))
     finally:
         if sock is not None:
             sock.close()
