@@ -133,6 +133,15 @@ BREAKS: Dict[str, Tuple[Callable[[DoctorLab], None], str, str]] = {
 }
 
 
+# the fix named for some of them
+FIXES = {"ipv4 forwarding off": "sysctl -w net.ipv4.ip_forward=1",
+         "bridge down": "ip link set br0 up", "tap not on the bridge": "master br0",
+         "forward missing": "portfwd reapply", "hairpin off": "hairpin on",
+         "foreign drop rule": "nft delete rule inet filter forward handle",
+         "forward drop policy": "in table ip dock chain forward, accept",
+         "ipv6 off on the bridge": "net.ipv6.conf.br0.disable_ipv6=0"}
+
+
 @pytest.mark.kernel
 @pytest.mark.parametrize("name", list(BREAKS))
 def test_one_broken_layer_is_named_with_its_fix(dlab: DoctorLab, name: str) -> None:
@@ -144,6 +153,7 @@ def test_one_broken_layer_is_named_with_its_fix(dlab: DoctorLab, name: str) -> N
     assert all(c["ok"] for c in passed), checks
     assert (failed["layer"], failed["ok"]) == (layer, False), checks
     assert words in failed["detail"] and failed["fix"], failed
+    assert FIXES.get(name, "") in failed["fix"], failed
     # the layers before it passed, in the packet's order, and the walk stopped there
     where = {"ipv6 off on the host": 1, "ipv6 off on the bridge": LAYERS.index("mac") + 1}
     stop = where.get(name, LAYERS.index(layer) if layer in LAYERS else -1)

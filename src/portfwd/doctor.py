@@ -273,11 +273,30 @@ def _table(g: GuestFacts) -> Check:
     return Check("table", True, f"{len(g.targets)} forward(s) active in the kernel")
 
 
+def blocker_fix(line: str) -> str:
+    """The fix for one line of ``compat.blockers`` or ``doctorfacts.own_drops``."""
+    from .constants import MARK
+
+    if "portfwd reapply" in line:
+        return "portfwd reapply (puts portfwd's accept back at the head of libvirt's chain)"
+    if "StrictForwardPorts" in line:
+        return "declare the forwards to firewalld (firewall-cmd --add-forward-port) or set" \
+               " StrictForwardPorts=no in /etc/firewalld/firewalld.conf"
+    where = line.split(":", 1)[0]  # "table FAMILY TABLE chain CHAIN"
+    if "policy drop" in line:
+        return f"in {where}, accept what portfwd forwarded before the policy applies:" \
+               f" ct mark & {MARK:#010x} == {MARK:#010x} accept"
+    if " rule handle " in line:
+        words = where.split()
+        handle = line.split(" rule handle ", 1)[1].split()[0]
+        return f"narrow or delete that rule (nft delete rule {words[1]} {words[2]} {words[4]}" \
+               f" handle {handle}), or accept ct mark & {MARK:#010x} == {MARK:#010x} before it"
+    return "change that table's rule or policy"
+
+
 def _filter(g: GuestFacts) -> Check:
     if g.blocked:
-        return Check("filter", False, "; ".join(g.blocked),
-                     "see the line: portfwd reapply for libvirt's chains, else change that"
-                     " table's rule or policy")
+        return Check("filter", False, "; ".join(g.blocked), blocker_fix(g.blocked[0]))
     return Check("filter", True, "nothing drops forwarded connections to the guest's bridge")
 
 
