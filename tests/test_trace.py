@@ -145,3 +145,11 @@ def test_lost_outside_nftables(tlab: Lab, pf: PortfwdHost) -> None:
     assert r.returncode == 5
     assert r.stdout.decode().splitlines()[-1].startswith(
         "lost after table inet portfwd chain prerouting: the kernel dropped it outside nftables")
+
+
+def test_strict_rp_filter_is_told(tlab: Lab, pf: PortfwdHost) -> None:
+    tlab.ns(tlab.host, "sysctl", "-qw", "net.ipv4.conf.lo.rp_filter=1")
+    r = run_trace(pf, "8080")
+    out = r.stdout.decode()
+    assert r.returncode == 5 and "rp_filter is strict (1) here" in out, out
+    assert out.splitlines()[-1].startswith("lost after table inet portfwd chain prerouting")

@@ -288,6 +288,14 @@ def _listen_address(listen: str, family: int, bridge: Optional[str]) -> str:
     return found[0][1]
 
 
+def _strict_rp_filter() -> bool:
+    """Whether reverse-path filtering is strict on lo (the kernel uses the larger of
+    ``all`` and the interface's value)."""
+    values = [hostnet.read_sysctl(f"/proc/sys/net/ipv4/conf/{c}/rp_filter") or "0"
+              for c in ("all", "lo")]
+    return max(int(v) for v in values) == 1
+
+
 def shown(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
@@ -309,6 +317,10 @@ def run(config_path: str, guest: str, port: int, proto: str, source: Optional[st
     how = ("sent by the host itself (a host address): output hooks, not prerouting/forward"
            if local else "a client's packet handed to the kernel on lo: prerouting, forward,"
                          " postrouting")
+    if not local and family == 4 and _strict_rp_filter():
+        how += ("; but rp_filter is strict (1) here, which drops it after prerouting (its"
+                " source is not routed via lo): a lost probe says nothing then; use --from a"
+                " host address, or a real client")
     monitor = subprocess.Popen(["nft", "monitor"], stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL)
     assert monitor.stdout is not None
