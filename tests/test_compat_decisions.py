@@ -108,7 +108,7 @@ def test_a_foreign_rule_with_our_comment_is_not_ours() -> None:
     fake = _reject("virbr0", 9)
     fake["comment"] = "portfwd"
     fw = _read([fake])
-    assert [r.kind for r in fw.guest_input[4]] == [compat.REJECT]
+    assert [r.role for r in fw.guest_input[4]] == [compat.REJECT]
 
 
 def test_iptables_backend_makes_the_chain_and_jumps_to_it() -> None:

@@ -12,7 +12,7 @@ from portfwd.discover import Resolver, domain_nics, read_network
 from portfwd.hostnet import RouteTable
 from portfwd.resolve import resolve
 from portfwd.plan import Binding
-from portfwd.values import Selector
+from portfwd.values import Reason, Selector
 
 # the routes of a host with these networks up: virbr0 192.168.122.0/24, virbr6
 # 192.168.150.0/24 and fd00:150::/64 (as /proc/net/route and /proc/net/ipv6_route print them)
@@ -140,7 +140,7 @@ def test_lease_newest_unexpired_wins_and_mac_case_is_ignored(files: "tuple[str, 
     r = resolver(files, now=1000)
     assert r.resolve(Selector("52:54:00:aa:00:02"), 4) == ("192.168.150.11", "lease on virbr6")
     later = resolver(files, now=5000)
-    assert later.resolve(Selector("52:54:00:aa:00:02"), 4)[0] is None
+    assert isinstance(later.resolve(Selector("52:54:00:aa:00:02"), 4), Reason)
 
 
 def test_ipv6_reservation_by_duid_and_suffix(files: "tuple[str, str]") -> None:
@@ -149,17 +149,17 @@ def test_ipv6_reservation_by_duid_and_suffix(files: "tuple[str, str]") -> None:
     assert r.resolve(Selector("52:54:00:aa:00:02"), 6) == ("fd00:150::77", "reservation on network v6net")
     assert r.resolve(Selector("52:54:00:aa:00:02", "::10"), 6) == ("fd00:150::10",
                                                                   "suffix on network v6net")
-    address, why = r.resolve(Selector("", "::10"), 6)  # the default NIC's network has no IPv6
-    assert address is None and "has no IPv6 range" in why
+    why = r.resolve(Selector("", "::10"), 6)  # the default NIC's network has no IPv6
+    assert isinstance(why, Reason) and why.cause == Reason.WAITING and "has no IPv6 range" in why.text
 
 
 def test_reasons_when_nothing_is_known(files: "tuple[str, str]") -> None:
     nets, leases = files
     r = resolver(files)
-    assert r.resolve(Selector("52:54:00:aa:00:02"), 4) == (
-        None, "no IPv4 address yet for NIC 52:54:00:aa:00:02 on network v6net")
-    assert r.resolve(Selector("52:54:00:ff:ff:ff"), 4) == (
-        None, "the domain has no NIC with MAC 52:54:00:ff:ff:ff")
+    assert r.resolve(Selector("52:54:00:aa:00:02"), 4) == Reason(
+        Reason.WAITING, "no IPv4 address yet for NIC 52:54:00:aa:00:02 on network v6net")
+    assert r.resolve(Selector("52:54:00:ff:ff:ff"), 4) == Reason(
+        Reason.WAITING, "the domain has no NIC with MAC 52:54:00:ff:ff:ff")
 
 
 def test_libvirt_lookup_is_the_last_source(files: "tuple[str, str]") -> None:
@@ -172,7 +172,7 @@ def test_libvirt_lookup_is_the_last_source(files: "tuple[str, str]") -> None:
 
     r = resolver(files, lookup=lookup)
     assert r.resolve(Selector("52:54:00:aa:00:02"), 4) == ("192.168.150.44", "guest agent")
-    assert r.resolve(Selector(""), 4)[1] == "reservation on network default"
+    assert r.resolve(Selector(""), 4) == ("192.168.122.50", "reservation on network default")
     assert asked == [("52:54:00:aa:00:02", 4)]
 
 

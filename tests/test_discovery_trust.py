@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import pytest
 
 from portfwd import libvirtapi
 from portfwd.discover import Resolver, duid_mac
-from portfwd.engine import _refuse_shared_discoveries
+from portfwd.claims import refuse_shared_discoveries
 from portfwd.plan import Binding
-from portfwd.values import Selector
+from portfwd.values import Reason, Selector
 from portfwd.record import GuestState
 from test_discover import DOMAIN, HOST, ROUTES, V6_NETWORK, lay_out
 
@@ -39,7 +39,15 @@ def found(files: "tuple[str, str]", family: int, **kwargs: Any) -> Tuple[Optiona
     kwargs.setdefault("routes", ROUTES)
     kwargs.setdefault("local", HOST)
     r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000, **kwargs)
-    return r.resolve(Selector(VICTIM), family)
+    return outcome(r.resolve(Selector(VICTIM), family))
+
+
+def outcome(hit: Union[Tuple[str, str], Reason]) -> Tuple[Optional[str], str]:
+    """(address, source), or (None, why) where a refusal is REFUSED and the rest WAITING."""
+    if isinstance(hit, Reason):
+        assert hit.cause == (Reason.REFUSED if hit.text.startswith("refused ") else Reason.WAITING)
+        return None, hit.text
+    return hit
 
 
 @pytest.mark.parametrize("address, why", [
@@ -115,7 +123,7 @@ def test_ipv6_lease_by_a_duid_the_network_reserves(files: "tuple[str, str]") -> 
                          "expiry-time": 3000}])
     assert found(files, 6) == ("fd00:150::42", "reservation on network v6net")
     # with reservations left out of [options] discover, the lease of that DUID is found
-    assert found(files, 6, sources=("lease",)) == ("fd00:150::42", "lease on virbr6")
+    assert found(files, 6, discover=("lease",)) == ("fd00:150::42", "lease on virbr6")
 
 
 def test_duid_mac_reads_only_whole_link_layer_addresses() -> None:
@@ -148,7 +156,7 @@ def test_address_reserved_for_another_mac_or_used_by_another_guest(
     r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000,
                  routes=ROUTES, local=HOST)
     r.claimed = {"192.168.150.30": "db1"}
-    got, why = r.resolve(Selector(VICTIM), 4)
+    got, why = outcome(r.resolve(Selector(VICTIM), 4))
     assert got is None and why.endswith("the address of guest db1")
 
 
@@ -169,7 +177,7 @@ def test_two_running_guests_discovering_one_address_get_neither() -> None:
 
     wanted = {"a": state("a", "192.168.150.10", True), "b": state("b", "192.168.150.10", True),
               "c": state("c", "192.168.150.11", True)}
-    _refuse_shared_discoveries(wanted)
+    refuse_shared_discoveries(wanted)
     assert [len(wanted[g].bindings) for g in "abc"] == [0, 0, 1]
     assert str(wanted["a"].pending[0][1]) == ("refused 192.168.150.10 from lease on virbr6: also the"
                                          " address of guest b")
@@ -218,21 +226,21 @@ def test_agent_and_arp_are_asked_only_when_listed(allowed: Tuple[str, ...],
 
 
 def test_a_host_port_two_running_guests_claim_stays_with_the_first() -> None:
-    from portfwd.engine import _refuse_shared_keys
+    from portfwd.claims import refuse_shared_keys
 
     def state(guest: str) -> GuestState:
         b = Binding("fwd", 4, ("203.0.113.1", "tcp", 8080), "192.168.150.10", 80, guest, guest)
         return GuestState(guest, None, "portfwd", [b])
 
     wanted = {"web2": state("web2"), "web1": state("web1")}
-    _refuse_shared_keys(wanted)
+    refuse_shared_keys(wanted)
     assert [len(wanted[g].bindings) for g in ("web1", "web2")] == [1, 0]
     assert str(wanted["web2"].pending[0][1]).startswith(
         "host port 203.0.113.1:8080/tcp is held by guest web1")
 
 
 def test_a_range_and_a_port_inside_it_claimed_at_run_time_stay_with_one_guest() -> None:
-    from portfwd.engine import _refuse_shared_keys
+    from portfwd.claims import refuse_shared_keys
 
     def state(guest: str, port: "int | str") -> GuestState:
         b = Binding("fwd", 4, ("203.0.113.1", "tcp", port), "192.168.150.10",
@@ -240,6 +248,6 @@ def test_a_range_and_a_port_inside_it_claimed_at_run_time_stay_with_one_guest() 
         return GuestState(guest, None, "portfwd", [b])
 
     wanted = {"a": state("a", "5000-5010"), "b": state("b", 5005), "c": state("c", 5011)}
-    _refuse_shared_keys(wanted)
+    refuse_shared_keys(wanted)
     assert [len(wanted[g].bindings) for g in "abc"] == [1, 0, 1]
     assert "is held by guest a" in str(wanted["b"].pending[0][1])

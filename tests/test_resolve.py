@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple, cast
+from typing import Any, Dict, List, Optional, Tuple, Union, cast
 
 import pytest
 
@@ -24,9 +24,9 @@ class FakeRoutes:
 
 
 class FakeResolver:
-    """Answers selectors from a table: (selector, family) → (address, where/why)."""
+    """Answers selectors from a table: (selector, family) → (address, where) or Reason."""
 
-    def __init__(self, answers: Dict[Tuple[Selector, int], Tuple[Optional[str], str]],
+    def __init__(self, answers: Dict[Tuple[Selector, int], Union[Tuple[str, str], Reason]],
                  families: Tuple[int, ...] = (4, 6)) -> None:
         self.answers = answers
         self.families = families
@@ -35,9 +35,9 @@ class FakeResolver:
     def applies(self, selector: Selector, family: int) -> bool:
         return family in self.families
 
-    def resolve(self, selector: Selector, family: int) -> Tuple[Optional[str], str]:
+    def resolve(self, selector: Selector, family: int) -> Union[Tuple[str, str], Reason]:
         self.asked.append((selector, family))
-        return self.answers.get((selector, family), (None, "no lease yet"))
+        return self.answers.get((selector, family), Reason(Reason.WAITING, "no lease yet"))
 
 
 @pytest.fixture
@@ -126,5 +126,18 @@ def test_recorded_state_of_earlier_versions_loads() -> None:
     assert waiting[0].target == Selector("52:54:00:00:00:01")
     assert waiting[1].cause == Reason.WAITING and inactive[1].cause == Reason.INACTIVE
     again = st.to_json()
-    assert [p[:7] + p[8:] for p in again["pending"]] == raw["pending"]
+    assert [p[:7] for p in again["pending"]] == [p[:7] for p in raw["pending"]]
+    assert [p[8] for p in again["pending"]] == [  # written with the cause now
+        [Reason.WAITING, "no usable IPv4 address on listen interface eth0"],
+        [Reason.INACTIVE, "IPv6 is disabled on this host"]]
     assert GuestState.from_json(again).to_json() == again
+
+
+def test_a_refusal_keeps_its_cause(host: Dict[str, Optional[str]]) -> None:
+    """A refused discovered address waits as REFUSED (logged once), not as WAITING."""
+    sel = Selector("52:54:00:00:00:01")
+    refused = Reason(Reason.REFUSED, "refused 10.0.0.9 from lease on virbr0: outside the prefix")
+    b = Binding("any", 4, ("tcp", 80), sel, 80, "web1", C)
+    out = resolve([b], cast(Resolver, FakeResolver({(sel, 4): refused})),
+                  cast(hostnet.RouteTable, FakeRoutes({})))
+    assert out.bindings == [] and out.pending == [(b, refused)]

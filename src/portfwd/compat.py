@@ -40,10 +40,10 @@ ACCEPT_SPEC = ["-m", "conntrack", "--ctstate", "DNAT", "-m", "connmark", "--mark
 class Rule:
     """One rule of libvirt's inbound chain, as far as we care."""
 
-    __slots__ = ("kind", "bridge", "handle")
+    __slots__ = ("role", "bridge", "handle")
 
-    def __init__(self, kind: str, bridge: Optional[str], handle: int = 0) -> None:
-        self.kind = kind  # OURS, REJECT or OTHER
+    def __init__(self, role: str, bridge: Optional[str], handle: int = 0) -> None:
+        self.role = role  # OURS, REJECT or OTHER
         self.bridge = bridge
         self.handle = handle
 
@@ -62,7 +62,7 @@ class Firewall:
         self.firewalld_strict: Optional[str] = None  # the firewalld chain rejecting DNAT
 
 def _rejected(rules: List[Rule]) -> Set[str]:
-    return {r.bridge for r in rules if r.kind == REJECT and r.bridge}
+    return {r.bridge for r in rules if r.role == REJECT and r.bridge}
 
 
 # -- reading ------------------------------------------------------------------
@@ -130,14 +130,14 @@ def _legacy_chain_content(tool: str) -> Optional[str]:
 
 def _classify(rule: Dict[str, Any], ours: bool) -> Rule:
     exprs = rule.get("expr", [])
-    kind = OTHER
+    role = OTHER
     if ours:
-        kind = OURS
+        role = OURS
     elif any("reject" in e or "drop" in e
              or (e.get("xt", {}).get("type") == "target" and e["xt"].get("name") == "REJECT")
              for e in exprs):
-        kind = REJECT
-    return Rule(kind, _bridge_of(exprs), int(rule.get("handle", 0)))
+        role = REJECT
+    return Rule(role, _bridge_of(exprs), int(rule.get("handle", 0)))
 
 
 def _chain_rules(nft: Nft, family: str, table: str, chain: str) -> Optional[List[Dict[str, Any]]]:
@@ -171,8 +171,8 @@ def _legacy_rules(fam: int) -> Optional[List[Rule]]:
             continue
         bridge = words[words.index("-o") + 1] if "-o" in words else None
         target = words[words.index("-j") + 1] if "-j" in words else ""
-        kind = OURS if target == CHAIN else REJECT if target in ("REJECT", "DROP") else OTHER
-        rules.append(Rule(kind, bridge))
+        role = OURS if target == CHAIN else REJECT if target in ("REJECT", "DROP") else OTHER
+        rules.append(Rule(role, bridge))
     return rules
 
 
@@ -228,9 +228,9 @@ def _firewalld_strict(nft: Nft, chains: List[Dict[str, Any]]) -> Optional[str]:
 
 def _in_place(rules: List[Rule], need: List[str]) -> bool:
     """Our rules are exactly one per needed bridge, all at the head of the chain."""
-    ours = sorted(r.bridge or "" for r in rules if r.kind == OURS)
+    ours = sorted(r.bridge or "" for r in rules if r.role == OURS)
     head = rules[:len(need)]
-    return ours == need and all(r.kind == OURS for r in head)
+    return ours == need and all(r.role == OURS for r in head)
 
 
 def _needed(rules: List[Rule], wanted: Set[str]) -> List[str]:
@@ -259,7 +259,7 @@ def _iptables_changes(fw: Firewall, fam: int, wanted: Set[str]) -> List[List[str
         out.append([tool, "-w", "-A", CHAIN] + ACCEPT_SPEC)
     if rules is not None and not _in_place(rules, need):
         for r in rules:
-            if r.kind == OURS:
+            if r.role == OURS:
                 out.append([tool, "-w", "-D", "LIBVIRT_FWI", "-o", r.bridge or "", "-j", CHAIN])
         for bridge in reversed(need):
             out.append([tool, "-w", "-I", "LIBVIRT_FWI", "1", "-o", bridge, "-j", CHAIN])
@@ -296,7 +296,7 @@ def _nft_changes(fw: Firewall, fam: int, wanted: Set[str]) -> List[Command]:
     family = FAMILIES[fam]
     where = {"family": family, "table": "libvirt_network", "chain": "guest_input"}
     out: List[Command] = [{"delete": {"rule": dict(where, handle=r.handle)}}
-                          for r in rules if r.kind == OURS]
+                          for r in rules if r.role == OURS]
     mark = {"ct": {"key": "mark"}}
     for bridge in reversed(need):
         out.append({"insert": {"rule": dict(where, comment=COMMENT, expr=[
@@ -332,9 +332,9 @@ def seen(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[str]:
     out = []
     rejecting: Dict[int, Set[str]] = {4: set(), 6: set()}
     for fam, rules in sorted(fw.fwi.items()):
-        kind = "iptables-legacy" if fw.legacy.get(fam) else "iptables-nft"
+        backend = "iptables-legacy" if fw.legacy.get(fam) else "iptables-nft"
         rejecting[fam] |= _rejected(rules)
-        out.append(f"libvirt {kind} backend: table {FAMILIES[fam]} filter chain LIBVIRT_FWI"
+        out.append(f"libvirt {backend} backend: table {FAMILIES[fam]} filter chain LIBVIRT_FWI"
                    f" rejects {', '.join(sorted(_rejected(rules))) or 'no bridge'}")
     for fam, rules in sorted(fw.guest_input.items()):
         rejecting[fam] |= _rejected(rules)

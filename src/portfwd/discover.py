@@ -21,10 +21,11 @@ import os
 import time
 
 from .constants import DEFAULT_DISCOVER, DISCOVER_SOURCES
+from .values import Reason
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+    from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
     from xml.etree.ElementTree import Element
 
     from .hostnet import RouteTable as Routes
@@ -220,14 +221,14 @@ class Resolver:
 
     ``routes`` (interface_for) and ``local`` (the host's own addresses) are read
     from the kernel when not given; ``claimed`` maps addresses other running
-    guests use to their names; ``sources`` is ``[options] discover``.
+    guests use to their names; ``discover`` is ``[options] discover``.
     """
 
     def __init__(self, guest: str, xml: Optional[bytes], lookup: Optional[Lookup] = None,
                  lease_dir: str = LEASE_DIR, network_dirs: Tuple[str, ...] = NETWORK_DIRS,
                  now: Optional[float] = None, routes: Optional[Routes] = None,
                  local: Optional[Set[str]] = None,
-                 sources: Sequence[str] = DEFAULT_SOURCES) -> None:
+                 discover: Sequence[str] = DEFAULT_SOURCES) -> None:
         self.guest = guest
         self.nics = domain_nics(xml) if xml else []
         self.lookup = lookup
@@ -237,7 +238,7 @@ class Resolver:
         self.routes = routes
         self.local = local
         self.claimed: Dict[str, str] = {}
-        self.sources = tuple(sources)
+        self.discover = tuple(discover)
         self._networks: Dict[str, Optional[Network]] = {}
 
     def _network(self, name: Optional[str]) -> Optional[Network]:
@@ -260,41 +261,43 @@ class Resolver:
         network = self._network(nic.network) if nic else None
         return network is None or family in network.families
 
-    def resolve(self, selector: Selector, family: int) -> Tuple[Optional[str], str]:
-        """(address, where it came from), or (None, why there is none yet or why
-        what was found is refused)."""
+    def resolve(self, selector: Selector, family: int) -> Union[Tuple[str, str], Reason]:
+        """(address, where it came from), or the reason there is none yet
+        (``Reason.WAITING``) or why what was found is refused (``Reason.REFUSED``)."""
         mac, suffix = selector.mac, selector.suffix
         nic = self.nic(mac)
         if nic is None:
-            return None, (f"the domain has no NIC with MAC {mac}" if mac
+            return Reason(Reason.WAITING, f"the domain has no NIC with MAC {mac}" if mac
                           else "the domain has no NIC")
         network = self._network(nic.network)
         if network is None:
-            return None, (f"NIC {nic.mac} is not on a libvirt network whose definition portfwd"
+            return Reason(Reason.WAITING,
+                          f"NIC {nic.mac} is not on a libvirt network whose definition portfwd"
                           " can read (bridge " + (nic.bridge or "unknown") + "): set ipv4/ipv6"
                           " in forward.toml")
         if family == 6 and suffix:
             if network.prefix6 is None:
-                return None, (f"network {network.name} of NIC {nic.mac} has no IPv6"
-                              f" range to join suffix {suffix} to")
+                return Reason(Reason.WAITING, f"network {network.name} of NIC {nic.mac} has no"
+                                              f" IPv6 range to join suffix {suffix} to")
             value = _v6int(suffix)
             if value is None:
-                return None, f"{suffix} is not an IPv6 suffix"
+                return Reason(Reason.WAITING, f"{suffix} is not an IPv6 suffix")
             found: Optional[Tuple[str, str]] = (_v6str(network.prefix6[0] | value),
                                                 f"suffix on network {network.name}")
         else:
             found = None
-            if "reservation" in self.sources:
+            if "reservation" in self.discover:
                 found = self._reserved(nic, network, family)
-            if found is None and "lease" in self.sources:
+            if found is None and "lease" in self.discover:
                 found = self._leased(nic, network, family)
             if found is None and self.lookup is not None:
                 found = self.lookup(nic.mac, family)
         if found is None:
-            return None, f"no IPv{family} address yet for NIC {nic.mac} on network {network.name}"
+            return Reason(Reason.WAITING, f"no IPv{family} address yet for NIC {nic.mac}"
+                                          f" on network {network.name}")
         problem = self.vet(found[0], family, nic, network)
         if problem:
-            return None, f"refused {found[0]} from {found[1]}: {problem}"
+            return Reason(Reason.REFUSED, f"refused {found[0]} from {found[1]}: {problem}")
         return found
 
     def vet(self, address: str, family: int, nic: Nic, network: Network) -> Optional[str]:

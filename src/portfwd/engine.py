@@ -15,6 +15,7 @@ from __future__ import annotations
 
 
 from . import compat, display, hostnet, log, plan, rules, state
+from .claims import Claims, refuse_shared_discoveries, refuse_shared_keys
 from .errors import HostError
 from .nft import Nft
 from .constants import DEFAULT_TABLE, LAYOUT, TABLE_COMMENT, TABLE_MARK, UNMARKED_LAYOUT
@@ -117,7 +118,7 @@ class Engine:
             iface = self.routes.interface_for(b.address)
             if iface:
                 routed.add((b.family, iface))
-                if b.kind != "any" and str(b.key[0]).startswith("127."):
+                if b.via_loopback:
                     localnet.add(iface)
         return Bridges.of(st.table, routed, localnet)
 
@@ -291,10 +292,10 @@ class Engine:
         self._report(self.ensure_compat())
         return applied
 
-    def _prepare(self, resolver: Resolver, sources: Sequence[str],
+    def _prepare(self, resolver: Resolver, discover: Sequence[str],
                  claimed: Dict[str, str]) -> None:
         """What a resolver needs to vet discovered addresses against this host."""
-        resolver.sources = tuple(sources)
+        resolver.discover = tuple(discover)
         resolver.routes = self.routes
         resolver.claimed = claimed
 
@@ -313,7 +314,7 @@ class Engine:
         expand to one address): the newcomer's binding waits. A binding left from an
         earlier configuration gives way to the current one.
         """
-        held = _Claims()
+        held = Claims()
         others = [st for st in self.all_states() if st.guest != name and st.table == table]
         for st in others:
             for b in st.bindings:
@@ -324,7 +325,7 @@ class Engine:
             if holder is not None and self._still_claims(holder, b):
                 taken.append((b, holder))
         lost = {b for b, _ in taken}
-        mine = _Claims()
+        mine = Claims()
         for b in new:
             if b not in lost:
                 mine.add(b, name)
@@ -433,8 +434,8 @@ class Engine:
             if not found.empty:
                 wanted[guest.name] = GuestState(guest.name, guest.uuid, table, found.bindings,
                                                 found.pending, found.address_from, found.warnings)
-        _refuse_shared_discoveries(wanted)
-        _refuse_shared_keys(wanted)
+        refuse_shared_discoveries(wanted)
+        refuse_shared_keys(wanted)
         for st in wanted.values():
             _log_refusals(st.guest, before.get(st.guest), st)
         everything = [b for st in wanted.values() for b in st.bindings]
@@ -529,80 +530,6 @@ class Engine:
                 for b in plan.forwards_bindings([fwd], fwd.label):
                     rows.append(row(b, "guest not running"))
         return rows
-
-
-def _refuse_shared_discoveries(wanted: Dict[str, GuestState]) -> None:
-    """A discovered address that two running guests lead to belongs to neither: both
-    are refused (pending), so no guest can pull another's forward to itself."""
-    owners: Dict[str, Set[str]] = {}
-    for st in wanted.values():
-        for b in st.bindings:
-            owners.setdefault(b.address, set()).add(st.guest)
-    for st in wanted.values():
-        keep = []
-        for b in st.bindings:
-            others = sorted(owners[b.address] - {st.guest})
-            if others and b.address in st.address_from:  # discovered, and another guest has it
-                why = (f"refused {b.address} from {st.address_from[b.address]}: also the address of"
-                       f" guest {others[0]}")
-                st.pending.append((b, Reason(Reason.REFUSED, why)))
-            else:
-                keep.append(b)
-        st.bindings = keep
-
-
-def _slot(b: Binding) -> Tuple[Any, ...]:
-    """What two bindings must share to compete for host ports: all but the port(s)."""
-    return (b.kind, b.family) + tuple(b.key[:-1])
-
-
-class _Claims:
-    """Who holds which host ports, per slot: single ports in a dict (10,000 forwards
-    stay linear), ranges in a list (there are few)."""
-
-    def __init__(self) -> None:
-        self.single: Dict[Tuple[Any, ...], Dict[int, str]] = {}
-        self.ranges: Dict[Tuple[Any, ...], List[Tuple[int, int, str]]] = {}
-
-    def add(self, b: Binding, owner: str) -> None:
-        first, last = b.span()
-        if first == last:
-            self.single.setdefault(_slot(b), {})[first] = owner
-        else:
-            self.ranges.setdefault(_slot(b), []).append((first, last, owner))
-
-    def holder(self, b: Binding) -> Optional[str]:
-        """Who holds a port of ``b``'s span in its slot, if anyone."""
-        slot, (first, last) = _slot(b), b.span()
-        singles = self.single.get(slot, {})
-        if first == last:
-            if first in singles:
-                return singles[first]
-        else:
-            hit = next((owner for port, owner in singles.items() if first <= port <= last), None)
-            if hit is not None:
-                return hit
-        return next((owner for lo, hi, owner in self.ranges.get(slot, [])
-                     if lo <= last and first <= hi), None)
-
-
-def _refuse_shared_keys(wanted: Dict[str, GuestState]) -> None:
-    """Host ports two guests claim after their listen interfaces were expanded to
-    addresses (invisible in the file alone): the first guest by name keeps them."""
-    held = _Claims()
-    for name in sorted(wanted):
-        st = wanted[name]
-        keep = []
-        for b in st.bindings:
-            holder = held.holder(b)
-            if holder is None or holder == name:
-                held.add(b, name)
-                keep.append(b)
-            else:
-                st.pending.append((b, Reason(Reason.HELD, f"host port {display.listen_text(b)}/"
-                                                          f"{b.proto} is held by guest {holder};"
-                                                          " fix the configuration (`portfwd check`)")))
-        st.bindings = keep
 
 
 def _log_refusals(name: str, before: Optional[GuestState], now: GuestState) -> None:

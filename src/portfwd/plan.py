@@ -114,6 +114,12 @@ class Binding(Value):
         return daddr
 
     @property
+    def via_loopback(self) -> bool:
+        """Whether it listens on an IPv4 loopback address (127.0.0.0/8): DNAT from
+        there needs ``route_localnet`` on the bridge the guest is on."""
+        return self.family == 4 and self.listen.startswith("127.")
+
+    @property
     def sources(self) -> str:
         return str(self.key[1]) if self.kind == "src" else "*"
 

@@ -11,7 +11,7 @@ from .values import ListenIface, Reason, Selector
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Dict, List, Optional, Tuple
+    from typing import Dict, List, Optional, Tuple, Union
 
     from .discover import Resolver
 
@@ -23,7 +23,7 @@ def resolve(bindings: List[Binding], resolver: Optional[Resolver],
     stand for; what cannot be applied waits in ``pending`` with the reason
     (IPv6 on a host or bridge where it is disabled: ``Reason.INACTIVE``)."""
     out = GuestState("", None, "", [])
-    found: Dict[Tuple[Selector, int], Tuple[Optional[str], str]] = {}
+    found: Dict[Tuple[Selector, int], Union[Tuple[str, str], Reason]] = {}
     listens: Dict[Tuple[str, int], List[str]] = {}
     ipv6_off: Dict[str, Optional[str]] = {}  # target → why IPv6 cannot reach it
     for planned in bindings:
@@ -34,12 +34,14 @@ def resolve(bindings: List[Binding], resolver: Optional[Resolver],
                 key = (b.target, b.family)
                 if key not in found:
                     found[key] = (resolver.resolve(b.target, b.family) if resolver is not None
-                                  else (None, "no domain XML to find the guest's NIC in"))
-                address, why = found[key]
-                if address is None:
-                    out.pending.append((b, Reason.from_text(why)))
+                                  else Reason(Reason.WAITING,
+                                              "no domain XML to find the guest's NIC in"))
+                hit = found[key]
+                if isinstance(hit, Reason):
+                    out.pending.append((b, hit))
                     continue
-                out.address_from[address] = why
+                address, source = hit
+                out.address_from[address] = source
                 b = b.with_target(address)
             if b.family == 6:
                 if b.address not in ipv6_off:

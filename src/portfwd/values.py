@@ -3,8 +3,9 @@ module would parse again. Plain ``__slots__`` classes: the hook imports this
 module on every guest start, and they cost nothing to import.
 
 On disk (the compiled configuration, the recorded guest state) some of them are
-still written as the text earlier versions wrote (``?mac=…&suffix=…``, ``@eth0``,
-``inactive: …``); ``from_text`` here is the only place that reads that text.
+still written as text (``?mac=…&suffix=…``, ``@eth0``; a pending reason as
+``inactive: …`` by earlier versions, now as ``[cause, text]``); ``from_text``
+here is the only place that reads that text.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class Reason(Value):
 
     @classmethod
     def from_text(cls, text: str) -> "Reason":
-        """A reason as written on disk (which does not record the cause)."""
+        """A reason as earlier versions wrote it on disk, without its cause."""
         if text.startswith(cls._PREFIX):
             return cls(cls.INACTIVE, text[len(cls._PREFIX):])
         if text.startswith("refused "):
