@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .discover import Nic
+
 
 class Check:
     """One layer's verdict: ``ok``, what was seen (``detail``) and, if not ok, ``fix``."""
@@ -29,17 +31,6 @@ class Check:
     def to_json(self) -> Dict[str, object]:
         return {"layer": self.layer, "guest": self.guest, "ok": self.ok, "detail": self.detail,
                 "fix": self.fix}
-
-
-class Nic:
-    """A guest NIC as its live domain XML describes it."""
-
-    __slots__ = ("mac", "bridge", "tap")
-
-    def __init__(self, mac: str, bridge: Optional[str], tap: Optional[str]) -> None:
-        self.mac = mac
-        self.bridge = bridge
-        self.tap = tap
 
 
 class Link:

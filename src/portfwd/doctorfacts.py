@@ -23,7 +23,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from . import compat, hostnet, libvirtapi, plan
 from .constants import MARK
-from .doctor import GuestFacts, HostFacts, Link, Nic, Packet, Target, chain_verdict
+from .discover import domain_nics
+from .doctor import GuestFacts, HostFacts, Link, Packet, Target, chain_verdict
 from .engine import Engine
 from .model import Config
 from .status import live_elements, live_state
@@ -84,25 +85,6 @@ def domains_from_status_files(folder: str) -> Optional[Dict[str, bytes]]:
                     out[name[:-4]] = f.read()
             except OSError:
                 continue
-    return out
-
-
-def domain_nics(xml: bytes) -> List[Nic]:
-    """MAC, bridge and tap (``<target dev>``) of each NIC of a domain XML."""
-    from xml.etree import ElementTree
-
-    try:
-        root = ElementTree.fromstring(xml)
-    except ElementTree.ParseError:
-        return []
-    out = []
-    for iface in root.iter("interface"):
-        mac, source, target = iface.find("mac"), iface.find("source"), iface.find("target")
-        if mac is None or not mac.get("address"):
-            continue
-        out.append(Nic(str(mac.get("address")).lower(),
-                       source.get("bridge") if source is not None else None,
-                       target.get("dev") if target is not None else None))
     return out
 
 
