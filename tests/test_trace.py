@@ -93,7 +93,9 @@ def test_no_dnat_means_the_host_takes_it(tlab: Lab, pf: PortfwdHost) -> None:
 
 def test_an_unknown_forward_is_a_located_error(tlab: Lab, pf: PortfwdHost) -> None:
     r = run_trace(pf, "9999")
-    assert r.returncode == 1 and b"no applied IPv4 forward of host port 9999/tcp" in r.stderr
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.decode().strip() == ("guest web1: no applied IPv4 forward of host port 9999/tcp"
+                                         " (see portfwd status; portfwd doctor web1)")
 
 
 def test_ctrl_c_leaves_no_trace_table(tlab: Lab, pf: PortfwdHost) -> None:

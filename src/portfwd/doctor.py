@@ -14,6 +14,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .discover import Nic
 
+EXIT_BROKEN = 5  # a layer failed (cli.py's codes 0-4 mean other things)
+
 
 class Check:
     """One layer's verdict: ``ok``, what was seen (``detail``) and, if not ok, ``fix``."""
@@ -133,8 +135,6 @@ def host_checks(host: HostFacts, families: Sequence[int]) -> List[Check]:
 
 # -- guest layers -----------------------------------------------------------------
 
-MAC_OK = None
-EXIT_BROKEN = 5  # a layer failed (cli.py: 0-4 are taken)
 
 
 def mac_problem(mac: str) -> Optional[str]:
@@ -147,7 +147,7 @@ def mac_problem(mac: str) -> Optional[str]:
         return "is a multicast address (bit 0 of the first octet set)"
     if all(int(p, 16) == 0 for p in parts):
         return "is all zero"
-    return MAC_OK
+    return None
 
 
 def _running(g: GuestFacts) -> Check:

@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 from . import compat, hostnet, libvirtapi, plan
 from .constants import MARK
 from .discover import domain_nics
-from .doctor import GuestFacts, HostFacts, Link, Packet, Target, chain_verdict
+from .doctor import Check, GuestFacts, HostFacts, Link, Packet, Target, chain_verdict
 from .engine import Engine
 from .model import Config
 from .status import live_elements, live_state
@@ -330,7 +330,7 @@ def _uuid(xml: bytes) -> Optional[str]:
 
 
 def diagnose(config_path: str, guest: Optional[str], uri: str,
-             status_dir: Optional[str]) -> List[Any]:
+             status_dir: Optional[str]) -> List[Check]:
     """Every layer's check, in the packet's order (see doctor.walk). The running
     domains come from ``status_dir`` when given, else from libvirt (bounded wait),
     else from libvirt's status files."""

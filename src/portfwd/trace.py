@@ -271,7 +271,7 @@ def _forward(engine: Engine, guest: str, port: int, proto: str, family: int
             gport = port if b.is_range else b.port
             return b.listen, b.address, gport
     raise ConfigError([f"guest {guest}: no applied IPv{family} forward of host port {port}/{proto}"
-                       " (see portfwd status; portfwd doctor {guest})"])
+                       f" (see portfwd status; portfwd doctor {guest})"])
 
 
 def _listen_address(listen: str, family: int, bridge: Optional[str]) -> str:
