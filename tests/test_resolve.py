@@ -141,3 +141,15 @@ def test_a_refusal_keeps_its_cause(host: Dict[str, Optional[str]]) -> None:
     out = resolve([b], cast(Resolver, FakeResolver({(sel, 4): refused})),
                   cast(hostnet.RouteTable, FakeRoutes({})))
     assert out.bindings == [] and out.pending == [(b, refused)]
+
+
+def test_a_removal_in_progress_is_recorded_and_read_back() -> None:
+    """Bindings being removed stay on record (not as applied) until the removal ends."""
+    from portfwd.record import GuestState
+
+    b = Binding("any", 4, ("tcp", 8080), "192.168.122.10", 80, "web1", C, "forward[0].ports[0]")
+    st = GuestState("web1", None, "portfwd", [], removing=[b])
+    assert not st.empty and st.bindings == []
+    again = GuestState.from_json(st.to_json())
+    assert again.removing == [b] and again.bindings == []
+    assert "removing" not in GuestState("web1", None, "portfwd", [b]).to_json()

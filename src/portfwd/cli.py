@@ -19,6 +19,7 @@ from typing import Callable, List, Optional
 
 from . import display, libvirtapi, log, state
 from .config import load
+from .discover import status_files_tell
 from .engine import Engine
 from .errors import BugError, ConfigError, HostError
 from .model import Config, Where
@@ -85,7 +86,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         conn.close()
     with state.locked():
         engine = Engine(config.path)
-        bindings = engine.sync(config, guests, dry_run=args.dry_run, resolvers=resolvers)
+        bindings = engine.sync(config, guests, dry_run=args.dry_run, resolvers=resolvers,
+                               settle=status_files_tell(args.connect))
         if not args.dry_run:
             engine.compile()
     if args.dry_run:

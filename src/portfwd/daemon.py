@@ -17,7 +17,7 @@ import time
 from typing import Any, Optional, Tuple
 
 from . import libvirtapi, log, state
-from .discover import LEASE_DIR
+from .discover import LEASE_DIR, status_files_tell
 from .engine import Engine
 from .errors import ConfigError, HostError
 
@@ -102,7 +102,8 @@ class Daemon:
         # everything libvirt knows is asked now, never under the lock (see running_guests)
         guests, resolvers = libvirtapi.running_guests(self.conn, config)
         with state.locked(self.engine.root):
-            bindings = self.engine.sync(config, guests, resolvers=resolvers)
+            bindings = self.engine.sync(config, guests, resolvers=resolvers,
+                                        settle=status_files_tell(self.uri))
             pending = sum(len(st.pending) for st in self.engine.all_states())
         log.info(f"synced: {len(bindings)} forward(s) for {len({b.guest for b in bindings})}"
                  f" guest(s)" + (f", {pending} waiting for an address" if pending else ""))

@@ -67,6 +67,13 @@ class Network:
         self.subnets: List[Tuple[int, int, int]] = []  # (family, network as int, length)
 
 
+def status_files_tell(uri: str) -> bool:
+    """Whether libvirt's QEMU status files describe the guests of connection ``uri``
+    (the system driver, which runs the hooks; or the folder tests point to)."""
+    return bool(os.environ.get(ENV_QEMU_STATUS_DIR)) or uri.split("?")[0] in (
+        "qemu:///system", "qemu+unix:///system")
+
+
 def running_domain(name: str) -> Optional[bool]:
     """Whether libvirt's QEMU driver runs domain ``name``, from the status file it keeps
     (no libvirt call); None when that cannot be told (no such folder on this host)."""

@@ -269,7 +269,7 @@ class Engine:
         _log_refusals(name, old_state, wanted)
         if old_state is None and wanted.empty:
             return wanted
-        old = old_state.bindings if old_state else []
+        old = old_state.bindings + old_state.removing if old_state else []
         if old_state and old_state.table != table:  # the configuration renamed the table
             if old and self.table_owner(old_state.table):
                 self._apply_with_layout(old_state.table,
@@ -365,13 +365,13 @@ class Engine:
         old_state = self.read_state(name)
         if old_state is None:
             return 0
-        # forget first: killed halfway, what stays in the kernel is an orphan that the
-        # next rebuild (reapply, sync) drops, never a record that brings it back
-        self.write_states([GuestState(name, old_state.uuid, old_state.table, [])])
-        if old_state.bindings and (self._layout_known(old_state.table)
-                                   or self.table_owner(old_state.table)):
-            self._apply_with_layout(old_state.table,
-                                    rules.guest_update(old_state.table, old_state.bindings, []))
+        table, doomed = old_state.table, old_state.bindings + old_state.removing
+        # recorded as being removed first: killed halfway, the next stop or rebuild
+        # (reapply, sync) takes out what is left, and nothing brings it back
+        self.write_states([GuestState(name, old_state.uuid, table, [], removing=doomed)])
+        if doomed and (self._layout_known(table) or self.table_owner(table)):
+            self._apply_with_layout(table, rules.guest_update(table, doomed, []))
+        self.write_states([GuestState(name, old_state.uuid, table, [])])
         self._report(self.ensure_compat())
         return len(old_state.bindings)
 
@@ -400,14 +400,23 @@ class Engine:
         self.nft.apply(cmds)
         for table in tables:
             self._built(table)
+        self.write_states([GuestState(st.guest, st.uuid, st.table, st.bindings, st.pending,
+                                      st.address_from, st.warnings)
+                           for st in states if st.removing])  # rebuilt without them: done
         self._report(self.ensure_compat(self.wanted_bridges(recompute=True)))
         return everything
 
     def sync(self, config: Config, guests: Iterable[Guest], dry_run: bool = False,
-             resolvers: Optional[Dict[str, Resolver]] = None) -> List[Binding]:
+             resolvers: Optional[Dict[str, Resolver]] = None,
+             settle: bool = False) -> List[Binding]:
         """Make the table hold exactly the forwards of ``guests``, in one transaction
-        (``resolvers``: per guest name, for addresses found when the guest runs)."""
+        (``resolvers``: per guest name, for addresses found when the guest runs;
+        ``settle``: libvirt's status files tell which guests started or stopped
+        since ``guests`` was asked, see ``_settled``)."""
         table = config.options.table
+        old_states = self.all_states()
+        guests, started_since = (_settled(list(guests), old_states) if settle
+                                 else (list(guests), []))
         by_name: Dict[str, List[Forward]] = {}
         by_uuid: Dict[str, List[Forward]] = {}
         for fwd in config.forwards:
@@ -423,9 +432,10 @@ class Engine:
         # addresses the configuration gives are the admin's word: no guest may discover them
         explicit = {b.target: b.guest for bindings in planned.values() for b in bindings
                     if isinstance(b.target, str)}
-        old_states = self.all_states()
         before = {st.guest: st for st in old_states}
-        wanted: Dict[str, GuestState] = {}
+        # a guest started since libvirt was asked: the record its hook just wrote stands
+        wanted: Dict[str, GuestState] = {st.guest: st for st in started_since
+                                         if st.table == table}
         for guest in guests:
             resolver = (resolvers or {}).get(guest.name)
             if resolver is not None:
@@ -540,6 +550,18 @@ def _log_refusals(name: str, before: Optional[GuestState], now: GuestState) -> N
                              if why.cause in (Reason.REFUSED, Reason.HELD)):
         if why not in seen:
             log.warning(f"guest {name}: {why}")
+
+
+def _settled(listed: List[Guest], recorded: List[GuestState]
+             ) -> Tuple[List[Guest], List[GuestState]]:
+    """Libvirt was asked before portfwd's lock was taken, and a hook may have run
+    since. Where libvirt's status files tell (``running_domain``): a listed guest
+    whose file is gone has stopped since (left out); a recorded guest that was not
+    listed but has a file has started since (returned: its record stands)."""
+    names = {g.name for g in listed}
+    still = [g for g in listed if running_domain(g.name) is not False]
+    started = [st for st in recorded if st.guest not in names and running_domain(st.guest)]
+    return still, started
 
 
 def _same(a: Optional[GuestState], b: GuestState) -> bool:

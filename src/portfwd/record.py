@@ -15,12 +15,14 @@ class GuestState:
     bindings in the kernel, where each address came from, and the bindings
     still waiting for an address (each with the reason)."""
 
-    __slots__ = ("guest", "uuid", "table", "bindings", "pending", "address_from", "warnings")
+    __slots__ = ("guest", "uuid", "table", "bindings", "pending", "address_from", "warnings",
+                 "removing")
 
     def __init__(self, guest: str, uuid: Optional[str], table: str, bindings: List[Binding],
                  pending: Optional[List[Tuple[Binding, Reason]]] = None,
                  address_from: Optional[Dict[str, str]] = None,
-                 warnings: Optional[List[str]] = None) -> None:
+                 warnings: Optional[List[str]] = None,
+                 removing: Optional[List[Binding]] = None) -> None:
         self.guest = guest
         self.uuid = uuid
         self.table = table
@@ -28,16 +30,20 @@ class GuestState:
         self.pending = pending or []  # (binding, why it is not applied)
         self.address_from = address_from or {}  # discovered address → where it came from
         self.warnings = warnings or []  # e.g. a tentative listen address skipped
+        # bindings being removed, possibly still in the kernel (a removal killed halfway):
+        # the next removal or rebuild takes them out, nothing brings them back
+        self.removing = removing or []
 
     @property
     def empty(self) -> bool:
-        return not self.bindings and not self.pending
+        return not self.bindings and not self.pending and not self.removing
 
     def to_json(self) -> Dict[str, Any]:
         return {"guest": self.guest, "uuid": self.uuid, "table": self.table,
                 "bindings": [b.to_json() for b in self.bindings],
                 "pending": [b.to_json() + [[why.cause, why.text]] for b, why in self.pending],
-                "address_from": self.address_from, "warnings": self.warnings}
+                "address_from": self.address_from, "warnings": self.warnings,
+                **({"removing": [b.to_json() for b in self.removing]} if self.removing else {})}
 
     @classmethod
     def from_json(cls, raw: Dict[str, Any]) -> "GuestState":
@@ -46,7 +52,8 @@ class GuestState:
                    [(Binding.from_json(p[:-1]), _reason(p[-1])) for p in raw.get("pending", [])],
                    {str(k): str(v)  # "sources": as earlier versions named it
                     for k, v in raw.get("address_from", raw.get("sources", {})).items()},
-                   [str(w) for w in raw.get("warnings", [])])
+                   [str(w) for w in raw.get("warnings", [])],
+                   [Binding.from_json(b) for b in raw.get("removing", [])])
 
 
 def _reason(raw: Any) -> Reason:
