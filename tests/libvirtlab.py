@@ -15,6 +15,11 @@ this checkout) bound over /etc/libvirt and tmpfs over /run/libvirt,
 portfwd all run in it (``argv``): a libvirtd of the host, its hooks (portfwd's
 own, if installed), its domains and its files are neither seen nor touched.
 
+Two or more labs can share one ``Lan`` (a namespace with a bridge, the client on
+it) instead of a client each: hosts of a fleet, whose libvirtds listen on TCP so
+that a guest migrates between them (``migrate``). A guest started with ``boot``
+files runs a kernel of its own (tests/guestimage.py), network stack included.
+
 Everything started here is stopped by PID; the namespace, and with it every
 file libvirt wrote, goes with the holder.
 """
@@ -27,7 +32,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+import uuid
+from typing import Dict, List, Optional, Tuple
 
 from netlab import CLIENT4, CLIENT6, HOST4, HOST6, plug_and_wait, run, standin_namespace
 
@@ -37,6 +43,14 @@ PIDFILES = [LIBVIRTD_PID, VIRTLOGD_PID]
 PRIVATE = ["/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt"]
 HOOK_FILES = ["/etc/libvirt/hooks/qemu.d/portfwd", "/etc/libvirt/hooks/network.d/portfwd"]
 URI = "qemu:///system"
+CONSOLE_LOG = "/run/libvirt/qemu/{name}-console.log"
+Boot = Tuple[str, str, str]  # kernel, initramfs, kernel command line
+HOOK_LOG = "/run/libvirt/pf-hooks.log"
+# qemu.d/0-record, run by libvirt before portfwd's hook: one line per call, wall-clock time first
+RECORD_HOOK = f"""#!/bin/sh
+cat >/dev/null
+echo "$(date +%s.%N) $*" >>{HOOK_LOG}
+"""
 # run by the holder: the mounts above, then wait
 MOUNTS = """set -e
 cp -a /etc/libvirt/. "$1/"
@@ -59,13 +73,22 @@ NET6_XML = """<network>
 """
 
 
-def domain_xml(name: str, network: str, mac: str) -> str:
+def domain_xml(name: str, network: str, mac: str, boot: Optional[Boot] = None) -> str:
+    """A diskless domain; with ``boot`` (kernel, initramfs, command line) it runs that
+    kernel, its serial console written to CONSOLE_LOG (in the lab's mount namespace)."""
+    kernel, memory, console = "", 64, ""
+    if boot is not None:
+        kernel = (f"<kernel>{boot[0]}</kernel><initrd>{boot[1]}</initrd>"
+                  f"<cmdline>{boot[2]}</cmdline>")
+        memory = 128
+        console = (f"<serial type='file'><source path='{CONSOLE_LOG.format(name=name)}'/>"
+                   "</serial>")
     return f"""<domain type='qemu'>
   <name>{name}</name>
-  <memory unit='MiB'>64</memory>
+  <memory unit='MiB'>{memory}</memory>
   <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
+  <os><type arch='x86_64' machine='pc'>hvm</type>{kernel}</os>
+  <devices>{console}
     <interface type='network'>
       <source network='{network}'/>
       <mac address='{mac}'/>
@@ -108,10 +131,50 @@ def stop_pid(pid: Optional[int], timeout: float = 10) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def host_addresses(n: int) -> Tuple[str, str]:
+    """The uplink addresses of host number ``n`` (1: HOST4 and HOST6; 2 is the client's)."""
+    return f"203.0.113.{n}", f"2001:db8:1::{n}"
+
+
+class Lan:
+    """A namespace whose bridge ``lan`` joins the uplinks of several labs, with the client's
+    addresses on that bridge: the LAN of a fleet, and a client on it."""
+
+    def __init__(self) -> None:
+        self.ns = f"pfv{os.getpid() % 100000}n"
+        try:
+            run("ip", "netns", "add", self.ns)
+            self._in("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
+                     "net.ipv6.conf.default.accept_dad=0")
+            self._in("ip", "link", "set", "lo", "up")
+            self._in("ip", "link", "add", "lan", "type", "bridge")
+            self._in("ip", "addr", "add", f"{CLIENT4}/24", "dev", "lan")
+            self._in("ip", "addr", "add", f"{CLIENT6}/64", "dev", "lan", "nodad")
+            self._in("ip", "link", "set", "lan", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    def _in(self, *cmd: str) -> None:
+        run("ip", "netns", "exec", self.ns, *cmd)
+
+    def close(self) -> None:
+        run("ip", "netns", "del", self.ns, check=False)
+
+
 class LibvirtLab:
-    def __init__(self, base: str) -> None:
-        tag = f"pfv{os.getpid() % 100000}"
-        self.lab, self.client = f"{tag}l", f"{tag}c"
+    def __init__(self, base: str, lan: Optional[Lan] = None, host: int = 1,
+                 record_hooks: bool = False) -> None:
+        """A lab whose uplink leads to a client namespace of its own, or with ``lan`` to
+        that LAN as host number ``host``: its libvirtd then also listens on TCP (auth
+        none), with a host UUID of its own, so that guests migrate between such labs.
+        ``record_hooks``: every qemu hook call is recorded (``hook_calls``)."""
+        self.record_hooks = record_hooks
+        tag = f"pfv{os.getpid() % 100000}{'' if host == 1 else host}"
+        self.lab = f"{tag}l"
+        self.client = lan.ns if lan else f"{tag}c"
+        self.lan, self.host = lan, host
+        self.host4, self.host6 = host_addresses(host)
         self.standins: List[str] = []
         self.base = base
         self.config = os.path.join(base, "etc", "forward.toml")
@@ -142,6 +205,10 @@ class LibvirtLab:
             assert self.holder.stderr is not None
             raise RuntimeError(f"private mounts failed: {self.holder.stderr.read().decode()}")
         self.etc = etc
+        if self.lan:  # TCP for migrations; "the same host" is judged by host_uuid
+            with open(os.path.join(etc, "libvirtd.conf"), "a") as f:
+                f.write(f'\nlisten_tls = 0\nlisten_tcp = 1\nauth_tcp = "none"\n'
+                        f'host_uuid = "{uuid.uuid4()}"\n')
 
     def path(self, path: str) -> str:
         """``path`` as the lab's libvirtd sees it, from outside its mount namespace."""
@@ -165,21 +232,25 @@ class LibvirtLab:
 
     def _build(self) -> None:
         self._enter_private_files()
-        for ns in (self.lab, self.client):
+        for ns in (self.lab,) if self.lan else (self.lab, self.client):
             run("ip", "netns", "add", ns)
             self.ns(ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
                     "net.ipv6.conf.default.accept_dad=0")
             self.ns(ns, "ip", "link", "set", "lo", "up")
-        self.ns(self.lab, "ip", "link", "add", "uplink", "type", "veth", "peer", "name", "eth0",
+        far = f"up{self.host}" if self.lan else "eth0"
+        self.ns(self.lab, "ip", "link", "add", "uplink", "type", "veth", "peer", "name", far,
                 "netns", self.client)
-        self.ns(self.lab, "ip", "addr", "add", f"{HOST4}/24", "dev", "uplink")
-        self.ns(self.lab, "ip", "addr", "add", f"{HOST6}/64", "dev", "uplink")
+        self.ns(self.lab, "ip", "addr", "add", f"{self.host4}/24", "dev", "uplink")
+        self.ns(self.lab, "ip", "addr", "add", f"{self.host6}/64", "dev", "uplink")
         self.ns(self.lab, "ip", "link", "set", "uplink", "up")
-        self.ns(self.client, "ip", "addr", "add", f"{CLIENT4}/24", "dev", "eth0")
-        self.ns(self.client, "ip", "addr", "add", f"{CLIENT6}/64", "dev", "eth0")
-        self.ns(self.client, "ip", "link", "set", "eth0", "up")
-        self.ns(self.client, "ip", "route", "add", "default", "via", HOST4)
-        self.ns(self.client, "ip", "-6", "route", "add", "default", "via", HOST6)
+        if self.lan:
+            self.ns(self.client, "ip", "link", "set", far, "master", "lan", "up")
+        else:
+            self.ns(self.client, "ip", "addr", "add", f"{CLIENT4}/24", "dev", "eth0")
+            self.ns(self.client, "ip", "addr", "add", f"{CLIENT6}/64", "dev", "eth0")
+            self.ns(self.client, "ip", "link", "set", "eth0", "up")
+            self.ns(self.client, "ip", "route", "add", "default", "via", HOST4)
+            self.ns(self.client, "ip", "-6", "route", "add", "default", "via", HOST6)
         # portfwd installed the way users install it, with the test's config and state paths
         os.makedirs(os.path.dirname(self.config), mode=0o755)
         with open(self.config, "w") as f:
@@ -190,6 +261,11 @@ class LibvirtLab:
         for path in HOOK_FILES:  # into the lab's private copy of /etc/libvirt
             shutil.copy2(os.path.join(self.base, "r", path.lstrip("/")),
                          os.path.join(self.etc, path[len("/etc/libvirt/"):]))
+        if self.record_hooks:
+            recorder = os.path.join(self.etc, "hooks", "qemu.d", "0-record")
+            with open(recorder, "w") as f:
+                f.write(RECORD_HOOK)
+            os.chmod(recorder, 0o755)
         self.start_daemons()
 
     def start_daemons(self) -> None:
@@ -203,7 +279,8 @@ class LibvirtLab:
         self._start_libvirtd()
 
     def _start_libvirtd(self) -> None:
-        self.ns(self.lab, "libvirtd", "-d", "-p", LIBVIRTD_PID)
+        listen = ["--listen"] if self.lan else []
+        self.ns(self.lab, "libvirtd", "-d", *listen, "-p", LIBVIRTD_PID)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.virsh("version", check=False).returncode == 0:
@@ -246,15 +323,33 @@ class LibvirtLab:
     def plug(self, peer: str, bridge: str) -> None:
         plug_and_wait(self.ns, self.lab, peer, bridge)
 
-    def start(self, name: str, network: str, mac: str) -> None:
+    def start(self, name: str, network: str, mac: str, boot: Optional[Boot] = None) -> None:
         """Define the domain (once) and start it."""
         if name not in self.domains:
             path = os.path.join(self.base, f"{name}.xml")
             with open(path, "w") as f:
-                f.write(domain_xml(name, network, mac))
+                f.write(domain_xml(name, network, mac, boot))
             self.virsh("define", path)
             self.domains.append(name)
         self.virsh("start", name)
+
+    def hook_calls(self) -> List[Tuple[float, str]]:
+        """(wall-clock time, "GUEST OP SUBOP EXTRA") of every qemu hook call so far."""
+        try:
+            with open(self.path(HOOK_LOG)) as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return []
+        return [(float(t), args) for t, args in (line.split(" ", 1) for line in lines)]
+
+    def migrate(self, name: str, to: "LibvirtLab") -> subprocess.CompletedProcess[bytes]:
+        """``virsh migrate --live`` of running domain ``name`` to lab ``to`` (both on one
+        Lan), libvirt's connection and QEMU's stream over the LAN."""
+        r = run(*self.argv(self.lab, "virsh", "-q", "-c", URI, "migrate", "--live", name,
+                           f"qemu+tcp://{to.host4}/system", f"tcp://{to.host4}"), check=False)
+        if r.returncode == 0:
+            to.domains.append(name)  # for close(): it runs there now
+        return r
 
     # -- teardown ---------------------------------------------------------------
     def close(self) -> None:
@@ -276,7 +371,7 @@ class LibvirtLab:
                 os.rmdir(path)
             except OSError:
                 pass
-        for ns in self.standins + [self.client, self.lab]:
+        for ns in self.standins + ([] if self.lan else [self.client]) + [self.lab]:
             run("ip", "netns", "del", ns, check=False)
 
     @staticmethod

@@ -10,6 +10,9 @@ holds a golden copy). The table, per family F (4, 6):
 - ``fwdF_range``, ``anyF_range``, ``srcF_range``: the same keys with a port
   *interval* → guest address only, for ranges whose host and guest ports are
   equal: one element per range, and the DNAT keeps the destination port
+- ``hairpin``: the bridges whose hairpin connections are masqueraded
+- ``managed_by_portfwd``: an empty set whose comment marks the table as portfwd's
+  (``constants.MARKER_SET``; the table carries the same comment)
 
 One rule per map pair (and one per range map) in chain ``prerouting`` DNATs
 through them, so the cost per packet does not grow with the number of
@@ -22,7 +25,8 @@ host ports is stored port by port (``portspec.SHIFTED_MAX`` ports at most).
 
 from __future__ import annotations
 
-from .constants import HAIRPIN_MARK, HAIRPIN_SET, KINDS, MARK, PRIORITY, PROTOCOLS, TABLE_COMMENT
+from .constants import (HAIRPIN_MARK, HAIRPIN_SET, KINDS, MARK, MARKER_SET, PRIORITY,
+                        PROTOCOLS, TABLE_COMMENT)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -97,6 +101,9 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
                 cmds.append({"add": {"map": spec}})
     cmds.append({"add": {"set": {"family": "inet", "table": table, "name": HAIRPIN_SET,
                                  "type": ["ifname", "ifname"]}}})
+    # portfwd's marker: nft.create_table gives it the comment (JSON cannot on nftables 1.0.6)
+    cmds.append({"add": {"set": {"family": "inet", "table": table, "name": MARKER_SET,
+                                 "type": "inet_service", "comment": TABLE_COMMENT}}})
     chains = [("prerouting", "nat", "prerouting", PRIORITY),
               ("output", "nat", "output", PRIORITY),
               ("forward", "filter", "forward", -5),  # marks only: before others' filters
@@ -213,6 +220,8 @@ def _range_rule(kind: str, family: int) -> List[Dict[str, Any]]:
 
 
 def _key_json(b: Binding) -> Dict[str, Any]:
+    if b.kind != "src" and isinstance(b.key[-1], int):  # addresses, protocol, port as they are
+        return {"concat": list(b.key)}
     parts: List[Any] = []
     for i, part in enumerate(b.key):
         if b.kind == "src" and i < 2:
@@ -233,12 +242,13 @@ def _elements(table: str, bindings: Iterable[Binding], op: str) -> List[Command]
         key = _key_json(b)
         values: Tuple[Tuple[str, Any], ...] = ((("range", b.address),) if b.is_range
                                                else (("ip", b.address), ("port", b.port)))
+        elem = {"elem": {"val": key, "comment": b.comment}}  # shared by the maps
         for what, value in values:
             name = map_name(b.kind, b.family, what)
             if op == "delete":
                 grouped.setdefault(name, []).append(key)
             else:
-                grouped.setdefault(name, []).append([{"elem": {"val": key, "comment": b.comment}}, value])
+                grouped.setdefault(name, []).append([elem, value])
     return [{op: {"element": {"family": "inet", "table": table, "name": name, "elem": elems}}}
             for name, elems in sorted(grouped.items())]
 

@@ -36,11 +36,13 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import TracebackType
-    from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
+    from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, TypeVar
 
     from .bridgeport import Records
     from .plan import Template
-    from .record import GuestState
+    from .record import GuestState, Recorded
+
+    T = TypeVar("T")
     from .values import Bridges
 
 DEFAULT_CONFIG = "/etc/portfwd/forward.toml"
@@ -209,6 +211,11 @@ def _remove(path: str) -> None:
         pass
 
 
+def _stat_key(st: os.stat_result) -> Tuple[int, int, int]:
+    """Tells one version of a file from another (write_atomic renames a new inode in)."""
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def lock_holder(fd: int) -> str:
     """The pid holding a ``flock`` on ``fd``'s file, from /proc/locks ("" if unknown)."""
     try:
@@ -295,6 +302,9 @@ class Store:
 
     def __init__(self, root: Optional[str] = None) -> None:
         self.root = root or run_dir()
+        # bridges.json as last read or written, keyed by its stat: a hook reads it
+        # three times, and with thousands of guests each read costs
+        self._summary: Optional[Tuple[Tuple[int, int, int], Dict[str, Bridges]]] = None
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -373,10 +383,22 @@ class Store:
             return None
 
     def all_guests(self) -> List[GuestState]:
+        from .record import GuestState
+
+        return self._each_guest(GuestState.from_json)
+
+    def all_records(self) -> List[Recorded]:
+        """Every guest's state as read, parsed only as far as a sync needs (10,000
+        bindings cost as much to parse as to read)."""
+        from .record import Recorded
+
+        return self._each_guest(Recorded)
+
+    def _each_guest(self, parse: Callable[[Dict[str, Any]], T]) -> List[T]:
+        """``parse`` of every guests/NAME.json; an unreadable one is logged and skipped."""
         import json
 
         from . import log
-        from .record import GuestState
 
         out = []
         folder = self._path("guests")
@@ -390,8 +412,8 @@ class Store:
             path = os.path.join(folder, name)
             try:
                 with open(path, encoding="utf-8") as f:
-                    out.append(GuestState.from_json(json.load(f)))
-            except (OSError, ValueError, KeyError, TypeError) as e:
+                    out.append(parse(json.load(f)))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 log.warning(f"ignoring unreadable state file {path}: {e}")
         return out
 
@@ -429,8 +451,13 @@ class Store:
         path = self._path(SUMMARY)
         try:
             with open(path, encoding="utf-8") as f:
+                key = _stat_key(os.fstat(f.fileno()))
+                if self._summary is not None and self._summary[0] == key:
+                    return dict(self._summary[1])
                 data = json.load(f)
-            return {str(k): Bridges.from_json(v, DEFAULT_TABLE) for k, v in data.items()}
+            summary = {str(k): Bridges.from_json(v, DEFAULT_TABLE) for k, v in data.items()}
+            self._summary = (key, summary)
+            return dict(summary)
         except FileNotFoundError:
             pass  # none yet, or lost: the states say it all
         except (OSError, ValueError, AttributeError, TypeError) as e:
@@ -441,7 +468,12 @@ class Store:
         import json
 
         data = {guest: bridges.to_json() for guest, bridges in summary.items()}
-        write_atomic(self._path(SUMMARY), json.dumps(data, sort_keys=True).encode())
+        path = self._path(SUMMARY)
+        write_atomic(path, json.dumps(data, sort_keys=True).encode())
+        try:
+            self._summary = (_stat_key(os.stat(path)), dict(summary))
+        except OSError:
+            self._summary = None
 
     # -- hairpin.json, localnet.json -----------------------------------------------
     def _read_json(self, name: str, default: Any) -> Any:
