@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import common
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 HOOK = os.path.join(os.path.dirname(HERE), "hook", "qemu")
 FLOOR_NFT = os.path.join(HERE, "floor_nft.py")
@@ -57,19 +59,11 @@ class Row:
     ok: Optional[bool]
 
 
-class Site:
-    """A network namespace with its own forward.toml and run directory."""
+class Site(common.Site):
+    """A network namespace of its own with a forward.toml and run directory."""
 
     def __init__(self, ns: str, base: str) -> None:
-        self.ns = ns
-        etc = os.path.join(base, "etc")
-        os.makedirs(etc, mode=0o755)
-        os.chmod(base, 0o755)
-        os.chmod(etc, 0o755)  # portfwd refuses a config others may write
-        self.config = os.path.join(etc, "forward.toml")
-        self.rundir = os.path.join(base, "run")
-        self.env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-                    "PORTFWD_CONFIG": self.config, "PORTFWD_RUNDIR": self.rundir}
+        super().__init__(base, ns)
         self.made = False
 
     def create(self) -> None:
@@ -279,6 +273,8 @@ def measure(alone: Site, loaded: Site) -> List[Row]:
     sync_ms = med(r["sync_ms"] for r in syncs)
     rows.append(Row("sync 10k fwd: Engine.sync() in-process", sync_ms, None, None, "<1000 ms",
                     sync_ms < 1000))
+    rows.append(Row("sync 10k fwd: Engine.sync() CPU time", med(r["sync_cpu_ms"] for r in syncs),
+                    None, None, "-", None))
     rows.append(Row("sync 10k fwd: config load() in-process", med(r["load_ms"] for r in syncs),
                     None, None, "-", None))
     rows.append(Row("sync 10k fwd: subprocess wall", med(r["wall_ms"] for r in syncs),
@@ -296,24 +292,31 @@ its floor column is floor (b) measured in that loaded namespace.
 imports + load() + sync() (load() also shown on its own)."""
 
 
+def run(tmp: str) -> List[Row]:
+    """Every row of this part, in namespaces (and under ``tmp``) made for it."""
+    sites: List[Site] = []
+    try:
+        sites = [Site(f"pfbench{os.getpid()}{k}", os.path.join(tmp, k)) for k in ("a", "b")]
+        for site in sites:
+            site.create()
+        return measure(*sites)
+    finally:
+        for site in sites:
+            site.delete()
+
+
 def main() -> int:
     if os.geteuid() != 0:
         sys.stderr.write("bench.py: run as root (it makes network namespaces)\n")
         return 2
     started = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="pfbench.", dir=TMPFS if os.path.isdir(TMPFS) else None)
-    sites: List[Site] = []
     try:
-        sites = [Site(f"pfbench{os.getpid()}{k}", os.path.join(tmp, k)) for k in ("a", "b")]
         print("\n".join(machine()))
         print(f"temp dir (configs + run dirs): {tmp}\n", flush=True)
-        for site in sites:
-            site.create()
         digest = source_digest()
-        rows = measure(*sites)
+        rows = run(tmp)
     finally:
-        for site in sites:
-            site.delete()
         shutil.rmtree(tmp, ignore_errors=True)
     print(table(rows))
     print()

@@ -14,6 +14,18 @@ from netlab import Lab  # noqa: E402
 from pfhost import PortfwdHost  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The tests test this checkout: a portfwd installed elsewhere (the Debian package in
+    /usr/lib/python3/dist-packages, a pip install) must not stand in for it."""
+    import portfwd
+
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    if not os.path.abspath(portfwd.__file__).startswith(src + os.sep):
+        raise pytest.UsageError(f"portfwd is imported from {portfwd.__file__}, not from {src}:"
+                                " run the tests with tests/run (an editable install of this"
+                                " checkout in .venv)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: "list[pytest.Item]") -> None:
     """Kernel tests run as root (tests/run refuses to start otherwise); without root
     they are reported as skipped, with the reason, never as passed."""

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from netlab import Lab
 
@@ -27,21 +27,23 @@ def web1_config(*ports: str) -> str:
 
 
 def domain_xml(name: str, uuid: str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
-               mac: str = "52:54:00:12:34:56") -> bytes:
-    """A live domain XML as libvirt writes it to the hook's stdin."""
+               mac: str = "52:54:00:12:34:56", taps: Sequence[str] = ("vnet0",)) -> bytes:
+    """A live domain XML as libvirt writes it to the hook's stdin: one NIC per tap
+    (the first with ``mac``, the next ones with the last octet counted up)."""
+    nics = "".join(f"""
+    <interface type='network'>
+      <mac address='{mac[:-2]}{int(mac[-2:], 16) + i:02x}'/>
+      <source network='default' portid='8a4d6b3e-2c1e-4a5f-9b0e-1f2d3c4b5a69' bridge='virbr0'/>
+      <target dev='{tap}'/>
+      <model type='virtio'/>
+      <alias name='net{i}'/>
+    </interface>""" for i, tap in enumerate(taps))
     return f"""<domain type='qemu' id='1'>
   <name>{name}</name>
   <uuid>{uuid}</uuid>
   <memory unit='KiB'>65536</memory>
   <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os>
-  <devices>
-    <interface type='network'>
-      <mac address='{mac}'/>
-      <source network='default' portid='8a4d6b3e-2c1e-4a5f-9b0e-1f2d3c4b5a69' bridge='virbr0'/>
-      <target dev='vnet0'/>
-      <model type='virtio'/>
-      <alias name='net0'/>
-    </interface>
+  <devices>{nics}
   </devices>
 </domain>
 """.encode()

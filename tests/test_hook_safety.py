@@ -17,7 +17,6 @@ from pfhost import (HOOK, NETWORK_HOOK, ROOT, LockHolder, PortfwdHost, domain_xm
                     run_reading_all, web1_config)
 from portfwd import hook, state
 
-BARE_PYTHON = "/usr/bin/python3"  # Debian's: the venv's portfwd is not on its path
 QEMU_OPS = [("reconnect", "begin"), ("started", "begin"), ("stopped", "end"),
             ("prepare", "begin"), ("migrate", "begin"), ("restore", "begin")]
 NETWORK_XML = b"<hookData><network><name>default</name></network></hookData>\n"
@@ -75,12 +74,29 @@ def fake_python(path: str, body: str) -> str:
 
 # -- 1. a broken install never fails a guest ------------------------------------
 
-@pytest.fixture(scope="module")
-def bare_python() -> str:
-    """BARE_PYTHON, checked to fail importing portfwd (else these runs would be real)."""
-    r = subprocess.run([BARE_PYTHON, "-I", "-c", "import portfwd"], capture_output=True)
+def venv_without_portfwd(path: str) -> str:
+    """The python of a new venv at ``path`` that sees no site-packages but its own: like
+    a venv left behind by 3.11 → 3.13, it has no portfwd (even with portfwd's Debian
+    package in /usr/lib/python3/dist-packages)."""
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", path], check=True)
+    python = os.path.join(path, "bin", "python")
+    r = subprocess.run([python, "-I", "-c", "import portfwd"], capture_output=True)
     assert r.returncode != 0 and b"No module named 'portfwd'" in r.stderr, r.stderr
-    return BARE_PYTHON
+    return python
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Python that cannot import portfwd (else these runs would be real)."""
+    return venv_without_portfwd(str(tmp_path_factory.mktemp("bare") / "venv"))
+
+
+def hook_naming(kind: str, python: str, tmp: str, via_sh: bool) -> List[str]:
+    """The hook's command line: through its sh lines (installed naming ``python``), or
+    ``python`` run on the repo's hook file."""
+    if via_sh:
+        return [installed(kind, python, os.path.join(tmp, f"{kind}-hook"))]
+    return [python, "-I", os.path.join(ROOT, "hook", kind)]
 
 
 @pytest.mark.parametrize("via_sh", [False, True], ids=["python-file", "sh-lines"])
@@ -89,10 +105,9 @@ def test_qemu_hook_without_portfwd(bare_python: str, tmp_path: "os.PathLike[str]
                                    sub: str, via_sh: bool) -> None:
     """A Python that cannot import portfwd (venv left behind by 3.11 → 3.13): exit 0."""
     tmp = str(tmp_path)
-    # the repo's hook/qemu run directly goes through its sh lines to py=/usr/bin/python3
-    argv = ([HOOK] if via_sh else [BARE_PYTHON, "-I", HOOK]) + ["web1", op, sub, "-"]
+    argv = hook_naming("qemu", bare_python, tmp, via_sh) + ["web1", op, sub, "-"]
     line = one_line(run(argv, tmp, domain_xml("web1")))
-    assert line.startswith(f"portfwd: error: guest web1 {op}: {BARE_PYTHON} cannot import portfwd")
+    assert line.startswith(f"portfwd: error: guest web1 {op}: {bare_python} cannot import portfwd")
     assert not os.path.exists(os.path.join(tmp, "run"))
 
 
@@ -100,26 +115,23 @@ def test_qemu_hook_without_portfwd(bare_python: str, tmp_path: "os.PathLike[str]
 @pytest.mark.parametrize("op", ["port-created", "started", "start", "updated"])
 def test_network_hook_without_portfwd(bare_python: str, tmp_path: "os.PathLike[str]", op: str,
                                       via_sh: bool) -> None:
-    argv = ([NETWORK_HOOK] if via_sh else [BARE_PYTHON, "-I", NETWORK_HOOK]) + [
+    argv = hook_naming("network", bare_python, str(tmp_path), via_sh) + [
         "default", op, "begin", "-"]
     line = one_line(run(argv, str(tmp_path), NETWORK_XML))
-    assert f"network default {op}: {BARE_PYTHON} cannot import portfwd" in line
+    assert f"network default {op}: {bare_python} cannot import portfwd" in line
 
 
 @pytest.mark.parametrize("hook_file", [HOOK, NETWORK_HOOK])
 def test_hook_without_portfwd_reads_all_of_stdin(bare_python: str, tmp_path: "os.PathLike[str]",
                                                  hook_file: str) -> None:
-    one_line(feed_all([BARE_PYTHON, "-I", hook_file, "web1", "reconnect", "begin", "-"],
+    one_line(feed_all([bare_python, "-I", hook_file, "web1", "reconnect", "begin", "-"],
                       str(tmp_path)))
 
 
-def test_installed_hook_whose_interpreter_is_gone(bare_python: str,
-                                                  tmp_path: "os.PathLike[str]") -> None:
+def test_installed_hook_whose_interpreter_is_gone(tmp_path: "os.PathLike[str]") -> None:
     """`portfwd install` run from a venv whose python symlink later dangles."""
     tmp = str(tmp_path)
-    venv_python = os.path.join(tmp, "venv", "bin", "python")
-    os.makedirs(os.path.dirname(venv_python))
-    os.symlink(BARE_PYTHON, venv_python)
+    venv_python = venv_without_portfwd(os.path.join(tmp, "venv"))
     root = os.path.join(tmp, "root")
     r = subprocess.run([venv_python, "-m", "portfwd.cli", "install", "--root", root],
                        env=dict(libvirt_env(tmp), PYTHONPATH=os.path.join(ROOT, "src")),

@@ -192,3 +192,40 @@ def test_docker_like_forward_drop_policy(vlab: LibvirtLab) -> None:
     finally:
         vlab.virsh("destroy", "pf-web1")
         vlab.ns(vlab.lab, "iptables", "-w", "-P", "FORWARD", "ACCEPT")
+
+
+def hairpin_mode(lab: LibvirtLab, port: str) -> Optional[str]:
+    r = lab.ns(lab.lab, "cat", f"/sys/class/net/{port}/brport/hairpin_mode", check=False)
+    return r.stdout.decode().strip() if r.returncode == 0 else None
+
+
+def test_hairpin_mode_of_the_guest_tap(vlab: LibvirtLab) -> None:
+    """The hooks find the guest's tap in the XML libvirt gives them: hairpin mode is on
+    while the guest has forwards, turned on again by ``reconnect`` after a libvirtd
+    restart and by ``sync``, and forgotten when the guest stops (libvirt removes the
+    tap)."""
+    vlab.start(*WEB1)
+    try:
+        listed = vlab.virsh("domiflist", "pf-web1").stdout.decode().split()
+        tap = listed[0]
+        assert tap.startswith("vnet") and "default" in listed
+        assert hairpin_mode(vlab, tap) == "1"
+        assert hairpin_mode(vlab, "pfs1") == "0"  # the stand-in's port is no tap of a guest
+        vlab.ns(vlab.lab, "ip", "link", "set", "dev", tap, "type", "bridge_slave", "hairpin", "off")
+        vlab.restart_libvirtd()
+        deadline = time.monotonic() + 20
+        while hairpin_mode(vlab, tap) != "1" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert hairpin_mode(vlab, tap) == "1"
+        with open(os.path.join(vlab.run_dir, "ports.json")) as f:
+            assert list(json.load(f)["pf-web1"]) == [tap]
+        # sync reads the taps from libvirt's XML of each running guest
+        vlab.ns(vlab.lab, "ip", "link", "set", "dev", tap, "type", "bridge_slave", "hairpin", "off")
+        r = portfwd(vlab, "sync")
+        assert r.returncode == 0, r.stderr
+        assert hairpin_mode(vlab, tap) == "1"
+    finally:
+        vlab.virsh("destroy", "pf-web1")
+    assert hairpin_mode(vlab, tap) in (None, "0")
+    with open(os.path.join(vlab.run_dir, "ports.json")) as f:
+        assert json.load(f) == {}

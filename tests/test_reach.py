@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator
 import pytest
 
 from netlab import BRIDGE4, BRIDGE6, CLIENT4, CLIENT6, HOST4, HOST6, Lab, run
-from pfhost import PortfwdHost, web1_config
+from pfhost import PortfwdHost, domain_xml, web1_config
 
 pytestmark = pytest.mark.kernel
 
@@ -100,47 +100,95 @@ def test_from_the_host_itself(rlab: ReachLab, pf: PortfwdHost) -> None:
     assert rlab.reach("tcp", "::1", 8080, ns=h) == "tcp 8080 ::1"
 
 
+def set_br_netfilter(lab: Lab, on: bool) -> None:
+    """net.bridge.bridge-nf-call-ip(6)tables in the lab's host (per network namespace);
+    skips the test where the kernel has no br_netfilter at all."""
+    sysctl = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+    loaded = lab.ns(lab.host, "test", "-e", sysctl, check=False).returncode == 0
+    if on and not loaded:
+        run("modprobe", "br_netfilter", check=False)
+        loaded = lab.ns(lab.host, "test", "-e", sysctl, check=False).returncode == 0
+        if not loaded:
+            pytest.skip("br_netfilter is not available on this kernel")
+    if loaded:
+        value = "1" if on else "0"
+        lab.ns(lab.host, "sysctl", "-qw", f"net.bridge.bridge-nf-call-iptables={value}",
+               f"net.bridge.bridge-nf-call-ip6tables={value}")
+
+
+def hairpin_mode(lab: Lab, port: str) -> str:
+    return lab.ns(lab.host, "cat", f"/sys/class/net/{port}/brport/hairpin_mode").stdout.decode().strip()
+
+
 @pytest.mark.parametrize("br_netfilter", [False, True], ids=["plain bridge", "br_netfilter"])
 def test_hairpin_from_other_guests_and_the_guest_itself(rlab: ReachLab, pf: PortfwdHost,
                                                         br_netfilter: bool) -> None:
-    """On a plain bridge (a libvirt host without br_netfilter) the reply of a guest to
-    another guest of the same bridge would bypass the host: portfwd masquerades such
-    connections to the bridge address. With br_netfilter (Docker loads it) the bridge
-    itself passes packets through conntrack, the DNAT is undone on the way back, and
-    the guest sees the real source: no masquerade is needed, and none happens. (There
-    a guest cannot reach its own forward: br_netfilter bridges the DNATed packet back
-    towards the port it came from, which a bridge port refuses without hairpin mode.)"""
-    value = "1" if br_netfilter else "0"
-    loaded = rlab.ns(rlab.host, "test", "-e", "/proc/sys/net/bridge/bridge-nf-call-iptables",
-                     check=False).returncode == 0
-    if br_netfilter and not loaded:
-        run("modprobe", "br_netfilter", check=False)
-        loaded = rlab.ns(rlab.host, "test", "-e", "/proc/sys/net/bridge/bridge-nf-call-iptables",
-                         check=False).returncode == 0
-        if not loaded:
-            pytest.skip("br_netfilter is not available on this kernel")
-    if loaded:  # the setting is per network namespace
-        rlab.ns(rlab.host, "sysctl", "-qw", f"net.bridge.bridge-nf-call-iptables={value}",
-                f"net.bridge.bridge-nf-call-ip6tables={value}")
+    """Another guest of the same bridge, and the guest itself, reach the forward and are
+    masqueraded to the bridge address: the reply then goes back through the host, which
+    undoes both NATs. On a plain bridge the host routes the connection back out of
+    br0; with br_netfilter (Docker's hosts) the bridge sends the DNATed packet back
+    out of the port it came from, which needs the tap's hairpin mode: portfwd turns it
+    on while the guest has forwards, and off again after."""
+    set_br_netfilter(rlab, br_netfilter)
     pf.write_config(CONFIG)
+    assert hairpin_mode(rlab, "vnet0") == "0"
     assert pf.hook("web1", "started").returncode == 0
-    same4 = {rlab.guest2: GUEST2_4} if br_netfilter else {}
-    same6 = {rlab.guest2: GUEST2_6} if br_netfilter else {}
-    # another guest on br0, and the guest itself
-    for ns in (rlab.guest2,) if br_netfilter else (rlab.guest2, rlab.guest):
-        assert rlab.reach("tcp", HOST4, 8080, ns=ns) == f"tcp 80 {same4.get(ns, BRIDGE4)}"
-        assert rlab.reach("udp", HOST4, 5353, ns=ns) == f"udp 53 {same4.get(ns, BRIDGE4)}"
-        assert rlab.reach("tcp", HOST6, 8080, ns=ns) == f"tcp 80 {same6.get(ns, BRIDGE6)}"
+    assert hairpin_mode(rlab, "vnet0") == "1"
+    assert hairpin_mode(rlab, "vnet1") == "0"  # guest2's port: it has no forwards
+    for ns in (rlab.guest2, rlab.guest):
+        assert rlab.reach("tcp", HOST4, 8080, ns=ns) == f"tcp 80 {BRIDGE4}"
+        assert rlab.reach("udp", HOST4, 5353, ns=ns) == f"udp 53 {BRIDGE4}"
+        assert rlab.reach("tcp", HOST6, 8080, ns=ns) == f"tcp 80 {BRIDGE6}"
+        assert rlab.reach("udp", HOST6, 5353, ns=ns) == f"udp 53 {BRIDGE6}"
     # another bridge: routed back through the host anyway, so the source is kept
     assert rlab.reach("tcp", HOST4, 8080, ns=rlab.guest3) == f"tcp 80 {GUEST3_4}"
     assert rlab.reach("tcp", HOST6, 8080, ns=rlab.guest3) == f"tcp 80 {GUEST3_6}"
     # and an outside client keeps its own address
     assert rlab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
     assert rlab.reach("tcp", HOST6, 8080) == f"tcp 80 {CLIENT6}"
-    # the hairpin set follows the bridges with forwards
+    # the hairpin set and the port's hairpin mode follow the guest's forwards
     assert pf.hook("web1", "stopped", "end").returncode == 0
     hairpin = rlab.ns(rlab.host, "nft", "-j", "list", "set", "inet", "portfwd", "hairpin").stdout
     assert "elem" not in json.loads(hairpin)["nftables"][1]["set"]
+    assert hairpin_mode(rlab, "vnet0") == "0"
+    if br_netfilter:  # the proof that hairpin mode is what makes it work there
+        assert pf.hook("web1", "started").returncode == 0
+        rlab.ns(rlab.host, "ip", "link", "set", "dev", "vnet0", "type", "bridge_slave",
+                "hairpin", "off")
+        assert rlab.probe("tcp", HOST4, 8080, ns=rlab.guest) is None
+        assert rlab.reach("tcp", HOST4, 8080, ns=rlab.guest2) == f"tcp 80 {BRIDGE4}"
+
+
+def test_hairpin_mode_is_repaired_and_put_back_as_found(rlab: ReachLab, pf: PortfwdHost) -> None:
+    """reapply turns a tap's hairpin mode back on; a forward removed from the
+    configuration, and flush, put it back as portfwd found it (left on where it was)."""
+    set_br_netfilter(rlab, True)
+    pf.write_config(CONFIG)
+    assert pf.hook("web1", "started").returncode == 0
+    rlab.ns(rlab.host, "ip", "link", "set", "dev", "vnet0", "type", "bridge_slave", "hairpin", "off")
+    assert pf.cli("reapply").returncode == 0
+    assert hairpin_mode(rlab, "vnet0") == "1"
+    assert rlab.reach("tcp", HOST4, 8080, ns=rlab.guest) == f"tcp 80 {BRIDGE4}"
+    # the forward leaves the configuration: the next hook run for the guest puts it back
+    pf.write_config("")
+    assert pf.hook("web1", "reconnect").returncode == 0
+    assert hairpin_mode(rlab, "vnet0") == "0"
+    assert rlab.probe("tcp", HOST4, 8080, ns=rlab.guest) is None
+    # on before portfwd came: stays on when the forwards go (here: flush)
+    rlab.ns(rlab.host, "ip", "link", "set", "dev", "vnet0", "type", "bridge_slave", "hairpin", "on")
+    pf.write_config(CONFIG)
+    assert pf.hook("web1", "started").returncode == 0
+    assert rlab.reach("tcp", HOST4, 8080, ns=rlab.guest) == f"tcp 80 {BRIDGE4}"
+    assert pf.cli("flush").returncode == 0
+    assert hairpin_mode(rlab, "vnet0") == "1"
+    # a tap that was on no bridge of the forwards is never touched
+    pf.write_config(CONFIG)
+    xml = domain_xml("web1", taps=("vnet0", "vnet2"))
+    rlab.ns(rlab.host, "ip", "link", "set", "dev", "vnet0", "type", "bridge_slave", "hairpin", "off")
+    assert pf.hook("web1", "started", xml=xml).returncode == 0
+    assert (hairpin_mode(rlab, "vnet0"), hairpin_mode(rlab, "vnet2")) == ("1", "0")
+    assert pf.hook("web1", "stopped", "end", xml=xml).returncode == 0
+    assert (hairpin_mode(rlab, "vnet0"), hairpin_mode(rlab, "vnet2")) == ("0", "0")
 
 
 def route_localnet(lab: Lab, dev: str) -> str:

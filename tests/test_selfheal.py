@@ -46,6 +46,9 @@ class Killed(BaseException):
 
 
 class DiesOnApply:
+    def set_comment(self, table: str, name: str) -> str:
+        return constants.TABLE_COMMENT
+
     def table_comment(self, table: str) -> str:
         return constants.TABLE_COMMENT
 

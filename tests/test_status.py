@@ -13,7 +13,7 @@ import pytest
 from netlab import CLIENT4, CLIENT6, GUEST4, GUEST6, HOST4, HOST6
 from pfhost import PortfwdHost, web1_config
 from portfwd import rules, state
-from portfwd.constants import TABLE_COMMENT
+from portfwd.constants import LAYOUT, TABLE_COMMENT
 
 pytestmark = pytest.mark.kernel
 
@@ -145,7 +145,7 @@ def test_a_layout_4_table_is_migrated_in_place(pf: PortfwdHost, how: str) -> Non
     assert maps["any4_ip"]["stmt"] == [{"counter": None}]
     assert maps["any4_range"]["stmt"] == [{"counter": None}]
     with open(os.path.join(pf.run_dir, "layout.portfwd"), encoding="ascii") as f:
-        assert f.read() == "5"
+        assert f.read() == LAYOUT
     out = status(pf)
     assert out["healthy"] is True
     live = {(row["guest"], row["listen"]) for row in out["forwards"] if row["state"] == "active"}

@@ -44,5 +44,16 @@ def test_hairpin_layout_and_clear(tmp_path: "os.PathLike[str]") -> None:
     assert store.localnet() == ["virbr0", "virbr1"]
     store.forget_hairpin("t")
     assert store.hairpin() == {}
+    store.write_hairpin_ports({"web1": {"vnet3": (17, "0")}})
     store.clear()
     assert store.layout("t") is None and store.localnet() == ["virbr0", "virbr1"]
+    # kept, so that the hairpin modes are put back after a flush
+    assert store.hairpin_ports() == {"web1": {"vnet3": (17, "0")}}
+
+
+def test_unreadable_hairpin_ports_read_as_none(tmp_path: "os.PathLike[str]") -> None:
+    store = state.Store(str(tmp_path))
+    for text in ("[1]", '{"web1": {"vnet3": [17]}}', '{"web1": 3}', "{"):
+        with open(os.path.join(str(tmp_path), "ports.json"), "w") as f:
+            f.write(text)
+        assert store.hairpin_ports() == {}

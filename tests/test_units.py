@@ -54,7 +54,7 @@ def test_units_exposure_at_most_4(name: str, tmp_path: "os.PathLike[str]") -> No
 def test_units_pull_in_no_libvirt_daemon_and_name_the_man_page(name: str) -> None:
     text = unit_text(name)
     assert not re.search(r"^(Wants|Requires|BindsTo)=.*(libvirtd|virtqemud)", text, re.M)
-    assert "Documentation=man:portfwd(8)\n" in text
+    assert re.search(r"^Documentation=man:portfwd\(8\)( |$)", text, re.M)
     assert "SyslogIdentifier=portfwd\n" in text
 
 

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from netlab import (CLIENT4, CLIENT6, HOST4, HOST6, TRAFFIC, plug_and_wait, run,
                     standin_namespace, stop_processes)
@@ -77,23 +77,30 @@ def mirror() -> str:
     raise RuntimeError("no Debian mirror in this machine's apt sources")
 
 
-def cached_root() -> str:
-    """The trixie root for ROOT_PACKAGES, built with mmdebstrap if not cached yet."""
-    key = hashlib.sha256(" ".join([SUITE] + ROOT_PACKAGES).encode()).hexdigest()[:12]
-    root = os.path.join(ROOTS, f"{SUITE}-{key}")
+def cached_root(suite: str = SUITE, packages: Sequence[str] = ROOT_PACKAGES) -> str:
+    """A Debian ``suite`` root holding ``packages``, built with mmdebstrap if not cached
+    yet; roots of that suite with another package list are removed."""
+    key = hashlib.sha256(" ".join([suite] + list(packages)).encode()).hexdigest()[:12]
+    root = os.path.join(ROOTS, f"{suite}-{key}")
     if os.path.isfile(os.path.join(root, "etc", "debian_version")):
         return root
     os.makedirs(ROOTS, exist_ok=True)
     building = f"{root}.building.{os.getpid()}"
-    r = subprocess.run(["mmdebstrap", "--variant=apt", "--include=" + ",".join(ROOT_PACKAGES),
-                        SUITE, building, mirror()], capture_output=True, text=True)
+    r = subprocess.run(["mmdebstrap", "--variant=apt", "--include=" + ",".join(packages),
+                        suite, building, mirror()], capture_output=True, text=True)
     if r.returncode != 0:
         shutil.rmtree(building, ignore_errors=True)
         raise RuntimeError(f"mmdebstrap failed: {r.stderr[-2000:]}")
-    for stale in os.listdir(ROOTS):  # roots of an older package list
-        if stale.startswith(f"{SUITE}-") and stale != os.path.basename(root):
+    try:
+        os.rename(building, root)
+    except OSError:
+        if not os.path.isfile(os.path.join(root, "etc", "debian_version")):
+            raise
+        shutil.rmtree(building, ignore_errors=True)  # another run built it meanwhile
+    for stale in os.listdir(ROOTS):  # roots of an older package list (not ones being built)
+        if (stale.startswith(f"{suite}-") and stale != os.path.basename(root)
+                and ".building." not in stale):
             shutil.rmtree(os.path.join(ROOTS, stale), ignore_errors=True)
-    os.rename(building, root)
     return root
 
 
@@ -105,24 +112,34 @@ def _alive(pid: int) -> bool:
         return False
 
 
-class TrixieLab:
-    def __init__(self, base: str, backend: Optional[str]) -> None:
-        tag = f"pft{os.getpid() % 100000}"
-        self.host, self.client = f"{tag}h", f"{tag}c"
-        self.standins: List[str] = []
-        self.base = base
-        self.root = "/mnt/trixie"  # where the overlay sits in the holder's mount namespace
-        self.holder: "Optional[subprocess.Popen[bytes]]" = None
-        self.procs: "List[subprocess.Popen[bytes]]" = []
-        self.made_mountpoint = False
-        self.backend = backend  # None: libvirt's own default (iptables in Debian 13's build)
-        try:
-            self._build(backend)
-        except BaseException:
-            self.close()
-            raise
+class RootLab:
+    """A cached Debian root mounted as an overlay (every run starts from the pristine
+    root; writes land below ``base``) inside a network namespace and a private mount
+    namespace kept by a holder process; commands run there through nsenter + chroot."""
 
-    # -- running things in the root -----------------------------------------
+    def __init__(self, base: str, mountpoint: str) -> None:
+        self.base = base
+        self.root = mountpoint  # where the overlay sits in the holder's mount namespace
+        self.holder: "Optional[subprocess.Popen[bytes]]" = None
+        self.made_mountpoint = False
+
+    def mount(self, lower: str, netns: str) -> None:
+        """Mount ``lower`` with an overlay in a new mount namespace inside ``netns``."""
+        upper, work = os.path.join(self.base, "upper"), os.path.join(self.base, "work")
+        os.makedirs(upper)
+        os.makedirs(work)
+        if not os.path.isdir(self.root):
+            os.makedirs(self.root)
+            self.made_mountpoint = True
+        self.holder = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "slave",
+             "sh", "-c", HOLDER, "holder", lower, upper, work, self.root],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self.holder.stdout is not None
+        if self.holder.stdout.readline().strip() != b"ready":
+            assert self.holder.stderr is not None
+            raise RuntimeError(f"{lower}: root mounts failed: {self.holder.stderr.read().decode()}")
+
     def argv(self, *cmd: str) -> List[str]:
         assert self.holder is not None
         return ["nsenter", f"--target={self.holder.pid}", "--mount", "--net", "--",
@@ -140,6 +157,63 @@ class TrixieLab:
         assert self.holder is not None
         return f"/proc/{self.holder.pid}/root{self.root}{path}"
 
+    def unmount(self) -> None:
+        """End every process in the root, the holder and with it every mount; drop the
+        overlay's writes."""
+        if self.holder is not None:
+            self._kill_namespace(self.holder.pid)
+            self.holder.kill()
+            self.holder.wait()
+            self.holder = None
+        shutil.rmtree(os.path.join(self.base, "upper"), ignore_errors=True)
+        shutil.rmtree(os.path.join(self.base, "work"), ignore_errors=True)
+        if self.made_mountpoint:
+            try:
+                os.rmdir(self.root)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _kill_namespace(holder: int) -> None:
+        """Every process in the holder's mount namespace but the holder: libvirtd,
+        virtlogd, dnsmasq, QEMU."""
+        try:
+            ours = os.readlink(f"/proc/{holder}/ns/mnt")
+        except OSError:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            left = []
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit() or int(entry) == holder:
+                    continue
+                try:
+                    if os.readlink(f"/proc/{entry}/ns/mnt") == ours:
+                        os.kill(int(entry), sig)
+                        left.append(int(entry))
+                except OSError:
+                    continue
+            deadline = time.monotonic() + 10
+            while left and time.monotonic() < deadline:
+                left = [p for p in left if _alive(p) and not _zombie(p)]
+                time.sleep(0.1)
+            if not left:
+                return
+
+
+class TrixieLab(RootLab):
+    def __init__(self, base: str, backend: Optional[str]) -> None:
+        super().__init__(base, "/mnt/trixie")
+        tag = f"pft{os.getpid() % 100000}"
+        self.host, self.client = f"{tag}h", f"{tag}c"
+        self.standins: List[str] = []
+        self.procs: "List[subprocess.Popen[bytes]]" = []
+        self.backend = backend  # None: libvirt's own default (iptables in Debian 13's build)
+        try:
+            self._build(backend)
+        except BaseException:
+            self.close()
+            raise
+
     def virsh(self, *args: str, check: bool = True) -> "subprocess.CompletedProcess[bytes]":
         return run(*self.argv("virsh", "-q", "-c", "qemu:///system", *args), check=check)
 
@@ -149,25 +223,12 @@ class TrixieLab:
     # -- setup ----------------------------------------------------------------
     def _build(self, backend: Optional[str]) -> None:
         lower = cached_root()
-        upper, work = os.path.join(self.base, "upper"), os.path.join(self.base, "work")
-        os.makedirs(upper)
-        os.makedirs(work)
-        if not os.path.isdir(self.root):
-            os.makedirs(self.root)
-            self.made_mountpoint = True
         for ns in (self.host, self.client):
             run("ip", "netns", "add", ns)
             self.ns(ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
                     "net.ipv6.conf.default.accept_dad=0")
             self.ns(ns, "ip", "link", "set", "lo", "up")
-        self.holder = subprocess.Popen(
-            ["ip", "netns", "exec", self.host, "unshare", "--mount", "--propagation", "slave",
-             "sh", "-c", HOLDER, "holder", lower, upper, work, self.root],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert self.holder.stdout is not None
-        if self.holder.stdout.readline().strip() != b"ready":
-            assert self.holder.stderr is not None
-            raise RuntimeError(f"trixie root mounts failed: {self.holder.stderr.read().decode()}")
+        self.mount(lower, self.host)
         # the uplink to the client
         self.ns(self.host, "ip", "link", "add", "uplink", "type", "veth", "peer", "name", "eth0",
                 "netns", self.client)
@@ -289,45 +350,9 @@ class TrixieLab:
     # -- teardown ---------------------------------------------------------------
     def close(self) -> None:
         stop_processes(self.procs)
-        if self.holder is not None:
-            self._kill_namespace(self.holder.pid)
-            self.holder.kill()
-            self.holder.wait()
+        self.unmount()
         for ns in self.standins + [self.client, self.host]:
             run("ip", "netns", "del", ns, check=False)
-        shutil.rmtree(os.path.join(self.base, "upper"), ignore_errors=True)
-        shutil.rmtree(os.path.join(self.base, "work"), ignore_errors=True)
-        if self.made_mountpoint:
-            try:
-                os.rmdir(self.root)
-            except OSError:
-                pass
-
-    @staticmethod
-    def _kill_namespace(holder: int) -> None:
-        """Every process in the holder's mount namespace but the holder: libvirtd,
-        virtlogd, dnsmasq, QEMU."""
-        try:
-            ours = os.readlink(f"/proc/{holder}/ns/mnt")
-        except OSError:
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            left = []
-            for entry in os.listdir("/proc"):
-                if not entry.isdigit() or int(entry) == holder:
-                    continue
-                try:
-                    if os.readlink(f"/proc/{entry}/ns/mnt") == ours:
-                        os.kill(int(entry), sig)
-                        left.append(int(entry))
-                except OSError:
-                    continue
-            deadline = time.monotonic() + 10
-            while left and time.monotonic() < deadline:
-                left = [p for p in left if _alive(p) and not _zombie(p)]
-                time.sleep(0.1)
-            if not left:
-                return
 
 
 def _zombie(pid: int) -> bool:

@@ -49,15 +49,31 @@ class Claims:
         self.ranges: Dict[Tuple[Any, ...], List[Tuple[int, int, str]]] = {}
 
     def add(self, b: Binding, owner: str) -> None:
+        self._add(slot(b), b, owner)
+
+    def _add(self, where: Tuple[Any, ...], b: Binding, owner: str) -> None:
         first, last = b.span()
         if first == last:
-            self.single.setdefault(slot(b), {})[first] = owner
+            self.single.setdefault(where, {})[first] = owner
         else:
-            self.ranges.setdefault(slot(b), []).append((first, last, owner))
+            self.ranges.setdefault(where, []).append((first, last, owner))
+
+    def claim(self, b: Binding, owner: str) -> Optional[str]:
+        """``b``'s ports for ``owner`` unless another holds one of them: that one
+        (one slot computed where ``holder`` then ``add`` would compute two)."""
+        where = slot(b)
+        holder = self._holder(where, b)
+        if holder is None or holder == owner:
+            self._add(where, b, owner)
+            return None
+        return holder
 
     def holder(self, b: Binding) -> Optional[str]:
         """Who holds a port of ``b``'s span in its slot, if anyone."""
-        where, (first, last) = slot(b), b.span()
+        return self._holder(slot(b), b)
+
+    def _holder(self, where: Tuple[Any, ...], b: Binding) -> Optional[str]:
+        first, last = b.span()
         singles = self.single.get(where, {})
         if first == last:
             if first in singles:
@@ -78,9 +94,8 @@ def refuse_shared_keys(wanted: Dict[str, GuestState]) -> None:
         st = wanted[name]
         keep = []
         for b in st.bindings:
-            holder = held.holder(b)
-            if holder is None or holder == name:
-                held.add(b, name)
+            holder = held.claim(b, name)
+            if holder is None:
                 keep.append(b)
             else:
                 st.pending.append((b, Reason(Reason.HELD, f"host port {display.listen_text(b)}/"

@@ -193,6 +193,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor, doctorfacts
+
+    checks = doctorfacts.diagnose(state.config_path(args.config), args.guest, args.connect,
+                                  args.libvirt_status)
+    print(json.dumps([c.to_json() for c in checks], indent=2) if args.json
+          else "\n".join(doctor.render(checks)))
+    return EXIT_OK if all(c.ok for c in checks) else doctor.EXIT_BROKEN
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from . import trace
+
+    result = trace.run(state.config_path(args.config), args.guest, args.port, args.proto,
+                       args.source, args.family, args.timeout)
+    print("\n".join(trace.render(result)))
+    return EXIT_OK if result.delivered else trace.EXIT_NOT_DELIVERED
+
+
 def cmd_daemon(args: argparse.Namespace) -> int:
     from . import daemon
 
@@ -292,6 +311,14 @@ def cmd_install(args: argparse.Namespace) -> int:
         os.makedirs(unit_dir, exist_ok=True)
         state.write_atomic(os.path.join(unit_dir, unit), text.encode())
         done.append(f"unit {os.path.join(unit_dir, unit)}")
+    from . import docs
+
+    for path, text in ((at("/usr/local/share/man/man8/portfwd.8"), docs.man_page(_parser())),
+                       (at("/usr/local/share/bash-completion/completions/portfwd"),
+                        docs.bash_completion(_parser()))):
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        state.write_atomic(path, text.encode(), mode=0o644)
+        done.append(f"{'manual page' if path.endswith('.8') else 'bash completion'} {path}")
     for line in done:
         print(f"installed: {line}")
     if root == "/" and os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
@@ -450,6 +477,42 @@ def _parser() -> argparse.ArgumentParser:
                                    " differs or is blocked.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("doctor", parents=[common], help="find the first broken layer of a forward",
+                       description="Walk the path of a forwarded packet (forwarding, IPv6, guest,"
+                                   " bridge, tap, MAC, address, neighbour, table, filter, host"
+                                   " listener, hairpin) and stop at the first broken layer, with"
+                                   " its fix. Read-only. Exit 0 only when every layer passes,"
+                                   " 5 when one fails.")
+    p.add_argument("guest", nargs="?", metavar="GUEST", help="one guest (default: every guest"
+                                                             " with forwards)")
+    p.add_argument("--json", action="store_true", help="a JSON list of {layer, guest, ok,"
+                                                        " detail, fix}")
+    p.add_argument("--connect", metavar="URI", default=libvirtapi.DEFAULT_URI,
+                   help=f"libvirt connection URI (default: {libvirtapi.DEFAULT_URI})")
+    p.add_argument("--libvirt-status", metavar="DIR",
+                   help="read running domains from libvirt's status files in DIR instead of"
+                        " asking libvirt (it is asked for at most 10 s, then /run/libvirt/qemu"
+                        " is read)")
+    p.set_defaults(func=cmd_doctor)
+    p = sub.add_parser("trace", parents=[common], help="follow one probe through the forward",
+                       description="Send one probe (a TCP SYN or a UDP datagram) to a forward"
+                                   " with nftables tracing on for it alone, and print table by"
+                                   " table, chain by chain the verdicts it met, up to where it"
+                                   " was delivered or dropped. Exit 0 when it reached the guest's"
+                                   " bridge, 5 otherwise.")
+    p.add_argument("guest", metavar="GUEST")
+    p.add_argument("port", metavar="PORT", type=int, help="the forwarded host port")
+    p.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
+    p.add_argument("--from", dest="source", metavar="ADDR",
+                   help="the probe's source address: not one of the host's, the probe enters"
+                        " like a client's packet (prerouting, forward); one of the host's, it"
+                        " is the host's own connection (output). Default: 192.0.2.1 / 2001:db8::1"
+                        " (documentation addresses)")
+    p.add_argument("-6", dest="family", action="store_const", const=6, default=4,
+                   help="probe the IPv6 forward (default IPv4)")
+    p.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
+                   help="how long to follow the probe (default 2)")
+    p.set_defaults(func=cmd_trace)
     p = sub.add_parser("flush", parents=[common], help="remove everything portfwd installed",
                        description="Remove portfwd's nftables tables and its recorded state.")
     p.set_defaults(func=cmd_flush)

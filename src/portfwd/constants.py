@@ -7,12 +7,16 @@ PROTOCOLS = ("tcp", "udp", "sctp")
 FAMILIES = (4, 6)
 
 # the table's layout (rules.skeleton)
-LAYOUT = "5"  # bump whenever rules.skeleton() changes: tables made by another layout get rebuilt
+LAYOUT = "7"  # bump whenever rules.skeleton() changes: tables made by another layout get rebuilt
 UNMARKED_LAYOUT = "3"  # the last layout whose tables carried no marker (see TABLE_MARK)
 HAIRPIN_SET = "hairpin"
+# an empty set carrying TABLE_COMMENT (layout 5 on): nftables lists one set without
+# fetching the maps' elements, a table's own comment only with all of them
+MARKER_SET = "managed_by_portfwd"
 KINDS = ("src", "fwd", "any")  # lookup order in the chain
 PRIORITY = -105  # just before dstnat (-100): our DNAT binds first
 MARK = 0x01000000  # conntrack mark bit on every connection portfwd DNATs (see compat.py)
+HAIRPIN_MARK = 0x02000000  # … and on those leaving by the bridge they came from (masqueraded)
 COMMENT_MAX = 120  # bytes of an element's comment
 # every table portfwd creates carries this comment; it never changes or deletes one without it
 TABLE_MARK = "portfwd:"

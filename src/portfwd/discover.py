@@ -20,6 +20,7 @@ import json
 import os
 import time
 
+from .bridgeport import taps
 from .constants import DEFAULT_DISCOVER, DISCOVER_SOURCES
 from .values import Reason
 
@@ -44,12 +45,14 @@ DEFAULT_SOURCES = DEFAULT_DISCOVER
 
 
 class Nic:
-    __slots__ = ("mac", "network", "bridge")
+    __slots__ = ("mac", "network", "bridge", "tap")
 
-    def __init__(self, mac: str, network: Optional[str], bridge: Optional[str]) -> None:
+    def __init__(self, mac: str, network: Optional[str], bridge: Optional[str],
+                 tap: Optional[str] = None) -> None:
         self.mac = mac
         self.network = network
         self.bridge = bridge
+        self.tap = tap  # <target dev>: the host's end of the NIC, in a live XML
 
 
 class Network:
@@ -82,7 +85,7 @@ def running_domain(name: str) -> Optional[bool]:
 
 
 def domain_nics(xml: bytes) -> List[Nic]:
-    """Each NIC of a domain XML: MAC (lower case), libvirt network, bridge."""
+    """Each NIC of a domain XML: MAC (lower case), libvirt network, bridge, tap."""
     from xml.etree import ElementTree
 
     try:
@@ -97,7 +100,9 @@ def domain_nics(xml: bytes) -> List[Nic]:
             continue
         network = source.get("network") if source is not None else None
         bridge = source.get("bridge") if source is not None else None
-        out.append(Nic(str(mac.get("address")).lower(), network, bridge))
+        target = iface.find("target")
+        out.append(Nic(str(mac.get("address")).lower(), network, bridge,
+                       target.get("dev") if target is not None else None))
     return out
 
 
@@ -238,6 +243,7 @@ class Resolver:
                  discover: Sequence[str] = DEFAULT_SOURCES) -> None:
         self.guest = guest
         self.nics = domain_nics(xml) if xml else []
+        self.taps = taps(xml) if xml else []  # for hairpin mode (bridgeport)
         self.lookup = lookup
         self.lease_dir = lease_dir
         self.network_dirs = network_dirs

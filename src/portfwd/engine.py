@@ -14,14 +14,15 @@ changed.
 from __future__ import annotations
 
 
-from . import compat, display, hostnet, log, plan, rules, state
+from . import bridgeport, compat, display, hostnet, log, plan, rules, state
 from .claims import Claims, refuse_shared_discoveries, refuse_shared_keys
 from .errors import HostError
 from .nft import Nft
-from .constants import DEFAULT_TABLE, LAYOUT, TABLE_COMMENT, TABLE_MARK, UNMARKED_LAYOUT
+from .constants import (DEFAULT_TABLE, LAYOUT, MARKER_SET, TABLE_COMMENT, TABLE_MARK,
+                        UNMARKED_LAYOUT)
 from .plan import Binding
 from .discover import DEFAULT_SOURCES, running_domain
-from .record import GuestState
+from .record import GuestState, Recorded
 from .resolve import resolve
 from .values import Bridges, Reason
 
@@ -45,6 +46,8 @@ class Engine:
         self._owned: Set[str] = set()  # tables seen to carry portfwd's marker in this run
         self.discover: Tuple[str, ...] = DEFAULT_SOURCES  # [options] discover, once read
         self.pending: List[Tuple[Binding, Reason]] = []  # what the last sync left waiting
+        self.taps: Dict[str, List[str]] = {}  # guest → taps of its live XML, when given
+        self.waiting = 0  # bindings the last sync left waiting (pending)
 
     @property
     def nft(self) -> Nft:
@@ -145,6 +148,7 @@ class Engine:
         (and remove them where no forward needs them); returns what still blocks."""
         wanted = self.wanted_bridges() if wanted is None else wanted
         self._ensure_hairpin_and_localnet()
+        self._ensure_hairpin_ports()
         fw = compat.read(self.nft)
         commands, argvs = compat.changes(fw, wanted)
         if commands:
@@ -183,6 +187,20 @@ class Engine:
             hostnet.set_route_localnet(bridge, False)
             enabled.discard(bridge)
         self.store.write_localnet(sorted(enabled))
+
+    def _ensure_hairpin_ports(self) -> None:
+        """Hairpin mode on the taps of guests with forwards, on the bridges those lead
+        to (a guest reaching its own forward where br_netfilter bridges it back); put
+        back as found where the forwards went (``bridgeport``; ports.json)."""
+        wanted = {guest: {name for _, name in b.routed} for guest, b in self.read_summary().items()}
+        recorded = self.store.hairpin_ports()
+        if not recorded and not any(wanted.get(g) for g in self.taps):
+            return  # nothing recorded, no live XML of a guest with forwards: sysfs untouched
+        updated, problems = bridgeport.reconcile(wanted, self.taps, recorded)
+        for line in problems:
+            log.warning(line)
+        if updated != recorded:
+            self.store.write_hairpin_ports(updated)
 
     def firewall(self, addresses: Optional[Iterable[str]] = None) -> Tuple[List[str], List[str]]:
         """(how the host filters forwarded traffic, what blocks portfwd's forwards),
@@ -239,32 +257,47 @@ class Engine:
     def table_owner(self, table: str) -> Optional[bool]:
         """True: ``table`` is portfwd's (it carries the marker, or a portfwd from before
         the marker made it in this boot); False: someone else's; None: absent."""
+        return self._owner(table)[0]
+
+    def _owner(self, table: str) -> Tuple[Optional[bool], bool]:
+        """(``table_owner``, whether the table holds the marker set). The marker set
+        is read first: cheap, where the table's own comment costs a listing of every
+        map element. Only a table without it (absent, someone else's, or made before
+        layout 5) is judged by the table's comment."""
         if table in self._owned:
-            return True
+            return True, True
+        if (self.nft.set_comment(table, MARKER_SET) or "").startswith(TABLE_MARK):
+            return True, True
         comment = self.nft.table_comment(table)
         if comment is None:
-            return None
+            return None, False
         if comment.startswith(TABLE_MARK):
-            return True
+            return True, False
         # made in this boot by a portfwd from before the marker (its layout record says so)
-        return comment == "" and self.store.layout(table) == UNMARKED_LAYOUT
+        return comment == "" and self.store.layout(table) == UNMARKED_LAYOUT, False
 
     def claim_table(self, table: str, create: bool = True) -> None:
         """Before building ``table``: create it with portfwd's marker when absent, and
         refuse (HostError) a table that someone else made: portfwd never changes or
-        deletes that."""
+        deletes that. A table of portfwd's made before the marker set gets it."""
         if table in self._owned:
             return
-        owner = self.table_owner(table)
+        owner, marked = self._owner(table)
         if owner is False:
             raise HostError(f"table inet {table} exists and was not made by portfwd (it lacks"
                             f" the comment \"{TABLE_MARK} …\"); portfwd leaves it alone:"
                             " set another name with `table` in [options] of the configuration")
         if owner is None and create:
-            self.nft.create_table(table, TABLE_COMMENT)
+            self.nft.create_table(table, TABLE_COMMENT, MARKER_SET)
             self.store.forget_layout(table)
+        elif owner and not marked and create:
+            self.nft.mark_table(table, TABLE_COMMENT, MARKER_SET)
         if owner or create:
             self._owned.add(table)
+
+    def forget_claims(self) -> None:
+        """Judge every table afresh (a long-running caller: tables may have gone)."""
+        self._owned.clear()
 
     def _built(self, table: str) -> None:
         """``table`` was (re)built with this layout: its hairpin set is empty."""
@@ -281,7 +314,7 @@ class Engine:
         wanted = resolve(list(planned), resolver, self.routes)
         new = wanted.bindings
         old_state = self.read_state(name)
-        _log_refusals(name, old_state, wanted)
+        _log_refusals(name, {why for _, why in old_state.pending} if old_state else set(), wanted)
         if old_state is None and wanted.empty:
             return wanted
         old = old_state.bindings + old_state.removing if old_state else []
@@ -431,7 +464,7 @@ class Engine:
         (``dry_run``: that would be), and leaves those waiting for an address in
         ``self.pending``."""
         table = config.options.table
-        old_states = self.all_states()
+        old_states = self.store.all_records()  # parsed only as far as needed: 10,000 bindings
         guests, started_since = (_settled(list(guests), old_states) if settle
                                  else (list(guests), []))
         by_name: Dict[str, List[Forward]] = {}
@@ -456,6 +489,7 @@ class Engine:
         for guest in guests:
             resolver = (resolvers or {}).get(guest.name)
             if resolver is not None:
+                self.taps[guest.name] = resolver.taps
                 self._prepare(resolver, config.options.discover, explicit)
             found = resolve(planned[guest.name], resolver, self.routes)
             if not found.empty:
@@ -464,7 +498,8 @@ class Engine:
         refuse_shared_discoveries(wanted)
         refuse_shared_keys(wanted)
         for st in wanted.values():
-            _log_refusals(st.guest, before.get(st.guest), st)
+            old = before.get(st.guest)
+            _log_refusals(st.guest, old.reasons() if old else set(), st)
         everything = [b for st in wanted.values() for b in st.bindings]
         cmds: List[rules.Command] = []
         dropped = [t for t in sorted({st.table for st in old_states} - {table})
@@ -483,6 +518,7 @@ class Engine:
             self.nft.apply(cmds + rules.full_rebuild(table, []))
             everything = self._apply_each(table, wanted)
         self.pending = [(b, why) for st in wanted.values() for b, why in st.pending]
+        self.waiting = sum(len(st.pending) for st in wanted.values())
         if dry_run:
             return everything
         self.store.remember_layout(table, LAYOUT)
@@ -493,7 +529,8 @@ class Engine:
             self._owned.discard(gone)
         self.write_states([GuestState(st.guest, st.uuid, st.table, []) for st in old_states
                            if st.guest not in wanted]
-                          + [st for st in wanted.values() if not _same(before.get(st.guest), st)])
+                          + [st for st in wanted.values()
+                             if st.guest not in before or not before[st.guest].same(st)])
         self._report(self.ensure_compat())
         return everything
 
@@ -530,17 +567,16 @@ class Engine:
         return present, foreign
 
 
-def _log_refusals(name: str, before: Optional[GuestState], now: GuestState) -> None:
+def _log_refusals(name: str, seen: Set[Reason], now: GuestState) -> None:
     """Log each refused discovered address and each port held by another guest once:
-    when its reason first appears."""
-    seen = {why for _, why in before.pending} if before else set()
+    when its reason first appears (``seen``: the reasons recorded before)."""
     for why in dict.fromkeys(why for _, why in now.pending
                              if why.cause in (Reason.REFUSED, Reason.HELD)):
         if why not in seen:
             log.warning(f"guest {name}: {why}")
 
 
-def _settled(listed: List[Guest], recorded: List[GuestState]
+def _settled(listed: List[Guest], recorded: List[Recorded]
              ) -> Tuple[List[Guest], List[GuestState]]:
     """Libvirt was asked before portfwd's lock was taken, and a hook may have run
     since. Where libvirt's status files tell (``running_domain``): a listed guest
@@ -548,9 +584,6 @@ def _settled(listed: List[Guest], recorded: List[GuestState]
     listed but has a file has started since (returned: its record stands)."""
     names = {g.name for g in listed}
     still = [g for g in listed if running_domain(g.name) is not False]
-    started = [st for st in recorded if st.guest not in names and running_domain(st.guest)]
-    return still, started
-
-
-def _same(a: Optional[GuestState], b: GuestState) -> bool:
-    return a is not None and a.to_json() == b.to_json()
+    started = [st.state() for st in recorded
+               if st.guest not in names and running_domain(st.guest)]
+    return still, [st for st in started if st is not None]

@@ -166,6 +166,9 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) 
             from .discover import Resolver
 
             resolver = Resolver(name, xml)
+        from .bridgeport import taps
+
+        engine.taps[name] = taps(xml)  # their hairpin mode (ensure_compat)
         applied = engine.apply_guest(name, uuid, table, planned, resolver)
         if not applied.empty or had_state:
             waiting = f", {len(applied.pending)} waiting for an address" if applied.pending else ""

@@ -92,3 +92,18 @@ def _lookup(libvirt: Any, dom: Any, allowed: Sequence[str]) -> Lookup:
         return None
 
     return lookup
+
+
+def running_domain_xmls(conn: Any) -> Dict[str, bytes]:
+    """Name → live domain XML of every running domain (read-only questions)."""
+    libvirt = bindings()
+    out: Dict[str, bytes] = {}
+    try:
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            try:
+                out[dom.name()] = dom.XMLDesc(0).encode()
+            except libvirt.libvirtError:
+                continue  # stopped meanwhile
+    except libvirt.libvirtError as e:
+        raise HostError(f"libvirt could not list domains: {e.get_error_message()}") from None
+    return out

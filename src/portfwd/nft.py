@@ -36,12 +36,30 @@ class Nft:
         if rc != 0:
             raise HostError(f"nftables refused the change: {_first_lines(err)}")
 
+    def set_comment(self, table: str, name: str) -> Optional[str]:
+        """The comment of set ``NAME`` in ``inet TABLE`` ("" when it has none), None
+        when there is no such set (or no such table: nft does not tell which).
+
+        Cheap whatever the table's maps hold: nft fetches the elements of that
+        set alone (10 ms beside 10,000 forwards, where a table listing takes 250)."""
+        _check_name(table)
+        _check_name(name)
+        rc, out, _ = self._nft.json_cmd({"nftables": [{"list": {"set": {
+            "family": "inet", "table": table, "name": name}}}]})
+        if rc != 0:
+            return None
+        for obj in out.get("nftables", []):
+            if "set" in obj:
+                return str(obj["set"].get("comment", ""))
+        return None
+
     def table_comment(self, table: str) -> Optional[str]:
         """The comment of table ``inet TABLE`` ("" when it has none), None when absent.
 
-        Read from nft's terse text listing (no set elements, so cheap whatever
-        the maps hold): nftables 1.0.6 neither prints nor takes a table comment
-        in JSON. ``table`` must be a valid table name (config.TABLE_NAME).
+        Read from nft's terse text listing: nftables 1.0.6 neither prints nor
+        takes a table comment in JSON. Costly beside many forwards (nft fetches
+        every map element even for a terse listing): ``set_comment`` on the
+        marker set first. ``table`` must be a valid table name (config.TABLE_NAME).
         """
         _check_name(table)
         self._nft.set_json_output(False)
@@ -63,22 +81,33 @@ class Nft:
                 break
         return ""
 
-    def create_table(self, table: str, comment: str, replace: bool = False) -> None:
-        """Create ``inet TABLE`` carrying ``comment`` (``replace``: delete it first, in
-        the same transaction). A text command, because nftables 1.0.6's JSON
-        ignores a table's comment; neither value comes from outside unchecked."""
-        _check_name(table)
-        if '"' in comment or "\n" in comment:
-            raise ValueError(f"unsafe table comment {comment!r}")
+    def create_table(self, table: str, comment: str, marker: str, replace: bool = False) -> None:
+        """Create ``inet TABLE`` carrying ``comment``, and in it the empty set ``marker``
+        carrying it too (``replace``: delete the table first, in the same
+        transaction). A text command, because nftables 1.0.6's JSON ignores the
+        comment of a table or a set; no value comes from outside unchecked."""
         text = f"delete table inet {table}\n" if replace else ""
-        text += f'add table inet {table} {{ comment "{comment}"; }}'
+        text += f'add table inet {table} {{ comment "{_checked(comment)}"; }}\n'
+        self._mark(table, comment, marker, text)
+
+    def mark_table(self, table: str, comment: str, marker: str) -> None:
+        """Add the set ``marker`` carrying ``comment`` to the existing ``inet TABLE``
+        (a table made before the marker set existed)."""
+        self._mark(table, comment, marker, "")
+
+    def _mark(self, table: str, comment: str, marker: str, text: str) -> None:
+        _check_name(table)
+        _check_name(marker)
+        text += (f"add set inet {table} {marker} {{ type inet_service;"
+                 f' comment "{_checked(comment)}"; }}')
         self._nft.set_json_output(False)
         try:
             rc, _, err = self._nft.cmd(text)
         finally:
             self._nft.set_json_output(True)
         if rc != 0:
-            raise HostError(f"nftables refused to create table inet {table}: {_first_lines(err)}")
+            raise HostError(f"nftables refused to create table inet {table} or its set {marker}:"
+                            f" {_first_lines(err)}")
 
     def list_table(self, table: str) -> Optional[List[Dict[str, Any]]]:
         """Our inet table's objects as JSON, or None when it does not exist."""
@@ -92,6 +121,12 @@ class Nft:
                 return None
             raise HostError(f"cannot list {what}: {_first_lines(err)}")
         return [o for o in out.get("nftables", []) if "metainfo" not in o]
+
+
+def _checked(comment: str) -> str:
+    if '"' in comment or "\n" in comment:
+        raise ValueError(f"unsafe comment {comment!r}")
+    return comment
 
 
 def _check_name(table: str) -> None:

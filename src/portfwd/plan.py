@@ -100,7 +100,10 @@ class Binding(Value):
 
     def span(self) -> Tuple[int, int]:
         """(first, last) host port."""
-        first, _, last = str(self.key[-1]).partition("-")
+        port = self.key[-1]
+        if isinstance(port, int):
+            return port, port
+        first, _, last = str(port).partition("-")
         return int(first), int(last or first)
 
     @property

@@ -7,7 +7,7 @@ from .values import Reason
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, List, Optional, Tuple
+    from typing import Any, Dict, List, Optional, Set, Tuple
 
 
 class GuestState:
@@ -62,3 +62,31 @@ def _reason(raw: Any) -> Reason:
     if isinstance(raw, list) and len(raw) == 2:
         return Reason(str(raw[0]), str(raw[1]))
     return Reason.from_text(str(raw))
+
+
+class Recorded:
+    """A guest's state file as read, parsed only as far as a sync needs: whose it is,
+    its table, and the reasons of its pending bindings; ``same`` compares it whole."""
+
+    __slots__ = ("guest", "uuid", "table", "raw")
+
+    def __init__(self, raw: Dict[str, Any]) -> None:
+        self.guest = str(raw["guest"])
+        uuid = raw.get("uuid")
+        self.uuid = None if uuid is None else str(uuid)
+        self.table = str(raw["table"])
+        self.raw = raw
+
+    def reasons(self) -> Set[Reason]:
+        return {_reason(p[-1]) for p in self.raw.get("pending", [])}
+
+    def state(self) -> Optional[GuestState]:
+        """The whole record (None if its bindings cannot be read)."""
+        try:
+            return GuestState.from_json(self.raw)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return None
+
+    def same(self, state: GuestState) -> bool:
+        """Whether ``state`` would be written as exactly this file."""
+        return bool(self.raw == state.to_json())

@@ -12,6 +12,9 @@ holds a golden copy). The table, per family F (4, 6):
   equal: one element per range, and the DNAT keeps the destination port;
   ``fwdF_rkeys``, ``anyF_rkeys``, ``srcF_rkeys``: the same keys alone (a set),
   which the range rule tests before it marks the connection
+- ``hairpin``: the bridges whose hairpin connections are masqueraded
+- ``managed_by_portfwd``: an empty set whose comment marks the table as portfwd's
+  (``constants.MARKER_SET``; the table carries the same comment)
 
 The ``ip`` and ``range`` maps carry a counter per element, which is what
 ``portfwd status`` shows per forward. Each is looked up exactly once per
@@ -31,7 +34,8 @@ host ports is stored port by port (``portspec.SHIFTED_MAX`` ports at most).
 
 from __future__ import annotations
 
-from .constants import HAIRPIN_SET, KINDS, MARK, PRIORITY, PROTOCOLS, TABLE_COMMENT
+from .constants import (HAIRPIN_MARK, HAIRPIN_SET, KINDS, MARK, MARKER_SET, PRIORITY,
+                        PROTOCOLS, TABLE_COMMENT)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -85,9 +89,12 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
     - ``prerouting`` (nat): DNAT of connections arriving from elsewhere;
     - ``output`` (nat): the same for connections the host itself opens, never
       catching its loopback traffic (127.0.0.1 only for ``localhost`` keys);
-    - ``postrouting`` (nat): masquerade of hairpin connections (in and out of
-      the same bridge: another guest, or a guest reaching its own forward) and
-      of connections from 127.0.0.1, nothing else;
+    - ``forward`` (filter): marks hairpin connections (in and out of the same
+      bridge: another guest, or a guest reaching its own forward) with
+      ``HAIRPIN_MARK``; here, unlike in postrouting, both interfaces are known
+      also where br_netfilter bridges the DNATed packet instead of routing it;
+    - ``postrouting`` (nat): masquerade of those marked connections and of
+      connections from 127.0.0.1, nothing else;
     - ``raw_prerouting``: drops packets to 127.0.0.0/8 that arrive from
       outside, as ``route_localnet`` would otherwise let them in.
     ``ipv6 = False`` leaves IPv6 out, for kernels without IPv6.
@@ -113,8 +120,12 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
                                          "flags": ["interval"]}}})
     cmds.append({"add": {"set": {"family": "inet", "table": table, "name": HAIRPIN_SET,
                                  "type": ["ifname", "ifname"]}}})
+    # portfwd's marker: nft.create_table gives it the comment (JSON cannot on nftables 1.0.6)
+    cmds.append({"add": {"set": {"family": "inet", "table": table, "name": MARKER_SET,
+                                 "type": "inet_service", "comment": TABLE_COMMENT}}})
     chains = [("prerouting", "nat", "prerouting", PRIORITY),
               ("output", "nat", "output", PRIORITY),
+              ("forward", "filter", "forward", -5),  # marks only: before others' filters
               ("postrouting", "nat", "postrouting", 100 - 5),  # before srcnat (100)
               ("raw_prerouting", "filter", "prerouting", -300)]
     for name, kind_, hook, prio in chains:
@@ -140,12 +151,17 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
             cmds.append(rule("output", out, f"portfwd {name} from the host"))
     mark = {"ct": {"key": "mark"}}
     ours = {"match": {"op": "==", "left": {"&": [mark, MARK]}, "right": MARK}}
-    cmds.append(rule("postrouting", [
+    both = MARK | HAIRPIN_MARK
+    cmds.append(rule("forward", [
         ours,
         {"match": {"op": "==", "left": {"concat": [{"meta": {"key": "iifname"}},
                                                     {"meta": {"key": "oifname"}}]},
                    "right": "@" + HAIRPIN_SET}},
-        {"masquerade": None}], "portfwd hairpin: back out of the bridge it came from"))
+        {"mangle": {"key": mark, "value": {"|": [mark, HAIRPIN_MARK]}}}],
+        "portfwd hairpin: back out of the bridge it came from"))
+    cmds.append(rule("postrouting", [
+        {"match": {"op": "==", "left": {"&": [mark, both]}, "right": both}},
+        {"masquerade": None}], "portfwd hairpin"))
     cmds.append(rule("postrouting", [
         ours,
         {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
@@ -224,6 +240,8 @@ def _range_rule(kind: str, family: int) -> List[Dict[str, Any]]:
 
 
 def _key_json(b: Binding) -> Dict[str, Any]:
+    if b.kind != "src" and isinstance(b.key[-1], int):  # addresses, protocol, port as they are
+        return {"concat": list(b.key)}
     parts: List[Any] = []
     for i, part in enumerate(b.key):
         if b.kind == "src" and i < 2:
@@ -244,16 +262,16 @@ def _elements(table: str, bindings: Iterable[Binding], op: str) -> List[Command]
         key = _key_json(b)
         values: Tuple[Tuple[str, Any], ...] = ((("range", b.address),) if b.is_range
                                                else (("ip", b.address), ("port", b.port)))
+        elem = {"elem": {"val": key, "comment": b.comment}}  # shared by the maps
         for what, value in values:
             name = map_name(b.kind, b.family, what)
             if op == "delete":
                 grouped.setdefault(name, []).append(key)
             else:
-                grouped.setdefault(name, []).append([{"elem": {"val": key, "comment": b.comment}}, value])
+                grouped.setdefault(name, []).append([elem, value])
         if b.is_range:
             name = map_name(b.kind, b.family, "rkeys")
-            grouped.setdefault(name, []).append(
-                key if op == "delete" else {"elem": {"val": key, "comment": b.comment}})
+            grouped.setdefault(name, []).append(key if op == "delete" else elem)
     return [{op: {"element": {"family": "inet", "table": table, "name": name, "elem": elems}}}
             for name, elems in sorted(grouped.items())]
 

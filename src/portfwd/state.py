@@ -11,6 +11,8 @@ format and its atomic write live here (``Store``, and the lock ``locked``).
     bridges.json          guest → ``values.Bridges.to_json()``: where its forwards lead
     hairpin.json          table → the bridges portfwd last wrote into its hairpin set
     localnet.json         bridges where portfwd turned route_localnet on
+    ports.json            guest → tap → [ifindex, hairpin mode found]: the bridge ports
+                          portfwd keeps in hairpin mode (``bridgeport``)
     layout.TABLE          the ``constants.LAYOUT`` TABLE was last built with
 
 Every file is replaced by a rename (``write_atomic``; the cache by swapping the
@@ -34,10 +36,13 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import TracebackType
-    from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
+    from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type, TypeVar
 
+    from .bridgeport import Records
     from .plan import Template
-    from .record import GuestState
+    from .record import GuestState, Recorded
+
+    T = TypeVar("T")
     from .values import Bridges
 
 DEFAULT_CONFIG = "/etc/portfwd/forward.toml"
@@ -49,6 +54,7 @@ CACHE_FORMAT = "4"  # 3: long guest names map to hashed file names; a range is o
 SUMMARY = "bridges.json"  # guest → bridges its forwards lead to
 HAIRPIN = "hairpin.json"
 LOCALNET = "localnet.json"
+PORTS = "ports.json"
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 # longest per-guest file name kept as is: with ".json.tmp.PID" it stays below NAME_MAX
 # (255 bytes); longer ones become a readable prefix, "~" and a hash
@@ -205,6 +211,11 @@ def _remove(path: str) -> None:
         pass
 
 
+def _stat_key(st: os.stat_result) -> Tuple[int, int, int]:
+    """Tells one version of a file from another (write_atomic renames a new inode in)."""
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def lock_holder(fd: int) -> str:
     """The pid holding a ``flock`` on ``fd``'s file, from /proc/locks ("" if unknown)."""
     try:
@@ -291,6 +302,9 @@ class Store:
 
     def __init__(self, root: Optional[str] = None) -> None:
         self.root = root or run_dir()
+        # bridges.json as last read or written, keyed by its stat: a hook reads it
+        # three times, and with thousands of guests each read costs
+        self._summary: Optional[Tuple[Tuple[int, int, int], Dict[str, Bridges]]] = None
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -369,10 +383,22 @@ class Store:
             return None
 
     def all_guests(self) -> List[GuestState]:
+        from .record import GuestState
+
+        return self._each_guest(GuestState.from_json)
+
+    def all_records(self) -> List[Recorded]:
+        """Every guest's state as read, parsed only as far as a sync needs (10,000
+        bindings cost as much to parse as to read)."""
+        from .record import Recorded
+
+        return self._each_guest(Recorded)
+
+    def _each_guest(self, parse: Callable[[Dict[str, Any]], T]) -> List[T]:
+        """``parse`` of every guests/NAME.json; an unreadable one is logged and skipped."""
         import json
 
         from . import log
-        from .record import GuestState
 
         out = []
         folder = self._path("guests")
@@ -386,8 +412,8 @@ class Store:
             path = os.path.join(folder, name)
             try:
                 with open(path, encoding="utf-8") as f:
-                    out.append(GuestState.from_json(json.load(f)))
-            except (OSError, ValueError, KeyError, TypeError) as e:
+                    out.append(parse(json.load(f)))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 log.warning(f"ignoring unreadable state file {path}: {e}")
         return out
 
@@ -425,8 +451,13 @@ class Store:
         path = self._path(SUMMARY)
         try:
             with open(path, encoding="utf-8") as f:
+                key = _stat_key(os.fstat(f.fileno()))
+                if self._summary is not None and self._summary[0] == key:
+                    return dict(self._summary[1])
                 data = json.load(f)
-            return {str(k): Bridges.from_json(v, DEFAULT_TABLE) for k, v in data.items()}
+            summary = {str(k): Bridges.from_json(v, DEFAULT_TABLE) for k, v in data.items()}
+            self._summary = (key, summary)
+            return dict(summary)
         except FileNotFoundError:
             pass  # none yet, or lost: the states say it all
         except (OSError, ValueError, AttributeError, TypeError) as e:
@@ -437,7 +468,12 @@ class Store:
         import json
 
         data = {guest: bridges.to_json() for guest, bridges in summary.items()}
-        write_atomic(self._path(SUMMARY), json.dumps(data, sort_keys=True).encode())
+        path = self._path(SUMMARY)
+        write_atomic(path, json.dumps(data, sort_keys=True).encode())
+        try:
+            self._summary = (_stat_key(os.stat(path)), dict(summary))
+        except OSError:
+            self._summary = None
 
     # -- hairpin.json, localnet.json -----------------------------------------------
     def _read_json(self, name: str, default: Any) -> Any:
@@ -477,6 +513,22 @@ class Store:
     def write_localnet(self, bridges: List[str]) -> None:
         self._write_json(LOCALNET, sorted(bridges))
 
+    # -- ports.json ----------------------------------------------------------------
+    def hairpin_ports(self) -> Records:
+        """Guest → tap → (ifindex, hairpin mode before portfwd turned it on)."""
+        data = self._read_json(PORTS, {})
+        out: Records = {}
+        try:
+            for guest, taps in data.items():
+                out[str(guest)] = {str(tap): (int(v[0]), str(v[1])) for tap, v in taps.items()}
+        except (AttributeError, TypeError, ValueError, IndexError):
+            return {}
+        return out
+
+    def write_hairpin_ports(self, records: Records) -> None:
+        self._write_json(PORTS, {guest: {tap: list(v) for tap, v in taps.items()}
+                                 for guest, taps in records.items()})
+
     # -- layout.TABLE --------------------------------------------------------------
     def layout(self, table: str) -> Optional[str]:
         """The layout portfwd last built ``table`` with in this boot, if any."""
@@ -498,7 +550,8 @@ class Store:
     # -- everything ----------------------------------------------------------------
     def clear(self) -> None:
         """Forget every guest and table (``portfwd flush``); the compiled
-        configuration and localnet.json stay (the sysctls are turned off after)."""
+        configuration, localnet.json and ports.json stay (the sysctls and hairpin
+        modes are put back after)."""
         import shutil
 
         shutil.rmtree(self._path("guests"), ignore_errors=True)

@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 
 HOOKS = ("/etc/libvirt/hooks/qemu.d/portfwd", "/etc/libvirt/hooks/network.d/portfwd")
 LINK = "/usr/local/sbin/portfwd"
+DOCS = ("/usr/local/share/man/man8/portfwd.8", "/usr/local/share/bash-completion/completions/portfwd")
 UNIT_DIR = "/etc/systemd/system"
 
 
@@ -26,7 +27,7 @@ def installed_paths(root: str, data_dir: str) -> List[str]:
     def at(path: str) -> str:
         return os.path.join(root, path.lstrip("/"))
 
-    return ([at(h) for h in HOOKS] + [at(LINK)]
+    return ([at(h) for h in HOOKS] + [at(LINK)] + [at(d) for d in DOCS]
             + [at(os.path.join(UNIT_DIR, unit)) for unit in units(data_dir)])
 
 

@@ -1,0 +1,485 @@
+"""``portfwd doctor``: the path of a forwarded packet, layer by layer (pure).
+
+Every check here is a function of facts that ``doctorfacts`` gathered (sysctls,
+links, neighbours, the domain XML, the live rule set, listening sockets): no I/O,
+so each layer can be tested by breaking exactly that layer. The walk follows the
+packet: host forwarding and IPv6, then per guest: running, bridge, tap, MAC,
+IPv6 on the bridge, address, neighbour, table, filter, listener, hairpin. It stops
+at the first broken layer, which it names with its fix.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from .discover import Nic
+
+EXIT_BROKEN = 5  # a layer failed (cli.py's codes 0-4 mean other things)
+
+
+class Check:
+    """One layer's verdict: ``ok``, what was seen (``detail``) and, if not ok, ``fix``."""
+
+    __slots__ = ("layer", "ok", "detail", "fix", "guest")
+
+    def __init__(self, layer: str, ok: bool, detail: str, fix: str = "",
+                 guest: Optional[str] = None) -> None:
+        self.layer = layer
+        self.ok = ok
+        self.detail = detail
+        self.fix = fix
+        self.guest = guest
+
+    def to_json(self) -> Dict[str, object]:
+        return {"layer": self.layer, "guest": self.guest, "ok": self.ok, "detail": self.detail,
+                "fix": self.fix}
+
+
+class Link:
+    """A network interface as sysfs shows it."""
+
+    __slots__ = ("name", "up", "master", "hairpin")
+
+    def __init__(self, name: str, up: bool, master: Optional[str] = None,
+                 hairpin: Optional[bool] = None) -> None:
+        self.name = name
+        self.up = up  # IFF_UP
+        self.master = master  # the bridge it is a port of
+        self.hairpin = hairpin  # brport/hairpin_mode, None when not a bridge port
+
+
+class Target:
+    """One forward of the guest as doctor sees it: where it leads and what the table says."""
+
+    __slots__ = ("family", "proto", "listen", "host_port", "address", "guest_port", "state")
+
+    def __init__(self, family: int, proto: str, listen: str, host_port: str,
+                 address: Optional[str], guest_port: str, state: str) -> None:
+        self.family = family
+        self.proto = proto
+        self.listen = listen  # "*" or an address
+        self.host_port = host_port  # "8080" or "5000-5010"
+        self.address = address  # None: no address yet (pending)
+        self.guest_port = guest_port
+        self.state = state  # as `portfwd status` says: active, missing, pending: …
+
+    @property
+    def text(self) -> str:
+        return f"{self.listen} {self.host_port}/{self.proto} -> {self.address or '?'}:{self.guest_port}"
+
+
+class HostFacts:
+    __slots__ = ("ip_forward", "ipv6_forwarding", "ipv6_off", "br_netfilter")
+
+    def __init__(self, ip_forward: Optional[str], ipv6_forwarding: Optional[str],
+                 ipv6_off: Optional[str], br_netfilter: Optional[str]) -> None:
+        self.ip_forward = ip_forward  # net.ipv4.ip_forward
+        self.ipv6_forwarding = ipv6_forwarding  # net.ipv6.conf.all.forwarding
+        self.ipv6_off = ipv6_off  # why IPv6 is off host-wide (hostnet.ipv6_off), or None
+        self.br_netfilter = br_netfilter  # net.bridge.bridge-nf-call-iptables, None: not loaded
+
+
+class GuestFacts:
+    """Everything doctor knows about one guest with forwards."""
+
+    __slots__ = ("name", "running", "running_from", "nics", "links", "bridge_ipv6_off",
+                 "targets", "neighbours", "blocked", "listeners", "macs_on_bridge")
+
+    def __init__(self, name: str, running: Optional[bool], running_from: str = "libvirt",
+                 nics: Sequence[Nic] = (), links: Optional[Dict[str, Optional[Link]]] = None,
+                 bridge_ipv6_off: Optional[Dict[str, str]] = None,
+                 targets: Sequence[Target] = (), neighbours: Optional[Dict[str, str]] = None,
+                 blocked: Sequence[str] = (), listeners: Sequence[str] = (),
+                 macs_on_bridge: Optional[Dict[Tuple[str, str], List[str]]] = None) -> None:
+        self.name = name
+        self.running = running  # None: could not be told
+        self.running_from = running_from  # where that came from
+        self.nics = list(nics)
+        self.links = links or {}  # interface name → Link, None when it does not exist
+        self.bridge_ipv6_off = bridge_ipv6_off or {}  # bridge → why IPv6 is off there
+        self.targets = list(targets)
+        self.neighbours = neighbours or {}  # guest address → neighbour state ("" = no entry)
+        self.blocked = list(blocked)  # what drops forwarded traffic, table and chain named
+        self.listeners = list(listeners)  # host sockets on a forwarded port
+        self.macs_on_bridge = macs_on_bridge or {}  # (bridge, mac) → running guests with it
+
+
+# -- host layers ----------------------------------------------------------------
+
+def host_checks(host: HostFacts, families: Sequence[int]) -> List[Check]:
+    """Forwarding sysctls and IPv6 for the families the forwards use, in order."""
+    out: List[Check] = []
+    if 4 in families:
+        if host.ip_forward == "1":
+            out.append(Check("ipv4 forwarding", True, "net.ipv4.ip_forward = 1"))
+        else:
+            out.append(Check("ipv4 forwarding", False,
+                             f"net.ipv4.ip_forward = {host.ip_forward or '(missing)'}: the host"
+                             " routes no IPv4 packet to a guest",
+                             "sysctl -w net.ipv4.ip_forward=1 (and set it in /etc/sysctl.d/)"))
+    if 6 in families:
+        if host.ipv6_off:
+            out.append(Check("ipv6", False, host.ipv6_off,
+                             "enable IPv6 (sysctl -w net.ipv6.conf.all.disable_ipv6=0, or boot"
+                             " without ipv6.disable=1), or drop the forwards' ipv6"))
+        elif host.ipv6_forwarding == "1":
+            out.append(Check("ipv6 forwarding", True, "net.ipv6.conf.all.forwarding = 1"))
+        else:
+            out.append(Check("ipv6 forwarding", False,
+                             f"net.ipv6.conf.all.forwarding = {host.ipv6_forwarding or '(missing)'}:"
+                             " the host routes no IPv6 packet to a guest",
+                             "sysctl -w net.ipv6.conf.all.forwarding=1 (and set it in"
+                             " /etc/sysctl.d/)"))
+    return out
+
+
+# -- guest layers -----------------------------------------------------------------
+
+
+
+def mac_problem(mac: str) -> Optional[str]:
+    """Why ``mac`` cannot work on a bridge: not 6 octets, multicast, or all zero."""
+    parts = mac.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p)
+                                  for p in parts):
+        return "is not six hexadecimal octets"
+    if int(parts[0], 16) & 1:
+        return "is a multicast address (bit 0 of the first octet set)"
+    if all(int(p, 16) == 0 for p in parts):
+        return "is all zero"
+    return None
+
+
+def _running(g: GuestFacts) -> Check:
+    if g.running:
+        return Check("guest", True, f"running ({g.running_from})")
+    if g.running is None:
+        return Check("guest", False, f"cannot tell whether it runs ({g.running_from})",
+                     "start libvirtd, or run doctor where libvirt's status files are")
+    return Check("guest", False, f"not running ({g.running_from})",
+                 f"virsh start {g.name}")
+
+
+def _bridges(g: GuestFacts) -> List[Check]:
+    """Bridge up, tap a port of it, MAC valid and not shared, per NIC with a bridge."""
+    out: List[Check] = []
+    nics = [n for n in g.nics if n.bridge]
+    if not nics:
+        return [Check("bridge", False, "the domain XML names no NIC on a bridge",
+                      f"attach a NIC on a libvirt network: virsh edit {g.name}")]
+    for nic in nics:
+        bridge = str(nic.bridge)
+        link = g.links.get(bridge)
+        if link is None:
+            out.append(Check("bridge", False, f"bridge {bridge} does not exist",
+                             f"virsh net-start the network of {bridge}"))
+            return out
+        if not link.up:
+            out.append(Check("bridge", False, f"bridge {bridge} is down",
+                             f"ip link set {bridge} up (or virsh net-start its network)"))
+            return out
+        out.append(Check("bridge", True, f"{bridge} is up"))
+        tap = g.links.get(nic.tap or "") if nic.tap else None
+        if tap is None:
+            out.append(Check("tap", False, f"tap {nic.tap or '(none in the domain XML)'} of"
+                             f" {nic.mac} does not exist",
+                             f"restart the guest (virsh destroy {g.name}; virsh start {g.name})"))
+            return out
+        if tap.master != bridge:
+            where = f"a port of {tap.master}" if tap.master else "not a port of any bridge"
+            out.append(Check("tap", False, f"tap {tap.name} is {where}, not of {bridge}",
+                             f"ip link set {tap.name} master {bridge}"))
+            return out
+        if not tap.up:
+            out.append(Check("tap", False, f"tap {tap.name} is down",
+                             f"ip link set {tap.name} up"))
+            return out
+        out.append(Check("tap", True, f"{tap.name} is a port of {bridge}, up"))
+        bad = mac_problem(nic.mac)
+        if bad:
+            out.append(Check("mac", False, f"guest MAC {nic.mac} {bad}",
+                             f"give the NIC a unicast MAC (virsh edit {g.name}: <mac address=…>)"))
+            return out
+        sharing = sorted(set(g.macs_on_bridge.get((bridge, nic.mac.lower()), [])) - {g.name})
+        if sharing:
+            out.append(Check("mac", False, f"guest MAC {nic.mac} is also used on {bridge} by"
+                             f" {', '.join(sharing)}: the bridge delivers to one of them",
+                             "give each guest its own MAC (virsh edit; remove <mac> to have"
+                             " libvirt pick one)"))
+            return out
+        out.append(Check("mac", True, f"{nic.mac} valid, the only one on {bridge}"))
+        if any(t.family == 6 for t in g.targets) and bridge in g.bridge_ipv6_off:
+            out.append(Check("ipv6", False, g.bridge_ipv6_off[bridge],
+                             f"sysctl -w net.ipv6.conf.{bridge}.disable_ipv6=0"))
+            return out
+    return out
+
+
+def _addresses(g: GuestFacts) -> Check:
+    if not g.targets:
+        return Check("address", False, "no forward of this guest is configured or recorded",
+                     "add it to forward.toml, then portfwd sync")
+    waiting = [t for t in g.targets if t.address is None]
+    if waiting:
+        why = waiting[0].state
+        return Check("address", False, f"{waiting[0].text}: {why}",
+                     "give the guest an address (DHCP lease or reservation) or set ipv4/ipv6 in"
+                     " forward.toml, then portfwd sync")
+    found = sorted({str(t.address) for t in g.targets})
+    return Check("address", True, ", ".join(found))
+
+
+GOOD_NEIGHBOUR = ("REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP")
+
+
+def _neighbours(g: GuestFacts) -> Check:
+    for address in sorted({str(t.address) for t in g.targets if t.address}):
+        state = g.neighbours.get(address, "")
+        if state.split(",")[0] not in GOOD_NEIGHBOUR:
+            seen = f"neighbour entry {state}" if state else "no neighbour entry"
+            return Check("neighbour", False,
+                         f"{address} does not answer on the bridge ({seen}): the guest is down,"
+                         " has another address, or its network inside is not up",
+                         f"check the guest's address (virsh console {g.name}; ip addr), or the"
+                         " address in forward.toml / its DHCP lease")
+    states = ", ".join(f"{a} {g.neighbours.get(a, '')}" for a in
+                       sorted({str(t.address) for t in g.targets if t.address}))
+    return Check("neighbour", True, states)
+
+
+def _table(g: GuestFacts) -> Check:
+    for t in g.targets:
+        if t.state == "active":
+            continue
+        if t.state == "missing":
+            fix = "portfwd reapply (the table lost it, e.g. nft flush ruleset)"
+        elif t.state.startswith("differs"):
+            fix = "portfwd sync"
+        elif t.state == "not applied":
+            fix = "portfwd sync (the hook did not apply it: was portfwd installed after the guest" \
+                  " started, or libvirtd not restarted since?)"
+        else:
+            fix = "portfwd sync"
+        return Check("table", False, f"{t.text}: {t.state}", fix)
+    return Check("table", True, f"{len(g.targets)} forward(s) active in the kernel")
+
+
+def blocker_fix(line: str) -> str:
+    """The fix for one line of ``compat.blockers`` or ``doctorfacts.own_drops``."""
+    from .constants import MARK
+
+    if "portfwd reapply" in line:
+        return "portfwd reapply (puts portfwd's accept back at the head of libvirt's chain)"
+    if "StrictForwardPorts" in line:
+        return "declare the forwards to firewalld (firewall-cmd --add-forward-port) or set" \
+               " StrictForwardPorts=no in /etc/firewalld/firewalld.conf"
+    where = line.split(":", 1)[0]  # "table FAMILY TABLE chain CHAIN"
+    if "policy drop" in line:
+        return f"in {where}, accept what portfwd forwarded before the policy applies:" \
+               f" ct mark & {MARK:#010x} == {MARK:#010x} accept"
+    if " rule handle " in line:
+        words = where.split()
+        handle = line.split(" rule handle ", 1)[1].split()[0]
+        return f"narrow or delete that rule (nft delete rule {words[1]} {words[2]} {words[4]}" \
+               f" handle {handle}), or accept ct mark & {MARK:#010x} == {MARK:#010x} before it"
+    return "change that table's rule or policy"
+
+
+def _filter(g: GuestFacts) -> Check:
+    if g.blocked:
+        return Check("filter", False, "; ".join(g.blocked), blocker_fix(g.blocked[0]))
+    return Check("filter", True, "nothing drops forwarded connections to the guest's bridge")
+
+
+def _listeners(g: GuestFacts) -> Check:
+    if g.listeners:
+        return Check("listener", False, "; ".join(g.listeners) +
+                     ": the host answers that port itself wherever the forward does not catch"
+                     " the connection (from 127.0.0.1, before the forward is applied)",
+                     "stop that service or move it, or forward another host port")
+    return Check("listener", True, "no host process listens on the forwarded ports")
+
+
+def _hairpin(g: GuestFacts, host: HostFacts) -> Check:
+    if host.br_netfilter != "1":
+        return Check("hairpin", True, "br_netfilter off: portfwd's masquerade handles hairpin")
+    for nic in g.nics:
+        tap = g.links.get(nic.tap or "") if nic.tap else None
+        if tap is not None and tap.hairpin is False:
+            return Check("hairpin", False,
+                         f"br_netfilter is on (net.bridge.bridge-nf-call-iptables = 1) and tap"
+                         f" {tap.name} has hairpin mode off: {g.name} cannot reach its own forward",
+                         f"bridge link set dev {tap.name} hairpin on")
+    return Check("hairpin", True, "br_netfilter on, hairpin mode on")
+
+
+def guest_checks(g: GuestFacts, host: HostFacts) -> List[Check]:
+    """The guest's layers in the packet's order, up to and including the first failure."""
+    out: List[Check] = []
+    steps: List[Callable[[], List[Check]]] = [
+        lambda: [_running(g)], lambda: _bridges(g), lambda: [_addresses(g)],
+        lambda: [_neighbours(g)], lambda: [_table(g)], lambda: [_filter(g)],
+        lambda: [_listeners(g)], lambda: [_hairpin(g, host)]]
+    for step in steps:
+        for check in step():
+            check.guest = g.name
+            out.append(check)
+            if not check.ok:
+                return out
+    return out
+
+
+def walk(host: HostFacts, guests: Sequence[GuestFacts]) -> List[Check]:
+    """Host layers, then each guest's; a broken host layer ends the walk."""
+    families = sorted({t.family for g in guests for t in g.targets}) or [4]
+    out: List[Check] = []
+    for check in host_checks(host, families):
+        out.append(check)
+        if not check.ok:
+            return out
+    for g in guests:
+        out += guest_checks(g, host)
+    return out
+
+
+def render(checks: Sequence[Check]) -> List[str]:
+    """One line per layer: ``ok``/``FAIL``, the guest, the layer, what was seen, the fix."""
+    lines = []
+    for c in checks:
+        who = f"{c.guest}: " if c.guest else ""
+        line = f"{'ok  ' if c.ok else 'FAIL'} {who}{c.layer}: {c.detail}"
+        if not c.ok and c.fix:
+            line += f"\n     fix: {c.fix}"
+        lines.append(line)
+    return lines
+
+
+# -- the host's own rules -------------------------------------------------------------
+
+class Packet:
+    """A forwarded connection's first packet as a forward chain sees it."""
+
+    __slots__ = ("family", "oifname", "daddr", "proto", "dport")
+
+    def __init__(self, family: int, oifname: str, daddr: str, proto: str, dport: int) -> None:
+        self.family = family
+        self.oifname = oifname
+        self.daddr = daddr
+        self.proto = proto
+        self.dport = dport
+
+
+UNKNOWN = None
+
+
+def _match(m: Dict[str, object], p: Packet, mark: int) -> Optional[bool]:
+    """Whether one ``match`` expression (nft JSON) holds for ``p``; None: cannot tell."""
+    left, right, op = m.get("left"), m.get("right"), m.get("op", "==")
+    if not isinstance(left, dict):
+        return UNKNOWN
+    value: object = UNKNOWN
+    meta = left.get("meta")
+    payload = left.get("payload")
+    ct = left.get("ct")
+    if isinstance(meta, dict) and meta.get("key") in ("oifname", "oif"):
+        value = p.oifname
+    elif isinstance(meta, dict) and meta.get("key") == "l4proto":
+        value = p.proto
+    elif isinstance(meta, dict) and meta.get("key") == "nfproto":
+        value = "ipv4" if p.family == 4 else "ipv6"
+    elif isinstance(payload, dict) and payload.get("field") == "daddr" and payload.get(
+            "protocol") in ("ip", "ip6"):
+        if payload["protocol"] != ("ip" if p.family == 4 else "ip6"):
+            return False
+        value = p.daddr
+    elif isinstance(payload, dict) and payload.get("field") == "dport":
+        if payload.get("protocol") not in ("th", p.proto):
+            return False
+        value = p.dport
+    elif isinstance(ct, dict) and ct.get("key") == "state":
+        value = "new"
+    elif isinstance(ct, dict) and ct.get("key") == "status":
+        value = "dnat"
+    elif "&" in left:
+        and_ = left["&"]
+        if (isinstance(and_, list) and len(and_) == 2 and and_[0] == {"ct": {"key": "mark"}}
+                and isinstance(and_[1], int) and isinstance(right, int)):
+            masked = (mark & and_[1]) == right
+            return masked if op == "==" else not masked if op == "!=" else UNKNOWN
+        return UNKNOWN
+    if value is UNKNOWN:
+        return UNKNOWN
+    hit = _in(value, right)
+    if hit is UNKNOWN:
+        return UNKNOWN
+    if op in ("==", "in"):
+        return hit
+    if op == "!=":
+        return not hit
+    return UNKNOWN
+
+
+def _in(value: object, right: object) -> Optional[bool]:
+    """``value`` against a match's right side: a value, a set, a prefix, a range, flags."""
+    import ipaddress
+
+    if isinstance(right, dict) and "set" in right:
+        results = [_in(value, r) for r in right["set"]]
+        if any(results):
+            return True
+        return UNKNOWN if UNKNOWN in results else False
+    if isinstance(right, list):  # ct state { established, related } as a list
+        return _in(value, {"set": right})
+    if isinstance(right, dict) and "prefix" in right and isinstance(value, str):
+        net = ipaddress.ip_network(f"{right['prefix']['addr']}/{right['prefix']['len']}",
+                                   strict=False)
+        try:
+            return ipaddress.ip_address(value) in net
+        except ValueError:
+            return UNKNOWN
+    if isinstance(right, dict) and "range" in right:
+        first, last = right["range"]
+        if isinstance(value, int) and isinstance(first, int) and isinstance(last, int):
+            return first <= value <= last
+        return UNKNOWN
+    if isinstance(right, (str, int)):
+        if isinstance(value, str) and isinstance(right, str) and right.endswith("*"):
+            return value.startswith(right[:-1])
+        return str(value) == str(right)
+    return UNKNOWN
+
+
+VERDICTS = ("accept", "drop", "reject")
+
+
+def chain_verdict(rules: Sequence[Dict[str, object]], p: Packet, mark: int
+                  ) -> Optional[Tuple[str, Dict[str, object]]]:
+    """The first rule of a chain that surely matches ``p`` and ends it (accept, drop,
+    reject), with that rule; None when none does. Rules with matches doctor cannot
+    evaluate (the source, the input interface, …) are passed over: doctor names only
+    drops it is sure of."""
+    for rule in rules:
+        exprs = rule.get("expr")
+        if not isinstance(exprs, list):
+            continue
+        verdict: Optional[str] = None
+        sure = True
+        for e in exprs:
+            if not isinstance(e, dict):
+                sure = False
+                break
+            if "match" in e:
+                hit = _match(e["match"], p, mark)
+                if hit is not True:
+                    sure = False
+                    break
+            elif any(k in e for k in VERDICTS):
+                verdict = next(k for k in VERDICTS if k in e)
+            elif any(k in e for k in ("counter", "log", "comment")):
+                continue
+            else:  # jump, goto, xt, set lookups, …: not evaluated
+                sure = False
+                break
+        if sure and verdict:
+            return verdict, rule
+    return None
