@@ -26,6 +26,9 @@ def cli(*args: str, env_config: "str | None" = None) -> "subprocess.CompletedPro
 def test_version() -> None:
     r = cli("--version")
     assert (r.returncode, r.stdout) == (0, f"portfwd {portfwd.__version__}\n")
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "pyproject.toml"), encoding="utf-8") as f:
+        assert f'\nversion = "{portfwd.__version__}"' in f.read()
 
 
 @pytest.fixture

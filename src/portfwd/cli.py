@@ -7,6 +7,7 @@ Exit codes:
   3  the host refused: nftables, libvirt or the file system said no
   4  internal error (a bug in portfwd; please report it)
   5  status: a forward is missing from the table, differs from it or is blocked
+     (doctor and trace: a broken layer, an undelivered probe)
 """
 
 from __future__ import annotations
@@ -445,7 +446,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="portfwd", description="Port forwarding for libvirt guests through one nftables table.",
         epilog="exit codes: 0 ok, 1 invalid configuration, 2 bad command line,"
                " 3 the host refused (nftables, libvirt, files), 4 internal error,"
-               " 5 (status) a forward is missing, differs or is blocked",
+               " 5 status: a forward is missing, differs or is blocked; doctor: a layer"
+               " is broken; trace: the probe was not delivered",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"portfwd {__version__}")
     parser.add_argument("-c", "--config", metavar="PATH", help=config_help)
