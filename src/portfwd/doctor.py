@@ -309,7 +309,8 @@ def _hairpin(g: GuestFacts, host: HostFacts) -> Check:
             return Check("hairpin", False,
                          f"br_netfilter is on (net.bridge.bridge-nf-call-iptables = 1) and tap"
                          f" {tap.name} has hairpin mode off: {g.name} cannot reach its own forward",
-                         f"bridge link set dev {tap.name} hairpin on")
+                         f"portfwd reapply (it turns hairpin mode on for the taps of guests"
+                         f" with forwards; by hand: bridge link set dev {tap.name} hairpin on)")
     return Check("hairpin", True, "br_netfilter on, hairpin mode on")
 
 
