@@ -18,17 +18,25 @@ from typing import Any, List
 import pytest
 
 from portfwd import constants, rules
+from portfwd.engine import layout_id
 from portfwd.plan import Binding
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden")
 
-# LAYOUT → sha256 of json.dumps(rules.skeleton("portfwd"), sort_keys=True); a new layout
-# adds a line, an old line never changes
+# layout id (engine.layout_id: LAYOUT, "+concat" for that variant) → sha256 of
+# json.dumps(rules.skeleton("portfwd", variant=...), sort_keys=True); a new layout
+# adds lines, an old line never changes
 SKELETON_DIGESTS = {
     "4": "edb57721fcd44899d1aa7bf08276a028b88ae9059b7fae589a671ca57f2ca77d",
     "5": "158001dc96da4407e9ca750a62604cf2136a1cb4a3f418a16e0569a184bda79b",
     "6": "852ea18a2e148a717d60d8af875f37e62794c531b947c6e8d8b288ed0549ed94",
+    "6+concat": "df8116d2d3e3bc1c4bf2d88f39b29cf40ea878946827372c452a5ed59036da62",
 }
+VARIANTS = pytest.mark.parametrize("variant", rules.VARIANTS)
+
+
+def _suffix(variant: str) -> str:
+    return "" if variant == rules.SPLIT else f"-{variant}"
 
 
 def _digest(cmds: List[Any]) -> str:
@@ -72,25 +80,31 @@ OTHER = [_b("fwd", 4, ("127.0.0.1", "tcp", 9000), "192.168.122.11", 90, guest="d
             comment="db1 forward[1].ports[0] 9000:90/tcp")]
 
 
-def test_skeleton_is_golden() -> None:
-    _golden("skeleton.json", rules.skeleton("portfwd"))
+@VARIANTS
+def test_skeleton_is_golden(variant: str) -> None:
+    _golden(f"skeleton{_suffix(variant)}.json", rules.skeleton("portfwd", variant=variant))
 
 
 def test_skeleton_without_ipv6_is_golden() -> None:
     _golden("skeleton-ipv4.json", rules.skeleton("portfwd", ipv6=False))
 
 
-def test_skeleton_change_needs_a_layout_bump() -> None:
-    digest = _digest(rules.skeleton("portfwd"))
-    assert constants.LAYOUT in SKELETON_DIGESTS, \
-        f"new LAYOUT {constants.LAYOUT}: add it to SKELETON_DIGESTS with {digest}"
-    assert SKELETON_DIGESTS[constants.LAYOUT] == digest, \
-        "rules.skeleton() changed: bump constants.LAYOUT and add a line to SKELETON_DIGESTS"
+@VARIANTS
+def test_skeleton_change_needs_a_layout_bump(variant: str) -> None:
+    digest = _digest(rules.skeleton("portfwd", variant=variant))
+    layout = layout_id(variant)
+    assert layout in SKELETON_DIGESTS, \
+        f"new layout {layout}: add it to SKELETON_DIGESTS with {digest}"
+    assert SKELETON_DIGESTS[layout] == digest, \
+        "rules.skeleton() changed: bump constants.LAYOUT and add lines to SKELETON_DIGESTS"
     assert len(set(SKELETON_DIGESTS.values())) == len(SKELETON_DIGESTS)
+    assert layout.startswith(constants.LAYOUT)
 
 
-def test_guest_update_is_golden() -> None:
-    _golden("guest-update.json", rules.guest_update("portfwd", OLD, NEW))
+@VARIANTS
+def test_guest_update_is_golden(variant: str) -> None:
+    _golden(f"guest-update{_suffix(variant)}.json",
+            rules.guest_update("portfwd", OLD, NEW, variant))
 
 
 def test_guest_update_of_nothing_changes_nothing() -> None:
@@ -98,17 +112,34 @@ def test_guest_update_of_nothing_changes_nothing() -> None:
     assert rules.guest_update("portfwd", [], []) == []
 
 
-def test_full_rebuild_is_golden() -> None:
-    _golden("full-rebuild.json", rules.full_rebuild("portfwd", NEW + OTHER))
+@VARIANTS
+def test_full_rebuild_is_golden(variant: str) -> None:
+    _golden(f"full-rebuild{_suffix(variant)}.json",
+            rules.full_rebuild("portfwd", NEW + OTHER, variant))
 
 
-def test_full_rebuild_starts_with_the_skeleton_and_flushes_every_map() -> None:
-    cmds = rules.full_rebuild("portfwd", [])
-    skeleton = rules.skeleton("portfwd")
+@VARIANTS
+def test_full_rebuild_starts_with_the_skeleton_and_flushes_every_map(variant: str) -> None:
+    cmds = rules.full_rebuild("portfwd", [], variant)
+    skeleton = rules.skeleton("portfwd", variant=variant)
     assert cmds[:len(skeleton)] == skeleton
-    flushed = {c["flush"]["map"]["name"] for c in cmds[len(skeleton):]}
+    flushed = {c["flush"]["map"]["name"] for c in cmds[len(skeleton):] if "flush" in c}
     declared = {c["add"]["map"]["name"] for c in skeleton if "map" in c.get("add", {})}
-    assert flushed == declared and len(declared) == 18
+    assert flushed == declared == set(rules.maps_of(variant))
+    assert len(declared) == (18 if variant == rules.SPLIT else 12)
+    # the concat variant takes the maps of a split table away (declared first: no error
+    # where they are absent); the split variant leaves the table's maps alone
+    deleted = {c["delete"]["map"]["name"] for c in cmds if "delete" in c}
+    assert deleted == (set() if variant == rules.SPLIT
+                       else set(rules.maps_of(rules.SPLIT)) - declared)
+
+
+def test_concat_maps_hold_address_and_port() -> None:
+    cmds = rules.guest_update("portfwd", [], OLD[:1], rules.CONCAT)
+    assert cmds == [{"add": {"element": {"family": "inet", "table": "portfwd", "name": "any4_to",
+                                         "elem": [[{"elem": {"val": {"concat": ["tcp", 8080]},
+                                                             "comment": OLD[0].comment}},
+                                                   {"concat": ["192.168.122.10", 80]}]]}}}]
 
 
 def test_every_dnat_names_its_family() -> None:

@@ -7,6 +7,8 @@ holds a golden copy). The table, per family F (4, 6):
 - ``anyF_ip``/``anyF_port``: protocol . port → …, for forwards on every local address
 - ``srcF_ip``/``srcF_port``: listen prefix . source prefix . protocol . port → …,
   interval maps for forwards with a ``from`` list (listen 0/0 = every address)
+- or, in the ``concat`` variant, ``fwdF_to``, ``anyF_to``, ``srcF_to`` in their
+  place: the same keys → guest address . guest port, one map and one lookup
 - ``fwdF_range``, ``anyF_range``, ``srcF_range``: the same keys with a port
   *interval* → guest address only, for ranges whose host and guest ports are
   equal: one element per range, and the DNAT keeps the destination port
@@ -17,7 +19,10 @@ holds a golden copy). The table, per family F (4, 6):
 One rule per map pair (and one per range map) in chain ``prerouting`` DNATs
 through them, so the cost per packet does not grow with the number of
 forwards. nftables 1.0.6 cannot declare a map with a concatenated value
-through JSON, hence the address and port maps side by side. It cannot shift a
+through JSON, hence the address and port maps side by side (``split``, the
+variant it gets); where nftables can (1.1), the ``concat`` variant holds one
+map per kind instead (``nft.Nft.concat_values`` probes it). The builders take
+the variant the table was built with. nftables 1.0.6 cannot shift a
 port range either (the kernel's NAT port offset, iptables' ``DNAT
 --to-destination A:B-C/BASE``), so a range whose guest ports differ from its
 host ports is stored port by port (``portspec.SHIFTED_MAX`` ports at most).
@@ -45,8 +50,28 @@ def map_name(kind: str, family: int, what: str) -> str:
     return f"{kind}{family}_{what}"
 
 
-# every map of the table: name → (kind, family, what)
-MAPS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS for w in ("ip", "port", "range")}
+SPLIT, CONCAT = "split", "concat"  # the table's variants (see above)
+VARIANTS = (SPLIT, CONCAT)
+# the maps of single ports per variant: what → their value type (None: address . port)
+_SINGLE = {SPLIT: ("ip", "port"), CONCAT: ("to",)}
+
+# every map of either variant: name → (kind, family, what)
+MAPS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS
+        for w in ("ip", "port", "range", "to")}
+
+
+def maps_of(variant: str) -> List[str]:
+    """The names of every map the ``variant`` table holds (both families)."""
+    whats = _SINGLE[variant] + ("range",)
+    return [name for name, (_, _, w) in MAPS.items() if w in whats]
+
+
+def _value_type(family: int, what: str) -> Any:
+    if what == "port":
+        return "inet_service"
+    if what == "to":
+        return [_addr_type(family), "inet_service"]
+    return _addr_type(family)
 
 
 def _key_types(kind: str, family: int) -> List[str]:
@@ -70,7 +95,15 @@ def _key_exprs(kind: str, family: int) -> List[Dict[str, Any]]:
     return tail
 
 
-def skeleton(table: str, ipv6: bool = True) -> List[Command]:
+def _map_spec(table: str, kind: str, family: int, what: str) -> Dict[str, Any]:
+    spec: Dict[str, Any] = {"family": "inet", "table": table, "name": map_name(kind, family, what),
+                            "type": _key_types(kind, family), "map": _value_type(family, what)}
+    if kind == "src" or what == "range":
+        spec["flags"] = ["interval"]
+    return spec
+
+
+def skeleton(table: str, ipv6: bool = True, variant: str = SPLIT) -> List[Command]:
     """Commands that (re)create the table, maps, chains and rules; safe to rerun.
 
     - ``prerouting`` (nat): DNAT of connections arriving from elsewhere;
@@ -84,21 +117,16 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
       connections from 127.0.0.1, nothing else;
     - ``raw_prerouting``: drops packets to 127.0.0.0/8 that arrive from
       outside, as ``route_localnet`` would otherwise let them in.
-    ``ipv6 = False`` leaves IPv6 out, for kernels without IPv6.
+    ``ipv6 = False`` leaves IPv6 out, for kernels without IPv6. ``variant``:
+    ``SPLIT`` (address and port maps side by side) or ``CONCAT`` (one map).
     """
     families = (4, 6) if ipv6 else (4,)
     cmds: List[Command] = [{"add": {"table": {"family": "inet", "name": table,
                                               "comment": TABLE_COMMENT}}}]
     for family in families:
         for kind in KINDS:
-            for what, value_type in (("ip", _addr_type(family)), ("port", "inet_service"),
-                                     ("range", _addr_type(family))):
-                spec: Dict[str, Any] = {"family": "inet", "table": table,
-                                        "name": map_name(kind, family, what),
-                                        "type": _key_types(kind, family), "map": value_type}
-                if kind == "src" or what == "range":
-                    spec["flags"] = ["interval"]
-                cmds.append({"add": {"map": spec}})
+            for what in _SINGLE[variant] + ("range",):
+                cmds.append({"add": {"map": _map_spec(table, kind, family, what)}})
     cmds.append({"add": {"set": {"family": "inet", "table": table, "name": HAIRPIN_SET,
                                  "type": ["ifname", "ifname"]}}})
     # portfwd's marker: nft.create_table gives it the comment (JSON cannot on nftables 1.0.6)
@@ -124,9 +152,9 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
         # (the configuration refuses that), so the order decides nothing else
         for kind, ranges in [(k, False) for k in KINDS] + [(k, True) for k in KINDS]:
             name = f"{kind}{family}" + (" ranges" if ranges else "")
-            build = _range_rule if ranges else _dnat_rule
-            cmds.append(rule("prerouting", build(kind, family), f"portfwd {name}"))
-            out = build(kind, family)
+            cmds.append(rule("prerouting", _lookup_rule(kind, family, ranges, variant),
+                             f"portfwd {name}"))
+            out = _lookup_rule(kind, family, ranges, variant)
             if kind != "fwd":  # only keys naming 127.0.0.1 itself reach loopback
                 out.insert(1, _not_loopback(family))
             cmds.append(rule("output", out, f"portfwd {name} from the host"))
@@ -198,14 +226,24 @@ def _in_map(key: Any, name: str) -> Dict[str, Any]:
     return {"match": {"op": "==", "left": key, "right": "@" + name}}
 
 
-def _dnat_rule(kind: str, family: int) -> List[Dict[str, Any]]:
+def _dnat_rule(kind: str, family: int, variant: str) -> List[Dict[str, Any]]:
     key = _lookup_key(kind, family)
-    ip, port = map_name(kind, family, "ip"), map_name(kind, family, "port")
+    nat_family = "ip" if family == 4 else "ip6"
     # only connections that hit a map get the mark, which libvirt's chains let through
+    if variant == CONCAT:  # address . port from one map: `dnat ip to KEY map @fwd4_to`
+        to = map_name(kind, family, "to")
+        return [_nfproto(family), _LOCAL, _L4PROTO, _in_map(key, to), _SET_MARK,
+                {"dnat": {"family": nat_family,
+                          "addr": {"map": {"key": key, "data": "@" + to}}}}]
+    ip, port = map_name(kind, family, "ip"), map_name(kind, family, "port")
     return [_nfproto(family), _LOCAL, _L4PROTO, _in_map(key, port), _SET_MARK,
-            {"dnat": {"family": "ip" if family == 4 else "ip6",
+            {"dnat": {"family": nat_family,
                       "addr": {"map": {"key": key, "data": "@" + ip}},
                       "port": {"map": {"key": key, "data": "@" + port}}}}]
+
+
+def _lookup_rule(kind: str, family: int, ranges: bool, variant: str) -> List[Dict[str, Any]]:
+    return _range_rule(kind, family) if ranges else _dnat_rule(kind, family, variant)
 
 
 def _range_rule(kind: str, family: int) -> List[Dict[str, Any]]:
@@ -235,13 +273,18 @@ def _key_json(b: Binding) -> Dict[str, Any]:
     return {"concat": parts}
 
 
-def _elements(table: str, bindings: Iterable[Binding], op: str) -> List[Command]:
+def _elements(table: str, bindings: Iterable[Binding], op: str, variant: str) -> List[Command]:
     """One command per map, carrying all its elements."""
     grouped: Dict[str, List[Any]] = {}
     for b in bindings:
         key = _key_json(b)
-        values: Tuple[Tuple[str, Any], ...] = ((("range", b.address),) if b.is_range
-                                               else (("ip", b.address), ("port", b.port)))
+        values: Tuple[Tuple[str, Any], ...]
+        if b.is_range:
+            values = (("range", b.address),)
+        elif variant == CONCAT:
+            values = (("to", {"concat": [b.address, b.port]}),)
+        else:
+            values = (("ip", b.address), ("port", b.port))
         elem = {"elem": {"val": key, "comment": b.comment}}  # shared by the maps
         for what, value in values:
             name = map_name(b.kind, b.family, what)
@@ -253,23 +296,33 @@ def _elements(table: str, bindings: Iterable[Binding], op: str) -> List[Command]
             for name, elems in sorted(grouped.items())]
 
 
-def guest_update(table: str, old: Sequence[Binding], new: Sequence[Binding]) -> List[Command]:
-    """Drop ``old`` bindings no longer wanted, ensure ``new`` (the table's layout
-    must exist: prefix ``skeleton(table)`` when unsure).
+def guest_update(table: str, old: Sequence[Binding], new: Sequence[Binding],
+                 variant: str = SPLIT) -> List[Command]:
+    """Drop ``old`` bindings no longer wanted, ensure ``new`` (the table's layout,
+    of this ``variant``, must exist: prefix ``skeleton(table)`` when unsure).
 
     Dropping adds the element first, so a binding already gone is no error.
     """
     wanted = set(new)
     gone = [b for b in old if b not in wanted]
-    return (_elements(table, gone, "add") + _elements(table, gone, "delete")
-            + _elements(table, new, "add"))
+    return (_elements(table, gone, "add", variant) + _elements(table, gone, "delete", variant)
+            + _elements(table, new, "add", variant))
 
 
-def full_rebuild(table: str, bindings: Sequence[Binding]) -> List[Command]:
-    """One transaction: the table holds exactly ``bindings`` afterwards."""
+def full_rebuild(table: str, bindings: Sequence[Binding], variant: str = SPLIT) -> List[Command]:
+    """One transaction: the table holds exactly ``bindings`` afterwards. Built as
+    ``CONCAT``, it also deletes the maps of a ``SPLIT`` table (nftables upgraded
+    since it was built): the rules naming them are gone by then."""
     flushes = [{"flush": {"map": {"family": "inet", "table": table, "name": name}}}
-               for name in MAPS]
-    return skeleton(table) + flushes + _elements(table, bindings, "add")
+               for name in maps_of(variant)]
+    cmds = skeleton(table, variant=variant) + flushes + _elements(table, bindings, "add", variant)
+    if variant == CONCAT:
+        for name in sorted(set(maps_of(SPLIT)) - set(maps_of(CONCAT))):
+            kind, family, what = MAPS[name]
+            where = {"family": "inet", "table": table, "name": name}
+            cmds += [{"add": {"map": _map_spec(table, kind, family, what)}},
+                     {"delete": {"map": where}}]
+    return cmds
 
 
 def drop_table(table: str) -> List[Command]:

@@ -25,8 +25,12 @@ def live_state(b: Binding, maps: Dict[str, Dict[Tuple[Any, ...], Any]]) -> str:
         if ip is None:
             return "missing"
         return "active" if str(ip) == b.address else f"differs (table: {ip})"
-    ip = maps.get(rules.map_name(b.kind, b.family, "ip"), {}).get(key)
-    port = maps.get(rules.map_name(b.kind, b.family, "port"), {}).get(key)
+    to = maps.get(rules.map_name(b.kind, b.family, "to"), {}).get(key)
+    if isinstance(to, dict) and "concat" in to:  # the concat variant: address . port
+        ip, port = to["concat"]
+    else:  # the split variant: address and port maps side by side
+        ip = maps.get(rules.map_name(b.kind, b.family, "ip"), {}).get(key)
+        port = maps.get(rules.map_name(b.kind, b.family, "port"), {}).get(key)
     if ip is None or port is None:
         return "missing"
     if str(ip) != b.address or int(port) != b.port:
