@@ -107,6 +107,7 @@ def test_forward_reaches_the_guest_over_both_families(tlab: TrixieLab) -> None:
 
 
 def test_split_table_becomes_concat_when_rebuilt(tlab: TrixieLab) -> None:
+    tlab.sh("nft delete table inet portfwd")  # built anew, as before nftables' upgrade
     tlab.sh(f"/opt/portfwd/bin/python -c '{REBUILD_SPLIT}'")
     assert_variant(tlab, SPLIT_MAPS)
     with open(tlab.file("/run/portfwd/layout.portfwd")) as f:
