@@ -39,9 +39,9 @@ ports = ["9999"]
 """
 
 
-def status(pf: PortfwdHost) -> List[Tuple[str, str, str, str, str]]:
+def status(pf: PortfwdHost, code: int = 0) -> List[Tuple[str, str, str, str, str]]:
     r = pf.cli("status", "--json")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == code, r.stderr
     return sorted((row["guest"], row["proto"], row["listen"], row["target"], row["state"])
                   for row in json.loads(r.stdout)["forwards"])
 
@@ -51,11 +51,42 @@ def test_sync_dry_run_changes_nothing(pf: PortfwdHost) -> None:
     r = pf.cli("sync", "--connect", TEST_URI, "--dry-run")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.decode().splitlines()
-    assert lines[0].startswith("# table inet portfwd: 3 binding(s) for 1 running guest(s)")
-    assert any(line.startswith("test\ttcp\t*:8080 -> 192.168.150.10:80") for line in lines)
-    assert any(line.startswith("test\ttcp\t*:2222 -> 192.168.150.10:22") for line in lines)
+    assert lines[0].startswith("# table inet portfwd, 1 running guest(s): dry run, nothing applied")
+    assert any(line.startswith("+ test\ttcp\t*:8080 -> 192.168.150.10:80") for line in lines)
+    assert any(line.startswith("+ test\ttcp\t*:2222 -> 192.168.150.10:22") for line in lines)
     assert not any("9999" in line for line in lines)
+    assert lines[-1] == "added 3, removed 0, unchanged 0"
     assert pf.table() is None
+
+
+def test_sync_dry_run_diff_folds_ranges(pf: PortfwdHost) -> None:
+    """Added, removed and unchanged forwards against what is applied; a range stored
+    port by port (guest ports shifted) is one line, with --json the same as lists."""
+    pf.write_config(CONFIG)
+    assert pf.cli("sync", "--connect", TEST_URI).returncode == 0
+    shifted = CONFIG.replace('ports = ["8080:80"]', 'ports = ["8080:80", "7000-7009:8000-8009/udp"]')
+    pf.write_config(shifted.replace('ports = ["2222:22"]', 'ports = ["2223:22"]'))
+    r = pf.cli("sync", "--connect", TEST_URI, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert [line.split("\t")[:3] for line in lines[1:-1]] == [
+        ["+ test", "tcp", "*:2223 -> 192.168.150.10:22"],
+        ["+ test", "udp", "*:7000-7009 -> 192.168.150.10:8000-8009"],
+        ["+ test", "udp", "[*]:7000-7009 -> [fd00:150::10]:8000-8009"],
+        ["- test", "tcp", "*:2222 -> 192.168.150.10:22"],
+        ["= test", "tcp", "*:8080 -> 192.168.150.10:80"],
+        ["= test", "tcp", "[*]:8080 -> [fd00:150::10]:80"],
+    ]
+    assert lines[-1] == "added 3, removed 1, unchanged 2"
+    r = pf.cli("sync", "--connect", TEST_URI, "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["counts"] == {"added": 3, "removed": 1, "unchanged": 2, "pending": 0}
+    assert [(i["listen"], i["target"], i["bindings"]) for i in out["added"]] == [
+        ("*:2223", "192.168.150.10:22", 1), ("*:7000-7009", "192.168.150.10:8000-8009", 10),
+        ("[*]:7000-7009", "[fd00:150::10]:8000-8009", 10)]
+    assert out["removed"][0]["sources"] == [] and out["applied"] is False
+    assert len(pf.elements()["any4_ip"]) == 2  # nothing applied
 
 
 def test_sync_status_flush(pf: PortfwdHost) -> None:
@@ -81,12 +112,13 @@ def test_sync_status_flush(pf: PortfwdHost) -> None:
 
     # a rule set wiped behind portfwd's back shows up as missing
     pf.lab.ns(pf.lab.host, "nft", "flush", "ruleset")
-    assert {row[-1] for row in status(pf) if row[0] == "test"} == {"missing"}
+    assert {row[-1] for row in status(pf, 5) if row[0] == "test"} == {"missing"}
 
     text = pf.cli("status")
-    assert text.returncode == 0
+    assert text.returncode == 5  # a forward is missing: monitoring sees it
     assert text.stdout.decode().splitlines()[0].split() == ["GUEST", "PROTO", "LISTEN", "TARGET",
-                                                            "FROM", "STATE"]
+                                                            "FROM", "CONNS", "STATE"]
+    assert "missing: not in the table: run `portfwd reapply`" in text.stdout.decode()
     assert pf.cli("sync", "--connect", TEST_URI).returncode == 0
     r = pf.cli("flush")
     assert (r.returncode, r.stdout.decode().strip()) == (0, "removed: table inet portfwd")
@@ -118,7 +150,7 @@ def test_sync_unreachable_libvirt_is_a_host_error(pf: PortfwdHost) -> None:
 
 
 @pytest.mark.parametrize("command", ["check", "sync", "status", "flush", "reapply", "daemon",
-                                     "install", "import"])
+                                     "install", "uninstall", "import"])
 def test_every_command_has_help(pf: PortfwdHost, command: str) -> None:
     r = pf.cli(command, "--help")
     assert r.returncode == 0 and b"usage: portfwd " + command.encode() in r.stdout
@@ -160,3 +192,36 @@ def test_install_puts_a_working_hook_in_qemu_d(pf: PortfwdHost, tmp_path: "os.Pa
                     check=False)
     assert (run.returncode, run.stdout) == (0, b""), run.stderr
     assert len(pf.elements()["any4_ip"]) == 1
+
+
+def test_uninstall_removes_what_install_put_and_every_rule(pf: PortfwdHost,
+                                                           tmp_path: "os.PathLike[str]") -> None:
+    root = os.path.join(str(tmp_path), "root")
+    r = pf.cli("install", "--root", root)
+    assert r.returncode == 0, r.stderr
+    installed = [os.path.join(root, p) for p in (
+        "etc/libvirt/hooks/qemu.d/portfwd", "etc/libvirt/hooks/network.d/portfwd",
+        "etc/systemd/system/portfwd.service", "etc/systemd/system/portfwd-sync.service",
+        "etc/systemd/system/portfwd-reapply.service", "usr/local/sbin/portfwd")]
+    assert all(os.path.lexists(p) for p in installed)
+    other_hook = os.path.join(root, "etc/libvirt/hooks/qemu.d/other")
+    with open(other_hook, "w") as f:
+        f.write("#!/bin/sh\n")
+    config = os.path.join(root, "etc/portfwd/forward.toml")
+    pf.write_config(CONFIG)
+    assert pf.cli("sync", "--connect", TEST_URI).returncode == 0
+    assert pf.table() is not None
+
+    r = pf.cli("uninstall", "--root", root)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode().splitlines()
+    assert "removed: table inet portfwd and portfwd's accepts in libvirt's chains" in out
+    assert f"kept: {config} (remove it too with --purge)" in out
+    assert not any(os.path.lexists(p) for p in installed)
+    assert os.path.exists(other_hook) and os.path.exists(config)  # others' hooks, the config
+    assert pf.table() is None and not os.path.exists(pf.run_dir)
+
+    r = pf.cli("uninstall", "--root", root, "--purge")
+    assert r.returncode == 0, r.stderr
+    assert f"removed: {config}" in r.stdout.decode().splitlines()
+    assert not os.path.exists(os.path.dirname(config))

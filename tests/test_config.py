@@ -142,9 +142,11 @@ def test_check_command_uses_environment_and_accepts_valid(etc: str) -> None:
     path = os.path.join(DATA, "valid", "several.toml")
     r = _check(env_path=path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"{path}: OK: 4 port forward(s) for 2 guest(s), table inet fwd_test"
-    assert r.stderr == (f"{path}:22:10: warning: forward[2].ports[0]: listen address 203.0.113.5"
-                        " is unused: this forward has no ipv4 guest address\n")
+    # what the host lacks (these listen addresses) adds warnings: test_check_live.py
+    assert r.stdout.startswith(f"{path}: OK: 4 port forward(s) for 2 guest(s), table inet fwd_test")
+    assert r.stderr.splitlines()[0] == (
+        f"{path}:22:10: warning: forward[2].ports[0]: listen address 203.0.113.5"
+        " is unused: this forward has no ipv4 guest address")
 
 
 def test_check_help_and_usage_exit_codes() -> None:

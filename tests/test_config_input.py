@@ -72,7 +72,9 @@ def test_shallow_nesting_is_checked_as_usual() -> None:
     (FWD + 'from = ["2001:db8::%\\u0000/64"]\nports = [80]\n',
      "f.toml:4:9: forward[0].from[0]: '2001:db8::%\\x00/64': a source network has no zone index"
      " (%…)"),
-    ("\ufeff[options]\n", "f.toml:1:1: TOML syntax: Invalid statement"),
+    ("\ufeff[options]\n", "f.toml:1:1: the file starts with a byte-order mark (U+FEFF), which TOML"
+                          " does not allow (an editor saved it as \"UTF-8 with BOM\"); save it as"
+                          " plain UTF-8, e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' f.toml"),
 ])
 def test_odd_input_is_a_located_error(text: str, expected: str) -> None:
     lines = errors(text)

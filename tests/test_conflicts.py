@@ -3,10 +3,12 @@ from __future__ import annotations
 from ipaddress import ip_address
 from typing import List, Optional, Tuple
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portfwd.conflicts import Claim, find_conflicts
+from portfwd.conflicts import Claim, find_conflicts, group_conflicts
+from portfwd.errors import ConfigError
 
 addresses = st.sampled_from([None, ip_address("203.0.113.5"), ip_address("203.0.113.6"),
                              ip_address("2001:db8::5")])
@@ -144,3 +146,29 @@ def test_interfaces_without_shared_addresses_do_not_conflict() -> None:
     assert interface_conflicts(parsed, elsewhere) == []
     assert interface_conflicts(parsed, lambda name, family: []) == []  # interfaces gone
     assert len(asked) == len(set(asked))  # each interface and family asked once
+
+
+def test_many_claimants_of_one_port_are_one_error_listing_them() -> None:
+    """200 guests on one port: one error naming every claimant, not 19,900 pairs."""
+    text = "".join(f'[[forward]]\nguest = "g{i}"\nipv4 = "10.0.{i // 250}.{i % 250 + 1}"\n'
+                   'ports = ["8080:80", "9000"]\n\n' for i in range(200))
+    with pytest.raises(ConfigError) as e:
+        config.parse(text, "f.toml")
+    assert len(e.value.lines) == 2  # one per port
+    first = e.value.lines[0]
+    assert first.startswith("f.toml:9:10: forward[1].ports[0]: host port 8080/tcp on every IPv4"
+                            " address is claimed by 200 forwards: here for g1, at f.toml:4:10"
+                            " (forward[0].ports[0]) for g0, at f.toml:14:10 (forward[2].ports[0])"
+                            " for g2, ")
+    assert first.endswith("at f.toml:999:10 (forward[199].ports[0]) for g199; give each its own"
+                          " host port or listen address")
+    assert all(f" for g{i}" in first for i in range(200))
+
+
+def test_group_conflicts_names_each_later_claim_once() -> None:
+    a, b, c = (Claim(4, None, "tcp", 80, 80, owner) for owner in range(3))
+    assert group_conflicts(find_conflicts([a, b, c])) == [(a, [b, c])]
+    # a chain of ranges: c overlaps b but not a
+    x, y, z = Claim(4, None, "tcp", 1, 10, 0), Claim(4, None, "tcp", 10, 20, 1), \
+        Claim(4, None, "tcp", 15, 30, 2)
+    assert group_conflicts(find_conflicts([x, y, z])) == [(x, [y]), (y, [z])]

@@ -102,7 +102,9 @@ def dlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 
 def rows(dlab: Lab, guest: str) -> List[Tuple[str, str, str]]:
-    return [(r["target"], r["state"], r["address_from"]) for r in dlab.status() if r["guest"] == guest]
+    """(target, "STATE" or "STATE: REASON", where the address came from) per row."""
+    return [(r["target"], r["state"] + (f": {r['reason']}" if r["reason"] else ""),
+             r["address_from"]) for r in dlab.status() if r["guest"] == guest]
 
 
 def test_reservation_works_before_any_lease(dlab: Lab) -> None:

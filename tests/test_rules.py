@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, List
+from typing import Any, Dict, List
 
 import pytest
 
@@ -23,14 +23,14 @@ from portfwd.plan import Binding
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden")
 
-# layout id (engine.layout_id: LAYOUT, "+concat" for that variant) → sha256 of
-# json.dumps(rules.skeleton("portfwd", variant=...), sort_keys=True); a new layout
-# adds lines, an old line never changes
+# LAYOUT → sha256 of json.dumps(rules.skeleton("portfwd"), sort_keys=True); a new layout
+# adds a line, an old line never changes
 SKELETON_DIGESTS = {
     "4": "edb57721fcd44899d1aa7bf08276a028b88ae9059b7fae589a671ca57f2ca77d",
     "5": "158001dc96da4407e9ca750a62604cf2136a1cb4a3f418a16e0569a184bda79b",
     "6": "852ea18a2e148a717d60d8af875f37e62794c531b947c6e8d8b288ed0549ed94",
-    "6+concat": "df8116d2d3e3bc1c4bf2d88f39b29cf40ea878946827372c452a5ed59036da62",
+    "7": "27405b031cbd72e5a8fc59b2b1e0bd4718de71713758ff113db9b8a09291005b",
+    "7+concat": "3ca30cb9f251a14b0f78ac59a46b28cae6194607fd238a6a5b90870961d97bec",
 }
 VARIANTS = pytest.mark.parametrize("variant", rules.VARIANTS)
 
@@ -91,14 +91,15 @@ def test_skeleton_without_ipv6_is_golden() -> None:
 
 @VARIANTS
 def test_skeleton_change_needs_a_layout_bump(variant: str) -> None:
+    """Layout ids: engine.layout_id (LAYOUT, "+concat" for that variant)."""
     digest = _digest(rules.skeleton("portfwd", variant=variant))
     layout = layout_id(variant)
+    assert layout.startswith(constants.LAYOUT)
     assert layout in SKELETON_DIGESTS, \
         f"new layout {layout}: add it to SKELETON_DIGESTS with {digest}"
     assert SKELETON_DIGESTS[layout] == digest, \
-        "rules.skeleton() changed: bump constants.LAYOUT and add lines to SKELETON_DIGESTS"
+        "rules.skeleton() changed: bump constants.LAYOUT and add a line to SKELETON_DIGESTS"
     assert len(set(SKELETON_DIGESTS.values())) == len(SKELETON_DIGESTS)
-    assert layout.startswith(constants.LAYOUT)
 
 
 @VARIANTS
@@ -123,23 +124,63 @@ def test_full_rebuild_starts_with_the_skeleton_and_flushes_every_map(variant: st
     cmds = rules.full_rebuild("portfwd", [], variant)
     skeleton = rules.skeleton("portfwd", variant=variant)
     assert cmds[:len(skeleton)] == skeleton
-    flushed = {c["flush"]["map"]["name"] for c in cmds[len(skeleton):] if "flush" in c}
-    declared = {c["add"]["map"]["name"] for c in skeleton if "map" in c.get("add", {})}
-    assert flushed == declared == set(rules.maps_of(variant))
-    assert len(declared) == (18 if variant == rules.SPLIT else 12)
-    # the concat variant takes the maps of a split table away (declared first: no error
-    # where they are absent); the split variant leaves the table's maps alone
-    deleted = {c["delete"]["map"]["name"] for c in cmds if "delete" in c}
-    assert deleted == (set() if variant == rules.SPLIT
-                       else set(rules.maps_of(rules.SPLIT)) - declared)
+    flushed = {(kind, c["flush"][kind]["name"]) for c in cmds[len(skeleton):]
+               for kind in c["flush"]}
+    declared = {(kind, c["add"][kind]["name"]) for c in skeleton for kind in ("map", "set")
+                if kind in c.get("add", {})}
+    declared -= {("set", "hairpin"), ("set", "managed_by_portfwd")}  # hairpin() keeps one; a marker
+    assert flushed == declared
+    assert len(declared) == (18 + 6 if variant == rules.SPLIT else 12 + 12)
 
 
 def test_concat_maps_hold_address_and_port() -> None:
     cmds = rules.guest_update("portfwd", [], OLD[:1], rules.CONCAT)
-    assert cmds == [{"add": {"element": {"family": "inet", "table": "portfwd", "name": "any4_to",
-                                         "elem": [[{"elem": {"val": {"concat": ["tcp", 8080]},
-                                                             "comment": OLD[0].comment}},
-                                                   {"concat": ["192.168.122.10", 80]}]]}}}]
+    elem = {"elem": {"val": {"concat": ["tcp", 8080]}, "comment": OLD[0].comment}}
+    where = {"family": "inet", "table": "portfwd"}
+    assert cmds == [
+        {"add": {"element": dict(where, name="any4_keys", elem=[elem])}},
+        {"add": {"element": dict(where, name="any4_to",
+                                 elem=[[elem, {"concat": ["192.168.122.10", 80]}]])}}]
+
+
+def test_migration_to_concat_drops_the_split_maps() -> None:
+    listing = [c["add"] for c in rules.skeleton("portfwd") if "add" in c]
+    dropped = {(kind, c["delete"][kind]["name"])
+               for c in rules.migration("portfwd", listing, rules.CONCAT) if "delete" in c
+               for kind in c["delete"]}
+    assert dropped == {("map", n) for n in rules.maps_of(rules.SPLIT)
+                       if n not in rules.maps_of(rules.CONCAT)}
+    assert rules.migration("portfwd", listing, rules.SPLIT) == []
+
+
+def test_counters_sit_on_maps_looked_up_once_per_connection() -> None:
+    """A counter advances on every lookup of its element: only the maps the DNAT reads
+    (and nothing tests before the mark) may carry one, or a connection counts twice."""
+    skeleton = rules.skeleton("portfwd")
+    counted = {c["add"]["map"]["name"] for c in skeleton
+               if "map" in c.get("add", {}) and c["add"]["map"].get("stmt")}
+    assert counted == {n for n, (_, _, what) in rules.MAPS.items() if what in ("ip", "range")}
+    for cmd in skeleton:
+        rule = cmd.get("add", {}).get("rule")
+        if rule is None:
+            continue
+        lookups = [json.dumps(e) for e in rule["expr"]]
+        for name in counted:
+            assert sum(text.count(f'"@{name}"') for text in lookups) <= 1, (rule["comment"], name)
+
+
+def test_migration_drops_maps_an_earlier_layout_declared_otherwise() -> None:
+    old: List[Dict[str, Any]] = [{"chain": {"family": "inet", "table": "portfwd", "name": "prerouting"}},
+           {"map": {"family": "inet", "table": "portfwd", "name": "any4_ip",
+                    "type": ["inet_proto", "inet_service"], "map": "ipv4_addr"}},
+           {"map": {"family": "inet", "table": "portfwd", "name": "any4_port",
+                    "type": ["inet_proto", "inet_service"], "map": "inet_service"}}]
+    assert rules.migration("portfwd", old) == [
+        {"flush": {"chain": {"family": "inet", "table": "portfwd", "name": "prerouting"}}},
+        {"delete": {"map": {"family": "inet", "table": "portfwd", "name": "any4_ip"}}}]
+    current = [{"map": dict(c["add"]["map"])} for c in rules.skeleton("portfwd")
+               if "map" in c.get("add", {})]
+    assert rules.migration("portfwd", current) == []
 
 
 def test_every_dnat_names_its_family() -> None:

@@ -97,7 +97,7 @@ def assert_variant(lab: TrixieLab, maps: Dict[str, Any]) -> None:
 def test_forward_reaches_the_guest_over_both_families(tlab: TrixieLab) -> None:
     assert both_families(tlab, wait=10) == EXPECTED
     r = tlab.portfwd("status", "--json")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, (r.stdout.decode(), r.stderr)
     assert b'"state": "active"' in r.stdout
     assert b'"state": "missing"' not in r.stdout
     assert_variant(tlab, CONCAT_MAPS)  # the forwards above crossed these maps

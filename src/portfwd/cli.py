@@ -6,6 +6,8 @@ Exit codes:
   2  the command line is wrong
   3  the host refused: nftables, libvirt or the file system said no
   4  internal error (a bug in portfwd; please report it)
+  5  status: a forward is missing from the table, differs from it or is blocked
+     (doctor and trace: a broken layer, an undelivered probe)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import display, libvirtapi, log, state
 from .config import load
@@ -23,8 +25,11 @@ from .discover import status_files_tell
 from .engine import Engine
 from .errors import BugError, ConfigError, HostError
 from .model import Config, Where
+from .plan import Binding
+from .values import Reason
 
-EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_HOST, EXIT_BUG = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_HOST, EXIT_BUG, EXIT_DEGRADED = 0, 1, 2, 3, 4, 5
+INTERVAL_MIN, INTERVAL_MAX = 0.05, 3600.0  # daemon --interval, seconds
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
@@ -36,44 +41,65 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from . import hostnet
+    from . import checks, hostnet
     from .config import locator, parse, read
     from .conflicts import interface_conflicts
 
     path = state.config_path(args.config)
-    text = read(path)
-    config = parse(text, path)
-    # listen interfaces stand for their addresses now: a clash with a listed address
-    clashes = interface_conflicts(
-        config, lambda name, family: hostnet.usable_addresses(name, family)[0],
-        locator(text, path))
-    if clashes:
-        raise ConfigError(clashes)
-    engine = Engine(config.path)
-    table = config.options.table
+    report: Dict[str, Any] = {"path": path, "valid": False, "strict": args.strict,
+                              "errors": [], "warnings": [], "blocked": []}
     try:
-        foreign = engine.table_owner(table) is False
-    except HostError:
-        foreign = False  # not root: the firewall inspection below says so
-    if foreign:
-        raise ConfigError([f"{locator(text, path)(Where(path, 'options.table'))}: options.table:"
-                           f" table inet {table} exists and was not made by portfwd; portfwd"
-                           " never changes it: choose another name"])
-    for warning in config.warnings:
-        print(warning, file=sys.stderr)
+        text = read(path)
+        config = parse(text, path)
+        locate = locator(text, path)
+        # listen interfaces stand for their addresses now: a clash with a listed address
+        clashes = interface_conflicts(
+            config, lambda name, family: hostnet.usable_addresses(name, family)[0], locate)
+        if clashes:
+            raise ConfigError(clashes)
+        engine = Engine(config.path)
+        table = config.options.table
+        try:
+            foreign = engine.table_owner(table) is False
+        except HostError:
+            foreign = False  # not root: the firewall inspection below says so
+        if foreign:
+            raise ConfigError([f"{locate(Where(path, 'options.table'))}: options.table:"
+                               f" table inet {table} exists and was not made by portfwd;"
+                               " portfwd never changes it: choose another name"])
+    except ConfigError as e:
+        if not args.json:
+            raise
+        report["errors"] = e.lines
+        print(json.dumps(report, indent=2))
+        return EXIT_CONFIG
+    warnings = list(config.warnings) + checks.warnings(config, checks.Host.read(), locate)
     guests = {f.label for f in config.forwards}
     ports = sum(len(f.ports) for f in config.forwards)
-    print(f"{config.path}: OK: {ports} port forward(s) for {len(guests)} guest(s),"
-          f" table inet {config.options.table}")
     targets = {str(a) for f in config.forwards for a in (f.ipv4, f.ipv6) if a is not None}
+    blocked: List[str] = []
     try:
-        _, blocked = engine.firewall(targets)
+        blocked = engine.firewall(targets)[1]
     except HostError as e:
-        log.warning(f"could not inspect the host's firewall ({e}); run check as root to see"
-                    " whether anything blocks forwarded traffic")
-        return EXIT_OK
+        warnings.append(f"{path}: warning: could not inspect the host's firewall ({e}); run"
+                        " check as root to see whether anything blocks forwarded traffic")
+    failed = args.strict and bool(warnings or blocked)
+    report.update(valid=True, table=config.options.table, guests=len(guests), ports=ports,
+                  warnings=warnings, blocked=blocked)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_CONFIG if failed else EXIT_OK
+    for warning in warnings:
+        print(warning, file=sys.stderr)
     for line in blocked:
-        print(f"{config.path}: warning: forwarded traffic blocked: {line}", file=sys.stderr)
+        print(f"{path}: warning: forwarded traffic blocked: {line}", file=sys.stderr)
+    print(f"{config.path}: OK: {ports} port forward(s) for {len(guests)} guest(s),"
+          f" table inet {config.options.table}"
+          + (f"; {len(warnings) + len(blocked)} warning(s)" if warnings or blocked else ""))
+    if failed:
+        print(f"{path}: failed: --strict and {len(warnings) + len(blocked)} warning(s)",
+              file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 
@@ -86,57 +112,86 @@ def cmd_sync(args: argparse.Namespace) -> int:
         conn.close()
     with state.locked():
         engine = Engine(config.path)
+        before = [b for st in engine.all_states() for b in st.bindings]
         bindings = engine.sync(config, guests, dry_run=args.dry_run, resolvers=resolvers,
                                settle=status_files_tell(args.connect))
         if not args.dry_run:
             engine.compile()
     if args.dry_run:
-        print(f"# table inet {config.options.table}: {len(bindings)} binding(s) for"
-              f" {len(guests)} running guest(s); nothing applied (nftables accepted the batch)")
-        for line in display.describe(bindings):
-            print(line)
+        return _print_dry_run(config, len(guests), before, bindings, engine.pending, args.json)
+    owners = {b.guest for b in bindings}
+    if args.json:
+        print(json.dumps({"table": config.options.table, "bindings": len(bindings),
+                          "guests": len(owners), "pending": len(engine.pending)}, indent=2))
     else:
-        owners = {b.guest for b in bindings}
         print(f"synced: {len(bindings)} binding(s) for {len(owners)} guest(s)"
               f" in table inet {config.options.table}")
     return EXIT_OK
 
 
+def _print_dry_run(config: Config, running: int, before: List[Binding], after: List[Binding],
+                   pending: List[Tuple[Binding, Reason]], as_json: bool) -> int:
+    from . import syncdiff
+
+    diff = syncdiff.diff(before, after)
+    waiting = [dict(syncdiff.fold([b])[0], reason=str(why)) for b, why in pending]
+    if as_json:
+        print(json.dumps({"table": config.options.table, "running_guests": running,
+                          "applied": False, "counts": dict(diff.counts(), pending=len(waiting)),
+                          "added": [syncdiff.to_json(i) for i in diff.added],
+                          "removed": [syncdiff.to_json(i) for i in diff.removed],
+                          "unchanged": [syncdiff.to_json(i) for i in diff.unchanged],
+                          "pending": [syncdiff.to_json(i) for i in waiting]}, indent=2))
+        return EXIT_OK
+    counts = diff.counts()
+    print(f"# table inet {config.options.table}, {running} running guest(s): dry run, nothing"
+          " applied (nftables accepted the batch)")
+    for mark, items in (("+", diff.added), ("-", diff.removed), ("=", diff.unchanged)):
+        for item in items:
+            print(syncdiff.line(mark, item))
+    for item in waiting:
+        print(syncdiff.line("?", item) + f" (pending: {item['reason']})")
+    print(f"added {counts['added']}, removed {counts['removed']}, unchanged"
+          f" {counts['unchanged']}" + (f", pending {len(waiting)}" if waiting else ""))
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    from . import status
+
     path = state.config_path(args.config)
     config: Optional[Config] = None
+    errors: List[str] = []
     try:
         config = load(path)
     except ConfigError as e:
-        for line in e.lines:
-            log.warning(line)
-        log.warning("configuration invalid: showing applied forwards only")
+        errors = e.lines
     with state.locked():
-        engine = Engine(path)
-        rows = engine.status(config)
-        warnings = engine.warnings()
-        backends, blocked = engine.firewall()
+        report = status.report(Engine(path), config)
+    code = EXIT_CONFIG if errors else EXIT_OK if report.healthy else EXIT_DEGRADED
     if args.json:
-        print(json.dumps({"forwards": rows, "warnings": warnings,
-                          "firewall": {"seen": backends, "blocked": blocked}}, indent=2))
-        return EXIT_OK
-    header = ("GUEST", "PROTO", "LISTEN", "TARGET", "FROM", "STATE")
-    table = [header] + [(r["guest"], r["proto"], r["listen"], "-> " + r["target"], r["sources"],
-                         r["state"] + (f" ({r['address_from']})"
-                                       if r["address_from"] not in ("", "config") else ""))
-                        for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    if not rows:
+        print(json.dumps({
+            "config": {"path": path, "valid": not errors, "errors": errors,
+                       "warnings": list(config.warnings) if config else []},
+            "healthy": report.healthy and not errors, "forwards": report.rows,
+            "warnings": report.warnings,
+            "firewall": {"seen": report.firewall, "blocked": report.blocked}}, indent=2))
+        return code
+    for line in errors:
+        log.warning(line)
+    if errors:
+        log.warning("configuration invalid: showing applied forwards only")
+    for line in status.table_lines(report.rows):
+        print(line)
+    if not report.rows:
         print("(no forwards)")
-    for line in warnings:
+    for line in report.warnings:
         print(f"warning: {line}")
-    for line in backends:
+    for line in report.firewall:
         print(f"firewall: {line}")
-    for line in blocked:
+    for line in report.blocked:
         print(f"blocked: {line}")
-    return EXIT_OK
+    return code
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -172,18 +227,24 @@ def cmd_reapply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_flush(args: argparse.Namespace) -> int:
-    path = state.config_path(args.config)
+def _flush(path: str) -> List[str]:
+    """Remove every table and accept portfwd made and its state (whatever the
+    configuration says, a broken one too); returns the tables removed."""
     table: Optional[str] = None
     try:
         table = load(path).options.table
     except ConfigError:
-        pass  # flush must work with a broken file too
+        pass  # the configured table name is all it is asked for
     with state.locked():
         removed, foreign = Engine(path).flush(table)
-    print("removed: " + (", ".join(f"table inet {t}" for t in removed) or "nothing (no portfwd table)"))
     for t in foreign:
         log.warning(f"table inet {t} left alone: portfwd did not make it")
+    return removed
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    removed = _flush(state.config_path(args.config))
+    print("removed: " + (", ".join(f"table inet {t}" for t in removed) or "nothing (no portfwd table)"))
     return EXIT_OK
 
 
@@ -272,6 +333,26 @@ def cmd_install(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from . import uninstall
+
+    stopped = uninstall.stop_units(args.root, DATA_DIR)
+    if stopped:
+        print(stopped)
+    for t in _flush(state.config_path(args.config)):
+        print(f"removed: table inet {t} and portfwd's accepts in libvirt's chains")
+    removed, kept = uninstall.remove_files(args.root, DATA_DIR,
+                                           args.config or state.DEFAULT_CONFIG, args.purge)
+    if uninstall.remove_run_dir(state.run_dir()):
+        removed.append(state.run_dir())
+    for path in removed:
+        print(f"removed: {path}")
+    for path in kept:
+        print(f"kept: {path}")
+    print("next: restart libvirtd once (systemctl restart libvirtd) so that it forgets the hooks")
+    return EXIT_OK
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from . import importer
 
@@ -340,19 +421,46 @@ def _commented_out_forwards(example: str) -> str:
     return head + "\n" + "\n".join(("# " + line) if line else line for line in lines) + "\n"
 
 
+def _interval(text: str) -> float:
+    """--interval: seconds between looks at the configuration and lease files."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not INTERVAL_MIN <= value <= INTERVAL_MAX:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(
+            f"{text} seconds: use {INTERVAL_MIN} to {INTERVAL_MAX:g} (default 0.5)")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    config_help = f"configuration file (default: ${state.ENV_CONFIG} or {state.DEFAULT_CONFIG})"
+    # -c works before and after the command: the subcommands' copy leaves the value
+    # given before the command alone unless given again
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH",
-                        help=f"configuration file (default: ${state.ENV_CONFIG} or {state.DEFAULT_CONFIG})")
+    common.add_argument("-c", "--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help=config_help)
     parser = argparse.ArgumentParser(
         prog="portfwd", description="Port forwarding for libvirt guests through one nftables table.",
         epilog="exit codes: 0 ok, 1 invalid configuration, 2 bad command line,"
-               " 3 the host refused (nftables, libvirt, files), 4 internal error",
+               " 3 the host refused (nftables, libvirt, files), 4 internal error,"
+               " 5 status: a forward is missing, differs or is blocked; doctor: a layer"
+               " is broken; trace: the probe was not delivered",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"portfwd {__version__}")
+    parser.add_argument("-c", "--config", metavar="PATH", help=config_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     p = sub.add_parser("check", parents=[common], help="validate the configuration",
-                       description="Validate the configuration; every error as PATH:LINE:COL: message.")
+                       description="Validate the configuration; every error as PATH:LINE:COL:"
+                                   " message. Warns about forwards that would take a port a host"
+                                   " service listens on, listen interfaces or addresses the host"
+                                   " lacks, forwards that forward nothing, guests sharing an"
+                                   " address, and what blocks forwarded traffic.")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("sync", parents=[common], help="reconcile the table with running guests",
                        description="Make the table hold exactly the forwards of the guests"
@@ -360,10 +468,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--connect", metavar="URI", default=libvirtapi.DEFAULT_URI,
                    help=f"libvirt connection URI (default: {libvirtapi.DEFAULT_URI})")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the plan and let nftables check it, change nothing")
+                   help="print what would be added, removed and kept; let nftables check the"
+                        " batch, change nothing")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_sync)
     p = sub.add_parser("status", parents=[common], help="show forwards and whether they are live",
-                       description="Show each forward: guest, protocol, listen -> target, state.")
+                       description="Show each forward: guest, protocol, listen -> target,"
+                                   " sources, connections its DNAT counted, state. Exits 1 when"
+                                   " the configuration is invalid, 5 when a forward is missing,"
+                                   " differs or is blocked.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("doctor", parents=[common], help="find the first broken layer of a forward",
@@ -413,8 +526,9 @@ def _parser() -> argparse.ArgumentParser:
                                    " logs an invalid one and keeps the rules.")
     p.add_argument("--connect", metavar="URI", default=libvirtapi.DEFAULT_URI,
                    help=f"libvirt connection URI (default: {libvirtapi.DEFAULT_URI})")
-    p.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
-                   help="how often to look at the configuration and lease files (default 0.5)")
+    p.add_argument("--interval", type=_interval, default=0.5, metavar="SECONDS",
+                   help="how often to look at the configuration and lease files (default 0.5;"
+                        f" {INTERVAL_MIN} to {INTERVAL_MAX:g})")
     p.set_defaults(func=cmd_daemon)
     p = sub.add_parser("reapply", parents=[common],
                        help="re-apply recorded forwards (after nft flush ruleset, firewall reloads)",
@@ -426,11 +540,21 @@ def _parser() -> argparse.ArgumentParser:
                        description="Install the qemu hook, an example configuration (if none"
                                    " exists) and the systemd units.")
     p.add_argument("--root", default="/", metavar="DIR", help="install below DIR (default: /)")
-    p.add_argument("--config", metavar="PATH",
+    p.add_argument("-c", "--config", metavar="PATH", default=argparse.SUPPRESS,
                    help=f"configuration the hooks read (default: {state.DEFAULT_CONFIG})")
     p.add_argument("--run-dir", metavar="DIR",
                    help=f"state directory of the hooks (default: {state.DEFAULT_RUN_DIR})")
     p.set_defaults(func=cmd_install)
+    p = sub.add_parser("uninstall", parents=[common],
+                       help="remove what install put in place and every rule portfwd made",
+                       description="Stop and disable the units, remove portfwd's tables, its"
+                                   " accepts in libvirt's chains and its state, the hooks, the"
+                                   " units and the portfwd link. The configuration stays unless"
+                                   " --purge. Files are looked for below --root; rules are"
+                                   " removed from the running system.")
+    p.add_argument("--root", default="/", metavar="DIR", help="installed below DIR (default: /)")
+    p.add_argument("--purge", action="store_true", help="remove the configuration file too")
+    p.set_defaults(func=cmd_uninstall)
     p = sub.add_parser("import", help="convert libvirt-hook-qemu's hooks.json to forward.toml",
                        description="Convert the hooks.json of libvirt-hook-qemu to forward.toml:"
                                    " printed, or written with -o; then how to retire the old"
@@ -458,6 +582,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except HostError as e:
         log.error(str(e))
         return EXIT_HOST
+    except BrokenPipeError:  # the reader left (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except PermissionError as e:
         log.error(f"{e.filename}: {e.strerror} (run portfwd as root)")
         return EXIT_HOST

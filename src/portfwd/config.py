@@ -13,7 +13,8 @@ from ipaddress import (IPv4Address, IPv6Address, ip_address, ip_network)
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import portspec
-from .conflicts import Claim, claimed_where, claims_of, clash_message, find_conflicts
+from .conflicts import (Claim, claimed_where, claims_of, clash_message, crowd_message,
+                        find_conflicts, group_conflicts)
 from .constants import DEFAULT_TABLE, DISCOVER_SOURCES
 from .errors import ConfigError
 from .model import (Config, Forward, IPAddress, IPNetwork, Listen,
@@ -284,6 +285,10 @@ def _not_regular(real: str, st: os.stat_result, via: str) -> str:
 
 def parse(text: str, path: str = "<config>") -> Config:
     """Parse TOML text; raise ConfigError with every problem found."""
+    if text.startswith("\ufeff"):
+        raise ConfigError([f"{path}:1:1: the file starts with a byte-order mark (U+FEFF), which"
+                           " TOML does not allow (an editor saved it as \"UTF-8 with BOM\");"
+                           f" save it as plain UTF-8, e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' {path}"])
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -375,6 +380,10 @@ class _Validator:
             if key not in allowed:
                 close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.7)
                 hint = f"did you mean {close[0]!r}? " if close else ""
+                if path[:1] == ("forward",) and len(path) == 2 and key in OPTION_KEYS:
+                    hint = (f"{key!r} is a key of [options], and every key below a [[forward]]"
+                            " header belongs to that forward: move it above the first"
+                            " [[forward]], under [options]; ")
                 self.error(path + (key,), f"unknown key {key!r}; {hint}known keys: {', '.join(allowed)}",
                            at_key=True)
 
@@ -716,11 +725,17 @@ class _Validator:
             for pf in fwd.ports:
                 claims.extend(claims_of(pf, fwd.families(pf), len(items)))
                 items.append((fwd, pf))
-        for first, second in find_conflicts(claims):
-            (fa, pa), (fb, pb) = items[first.owner], items[second.owner]
-            self.error(_path_of(pb), clash_message(
-                first, second, claimed_where(first, second), fb.label,
-                self.location(_path_of(pa)), pa.where.path, fa.label))
+        for first, laters in group_conflicts(find_conflicts(claims)):
+            (fa, pa), (fb, pb) = items[first.owner], items[laters[0].owner]
+            where = claimed_where(first, laters[0])
+            if len(laters) == 1:
+                self.error(_path_of(pb), clash_message(
+                    first, laters[0], where, fb.label, self.location(_path_of(pa)),
+                    pa.where.path, fa.label))
+                continue
+            others = [(self.location(_path_of(items[c.owner][1])), items[c.owner][1].where.path,
+                       items[c.owner][0].label) for c in [first] + laters[1:]]
+            self.error(_path_of(pb), crowd_message([first] + laters, where, fb.label, others))
 
 
 def _path_of(pf: PortForward) -> Path:

@@ -88,6 +88,34 @@ def clash_message(first: Claim, second: Claim, where: str, label: str, there: st
             " use another host port or listen address")
 
 
+def group_conflicts(pairs: Sequence[Tuple[Claim, Claim]]) -> List[Tuple[Claim, List[Claim]]]:
+    """The pairs of ``find_conflicts`` as (earliest claim, every later claim that
+    overlaps it first): 200 forwards on one port make one group, not 19,900 pairs.
+    Each later claim appears once, with the earliest claim it overlaps."""
+    earliest: Dict[Claim, Claim] = {}
+    for first, second in pairs:
+        if second not in earliest or first.owner < earliest[second].owner:
+            earliest[second] = first
+    groups: Dict[Claim, List[Claim]] = {}
+    for second in sorted(earliest, key=lambda c: c.owner):
+        groups.setdefault(earliest[second], []).append(second)
+    return sorted(groups.items(), key=lambda g: (g[0].owner, g[1][0].owner))
+
+
+def crowd_message(claims: Sequence[Claim], where: str, label: str,
+                  others: Sequence[Tuple[str, str, str]]) -> str:
+    """The text of three or more ``claims`` of one port: the message is located at
+    the one of ``label``; ``others``: (location, key path, label) of the rest."""
+    low, high = max(c.first for c in claims), min(c.last for c in claims)
+    if low > high:  # ranges that overlap in a chain: name the first one's ports
+        low, high = claims[0].first, claims[0].last
+    ports = str(low) if low == high else f"{low}-{high}"
+    there = ", ".join(f"at {loc} ({path}) for {other}" for loc, path, other in others)
+    return (f"host port {ports}/{claims[0].proto} on {where} is claimed by {len(claims)}"
+            f" forwards: here for {label}, {there}; give each its own host port or listen"
+            " address")
+
+
 def claimed_where(first: Claim, second: Claim) -> str:
     """The address two overlapping claims share, as a message names it."""
     if first.address is not None:
@@ -121,18 +149,23 @@ def interface_conflicts(config: Config, addresses_of: AddressesOf,
                 for address in known[key]:
                     via.setdefault((owner, address), claim.address)
                     claims.append(replace(claim, address=address))
-    out = []
-    for first, second in find_conflicts(claims):
-        interfaces = [via[(c.owner, c.address)] for c in (first, second)
+    dynamic = [(first, second) for first, second in find_conflicts(claims)
+               if (first.owner, first.address) in via or (second.owner, second.address) in via]
+    out = []  # a static conflict (no interface in it): parsing reports those
+    for first, laters in group_conflicts(dynamic):
+        interfaces = [via[(c.owner, c.address)] for c in [first] + laters
                       if (c.owner, c.address) in via]
-        if not interfaces:  # a static conflict: parsing reports those
-            continue
-        (fa, pa), (fb, pb) = items[first.owner], items[second.owner]
+        (fa, pa), (fb, pb) = items[first.owner], items[laters[0].owner]
         names = " and of ".join(dict.fromkeys(interfaces))
-        where = f"{claimed_where(first, second)} (an address of {names})"
-        out.append(f"{locate(pb.where)}: {pb.where.path}: "
-                   + clash_message(first, second, where, fb.label, locate(pa.where), pa.where.path,
-                                   fa.label))
+        where = f"{claimed_where(first, laters[0])} (an address of {names})"
+        if len(laters) == 1:
+            text = clash_message(first, laters[0], where, fb.label, locate(pa.where),
+                                 pa.where.path, fa.label)
+        else:
+            others = [(locate(items[c.owner][1].where), items[c.owner][1].where.path,
+                       items[c.owner][0].label) for c in [first] + laters[1:]]
+            text = crowd_message([first] + laters, where, fb.label, others)
+        out.append(f"{locate(pb.where)}: {pb.where.path}: {text}")
     return out
 
 

@@ -7,7 +7,7 @@ PROTOCOLS = ("tcp", "udp", "sctp")
 FAMILIES = (4, 6)
 
 # the table's layout (rules.skeleton)
-LAYOUT = "6"  # bump whenever rules.skeleton() changes: tables made by another layout get rebuilt
+LAYOUT = "7"  # bump whenever rules.skeleton() changes: tables made by another layout get rebuilt
 UNMARKED_LAYOUT = "3"  # the last layout whose tables carried no marker (see TABLE_MARK)
 HAIRPIN_SET = "hairpin"
 # an empty set carrying TABLE_COMMENT (layout 5 on): nftables lists one set without

@@ -4,8 +4,8 @@ It reconciles (a ``sync``: one transaction) whenever something that decides
 the forwards changes: a libvirt lifecycle event, a (re)connection to
 libvirtd, a change to libvirt's dnsmasq lease files, or a valid edit of
 forward.toml. An invalid edit is logged with its location and changes
-nothing. It shares the hook's lock, so the two never interleave; the hook
-keeps working without it.
+nothing. SIGHUP (``systemctl reload``) reconciles at once. It shares the
+hook's lock, so the two never interleave; the hook keeps working without it.
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ class Daemon:
         self.start_event_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
+        signal.signal(signal.SIGHUP, self._reload)
         while not self.stopping:
             if not self.connect():
                 self.wake.wait(2.0)
@@ -140,6 +141,13 @@ class Daemon:
             self.wake.wait(self.interval)
         log.info("stopped")
         return 0
+
+    def _reload(self, *_: Any) -> None:
+        """SIGHUP (``systemctl reload portfwd``): read the configuration again and
+        reconcile now, even if its file looks unchanged."""
+        self.seen = None
+        self.bad_config = None
+        self.wake.set()
 
     def _stop(self, *_: Any) -> None:
         self.stopping = True

@@ -253,8 +253,10 @@ def targets_of(engine: Engine, config: Optional[Config], name: str, uuid: Option
         if st.table not in live:
             live[st.table] = live_elements(engine.nft.list_table(st.table) or [])
         for b in st.bindings:
+            state, reason, _, _ = live_state(b, live[st.table])
             out.append(Target(b.family, b.proto, b.listen, b.host_ports, b.address,
-                              b.guest_ports, live_state(b, live[st.table])))
+                              b.guest_ports, f"{state} ({reason})" if state == "differs"
+                              else state))
         for b, why in st.pending:
             state = str(why) if why.cause == Reason.INACTIVE else f"pending: {why}"
             out.append(Target(b.family, b.proto, b.listen, b.host_ports, None, b.guest_ports,

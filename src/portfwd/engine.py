@@ -24,7 +24,6 @@ from .plan import Binding
 from .discover import DEFAULT_SOURCES, running_domain
 from .record import GuestState, Recorded
 from .resolve import resolve
-from .status import live_elements, live_state, row
 from .values import Bridges, Reason
 
 TYPE_CHECKING = False
@@ -46,6 +45,7 @@ class Engine:
         self._routes: Optional[hostnet.RouteTable] = None
         self._owned: Set[str] = set()  # tables seen to carry portfwd's marker in this run
         self.discover: Tuple[str, ...] = DEFAULT_SOURCES  # [options] discover, once read
+        self.pending: List[Tuple[Binding, Reason]] = []  # what the last sync left waiting
         self.taps: Dict[str, List[str]] = {}  # guest → taps of its live XML, when given
         self.waiting = 0  # bindings the last sync left waiting (pending)
 
@@ -244,8 +244,8 @@ class Engine:
                            build: Callable[[str], List[rules.Command]]) -> None:
         """Apply ``build(variant)`` to ``table``; (re)create the table's layout first if
         it is not known to be there, or if the change fails without it (a flushed
-        rule set). A table whose variant changes (nftables upgraded since it was
-        built) is rebuilt whole from the records: no forward stays in the old maps."""
+        rule set). A table of another layout or variant (nftables upgraded since it
+        was built) is rebuilt whole from the records: no forward stays behind."""
         known = self._recorded_variant(table)
         if known is not None:
             try:
@@ -255,13 +255,24 @@ class Engine:
                 log.info(f"table inet {table}: rebuilding its layout ({e})")
         variant = self.variant()
         self.claim_table(table)
-        if variant == rules.CONCAT and self.nft.has_map(table, rules.map_name("any", 4, "ip")):
+        migration = self._migration(table, variant)
+        if migration:  # rebuilt from the record first; the change is relative to it
             recorded = [b for st in self.all_states() if st.table == table for b in st.bindings]
-            head = rules.full_rebuild(table, recorded, variant)
+            self.nft.apply(migration + rules.full_rebuild(table, recorded, variant))
+            self.nft.apply(build(variant))
         else:
-            head = rules.skeleton(table, variant=variant)
-        self.nft.apply(head + build(variant))
+            self.nft.apply(rules.skeleton(table, variant=variant) + build(variant))
         self._built(table, variant)
+
+    def _migration(self, table: str, variant: str) -> List[rules.Command]:
+        """What must go before ``table`` is rebuilt as ``variant``, if an earlier
+        portfwd built it (its record names another layout or variant) with maps
+        that this one declares otherwise or not at all (``rules.migration``); asks
+        the kernel only then."""
+        built = self.store.layout(table)
+        if built is None or built == layout_id(variant) or not self.table_owner(table):
+            return []
+        return rules.migration(table, self.nft.list_table(table) or [], variant)
 
     def table_owner(self, table: str) -> Optional[bool]:
         """True: ``table`` is portfwd's (it carries the marker, or a portfwd from before
@@ -399,7 +410,8 @@ class Engine:
             everything += kept
         self.claim_table(table)
         variant = self.variant()
-        self.nft.apply(rules.full_rebuild(table, everything, variant))
+        self.nft.apply(self._migration(table, variant)
+                       + rules.full_rebuild(table, everything, variant))
         self._built(table, variant)
         self.write_states(changed)
         return taken
@@ -455,7 +467,7 @@ class Engine:
         for table in tables:
             self.claim_table(table)
             bindings = [b for st in states if st.table == table for b in st.bindings]
-            cmds += rules.full_rebuild(table, bindings, variant)
+            cmds += self._migration(table, variant) + rules.full_rebuild(table, bindings, variant)
             everything += bindings
         self.nft.apply(cmds)
         for table in tables:
@@ -472,7 +484,9 @@ class Engine:
         """Make the table hold exactly the forwards of ``guests``, in one transaction
         (``resolvers``: per guest name, for addresses found when the guest runs;
         ``settle``: libvirt's status files tell which guests started or stopped
-        since ``guests`` was asked, see ``_settled``)."""
+        since ``guests`` was asked, see ``_settled``); returns the bindings applied
+        (``dry_run``: that would be), and leaves those waiting for an address in
+        ``self.pending``."""
         table = config.options.table
         old_states = self.store.all_records()  # parsed only as far as needed: 10,000 bindings
         guests, started_since = (_settled(list(guests), old_states) if settle
@@ -518,6 +532,7 @@ class Engine:
             cmds += rules.drop_table(old_table)
         self.claim_table(table, create=not dry_run)
         variant = self.variant()
+        cmds += self._migration(table, variant)
         try:
             self.nft.apply(cmds + rules.full_rebuild(table, everything, variant), dry_run=dry_run)
         except HostError as e:
@@ -527,9 +542,10 @@ class Engine:
             log.warning(f"nftables refused the whole table ({e}); applying guest by guest")
             self.nft.apply(cmds + rules.full_rebuild(table, [], variant))
             everything = self._apply_each(table, wanted, variant)
+        self.pending = [(b, why) for st in wanted.values() for b, why in st.pending]
         self.waiting = sum(len(st.pending) for st in wanted.values())
         if dry_run:
-            return everything + [b for st in wanted.values() for b, _ in st.pending]
+            return everything
         self.store.remember_layout(table, layout_id(variant))
         for gone in dropped + [table]:
             self.store.forget_hairpin(gone)
@@ -575,37 +591,6 @@ class Engine:
         self.store.clear()
         self.ensure_compat({4: set(), 6: set()})  # also turns route_localnet back off
         return present, foreign
-
-    # -- status -------------------------------------------------------------
-    def warnings(self) -> List[str]:
-        """What the last changes skipped, guest by guest (e.g. a tentative address)."""
-        return [f"guest {st.guest}: {w}" for st in self.all_states() for w in st.warnings]
-
-    def status(self, config: Optional[Config]) -> List[Dict[str, str]]:
-        """Every recorded binding with whether the kernel holds it, plus
-        configured forwards of guests that are not running."""
-        rows: List[Dict[str, str]] = []
-        states = self.all_states()
-        live: Dict[str, Dict[str, Dict[Tuple[Any, ...], Any]]] = {}
-        for table in sorted({st.table for st in states}):
-            live[table] = live_elements(self.nft.list_table(table) or [])
-        running = set()
-        for st in states:
-            running.add(st.guest)
-            if st.uuid:
-                running.add(st.uuid)
-            maps = live.get(st.table, {})
-            for b in st.bindings:
-                rows.append(row(b, live_state(b, maps), st.address_from.get(b.address, "config")))
-            for b, why in st.pending:
-                rows.append(row(b, str(why) if why.cause == Reason.INACTIVE else f"pending: {why}"))
-        if config is not None:
-            for fwd in config.forwards:
-                if fwd.guest in running or fwd.uuid in running:
-                    continue
-                for b in plan.forwards_bindings([fwd], fwd.label):
-                    rows.append(row(b, "guest not running"))
-        return rows
 
 
 def layout_id(variant: str) -> str:

@@ -1,23 +1,47 @@
-"""Messages to stderr and, for the hook and the daemon, to syslog as ``portfwd``."""
+"""Messages to stderr and, for the hook and the daemon, to syslog as ``portfwd``.
+
+Under systemd (``portfwd.service``) stderr already is the journal: each line
+then goes there once, with its priority as a ``<N>`` prefix, and not to syslog
+as well (which would put it in the journal twice).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
 _syslog = False
+_journal = False
 
 
 def use_syslog() -> None:
-    """Also send every message to syslog (identifier ``portfwd``)."""
-    global _syslog
+    """Also send every message to syslog (identifier ``portfwd``), unless stderr
+    is the journal's stream (``$JOURNAL_STREAM`` names it)."""
+    global _syslog, _journal
+    if stderr_is_journal():
+        _journal = True
+        return
     import syslog
 
     syslog.openlog("portfwd", syslog.LOG_PID, syslog.LOG_DAEMON)
     _syslog = True
 
 
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journal stream systemd connected (sd_journal_stream_fd)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return bool(stream) and stream == f"{st.st_dev}:{st.st_ino}"
+
+
 def _emit(level: str, priority: int, message: str) -> None:
     for line in message.splitlines() or [""]:
+        if _journal:
+            sys.stderr.write(f"<{priority}>{level}{line}\n")
+            continue
         sys.stderr.write(f"portfwd: {level}{line}\n")
         if _syslog:
             import syslog

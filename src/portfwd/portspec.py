@@ -40,8 +40,29 @@ def parse_span(text: str, spec: str) -> Tuple[int, int]:
 
 def check_proto(proto: str, spec: str) -> str:
     if proto not in PROTOCOLS:
-        raise PortSpecError(f"{spec!r}: unknown protocol {proto!r}; use tcp, udp or sctp")
+        hint = f" (lower case: {proto.lower()!r})" if proto.lower() in PROTOCOLS else ""
+        raise PortSpecError(f"{spec!r}: unknown protocol {proto!r}; use tcp, udp or sctp{hint}")
     return proto
+
+
+def _docker_hint(spec: str, body: str) -> None:
+    """Docker's ``ADDRESS:HOST:GUEST`` (``-p 127.0.0.1:8081:80``): say where the address goes."""
+    rest, _, guest = body.rpartition(":")
+    address, _, host = rest.rpartition(":")
+    address = address.strip("[]")
+    if address.isdigit():  # "1:2:3": not an address, just a malformed spec
+        return
+    proto = spec[len(body) + 1:]
+    table = f"host = {host}, guest = {guest}" + (f", proto = \"{proto}\"" if proto else "")
+    if address.startswith("127."):
+        raise PortSpecError(
+            f"{spec!r}: an address in a port spec is Docker's way; portfwd forwards 127.0.0.1"
+            f" with localhost = true: write {{ {table} }} and set localhost = true in this"
+            " [[forward]] (listen then says which other addresses answer)")
+    raise PortSpecError(
+        f"{spec!r}: an address in a port spec is Docker's way; portfwd takes it in listen:"
+        f" {{ {table}, listen = [\"{address}\"] }} (or listen = [\"{address}\"] for the whole"
+        " [[forward]])")
 
 
 def make_range(proto: str, host: Tuple[int, int], guest: Tuple[int, int], spec: str) -> PortRange:
@@ -66,6 +87,8 @@ def parse(spec: str) -> PortRange:
     """Parse the string form of a port spec."""
     body, slash, proto = spec.partition("/")
     proto = check_proto(proto, spec) if slash else "tcp"
+    if body.count(":") >= 2:
+        _docker_hint(spec, body)
     host_text, colon, guest_text = body.partition(":")
     if not colon:
         guest_text = host_text

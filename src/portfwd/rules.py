@@ -8,13 +8,24 @@ holds a golden copy). The table, per family F (4, 6):
 - ``srcF_ip``/``srcF_port``: listen prefix . source prefix . protocol . port → …,
   interval maps for forwards with a ``from`` list (listen 0/0 = every address)
 - or, in the ``concat`` variant, ``fwdF_to``, ``anyF_to``, ``srcF_to`` in their
-  place: the same keys → guest address . guest port, one map and one lookup
+  place (the same keys → guest address . guest port: one map, one lookup) and
+  ``fwdF_keys``, ``anyF_keys``, ``srcF_keys``: their keys alone (sets)
 - ``fwdF_range``, ``anyF_range``, ``srcF_range``: the same keys with a port
   *interval* → guest address only, for ranges whose host and guest ports are
-  equal: one element per range, and the DNAT keeps the destination port
+  equal: one element per range, and the DNAT keeps the destination port;
+  ``fwdF_rkeys``, ``anyF_rkeys``, ``srcF_rkeys``: the same keys alone (a set),
+  which the range rule tests before it marks the connection
 - ``hairpin``: the bridges whose hairpin connections are masqueraded
 - ``managed_by_portfwd``: an empty set whose comment marks the table as portfwd's
   (``constants.MARKER_SET``; the table carries the same comment)
+
+The ``ip`` and ``range`` maps carry a counter per element, which is what
+``portfwd status`` shows per forward (the ``to`` maps in the ``concat``
+variant). Each is looked up exactly once per connection that portfwd DNATs
+(the membership tests before the mark use the ``port`` maps, the ``keys`` and
+the ``rkeys`` sets, which count nothing), and only the first
+packet of a connection passes a nat chain: the counters count connections
+(and the bytes of their first packets) at no cost to the packets that follow.
 
 One rule per map pair (and one per range map) in chain ``prerouting`` DNATs
 through them, so the cost per packet does not grow with the number of
@@ -52,18 +63,30 @@ def map_name(kind: str, family: int, what: str) -> str:
 
 SPLIT, CONCAT = "split", "concat"  # the table's variants (see above)
 VARIANTS = (SPLIT, CONCAT)
-# the maps of single ports per variant: what → their value type (None: address . port)
+# the maps of single ports per variant, and the key sets (beside "rkeys" of the ranges)
 _SINGLE = {SPLIT: ("ip", "port"), CONCAT: ("to",)}
+_KEY_SETS = {SPLIT: ("rkeys",), CONCAT: ("keys", "rkeys")}
 
 # every map of either variant: name → (kind, family, what)
 MAPS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS
         for w in ("ip", "port", "range", "to")}
+# the maps whose elements count the connections they DNAT (see the module's docstring)
+COUNTED = ("ip", "range", "to")
+# the key sets of the range maps: name → (kind, family)
+RANGE_KEYS = {map_name(k, f, "rkeys"): (k, f) for f in (4, 6) for k in KINDS}
+# the key sets of either variant: name → (kind, family, what)
+KEY_SETS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS for w in ("keys", "rkeys")}
 
 
 def maps_of(variant: str) -> List[str]:
     """The names of every map the ``variant`` table holds (both families)."""
     whats = _SINGLE[variant] + ("range",)
     return [name for name, (_, _, w) in MAPS.items() if w in whats]
+
+
+def sets_of(variant: str) -> List[str]:
+    """The names of the key sets the ``variant`` table holds (both families)."""
+    return [name for name, (_, _, w) in KEY_SETS.items() if w in _KEY_SETS[variant]]
 
 
 def _value_type(family: int, what: str) -> Any:
@@ -95,14 +118,6 @@ def _key_exprs(kind: str, family: int) -> List[Dict[str, Any]]:
     return tail
 
 
-def _map_spec(table: str, kind: str, family: int, what: str) -> Dict[str, Any]:
-    spec: Dict[str, Any] = {"family": "inet", "table": table, "name": map_name(kind, family, what),
-                            "type": _key_types(kind, family), "map": _value_type(family, what)}
-    if kind == "src" or what == "range":
-        spec["flags"] = ["interval"]
-    return spec
-
-
 def skeleton(table: str, ipv6: bool = True, variant: str = SPLIT) -> List[Command]:
     """Commands that (re)create the table, maps, chains and rules; safe to rerun.
 
@@ -126,7 +141,22 @@ def skeleton(table: str, ipv6: bool = True, variant: str = SPLIT) -> List[Comman
     for family in families:
         for kind in KINDS:
             for what in _SINGLE[variant] + ("range",):
-                cmds.append({"add": {"map": _map_spec(table, kind, family, what)}})
+                spec: Dict[str, Any] = {"family": "inet", "table": table,
+                                        "name": map_name(kind, family, what),
+                                        "type": _key_types(kind, family),
+                                        "map": _value_type(family, what)}
+                if kind == "src" or what == "range":
+                    spec["flags"] = ["interval"]
+                if what in COUNTED:
+                    spec["stmt"] = [{"counter": None}]
+                cmds.append({"add": {"map": spec}})
+            for what in _KEY_SETS[variant]:
+                keys: Dict[str, Any] = {"family": "inet", "table": table,
+                                        "name": map_name(kind, family, what),
+                                        "type": _key_types(kind, family)}
+                if kind == "src" or what == "rkeys":
+                    keys["flags"] = ["interval"]
+                cmds.append({"add": {"set": keys}})
     cmds.append({"add": {"set": {"family": "inet", "table": table, "name": HAIRPIN_SET,
                                  "type": ["ifname", "ifname"]}}})
     # portfwd's marker: nft.create_table gives it the comment (JSON cannot on nftables 1.0.6)
@@ -232,9 +262,9 @@ def _dnat_rule(kind: str, family: int, variant: str) -> List[Dict[str, Any]]:
     # only connections that hit a map get the mark, which libvirt's chains let through
     if variant == CONCAT:  # address . port from one map: `dnat ip to KEY map @fwd4_to`
         to = map_name(kind, family, "to")
-        return [_nfproto(family), _LOCAL, _L4PROTO, _in_map(key, to), _SET_MARK,
-                {"dnat": {"family": nat_family,
-                          "addr": {"map": {"key": key, "data": "@" + to}}}}]
+        return [_nfproto(family), _LOCAL, _L4PROTO, _in_map(key, map_name(kind, family, "keys")),
+                _SET_MARK, {"dnat": {"family": nat_family,
+                                     "addr": {"map": {"key": key, "data": "@" + to}}}}]
     ip, port = map_name(kind, family, "ip"), map_name(kind, family, "port")
     return [_nfproto(family), _LOCAL, _L4PROTO, _in_map(key, port), _SET_MARK,
             {"dnat": {"family": nat_family,
@@ -252,7 +282,8 @@ def _range_rule(kind: str, family: int) -> List[Dict[str, Any]]:
     route lookup."""
     key = _lookup_key(kind, family)
     name = map_name(kind, family, "range")
-    return [_nfproto(family), _L4PROTO, _in_map(key, name), _LOCAL, _SET_MARK,
+    return [_nfproto(family), _L4PROTO, _in_map(key, map_name(kind, family, "rkeys")), _LOCAL,
+            _SET_MARK,
             {"dnat": {"family": "ip" if family == 4 else "ip6",
                       "addr": {"map": {"key": key, "data": "@" + name}}}}]
 
@@ -292,6 +323,9 @@ def _elements(table: str, bindings: Iterable[Binding], op: str, variant: str) ->
                 grouped.setdefault(name, []).append(key)
             else:
                 grouped.setdefault(name, []).append([elem, value])
+        if b.is_range or variant == CONCAT:
+            name = map_name(b.kind, b.family, "rkeys" if b.is_range else "keys")
+            grouped.setdefault(name, []).append(key if op == "delete" else elem)
     return [{op: {"element": {"family": "inet", "table": table, "name": name, "elem": elems}}}
             for name, elems in sorted(grouped.items())]
 
@@ -310,19 +344,50 @@ def guest_update(table: str, old: Sequence[Binding], new: Sequence[Binding],
 
 
 def full_rebuild(table: str, bindings: Sequence[Binding], variant: str = SPLIT) -> List[Command]:
-    """One transaction: the table holds exactly ``bindings`` afterwards. Built as
-    ``CONCAT``, it also deletes the maps of a ``SPLIT`` table (nftables upgraded
-    since it was built): the rules naming them are gone by then."""
+    """One transaction: the table holds exactly ``bindings`` afterwards."""
     flushes = [{"flush": {"map": {"family": "inet", "table": table, "name": name}}}
                for name in maps_of(variant)]
-    cmds = skeleton(table, variant=variant) + flushes + _elements(table, bindings, "add", variant)
-    if variant == CONCAT:
-        for name in sorted(set(maps_of(SPLIT)) - set(maps_of(CONCAT))):
-            kind, family, what = MAPS[name]
-            where = {"family": "inet", "table": table, "name": name}
-            cmds += [{"add": {"map": _map_spec(table, kind, family, what)}},
-                     {"delete": {"map": where}}]
-    return cmds
+    flushes += [{"flush": {"set": {"family": "inet", "table": table, "name": name}}}
+                for name in sets_of(variant)]
+    return (skeleton(table, variant=variant) + flushes
+            + _elements(table, bindings, "add", variant))
+
+
+def migration(table: str, objects: Sequence[Dict[str, Any]],
+              variant: str = SPLIT) -> List[Command]:
+    """For a listed table that an earlier layout or another variant built: commands
+    that empty its chains and drop the maps and sets it declared otherwise (type,
+    flags, counters) than ``skeleton`` does, which nftables refuses to declare
+    anew, and those of the other variant. [] when there are none. Follow them
+    with ``full_rebuild`` in the same transaction, so that no packet sees a gap."""
+    wanted: Dict[str, Tuple[Any, ...]] = {}
+    for cmd in skeleton(table, variant=variant):
+        for kind in ("map", "set"):
+            spec = cmd.get("add", {}).get(kind)
+            if spec is not None:
+                wanted[spec["name"]] = _declaration(kind, spec)
+    stale: List[Command] = []
+    chains: List[Command] = []
+    for obj in objects:
+        if "chain" in obj and obj["chain"].get("table") == table:
+            chains.append({"flush": {"chain": {"family": "inet", "table": table,
+                                               "name": obj["chain"]["name"]}}})
+        for kind in ("map", "set"):
+            spec = obj.get(kind)
+            if spec is None:
+                continue
+            name = spec["name"]
+            other_variant = name not in wanted and (name in MAPS or name in KEY_SETS)
+            if other_variant or (name in wanted and _declaration(kind, spec) != wanted[name]):
+                stale.append({"delete": {kind: {"family": "inet", "table": table,
+                                                "name": name}}})
+    return chains + stale if stale else []
+
+
+def _declaration(kind: str, spec: Dict[str, Any]) -> Tuple[Any, ...]:
+    types = spec["type"]
+    return (kind, tuple(types) if isinstance(types, list) else (types,), spec.get("map"),
+            tuple(sorted(spec.get("flags", []))), bool(spec.get("stmt")))
 
 
 def drop_table(table: str) -> List[Command]:

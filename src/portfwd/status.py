@@ -1,80 +1,235 @@
-"""Rows of `portfwd status`: recorded bindings against what the kernel holds."""
+"""``portfwd status``: recorded bindings against what the kernel holds, one row
+per forward, with the connections its DNAT counted and whatever blocks it.
+
+``report`` reads (the records, the table, the firewall); everything below it
+is pure. A row is plain JSON data; the CLI prints it as a table or as JSON.
+"""
 
 from __future__ import annotations
 
-from . import display, rules
+from . import compat, display, plan, rules
 from .plan import Binding
+from .values import Reason, Selector
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, Sequence, Tuple
+    from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+    from .engine import Engine
+    from .model import Config
+    from .record import GuestState
+
+    Row = Dict[str, Any]
+    # map name → {normalised key: (value, packets, bytes)}; counts are None without a counter
+    Live = Dict[str, Dict[Tuple[Any, ...], Tuple[Any, Optional[int], Optional[int]]]]
+
+# the states of a forward; those in BAD make `portfwd status` exit non-zero
+ACTIVE, PENDING, INACTIVE, MISSING, DIFFERS, BLOCKED, STOPPED = (
+    "active", "pending", "inactive", "missing", "differs", "blocked", "guest not running")
+BAD = (MISSING, DIFFERS, BLOCKED)
 
 
-def row(b: Binding, status: str, address_from: str = "") -> Dict[str, str]:
-    """One row per binding: a range kept as one element is one row."""
-    target = display.target_text(b.target, b.family, b.guest_ports)
-    return {"guest": b.guest, "proto": b.proto, "listen": display.listen_text(b), "target": target,
-            "sources": b.sources, "state": status, "address_from": address_from,
-            "comment": b.comment}
+class Report:
+    """What `portfwd status` shows: the rows, what the last changes skipped, how the
+    host filters forwarded traffic and what blocks it."""
+
+    __slots__ = ("rows", "warnings", "firewall", "blocked")
+
+    def __init__(self, rows: List[Row], warnings: List[str], firewall: List[str],
+                 blocked: List[str]) -> None:
+        self.rows = rows
+        self.warnings = warnings
+        self.firewall = firewall
+        self.blocked = blocked
+
+    @property
+    def healthy(self) -> bool:
+        """No forward missing, differing or blocked."""
+        return not any(r["state"] in BAD for r in self.rows)
 
 
-def live_state(b: Binding, maps: Dict[str, Dict[Tuple[Any, ...], Any]]) -> str:
+def report(engine: Engine, config: Optional[Config]) -> Report:
+    """Read the records, the tables they name and the firewall (the caller holds the
+    lock) and compare them."""
+    states = engine.all_states()
+    live = {table: live_elements(engine.nft.list_table(table) or [])
+            for table in sorted({st.table for st in states})}
+    fw = compat.read(engine.nft)
+    wanted = engine.wanted_bridges()
+    blockers = compat.blocked_bridges(fw, wanted)
+
+    def blocked_by(b: Binding) -> List[str]:
+        bridge = engine.routes.interface_for(b.address)
+        return blockers.get((b.family, bridge), []) if bridge else []
+
+    rows = rows_of(states, live, config, blocked_by)
+    warnings = [f"guest {st.guest}: {w}" for st in states for w in st.warnings]
+    return Report(rows, warnings, compat.seen(fw, wanted), compat.blockers(fw, wanted))
+
+
+def rows_of(states: Sequence[GuestState], live: Dict[str, Live], config: Optional[Config],
+            blocked_by: Callable[[Binding], List[str]] = lambda b: []) -> List[Row]:
+    """Every recorded binding with its state in the kernel, the bindings waiting for
+    an address, and the configured forwards of guests that are not running; the
+    bindings of one forward that differ only in their source network share a row.
+    ``blocked_by(binding)``: the firewall lines that drop its traffic."""
+    rows: List[Row] = []
+    running: Set[str] = set()
+    for st in states:
+        running.add(st.guest)
+        if st.uuid:
+            running.add(st.uuid)
+        maps = live.get(st.table, {})
+        for b in st.bindings:
+            state, reason, packets, octets = live_state(b, maps)
+            if state == ACTIVE:
+                blocked = blocked_by(b)
+                if blocked:
+                    state, reason = BLOCKED, "; ".join(blocked)
+            rows.append(row(b, state, reason, st.address_from.get(b.address, "config"),
+                            packets, octets))
+        for b, why in st.pending:
+            rows.append(row(b, INACTIVE if why.cause == Reason.INACTIVE else PENDING, why.text))
+    if config is not None:
+        for fwd in config.forwards:
+            if fwd.guest in running or fwd.uuid in running:
+                continue
+            for b in plan.forwards_bindings([fwd], fwd.label):
+                rows.append(row(b, STOPPED))
+    return merge_sources(rows)
+
+
+def row(b: Binding, state: str, reason: str = "", address_from: str = "",
+        packets: Optional[int] = None, octets: Optional[int] = None) -> Row:
+    """One binding: a range kept as one element is one row."""
+    address = b.target.describe(b.family) if isinstance(b.target, Selector) else b.target
+    return {"guest": b.guest, "family": b.family, "proto": b.proto,
+            "listen": display.listen_text(b), "listen_address": b.listen,
+            "host_ports": b.host_ports,
+            "target": display.target_text(b.target, b.family, b.guest_ports),
+            "guest_address": address, "guest_ports": b.guest_ports,
+            "sources": [] if b.sources == "*" else [b.sources], "state": state,
+            "reason": reason, "address_from": address_from, "entry": b.entry,
+            "comment": b.comment, "connections": packets, "bytes": octets}
+
+
+def merge_sources(rows: Iterable[Row]) -> List[Row]:
+    """Rows equal but for their source network become one row listing them all;
+    their counters add up."""
+    merged: Dict[Tuple[Any, ...], Row] = {}
+    for r in rows:
+        key = tuple((k, str(v)) for k, v in r.items()
+                    if k not in ("sources", "connections", "bytes"))
+        seen = merged.get(key)
+        if seen is None:
+            merged[key] = dict(r, sources=list(r["sources"]))
+            continue
+        seen["sources"] += [s for s in r["sources"] if s not in seen["sources"]]
+        for counter in ("connections", "bytes"):
+            if r[counter] is not None:
+                seen[counter] = (seen[counter] or 0) + r[counter]
+    return list(merged.values())
+
+
+def live_state(b: Binding, maps: Live) -> Tuple[str, str, Optional[int], Optional[int]]:
+    """(state, reason, connections, bytes) of one binding in the listed table: the
+    counters of its ``ip`` or ``range`` element (rules.COUNTED), which the nat chain
+    advances on the first packet of each connection it DNATs."""
     key = _norm_key(b)
     if b.is_range:
-        ip = maps.get(rules.map_name(b.kind, b.family, "range"), {}).get(key)
-        if ip is None:
-            return "missing"
-        return "active" if str(ip) == b.address else f"differs (table: {ip})"
+        hit = maps.get(rules.map_name(b.kind, b.family, "range"), {}).get(key)
+        if hit is None or key not in maps.get(rules.map_name(b.kind, b.family, "rkeys"), {}):
+            return MISSING, "not in the table: run `portfwd reapply`", None, None
+        ip, packets, octets = hit
+        if str(ip) != b.address:
+            return DIFFERS, f"the table leads to {ip}", packets, octets
+        return ACTIVE, "", packets, octets
     to = maps.get(rules.map_name(b.kind, b.family, "to"), {}).get(key)
-    if isinstance(to, dict) and "concat" in to:  # the concat variant: address . port
-        ip, port = to["concat"]
+    if to is not None:  # the concat variant: address . port, and the key in the key set
+        if key not in maps.get(rules.map_name(b.kind, b.family, "keys"), {}):
+            return MISSING, "not in the table: run `portfwd reapply`", None, None
+        value, packets, octets = to
+        ip, port = value["concat"] if isinstance(value, dict) else (value, None)
     else:  # the split variant: address and port maps side by side
-        ip = maps.get(rules.map_name(b.kind, b.family, "ip"), {}).get(key)
-        port = maps.get(rules.map_name(b.kind, b.family, "port"), {}).get(key)
-    if ip is None or port is None:
-        return "missing"
-    if str(ip) != b.address or int(port) != b.port:
-        return f"differs (table: {ip}:{port})"
-    return "active"
+        hit = maps.get(rules.map_name(b.kind, b.family, "ip"), {}).get(key)
+        port_hit = maps.get(rules.map_name(b.kind, b.family, "port"), {}).get(key)
+        if hit is None or port_hit is None:
+            return MISSING, "not in the table: run `portfwd reapply`", None, None
+        ip, packets, octets = hit
+        port = port_hit[0]
+    if str(ip) != b.address or port is None or int(port) != b.port:
+        return DIFFERS, f"the table leads to {ip}:{port}", packets, octets
+    return ACTIVE, "", packets, octets
 
 
 def _norm_key(b: Binding) -> Tuple[Any, ...]:
     return tuple(str(p) for p in b.key)
 
 
-def live_elements(objects: Sequence[Dict[str, Any]]) -> Dict[str, Dict[Tuple[Any, ...], Any]]:
-    """Map name → {normalised key: value} from a JSON table listing: the keys as
-    bindings write them (``src`` addresses as prefixes, a port interval as
-    ``"FIRST-LAST"``)."""
-    out: Dict[str, Dict[Tuple[Any, ...], Any]] = {}
+def live_elements(objects: Sequence[Dict[str, Any]]) -> Live:
+    """Map or set name → {normalised key: (value, packets, bytes)} from a JSON table
+    listing: the keys as bindings write them (``src`` addresses as prefixes, a port
+    interval as ``"FIRST-LAST"``); a set's value is None."""
+    out: Live = {}
     for obj in objects:
-        m = obj.get("map")
+        m = obj.get("map") or obj.get("set")
         if not m:
             continue
-        if m["name"] not in rules.MAPS:
+        if m["name"] in rules.MAPS:
+            kind, family, _ = rules.MAPS[m["name"]]
+        elif m["name"] in rules.KEY_SETS:
+            kind, family, _ = rules.KEY_SETS[m["name"]]
+        else:
             continue
-        kind, family, _ = rules.MAPS[m["name"]]
-        prefixes = kind == "src"
-        full = 32 if family == 4 else 128
-        elems: Dict[Tuple[Any, ...], Any] = {}
-        for key, value in m.get("elem", []):
+        elems: Dict[Tuple[Any, ...], Tuple[Any, Optional[int], Optional[int]]] = {}
+        for item in m.get("elem", []):
+            key, value = item if "map" in obj else (item, None)
+            counter: Dict[str, int] = {}
             if isinstance(key, dict) and "elem" in key:
+                counter = key["elem"].get("counter") or {}
                 key = key["elem"]["val"]
-            parts = key["concat"] if isinstance(key, dict) and "concat" in key else [key]
-            norm = []
-            for i, part in enumerate(parts):
-                if isinstance(part, dict) and "prefix" in part:
-                    norm.append(f"{part['prefix']['addr']}/{part['prefix']['len']}")
-                elif isinstance(part, dict) and "range" in part:
-                    first, last = part["range"]
-                    if prefixes and i < 2:  # an address range: not what portfwd writes
-                        norm.append(f"{first}-{last}")
-                    else:
-                        norm.append(str(first) if first == last else f"{first}-{last}")
-                elif prefixes and i < 2:
-                    norm.append(f"{part}/{full}")
-                else:
-                    norm.append(str(part))
-            elems[tuple(norm)] = value
+            elems[_normalise(key, kind, family)] = (value, counter.get("packets"),
+                                                     counter.get("bytes"))
         out[m["name"]] = elems
     return out
+
+
+def _normalise(key: Any, kind: str, family: int) -> Tuple[Any, ...]:
+    prefixes = kind == "src"
+    full = 32 if family == 4 else 128
+    parts = key["concat"] if isinstance(key, dict) and "concat" in key else [key]
+    norm = []
+    for i, part in enumerate(parts):
+        if isinstance(part, dict) and "prefix" in part:
+            norm.append(f"{part['prefix']['addr']}/{part['prefix']['len']}")
+        elif isinstance(part, dict) and "range" in part:
+            first, last = part["range"]
+            if prefixes and i < 2:  # an address range: not what portfwd writes
+                norm.append(f"{first}-{last}")
+            else:
+                norm.append(str(first) if first == last else f"{first}-{last}")
+        elif prefixes and i < 2:
+            norm.append(f"{part}/{full}")
+        else:
+            norm.append(str(part))
+    return tuple(norm)
+
+
+def table_lines(rows: Sequence[Row]) -> List[str]:
+    """The rows as an aligned text table."""
+    header = ("GUEST", "PROTO", "LISTEN", "TARGET", "FROM", "CONNS", "STATE")
+    table = [header]
+    for r in rows:
+        state = r["state"]
+        if state == BLOCKED:  # the lines after the table name what blocks it
+            state += " (see below)"
+        elif r["reason"]:
+            state += f": {r['reason']}"
+        elif r["address_from"] not in ("", "config"):
+            state += f" ({r['address_from']})"
+        table.append((r["guest"], r["proto"], r["listen"], "-> " + r["target"],
+                      ",".join(r["sources"]) or "*",
+                      "-" if r["connections"] is None else str(r["connections"]), state))
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
+

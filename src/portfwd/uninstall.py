@@ -1,0 +1,77 @@
+"""``portfwd uninstall``: undo ``portfwd install`` and every rule portfwd made.
+
+What install puts in place (``installed_paths``) is listed here once; the
+configuration stays unless the admin asks for ``--purge``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import List, Optional, Tuple
+
+HOOKS = ("/etc/libvirt/hooks/qemu.d/portfwd", "/etc/libvirt/hooks/network.d/portfwd")
+LINK = "/usr/local/sbin/portfwd"
+DOCS = ("/usr/local/share/man/man8/portfwd.8", "/usr/local/share/bash-completion/completions/portfwd")
+UNIT_DIR = "/etc/systemd/system"
+
+
+def units(data_dir: str) -> List[str]:
+    """The unit names install copies (every ``*.service`` it ships)."""
+    return sorted(name for name in os.listdir(data_dir) if name.endswith(".service"))
+
+
+def installed_paths(root: str, data_dir: str) -> List[str]:
+    """Every file install writes, below ``root``, but the configuration."""
+    def at(path: str) -> str:
+        return os.path.join(root, path.lstrip("/"))
+
+    return ([at(h) for h in HOOKS] + [at(LINK)] + [at(d) for d in DOCS]
+            + [at(os.path.join(UNIT_DIR, unit)) for unit in units(data_dir)])
+
+
+def stop_units(root: str, data_dir: str) -> Optional[str]:
+    """Stop and disable the units first (the daemon would re-create rules); says
+    what it ran, or None without a running systemd."""
+    if root != "/" or not os.path.isdir("/run/systemd/system") or not shutil.which("systemctl"):
+        return None
+    names = units(data_dir)
+    subprocess.run(["systemctl", "disable", "--now"] + names, check=False)
+    return "stopped and disabled " + ", ".join(names)
+
+
+def remove_files(root: str, data_dir: str, config: str, purge: bool) -> Tuple[List[str], List[str]]:
+    """Remove what install wrote; (removed, kept) for the report. The link is
+    removed only while it is a symlink (a file of that name is someone else's)."""
+    removed, kept = [], []
+    for path in installed_paths(root, data_dir):
+        if path.endswith(LINK) and os.path.lexists(path) and not os.path.islink(path):
+            kept.append(f"{path} (not a symlink portfwd made)")
+            continue
+        if os.path.lexists(path):
+            os.unlink(path)
+            removed.append(path)
+    config_path = os.path.join(root, config.lstrip("/"))
+    if purge:
+        if os.path.lexists(config_path):
+            os.unlink(config_path)
+            removed.append(config_path)
+        directory = os.path.dirname(config_path)
+        if os.path.isdir(directory) and not os.listdir(directory):
+            os.rmdir(directory)
+            removed.append(directory)
+    elif os.path.lexists(config_path):
+        kept.append(f"{config_path} (remove it too with --purge)")
+    if root == "/" and os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+    return removed, kept
+
+
+def remove_run_dir(run_dir: str) -> bool:
+    """Drop portfwd's state directory (flush emptied it); True when removed."""
+    if not os.path.isdir(run_dir):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return not os.path.exists(run_dir)
+
