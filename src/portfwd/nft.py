@@ -75,12 +75,6 @@ class Nft:
                 return str(obj["set"].get("comment", ""))
         return None
 
-    def has_map(self, table: str, name: str) -> bool:
-        """Whether ``inet TABLE`` holds the map ``name`` (lists its elements)."""
-        rc, _, _ = self._nft.json_cmd({"nftables": [{"list": {"map": {
-            "family": "inet", "table": table, "name": name}}}]})
-        return bool(rc == 0)
-
     def table_comment(self, table: str) -> Optional[str]:
         """The comment of table ``inet TABLE`` ("" when it has none), None when absent.
 
