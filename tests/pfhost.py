@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from netlab import Lab
 
@@ -132,6 +132,17 @@ class PortfwdHost:
         for obj in self.table(name) or []:
             if "map" in obj and obj["map"].get("elem"):
                 out[obj["map"]["name"]] = obj["map"]["elem"]
+        return out
+
+    def targets(self, name: str = "portfwd") -> Dict[str, List[Tuple[Any, Any]]]:
+        """Map name of guest addresses (``KIND F_ip`` of the split variant, ``KIND F_to``
+        of the concat one) → [(key, guest address)]: the single ports of either variant."""
+        out: Dict[str, List[Tuple[Any, Any]]] = {}
+        for map_name, elems in self.elements(name).items():
+            if map_name.endswith("_ip") or map_name.endswith("_to"):
+                out[map_name] = [(key["elem"]["val"] if "elem" in key else key,
+                                  value["concat"][0] if isinstance(value, dict) else value)
+                                 for key, value in elems]
         return out
 
     def rules(self, name: str = "portfwd", chain: str = "prerouting") -> List[Dict[str, Any]]:

@@ -62,11 +62,8 @@ def expected(running: Set[str]) -> Set[Tuple[str, int, str]]:
 def live(pf: PortfwdHost) -> List[Tuple[str, int, str]]:
     """The same, as the kernel's maps hold them (a list: duplicates would show)."""
     out = []
-    for name, elems in pf.elements().items():
-        if not name.endswith("_ip"):
-            continue
+    for elems in pf.targets().values():
         for key, target in elems:
-            key = key["elem"]["val"] if "elem" in key else key
             proto, port = key["concat"][-2:]
             out.append((proto, port, target))
     return out

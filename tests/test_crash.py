@@ -61,8 +61,8 @@ def node_xml(path: str) -> str:
 def ports_of(pf: PortfwdHost, guest: str) -> Set[int]:
     i = GUESTS.index(guest)
     found = set()
-    for key, _ in pf.elements().get("any4_ip", []):
-        key = key["elem"]["val"] if "elem" in key else key
+    targets = pf.targets()
+    for key, _ in targets.get("any4_ip", []) + targets.get("any4_to", []):
         port = key["concat"][-1]
         if 7000 + 100 * i <= port < 7100 + 100 * i:
             found.add(port)

@@ -18,6 +18,7 @@ from typing import Any, Dict, List
 import pytest
 
 from portfwd import constants, rules
+from portfwd.engine import layout_id
 from portfwd.plan import Binding
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden")
@@ -29,7 +30,13 @@ SKELETON_DIGESTS = {
     "5": "158001dc96da4407e9ca750a62604cf2136a1cb4a3f418a16e0569a184bda79b",
     "6": "852ea18a2e148a717d60d8af875f37e62794c531b947c6e8d8b288ed0549ed94",
     "7": "27405b031cbd72e5a8fc59b2b1e0bd4718de71713758ff113db9b8a09291005b",
+    "7+concat": "3ca30cb9f251a14b0f78ac59a46b28cae6194607fd238a6a5b90870961d97bec",
 }
+VARIANTS = pytest.mark.parametrize("variant", rules.VARIANTS)
+
+
+def _suffix(variant: str) -> str:
+    return "" if variant == rules.SPLIT else f"-{variant}"
 
 
 def _digest(cmds: List[Any]) -> str:
@@ -73,25 +80,32 @@ OTHER = [_b("fwd", 4, ("127.0.0.1", "tcp", 9000), "192.168.122.11", 90, guest="d
             comment="db1 forward[1].ports[0] 9000:90/tcp")]
 
 
-def test_skeleton_is_golden() -> None:
-    _golden("skeleton.json", rules.skeleton("portfwd"))
+@VARIANTS
+def test_skeleton_is_golden(variant: str) -> None:
+    _golden(f"skeleton{_suffix(variant)}.json", rules.skeleton("portfwd", variant=variant))
 
 
 def test_skeleton_without_ipv6_is_golden() -> None:
     _golden("skeleton-ipv4.json", rules.skeleton("portfwd", ipv6=False))
 
 
-def test_skeleton_change_needs_a_layout_bump() -> None:
-    digest = _digest(rules.skeleton("portfwd"))
-    assert constants.LAYOUT in SKELETON_DIGESTS, \
-        f"new LAYOUT {constants.LAYOUT}: add it to SKELETON_DIGESTS with {digest}"
-    assert SKELETON_DIGESTS[constants.LAYOUT] == digest, \
+@VARIANTS
+def test_skeleton_change_needs_a_layout_bump(variant: str) -> None:
+    """Layout ids: engine.layout_id (LAYOUT, "+concat" for that variant)."""
+    digest = _digest(rules.skeleton("portfwd", variant=variant))
+    layout = layout_id(variant)
+    assert layout.startswith(constants.LAYOUT)
+    assert layout in SKELETON_DIGESTS, \
+        f"new layout {layout}: add it to SKELETON_DIGESTS with {digest}"
+    assert SKELETON_DIGESTS[layout] == digest, \
         "rules.skeleton() changed: bump constants.LAYOUT and add a line to SKELETON_DIGESTS"
     assert len(set(SKELETON_DIGESTS.values())) == len(SKELETON_DIGESTS)
 
 
-def test_guest_update_is_golden() -> None:
-    _golden("guest-update.json", rules.guest_update("portfwd", OLD, NEW))
+@VARIANTS
+def test_guest_update_is_golden(variant: str) -> None:
+    _golden(f"guest-update{_suffix(variant)}.json",
+            rules.guest_update("portfwd", OLD, NEW, variant))
 
 
 def test_guest_update_of_nothing_changes_nothing() -> None:
@@ -99,20 +113,44 @@ def test_guest_update_of_nothing_changes_nothing() -> None:
     assert rules.guest_update("portfwd", [], []) == []
 
 
-def test_full_rebuild_is_golden() -> None:
-    _golden("full-rebuild.json", rules.full_rebuild("portfwd", NEW + OTHER))
+@VARIANTS
+def test_full_rebuild_is_golden(variant: str) -> None:
+    _golden(f"full-rebuild{_suffix(variant)}.json",
+            rules.full_rebuild("portfwd", NEW + OTHER, variant))
 
 
-def test_full_rebuild_starts_with_the_skeleton_and_flushes_every_map() -> None:
-    cmds = rules.full_rebuild("portfwd", [])
-    skeleton = rules.skeleton("portfwd")
+@VARIANTS
+def test_full_rebuild_starts_with_the_skeleton_and_flushes_every_map(variant: str) -> None:
+    cmds = rules.full_rebuild("portfwd", [], variant)
+    skeleton = rules.skeleton("portfwd", variant=variant)
     assert cmds[:len(skeleton)] == skeleton
     flushed = {(kind, c["flush"][kind]["name"]) for c in cmds[len(skeleton):]
                for kind in c["flush"]}
     declared = {(kind, c["add"][kind]["name"]) for c in skeleton for kind in ("map", "set")
                 if kind in c.get("add", {})}
     declared -= {("set", "hairpin"), ("set", "managed_by_portfwd")}  # hairpin() keeps one; a marker
-    assert flushed == declared and len(declared) == 18 + 6
+    assert flushed == declared
+    assert len(declared) == (18 + 6 if variant == rules.SPLIT else 12 + 12)
+
+
+def test_concat_maps_hold_address_and_port() -> None:
+    cmds = rules.guest_update("portfwd", [], OLD[:1], rules.CONCAT)
+    elem = {"elem": {"val": {"concat": ["tcp", 8080]}, "comment": OLD[0].comment}}
+    where = {"family": "inet", "table": "portfwd"}
+    assert cmds == [
+        {"add": {"element": dict(where, name="any4_keys", elem=[elem])}},
+        {"add": {"element": dict(where, name="any4_to",
+                                 elem=[[elem, {"concat": ["192.168.122.10", 80]}]])}}]
+
+
+def test_migration_to_concat_drops_the_split_maps() -> None:
+    listing = [c["add"] for c in rules.skeleton("portfwd") if "add" in c]
+    dropped = {(kind, c["delete"][kind]["name"])
+               for c in rules.migration("portfwd", listing, rules.CONCAT) if "delete" in c
+               for kind in c["delete"]}
+    assert dropped == {("map", n) for n in rules.maps_of(rules.SPLIT)
+                       if n not in rules.maps_of(rules.CONCAT)}
+    assert rules.migration("portfwd", listing, rules.SPLIT) == []
 
 
 def test_counters_sit_on_maps_looked_up_once_per_connection() -> None:

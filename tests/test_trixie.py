@@ -4,14 +4,20 @@ nftables 1.1, Python 3.13, a QEMU guest, portfwd installed with the root's Pytho
 Forwards reach the guest over IPv4 and IPv6, tcp and udp, and keep reaching it
 after a network restart, a libvirtd restart, and `nft flush ruleset` followed
 by `portfwd reapply`; a forward without an address follows the guest's lease.
+nftables 1.1 gets the table's ``concat`` variant (one map of address . port per
+kind); a table built as ``split`` (the variant of nftables 1.0.6) becomes
+``concat`` whole when rebuilt.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Iterator, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import pytest
+
+from portfwd.constants import LAYOUT
 
 from libvirtlab import NET6_XML, domain_xml
 from netlab import CLIENT4, CLIENT6, HOST4, HOST6
@@ -58,6 +64,34 @@ def both_families(lab: TrixieLab, wait: float = 0.0) -> "list[Optional[str]]":
 
 
 EXPECTED = [f"tcp 80 {CLIENT4}", f"udp 53 {CLIENT4}", f"tcp 80 {CLIENT6}", f"udp 53 {CLIENT6}"]
+CONCAT_MAPS = {"any4_to": ["ipv4_addr", "inet_service"], "any6_to": ["ipv6_addr", "inet_service"]}
+SPLIT_MAPS = {"any4_ip": "ipv4_addr", "any4_port": "inet_service",
+              "any6_ip": "ipv6_addr", "any6_port": "inet_service"}
+# the table rebuilt from the records as the split variant, as nftables 1.0.6 builds it
+REBUILD_SPLIT = ("from portfwd import engine, rules, state\n"
+                 "e = engine.Engine(state.config_path(None))\n"
+                 "e.variant = lambda: rules.SPLIT\n"
+                 "with state.locked():\n"
+                 "    e.reapply()\n")
+
+
+def value_types(lab: TrixieLab) -> Dict[str, Any]:
+    """Map name → its value type, of the live table; elements per map under "#NAME"."""
+    listing = json.loads(lab.sh("nft -j list table inet portfwd").stdout)
+    out: Dict[str, Any] = {}
+    for obj in listing["nftables"]:
+        if "map" in obj:
+            out[obj["map"]["name"]] = obj["map"]["map"]
+            out["#" + obj["map"]["name"]] = len(obj["map"].get("elem", []))
+    return out
+
+
+def assert_variant(lab: TrixieLab, maps: Dict[str, Any]) -> None:
+    live = value_types(lab)
+    assert {name: live.get(name) for name in maps} == maps
+    assert all(live["#" + name] > 0 for name in maps)
+    other = SPLIT_MAPS if maps == CONCAT_MAPS else CONCAT_MAPS
+    assert not set(other) & set(live), f"maps of the other variant left: {sorted(live)}"
 
 
 def test_forward_reaches_the_guest_over_both_families(tlab: TrixieLab) -> None:
@@ -65,6 +99,26 @@ def test_forward_reaches_the_guest_over_both_families(tlab: TrixieLab) -> None:
     r = tlab.portfwd("status", "--json")
     assert r.returncode == 0, (r.stdout.decode(), r.stderr)
     assert b'"state": "active"' in r.stdout
+    assert b'"state": "missing"' not in r.stdout
+    assert_variant(tlab, CONCAT_MAPS)  # the forwards above crossed these maps
+    ruleset = tlab.sh("nft list table inet portfwd").stdout.decode()
+    assert "dnat ip to meta l4proto . th dport map @any4_to" in ruleset
+    assert "dnat ip6 to meta l4proto . th dport map @any6_to" in ruleset
+
+
+def test_split_table_becomes_concat_when_rebuilt(tlab: TrixieLab) -> None:
+    tlab.sh("nft delete table inet portfwd")  # built anew, as before nftables' upgrade
+    tlab.sh(f"/opt/portfwd/bin/python -c '{REBUILD_SPLIT}'")
+    assert_variant(tlab, SPLIT_MAPS)
+    with open(tlab.file("/run/portfwd/layout.portfwd")) as f:
+        assert f.read() == LAYOUT
+    assert both_families(tlab, wait=10) == EXPECTED
+    r = tlab.portfwd("reapply")
+    assert r.returncode == 0, r.stderr
+    assert_variant(tlab, CONCAT_MAPS)
+    with open(tlab.file("/run/portfwd/layout.portfwd")) as f:
+        assert f.read() == f"{LAYOUT}+concat"
+    assert both_families(tlab, wait=10) == EXPECTED
 
 
 def test_backend_is_the_one_asked_for(tlab: TrixieLab) -> None:

@@ -28,7 +28,7 @@ from .values import Bridges, Reason
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+    from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
     from .discover import Resolver
     from .model import Config, Forward, Guest
@@ -175,7 +175,7 @@ class Engine:
             if not want and not self._layout_known(table):
                 written.pop(table, None)  # a table portfwd no longer keeps: nothing to do
             elif written.get(table) != want:
-                self._apply_with_layout(table, rules.hairpin(table, want))
+                self._apply_with_layout(table, lambda _: rules.hairpin(table, want))
                 written[table] = want
         self.store.write_hairpin(written)
         enabled = set(self.store.localnet())
@@ -224,35 +224,55 @@ class Engine:
     def _layout_known(self, table: str) -> bool:
         """Whether we created ``table`` with this version's layout (then a guest
         change need not resend it: re-adding the base chain costs every start)."""
-        return self.store.layout(table) == LAYOUT
+        return self._recorded_variant(table) is not None
 
-    def _apply_with_layout(self, table: str, cmds: List[rules.Command]) -> None:
-        """Apply ``cmds`` to ``table``; (re)create the table's layout first if it is
-        not known to be there, or if the change fails without it (a flushed rule set)."""
-        if self._layout_known(table):
+    def _recorded_variant(self, table: str) -> Optional[str]:
+        """The variant (``rules.VARIANTS``) ``table`` was built with in this layout."""
+        recorded = self.store.layout(table)
+        for variant in rules.VARIANTS:
+            if recorded == layout_id(variant):
+                return variant
+        return None
+
+    def variant(self) -> str:
+        """The variant a table (re)built now gets: ``rules.CONCAT`` where nftables
+        can declare its maps (probed once per process, on this path alone: a
+        guest change uses the variant its table was built with)."""
+        return rules.CONCAT if self.nft.concat_values() else rules.SPLIT
+
+    def _apply_with_layout(self, table: str,
+                           build: Callable[[str], List[rules.Command]]) -> None:
+        """Apply ``build(variant)`` to ``table``; (re)create the table's layout first if
+        it is not known to be there, or if the change fails without it (a flushed
+        rule set). A table of another layout or variant (nftables upgraded since it
+        was built) is rebuilt whole from the records: no forward stays behind."""
+        known = self._recorded_variant(table)
+        if known is not None:
             try:
-                self.nft.apply(cmds)
+                self.nft.apply(build(known))
                 return
             except HostError as e:
                 log.info(f"table inet {table}: rebuilding its layout ({e})")
+        variant = self.variant()
         self.claim_table(table)
-        migration = self._migration(table)
-        if migration:  # rebuilt from the record first; cmds are relative to it
+        migration = self._migration(table, variant)
+        if migration:  # rebuilt from the record first; the change is relative to it
             recorded = [b for st in self.all_states() if st.table == table for b in st.bindings]
-            self.nft.apply(migration + rules.full_rebuild(table, recorded))
-            self.nft.apply(cmds)
+            self.nft.apply(migration + rules.full_rebuild(table, recorded, variant))
+            self.nft.apply(build(variant))
         else:
-            self.nft.apply(rules.skeleton(table) + cmds)
-        self._built(table)
+            self.nft.apply(rules.skeleton(table, variant=variant) + build(variant))
+        self._built(table, variant)
 
-    def _migration(self, table: str) -> List[rules.Command]:
-        """What must go before ``table`` is rebuilt, if an earlier portfwd built it
-        (its record names another layout) with maps that this layout declares
-        otherwise (``rules.migration``); asks the kernel only then."""
+    def _migration(self, table: str, variant: str) -> List[rules.Command]:
+        """What must go before ``table`` is rebuilt as ``variant``, if an earlier
+        portfwd built it (its record names another layout or variant) with maps
+        that this one declares otherwise or not at all (``rules.migration``); asks
+        the kernel only then."""
         built = self.store.layout(table)
-        if built is None or built == LAYOUT or not self.table_owner(table):
+        if built is None or built == layout_id(variant) or not self.table_owner(table):
             return []
-        return rules.migration(table, self.nft.list_table(table) or [])
+        return rules.migration(table, self.nft.list_table(table) or [], variant)
 
     def table_owner(self, table: str) -> Optional[bool]:
         """True: ``table`` is portfwd's (it carries the marker, or a portfwd from before
@@ -299,9 +319,9 @@ class Engine:
         """Judge every table afresh (a long-running caller: tables may have gone)."""
         self._owned.clear()
 
-    def _built(self, table: str) -> None:
+    def _built(self, table: str, variant: str) -> None:
         """``table`` was (re)built with this layout: its hairpin set is empty."""
-        self.store.remember_layout(table, LAYOUT)
+        self.store.remember_layout(table, layout_id(variant))
         self.store.forget_hairpin(table)
 
     def apply_guest(self, name: str, uuid: Optional[str], table: str, planned: Sequence[Binding],
@@ -320,12 +340,13 @@ class Engine:
         old = old_state.bindings + old_state.removing if old_state else []
         if old_state and old_state.table != table:  # the configuration renamed the table
             if old and self.table_owner(old_state.table):
-                self._apply_with_layout(old_state.table,
-                                        rules.guest_update(old_state.table, old, []))
+                gone, old_table = old, old_state.table
+                self._apply_with_layout(old_table,
+                                        lambda v: rules.guest_update(old_table, gone, [], v))
             old = []
         if new or old:
             try:
-                self._apply_with_layout(table, rules.guest_update(table, old, new))
+                self._apply_with_layout(table, lambda v: rules.guest_update(table, old, new, v))
             except HostError as first:
                 log.warning(f"guest {name}: incremental update refused ({first});"
                             " rebuilding the table from recorded state")
@@ -388,8 +409,10 @@ class Engine:
                                           st.warnings))
             everything += kept
         self.claim_table(table)
-        self.nft.apply(self._migration(table) + rules.full_rebuild(table, everything))
-        self._built(table)
+        variant = self.variant()
+        self.nft.apply(self._migration(table, variant)
+                       + rules.full_rebuild(table, everything, variant))
+        self._built(table, variant)
         self.write_states(changed)
         return taken
 
@@ -418,7 +441,7 @@ class Engine:
         # (reapply, sync) takes out what is left, and nothing brings it back
         self.write_states([GuestState(name, old_state.uuid, table, [], removing=doomed)])
         if doomed and (self._layout_known(table) or self.table_owner(table)):
-            self._apply_with_layout(table, rules.guest_update(table, doomed, []))
+            self._apply_with_layout(table, lambda v: rules.guest_update(table, doomed, [], v))
         self.write_states([GuestState(name, old_state.uuid, table, [])])
         self._report(self.ensure_compat())
         return len(old_state.bindings)
@@ -440,14 +463,15 @@ class Engine:
         cmds: List[rules.Command] = []
         everything: List[Binding] = []
         tables = sorted({st.table for st in states})
+        variant = self.variant()
         for table in tables:
             self.claim_table(table)
             bindings = [b for st in states if st.table == table for b in st.bindings]
-            cmds += self._migration(table) + rules.full_rebuild(table, bindings)
+            cmds += self._migration(table, variant) + rules.full_rebuild(table, bindings, variant)
             everything += bindings
         self.nft.apply(cmds)
         for table in tables:
-            self._built(table)
+            self._built(table, variant)
         self.write_states([GuestState(st.guest, st.uuid, st.table, st.bindings, st.pending,
                                       st.address_from, st.warnings)
                            for st in states if st.removing])  # rebuilt without them: done
@@ -507,21 +531,22 @@ class Engine:
         for old_table in dropped:
             cmds += rules.drop_table(old_table)
         self.claim_table(table, create=not dry_run)
-        cmds += self._migration(table)
+        variant = self.variant()
+        cmds += self._migration(table, variant)
         try:
-            self.nft.apply(cmds + rules.full_rebuild(table, everything), dry_run=dry_run)
+            self.nft.apply(cmds + rules.full_rebuild(table, everything, variant), dry_run=dry_run)
         except HostError as e:
             if dry_run:
                 raise
             # one guest's bad forward must not cost every other guest theirs
             log.warning(f"nftables refused the whole table ({e}); applying guest by guest")
-            self.nft.apply(cmds + rules.full_rebuild(table, []))
-            everything = self._apply_each(table, wanted)
+            self.nft.apply(cmds + rules.full_rebuild(table, [], variant))
+            everything = self._apply_each(table, wanted, variant)
         self.pending = [(b, why) for st in wanted.values() for b, why in st.pending]
         self.waiting = sum(len(st.pending) for st in wanted.values())
         if dry_run:
             return everything
-        self.store.remember_layout(table, LAYOUT)
+        self.store.remember_layout(table, layout_id(variant))
         for gone in dropped + [table]:
             self.store.forget_hairpin(gone)
         for gone in dropped:
@@ -534,13 +559,14 @@ class Engine:
         self._report(self.ensure_compat())
         return everything
 
-    def _apply_each(self, table: str, wanted: Dict[str, GuestState]) -> List[Binding]:
+    def _apply_each(self, table: str, wanted: Dict[str, GuestState],
+                    variant: str) -> List[Binding]:
         """Add each guest's bindings in a transaction of its own; a guest that nftables
         refuses keeps its forwards pending with what nftables said."""
         applied: List[Binding] = []
         for st in wanted.values():
             try:
-                self.nft.apply(rules.guest_update(table, [], st.bindings))
+                self.nft.apply(rules.guest_update(table, [], st.bindings, variant))
             except HostError as e:
                 log.error(f"guest {st.guest}: {e}")
                 st.pending += [(b, Reason(Reason.WAITING, str(e))) for b in st.bindings]
@@ -565,6 +591,13 @@ class Engine:
         self.store.clear()
         self.ensure_compat({4: set(), 6: set()})  # also turns route_localnet back off
         return present, foreign
+
+
+def layout_id(variant: str) -> str:
+    """What layout.TABLE records for a table of this layout and ``variant``:
+    ``constants.LAYOUT`` alone for ``rules.SPLIT`` (as before the variants), with
+    the variant's name after a "+" for the others."""
+    return LAYOUT if variant == rules.SPLIT else f"{LAYOUT}+{variant}"
 
 
 def _log_refusals(name: str, seen: Set[Reason], now: GuestState) -> None:

@@ -23,6 +23,7 @@ class Nft:
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
+        self._concat: Optional[bool] = None
 
     def apply(self, commands: Sequence[Command], dry_run: bool = False) -> None:
         """Run ``commands`` as one atomic transaction; HostError if refused."""
@@ -35,6 +36,27 @@ class Nft:
             self._nft.set_dry_run(False)
         if rc != 0:
             raise HostError(f"nftables refused the change: {_first_lines(err)}")
+
+    def concat_values(self) -> bool:
+        """Whether nftables declares a map with a concatenated value through JSON
+        (1.1 does; 1.0.6 makes a plain set of it, and a DNAT rule through such a
+        map crashes it). Asked by behaviour, not version (stable releases backport
+        JSON fixes): a dry-run batch that creates nothing, and fails cleanly where
+        it is unsupported ("set is not a map"). Probed once per process."""
+        if self._concat is None:
+            table = {"family": "inet", "table": "portfwd_probe"}
+            batch = [{"add": {"table": {"family": "inet", "name": "portfwd_probe"}}},
+                     {"add": {"map": dict(table, name="m", type=["inet_proto", "inet_service"],
+                                          map=["ipv4_addr", "inet_service"])}},
+                     {"add": {"element": dict(table, name="m", elem=[
+                         [{"concat": ["tcp", 1]}, {"concat": ["192.0.2.1", 2]}]])}}]
+            self._nft.set_dry_run(True)
+            try:
+                rc, _, _ = self._nft.json_cmd({"nftables": batch})
+            finally:
+                self._nft.set_dry_run(False)
+            self._concat = rc == 0
+        return self._concat
 
     def set_comment(self, table: str, name: str) -> Optional[str]:
         """The comment of set ``NAME`` in ``inet TABLE`` ("" when it has none), None

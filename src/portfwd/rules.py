@@ -7,6 +7,9 @@ holds a golden copy). The table, per family F (4, 6):
 - ``anyF_ip``/``anyF_port``: protocol . port → …, for forwards on every local address
 - ``srcF_ip``/``srcF_port``: listen prefix . source prefix . protocol . port → …,
   interval maps for forwards with a ``from`` list (listen 0/0 = every address)
+- or, in the ``concat`` variant, ``fwdF_to``, ``anyF_to``, ``srcF_to`` in their
+  place (the same keys → guest address . guest port: one map, one lookup) and
+  ``fwdF_keys``, ``anyF_keys``, ``srcF_keys``: their keys alone (sets)
 - ``fwdF_range``, ``anyF_range``, ``srcF_range``: the same keys with a port
   *interval* → guest address only, for ranges whose host and guest ports are
   equal: one element per range, and the DNAT keeps the destination port;
@@ -17,16 +20,20 @@ holds a golden copy). The table, per family F (4, 6):
   (``constants.MARKER_SET``; the table carries the same comment)
 
 The ``ip`` and ``range`` maps carry a counter per element, which is what
-``portfwd status`` shows per forward. Each is looked up exactly once per
-connection that portfwd DNATs (the membership tests before the mark use the
-``port`` maps and the ``rkeys`` sets, which count nothing), and only the first
+``portfwd status`` shows per forward (the ``to`` maps in the ``concat``
+variant). Each is looked up exactly once per connection that portfwd DNATs
+(the membership tests before the mark use the ``port`` maps, the ``keys`` and
+the ``rkeys`` sets, which count nothing), and only the first
 packet of a connection passes a nat chain: the counters count connections
 (and the bytes of their first packets) at no cost to the packets that follow.
 
 One rule per map pair (and one per range map) in chain ``prerouting`` DNATs
 through them, so the cost per packet does not grow with the number of
 forwards. nftables 1.0.6 cannot declare a map with a concatenated value
-through JSON, hence the address and port maps side by side. It cannot shift a
+through JSON, hence the address and port maps side by side (``split``, the
+variant it gets); where nftables can (1.1), the ``concat`` variant holds one
+map per kind instead (``nft.Nft.concat_values`` probes it). The builders take
+the variant the table was built with. nftables 1.0.6 cannot shift a
 port range either (the kernel's NAT port offset, iptables' ``DNAT
 --to-destination A:B-C/BASE``), so a range whose guest ports differ from its
 host ports is stored port by port (``portspec.SHIFTED_MAX`` ports at most).
@@ -54,12 +61,40 @@ def map_name(kind: str, family: int, what: str) -> str:
     return f"{kind}{family}_{what}"
 
 
-# every map of the table: name → (kind, family, what)
-MAPS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS for w in ("ip", "port", "range")}
+SPLIT, CONCAT = "split", "concat"  # the table's variants (see above)
+VARIANTS = (SPLIT, CONCAT)
+# the maps of single ports per variant, and the key sets (beside "rkeys" of the ranges)
+_SINGLE = {SPLIT: ("ip", "port"), CONCAT: ("to",)}
+_KEY_SETS = {SPLIT: ("rkeys",), CONCAT: ("keys", "rkeys")}
+
+# every map of either variant: name → (kind, family, what)
+MAPS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS
+        for w in ("ip", "port", "range", "to")}
 # the maps whose elements count the connections they DNAT (see the module's docstring)
-COUNTED = ("ip", "range")
+COUNTED = ("ip", "range", "to")
 # the key sets of the range maps: name → (kind, family)
 RANGE_KEYS = {map_name(k, f, "rkeys"): (k, f) for f in (4, 6) for k in KINDS}
+# the key sets of either variant: name → (kind, family, what)
+KEY_SETS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS for w in ("keys", "rkeys")}
+
+
+def maps_of(variant: str) -> List[str]:
+    """The names of every map the ``variant`` table holds (both families)."""
+    whats = _SINGLE[variant] + ("range",)
+    return [name for name, (_, _, w) in MAPS.items() if w in whats]
+
+
+def sets_of(variant: str) -> List[str]:
+    """The names of the key sets the ``variant`` table holds (both families)."""
+    return [name for name, (_, _, w) in KEY_SETS.items() if w in _KEY_SETS[variant]]
+
+
+def _value_type(family: int, what: str) -> Any:
+    if what == "port":
+        return "inet_service"
+    if what == "to":
+        return [_addr_type(family), "inet_service"]
+    return _addr_type(family)
 
 
 def _key_types(kind: str, family: int) -> List[str]:
@@ -83,7 +118,7 @@ def _key_exprs(kind: str, family: int) -> List[Dict[str, Any]]:
     return tail
 
 
-def skeleton(table: str, ipv6: bool = True) -> List[Command]:
+def skeleton(table: str, ipv6: bool = True, variant: str = SPLIT) -> List[Command]:
     """Commands that (re)create the table, maps, chains and rules; safe to rerun.
 
     - ``prerouting`` (nat): DNAT of connections arriving from elsewhere;
@@ -97,27 +132,31 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
       connections from 127.0.0.1, nothing else;
     - ``raw_prerouting``: drops packets to 127.0.0.0/8 that arrive from
       outside, as ``route_localnet`` would otherwise let them in.
-    ``ipv6 = False`` leaves IPv6 out, for kernels without IPv6.
+    ``ipv6 = False`` leaves IPv6 out, for kernels without IPv6. ``variant``:
+    ``SPLIT`` (address and port maps side by side) or ``CONCAT`` (one map).
     """
     families = (4, 6) if ipv6 else (4,)
     cmds: List[Command] = [{"add": {"table": {"family": "inet", "name": table,
                                               "comment": TABLE_COMMENT}}}]
     for family in families:
         for kind in KINDS:
-            for what, value_type in (("ip", _addr_type(family)), ("port", "inet_service"),
-                                     ("range", _addr_type(family))):
+            for what in _SINGLE[variant] + ("range",):
                 spec: Dict[str, Any] = {"family": "inet", "table": table,
                                         "name": map_name(kind, family, what),
-                                        "type": _key_types(kind, family), "map": value_type}
+                                        "type": _key_types(kind, family),
+                                        "map": _value_type(family, what)}
                 if kind == "src" or what == "range":
                     spec["flags"] = ["interval"]
                 if what in COUNTED:
                     spec["stmt"] = [{"counter": None}]
                 cmds.append({"add": {"map": spec}})
-            cmds.append({"add": {"set": {"family": "inet", "table": table,
-                                         "name": map_name(kind, family, "rkeys"),
-                                         "type": _key_types(kind, family),
-                                         "flags": ["interval"]}}})
+            for what in _KEY_SETS[variant]:
+                keys: Dict[str, Any] = {"family": "inet", "table": table,
+                                        "name": map_name(kind, family, what),
+                                        "type": _key_types(kind, family)}
+                if kind == "src" or what == "rkeys":
+                    keys["flags"] = ["interval"]
+                cmds.append({"add": {"set": keys}})
     cmds.append({"add": {"set": {"family": "inet", "table": table, "name": HAIRPIN_SET,
                                  "type": ["ifname", "ifname"]}}})
     # portfwd's marker: nft.create_table gives it the comment (JSON cannot on nftables 1.0.6)
@@ -143,9 +182,9 @@ def skeleton(table: str, ipv6: bool = True) -> List[Command]:
         # (the configuration refuses that), so the order decides nothing else
         for kind, ranges in [(k, False) for k in KINDS] + [(k, True) for k in KINDS]:
             name = f"{kind}{family}" + (" ranges" if ranges else "")
-            build = _range_rule if ranges else _dnat_rule
-            cmds.append(rule("prerouting", build(kind, family), f"portfwd {name}"))
-            out = build(kind, family)
+            cmds.append(rule("prerouting", _lookup_rule(kind, family, ranges, variant),
+                             f"portfwd {name}"))
+            out = _lookup_rule(kind, family, ranges, variant)
             if kind != "fwd":  # only keys naming 127.0.0.1 itself reach loopback
                 out.insert(1, _not_loopback(family))
             cmds.append(rule("output", out, f"portfwd {name} from the host"))
@@ -217,14 +256,24 @@ def _in_map(key: Any, name: str) -> Dict[str, Any]:
     return {"match": {"op": "==", "left": key, "right": "@" + name}}
 
 
-def _dnat_rule(kind: str, family: int) -> List[Dict[str, Any]]:
+def _dnat_rule(kind: str, family: int, variant: str) -> List[Dict[str, Any]]:
     key = _lookup_key(kind, family)
-    ip, port = map_name(kind, family, "ip"), map_name(kind, family, "port")
+    nat_family = "ip" if family == 4 else "ip6"
     # only connections that hit a map get the mark, which libvirt's chains let through
+    if variant == CONCAT:  # address . port from one map: `dnat ip to KEY map @fwd4_to`
+        to = map_name(kind, family, "to")
+        return [_nfproto(family), _LOCAL, _L4PROTO, _in_map(key, map_name(kind, family, "keys")),
+                _SET_MARK, {"dnat": {"family": nat_family,
+                                     "addr": {"map": {"key": key, "data": "@" + to}}}}]
+    ip, port = map_name(kind, family, "ip"), map_name(kind, family, "port")
     return [_nfproto(family), _LOCAL, _L4PROTO, _in_map(key, port), _SET_MARK,
-            {"dnat": {"family": "ip" if family == 4 else "ip6",
+            {"dnat": {"family": nat_family,
                       "addr": {"map": {"key": key, "data": "@" + ip}},
                       "port": {"map": {"key": key, "data": "@" + port}}}}]
+
+
+def _lookup_rule(kind: str, family: int, ranges: bool, variant: str) -> List[Dict[str, Any]]:
+    return _range_rule(kind, family) if ranges else _dnat_rule(kind, family, variant)
 
 
 def _range_rule(kind: str, family: int) -> List[Dict[str, Any]]:
@@ -255,13 +304,18 @@ def _key_json(b: Binding) -> Dict[str, Any]:
     return {"concat": parts}
 
 
-def _elements(table: str, bindings: Iterable[Binding], op: str) -> List[Command]:
+def _elements(table: str, bindings: Iterable[Binding], op: str, variant: str) -> List[Command]:
     """One command per map, carrying all its elements."""
     grouped: Dict[str, List[Any]] = {}
     for b in bindings:
         key = _key_json(b)
-        values: Tuple[Tuple[str, Any], ...] = ((("range", b.address),) if b.is_range
-                                               else (("ip", b.address), ("port", b.port)))
+        values: Tuple[Tuple[str, Any], ...]
+        if b.is_range:
+            values = (("range", b.address),)
+        elif variant == CONCAT:
+            values = (("to", {"concat": [b.address, b.port]}),)
+        else:
+            values = (("ip", b.address), ("port", b.port))
         elem = {"elem": {"val": key, "comment": b.comment}}  # shared by the maps
         for what, value in values:
             name = map_name(b.kind, b.family, what)
@@ -269,42 +323,45 @@ def _elements(table: str, bindings: Iterable[Binding], op: str) -> List[Command]
                 grouped.setdefault(name, []).append(key)
             else:
                 grouped.setdefault(name, []).append([elem, value])
-        if b.is_range:
-            name = map_name(b.kind, b.family, "rkeys")
+        if b.is_range or variant == CONCAT:
+            name = map_name(b.kind, b.family, "rkeys" if b.is_range else "keys")
             grouped.setdefault(name, []).append(key if op == "delete" else elem)
     return [{op: {"element": {"family": "inet", "table": table, "name": name, "elem": elems}}}
             for name, elems in sorted(grouped.items())]
 
 
-def guest_update(table: str, old: Sequence[Binding], new: Sequence[Binding]) -> List[Command]:
-    """Drop ``old`` bindings no longer wanted, ensure ``new`` (the table's layout
-    must exist: prefix ``skeleton(table)`` when unsure).
+def guest_update(table: str, old: Sequence[Binding], new: Sequence[Binding],
+                 variant: str = SPLIT) -> List[Command]:
+    """Drop ``old`` bindings no longer wanted, ensure ``new`` (the table's layout,
+    of this ``variant``, must exist: prefix ``skeleton(table)`` when unsure).
 
     Dropping adds the element first, so a binding already gone is no error.
     """
     wanted = set(new)
     gone = [b for b in old if b not in wanted]
-    return (_elements(table, gone, "add") + _elements(table, gone, "delete")
-            + _elements(table, new, "add"))
+    return (_elements(table, gone, "add", variant) + _elements(table, gone, "delete", variant)
+            + _elements(table, new, "add", variant))
 
 
-def full_rebuild(table: str, bindings: Sequence[Binding]) -> List[Command]:
+def full_rebuild(table: str, bindings: Sequence[Binding], variant: str = SPLIT) -> List[Command]:
     """One transaction: the table holds exactly ``bindings`` afterwards."""
     flushes = [{"flush": {"map": {"family": "inet", "table": table, "name": name}}}
-               for name in MAPS]
+               for name in maps_of(variant)]
     flushes += [{"flush": {"set": {"family": "inet", "table": table, "name": name}}}
-                for name in RANGE_KEYS]
-    return skeleton(table) + flushes + _elements(table, bindings, "add")
+                for name in sets_of(variant)]
+    return (skeleton(table, variant=variant) + flushes
+            + _elements(table, bindings, "add", variant))
 
 
-def migration(table: str, objects: Sequence[Dict[str, Any]]) -> List[Command]:
-    """For a listed table that an earlier layout built: commands that empty its
-    chains and drop the maps and sets it declared otherwise (type, flags,
-    counters) than ``skeleton`` does, which nftables refuses to declare anew.
-    [] when there are none. Follow them with ``full_rebuild`` in the same
-    transaction, so that no packet sees a gap."""
+def migration(table: str, objects: Sequence[Dict[str, Any]],
+              variant: str = SPLIT) -> List[Command]:
+    """For a listed table that an earlier layout or another variant built: commands
+    that empty its chains and drop the maps and sets it declared otherwise (type,
+    flags, counters) than ``skeleton`` does, which nftables refuses to declare
+    anew, and those of the other variant. [] when there are none. Follow them
+    with ``full_rebuild`` in the same transaction, so that no packet sees a gap."""
     wanted: Dict[str, Tuple[Any, ...]] = {}
-    for cmd in skeleton(table):
+    for cmd in skeleton(table, variant=variant):
         for kind in ("map", "set"):
             spec = cmd.get("add", {}).get(kind)
             if spec is not None:
@@ -317,10 +374,13 @@ def migration(table: str, objects: Sequence[Dict[str, Any]]) -> List[Command]:
                                                "name": obj["chain"]["name"]}}})
         for kind in ("map", "set"):
             spec = obj.get(kind)
-            if spec is not None and spec["name"] in wanted \
-                    and _declaration(kind, spec) != wanted[spec["name"]]:
+            if spec is None:
+                continue
+            name = spec["name"]
+            other_variant = name not in wanted and (name in MAPS or name in KEY_SETS)
+            if other_variant or (name in wanted and _declaration(kind, spec) != wanted[name]):
                 stale.append({"delete": {kind: {"family": "inet", "table": table,
-                                                "name": spec["name"]}}})
+                                                "name": name}}})
     return chains + stale if stale else []
 
 

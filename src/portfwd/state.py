@@ -13,7 +13,8 @@ format and its atomic write live here (``Store``, and the lock ``locked``).
     localnet.json         bridges where portfwd turned route_localnet on
     ports.json            guest → tap → [ifindex, hairpin mode found]: the bridge ports
                           portfwd keeps in hairpin mode (``bridgeport``)
-    layout.TABLE          the ``constants.LAYOUT`` TABLE was last built with
+    layout.TABLE          the ``constants.LAYOUT`` TABLE was last built with, and its
+                          variant (``engine.layout_id``: "7", "7+concat")
 
 Every file is replaced by a rename (``write_atomic``; the cache by swapping the
 ``compiled`` symlink), so a reader sees the old or the new content.

@@ -144,13 +144,21 @@ def live_state(b: Binding, maps: Live) -> Tuple[str, str, Optional[int], Optiona
         if str(ip) != b.address:
             return DIFFERS, f"the table leads to {ip}", packets, octets
         return ACTIVE, "", packets, octets
-    hit = maps.get(rules.map_name(b.kind, b.family, "ip"), {}).get(key)
-    port = maps.get(rules.map_name(b.kind, b.family, "port"), {}).get(key)
-    if hit is None or port is None:
-        return MISSING, "not in the table: run `portfwd reapply`", None, None
-    ip, packets, octets = hit
-    if str(ip) != b.address or int(port[0]) != b.port:
-        return DIFFERS, f"the table leads to {ip}:{port[0]}", packets, octets
+    to = maps.get(rules.map_name(b.kind, b.family, "to"), {}).get(key)
+    if to is not None:  # the concat variant: address . port, and the key in the key set
+        if key not in maps.get(rules.map_name(b.kind, b.family, "keys"), {}):
+            return MISSING, "not in the table: run `portfwd reapply`", None, None
+        value, packets, octets = to
+        ip, port = value["concat"] if isinstance(value, dict) else (value, None)
+    else:  # the split variant: address and port maps side by side
+        hit = maps.get(rules.map_name(b.kind, b.family, "ip"), {}).get(key)
+        port_hit = maps.get(rules.map_name(b.kind, b.family, "port"), {}).get(key)
+        if hit is None or port_hit is None:
+            return MISSING, "not in the table: run `portfwd reapply`", None, None
+        ip, packets, octets = hit
+        port = port_hit[0]
+    if str(ip) != b.address or port is None or int(port) != b.port:
+        return DIFFERS, f"the table leads to {ip}:{port}", packets, octets
     return ACTIVE, "", packets, octets
 
 
@@ -169,8 +177,8 @@ def live_elements(objects: Sequence[Dict[str, Any]]) -> Live:
             continue
         if m["name"] in rules.MAPS:
             kind, family, _ = rules.MAPS[m["name"]]
-        elif m["name"] in rules.RANGE_KEYS:
-            kind, family = rules.RANGE_KEYS[m["name"]]
+        elif m["name"] in rules.KEY_SETS:
+            kind, family, _ = rules.KEY_SETS[m["name"]]
         else:
             continue
         elems: Dict[Tuple[Any, ...], Tuple[Any, Optional[int], Optional[int]]] = {}
