@@ -67,6 +67,36 @@ def test_bad_interval_is_a_usage_error(value: str, message: str) -> None:
     assert r.stderr.splitlines()[-1] == f"portfwd daemon: error: {message}"
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--from", "garbage"], "argument --from: 'garbage' is not an IP address (write e.g."
+                            " 198.51.100.7 or 2001:db8::7)"),
+    (["--from", "192.0.2.1 tcp dport 1 drop;"], "argument --from: '192.0.2.1 tcp dport 1"
+                                                " drop;' is not an IP address"),
+    (["--from", "198.51.100.0/24"], "argument --from: '198.51.100.0/24' is not an IP address"),
+    (["--from", "224.0.0.1"], "argument --from: 224.0.0.1 is not a unicast address"),
+    (["--from", "::"], "argument --from: :: is not a unicast address"),
+    (["--from", "255.255.255.255"], "argument --from: 255.255.255.255 is not a unicast address"),
+    (["--from", "fe80::1%eth0"], "argument --from: fe80::1%eth0: a source address has no zone"),
+    (["--from", "::ffff:192.0.2.1"], "argument --from: ::ffff:192.0.2.1: write the IPv4"),
+    (["--from", "192.0.2.1", "-6"], "argument --from: 192.0.2.1 is an IPv4 address, and -6"),
+    (["--timeout", "nan"], "argument --timeout: nan seconds: use 0.1 to 600 (default 2)"),
+])
+def test_trace_refuses_a_bad_probe_with_exit_2(args: "list[str]", message: str) -> None:
+    """The probe's source goes into an nft rule and a packet header: only a unicast
+    address, checked before anything is read or sent (no root needed to see it)."""
+    r = cli("trace", "web1", "8080", *args)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr.splitlines()[-1].startswith(f"portfwd trace: error: {message}"), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_trace_refuses_a_port_out_of_range() -> None:
+    r = cli("trace", "web1", "70000")
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1] == "portfwd trace: error: argument PORT: 70000: a port is" \
+        " 1 to 65535"
+
+
 FWD = '[[forward]]\nguest = "web1"\nipv4 = "192.168.122.10"\n'
 
 

@@ -118,6 +118,57 @@ def test_refusals_name_the_place(text: str, message: str) -> None:
     assert any(message in line for line in result.errors), result.errors
 
 
+BIG = "9" * 5000  # past Python's 4,300 digits of int(str) and str(int)
+
+
+@pytest.mark.parametrize("value, message", [
+    (BIG, "h.json:1:55: a.port_map.tcp[0]: port 999999999999...9999 (5000 digits) not in"
+          " 1..65535"),
+    ("-" + BIG, "h.json:1:55: a.port_map.tcp[0]: port -99999999999...9999 (5000 digits) not in"
+                " 1..65535"),
+    ("1e999", "h.json:1:55: a.port_map.tcp[0]: must be a port number, not 1e999"),
+    ("-1e999", "h.json:1:55: a.port_map.tcp[0]: must be a port number, not -1e999"),
+    ("1" + "0" * 400 + ".5", "h.json:1:55: a.port_map.tcp[0]: must be a port number, not"
+                             " 100000000000...00.5 (402 digits)"),
+    ("12345678901234567890", "h.json:1:55: a.port_map.tcp[0]: port 12345678901234567890 not"
+                             " in 1..65535"),
+    ("-7", "h.json:1:55: a.port_map.tcp[0]: port -7 not in 1..65535"),
+    ("[[[[[[[[1e999, %s]]]]]]]]" % BIG, "h.json:1:55: a.port_map.tcp[0]: a pair is [public,"
+                                        " private], not 1 items"),
+    ("[[%s], 80]" % BIG, "h.json:1:56: a.port_map.tcp[0][0]: must be a port number, not"
+                         " [999999999999...9999 (5000 digits)]"),
+])
+def test_absurd_numbers_are_located_refusals(value: str, message: str) -> None:
+    text = '{"a": {"private_ip": "10.0.0.1", "port_map": {"tcp": [%s]}}}' % value
+    assert convert(text, "h.json").errors == [message]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ('"private_ip": %s' % BIG, "a.private_ip: must be an IPv4 address in a string, not"
+                               " 999999999999...9999 (5000 digits)"),
+    ('"private_ip": "10.0.0.1", "port_range": [{"init_port": 1, "ports_num": %s,'
+     ' "protocol": "tcp"}]' % BIG, "a.port_range[0].ports_num: 999999999999...9999 (5000"
+                                   " digits) ports run past port 65535"),
+    ('"private_ip": "10.0.0.1", "port_range": [{"init_port": 1, "ports_num": -%s,'
+     ' "protocol": "tcp"}]' % BIG, "a.port_range[0].ports_num: must be a number of ports >= 1,"
+                                   " not -99999999999...9999 (5000 digits)"),
+    ('"private_ip": "10.0.0.1", "port_range": [{"init_port": 65535, "ports_num": %s,'
+     ' "protocol": "tcp"}]' % ("9" * 18), "a.port_range[0].ports_num: 65535+999999999999999999-1"
+                                          " = 1000000000000065533 runs past port 65535"),
+    ('"private_ip": "10.0.0.1", "port_range": [{"init_port": 1, "ports_num": 1,'
+     ' "protocol": %s}]' % BIG, "a.port_range[0].protocol: unknown protocol"
+                                " 999999999999...9999 (5000 digits); use tcp, udp or sctp"),
+    ('"private_ip": "10.0.0.1", "source_ip": [%s], "port_map": {}' % ", ".join(["1"] * 3000),
+     'a.source_ip: must be a string (address or CIDR), not [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,'
+     ' 1, 1, 1, 1, 1, 1, 1, 1,...'),
+    ('"private_ip": "10.0.0.1\\ud800", "port_map": {}', "JSON syntax: a \\u escape of half a"
+                                                       " surrogate pair names no character"),
+])
+def test_absurd_values_elsewhere_are_located_refusals(entry: str, message: str) -> None:
+    errors = convert('{"a": {%s}}' % entry, "h.json").errors
+    assert len(errors) == 1 and errors[0].startswith("h.json:1:") and message in errors[0], errors
+
+
 def test_every_refusal_is_reported_at_once() -> None:
     text = ('{"a": {"private_ip": "10.0.0.1", "port_map": {"icmp": [1], "tcp": [0]}},'
             ' "b": {"private_ip": "x", "port_map": {"udp": [53]}}}')
@@ -282,6 +333,46 @@ def test_cli_refusal_is_located_with_exit_1(tmp_path: "os.PathLike[str]") -> Non
         f.write(b'{"\xff": 1}')
     r = _cli(path)
     assert r.returncode == 1 and f"{path}:1:3: not UTF-8" in r.stderr
+
+
+def test_cli_refuses_a_5000_digit_port_without_a_traceback(tmp_path: "os.PathLike[str]") -> None:
+    path = os.path.join(str(tmp_path), "hooks.json")
+    with open(path, "w") as f:
+        f.write('{"vm": {"private_ip": "10.0.0.1",\n "port_map": {"tcp": [%s]}}}\n' % BIG)
+    out = os.path.join(str(tmp_path), "out.toml")
+    r = _cli(path, "-o", out, "--listen", "all")
+    assert (r.returncode, r.stdout) == (1, "") and "Traceback" not in r.stderr
+    assert r.stderr == f"{path}:2:23: vm.port_map.tcp[0]: port 999999999999...9999 (5000" \
+                       " digits) not in 1..65535\n"
+    assert sorted(os.listdir(str(tmp_path))) == ["hooks.json"]
+
+
+def test_cli_output_never_writes_through_a_symlink(tmp_path: "os.PathLike[str]") -> None:
+    """-o naming a symlink (someone else's, in a folder others can write): without
+    --force it exists, so it stays; with --force the link itself is replaced by
+    the new file (a rename never follows it). The file it pointed to is untouched."""
+    folder = str(tmp_path)
+    victim = os.path.join(folder, "victim")
+    with open(victim, "w") as f:
+        f.write("mine\n")
+    out = os.path.join(folder, "forward.toml")
+    os.symlink(victim, out)
+    source = os.path.join(DATA, "example.json")
+    r = _cli(source, "-o", out, "--listen", "all")
+    assert r.returncode == 2 and "use --force" in r.stderr
+    assert os.path.islink(out)
+    assert _cli(source, "-o", out, "--force", "--listen", "all").returncode == 0
+    assert not os.path.islink(out) and os.stat(out).st_mode & 0o777 == 0o644
+    with open(victim) as f:
+        assert f.read() == "mine\n"
+    assert sorted(os.listdir(folder)) == ["forward.toml", "victim"]
+
+
+def test_cli_output_into_a_missing_folder_is_a_host_error(tmp_path: "os.PathLike[str]") -> None:
+    out = os.path.join(str(tmp_path), "no", "forward.toml")
+    r = _cli(os.path.join(DATA, "example.json"), "-o", out, "--listen", "all")
+    assert r.returncode == 3 and "Traceback" not in r.stderr
+    assert f"{out}: cannot write: No such file or directory" in r.stderr
 
 
 def test_cli_help() -> None:

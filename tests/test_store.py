@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from typing import Any, List
+
+import pytest
 
 from portfwd import state
 from portfwd.plan import Binding
@@ -57,3 +61,148 @@ def test_unreadable_hairpin_ports_read_as_none(tmp_path: "os.PathLike[str]") -> 
         with open(os.path.join(str(tmp_path), "ports.json"), "w") as f:
             f.write(text)
         assert store.hairpin_ports() == {}
+
+
+# -- what a killed run leaves, and the writes that leave nothing ----------------------
+
+FS_CALLS = {"mkdir", "open", "write", "close", "symlink", "replace", "unlink", "rmdir",
+            "listdir", "scandir", "readlink", "dump", "link", "fchmod", "fsync", "lstat"}
+
+
+def leftovers(root: str) -> List[str]:
+    """What the crash tests count as left behind (tests/test_crash.py)."""
+    guests = os.path.join(root, "guests")
+    names = os.listdir(root) + [f"guests/{n}" for n in
+                                (os.listdir(guests) if os.path.isdir(guests) else [])]
+    current = os.readlink(os.path.join(root, "compiled"))
+    return [n for n in names if ".tmp." in n or n.startswith("compiled.new.")
+            or (n.startswith("compiled.") and n != current)]
+
+
+def _killed_at(root: str, step: int) -> bool:
+    """Fork a run that takes the lock and compiles the "new" cache, SIGKILLed just
+    before its ``step``-th file-system call; True if it finished first."""
+    import signal
+
+    store = state.Store(root)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        calls = 0
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            nonlocal calls
+            if event == "c_call" and getattr(arg, "__name__", "") in FS_CALLS:
+                calls += 1
+                if calls == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        try:
+            sys.setprofile(profile)
+            with state.locked(root):
+                store.write_compiled({("name", "web1"): [], ("uuid", "u1"): []},
+                                     ("portfwd", True, []), "new")
+        finally:
+            sys.setprofile(None)
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status)
+
+
+def test_a_run_killed_anywhere_in_a_compile_leaves_nothing_the_next_run_keeps(
+        tmp_path: "os.PathLike[str]") -> None:
+    """SIGKILL before every file-system call of a run that sweeps and compiles: the
+    next run's sweep leaves nothing temporary, and the cache is the old or the new
+    one, whole. A kill per call, not a random sample of them."""
+    import marshal  # noqa: F401  (imported before the count starts, as in a run)
+    import shutil
+
+    root = os.path.join(str(tmp_path), "run")
+    step = 0
+    while True:
+        step += 1
+        assert step < 1000, "the run never finished"
+        shutil.rmtree(root, ignore_errors=True)
+        store = state.Store(root)
+        store.write_compiled({("name", "web1"): []}, ("portfwd", False, []), "old")
+        # what an earlier killed run left, for the sweep in the killed run to meet
+        os.mkdir(os.path.join(root, "compiled.999.0badf00d"))
+        os.symlink("compiled.999.0badf00d", os.path.join(root, "compiled.new.999.0badf00d"))
+        os.makedirs(os.path.join(root, "guests"))
+        with open(os.path.join(root, "guests", "web1.json.tmp.999.0badf00d"), "w") as f:
+            f.write("{")
+        finished = _killed_at(root, step)
+        with state.locked(root):  # the next run
+            pass
+        assert leftovers(root) == [], f"killed before call {step}"
+        signature = state.cached_signature(root)
+        assert signature in ("old", "new"), f"killed before call {step}: {signature!r}"
+        hit = store.read_compiled("web1", "u1" if signature == "new" else None, "/nonexistent")
+        assert hit is None  # the signature differs from the file's: stale, but readable
+        with open(os.path.join(root, "compiled", "options"), "rb") as f:
+            assert marshal.load(f)[1] is (signature == "new")
+        if finished:
+            assert signature == "new" and step > 10
+            return
+
+
+def test_a_new_cache_never_reuses_a_folder_name(tmp_path: "os.PathLike[str]",
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pid comes round again: the folder name a run picks may be the one the
+    ``compiled`` link points to. It is never emptied and reused: another name."""
+    root = str(tmp_path)
+    store = state.Store(root)
+    # folder and link of the first write; the second's folder: taken, then another
+    picks = iter([b"\0" * 4, b"\x09" * 4, b"\0" * 4, b"\1" * 4, b"\x09" * 4])
+    monkeypatch.setattr(os, "urandom", lambda n: next(picks))
+    store.write_compiled({("name", "web1"): []}, ("portfwd", False, []), "old")
+    first = os.readlink(os.path.join(root, "compiled"))
+    assert first.endswith(".00000000")
+    store.write_compiled({("name", "web1"): []}, ("portfwd", False, []), "new")
+    assert os.readlink(os.path.join(root, "compiled")).endswith(".01010101")
+    assert state.cached_signature(root) == "new"
+    assert sorted(os.listdir(root)) == ["compiled", os.readlink(os.path.join(root, "compiled"))]
+
+
+def test_write_atomic_never_follows_a_link_planted_at_its_temporary_name(
+        tmp_path: "os.PathLike[str]", monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone who can write the folder plants a symlink where the temporary file
+    will be made: O_EXCL refuses it, another name is taken, the target is intact."""
+    folder = str(tmp_path)
+    victim = os.path.join(folder, "victim")
+    with open(victim, "w") as f:
+        f.write("mine\n")
+    out = os.path.join(folder, "forward.toml")
+    planted = f"{out}.tmp.{os.getpid()}.00000000"
+    os.symlink(victim, planted)
+    picks = iter([b"\0" * 4, b"\2" * 4])
+    monkeypatch.setattr(os, "urandom", lambda n: next(picks))
+    os.umask(0o077)
+    try:
+        state.write_atomic(out, b"new\n", mode=0o644, durable=True)
+    finally:
+        os.umask(0o022)
+    with open(victim) as f:
+        assert f.read() == "mine\n"
+    with open(out) as f:
+        assert f.read() == "new\n"
+    assert os.stat(out).st_mode & 0o777 == 0o644  # whatever the umask
+    assert os.path.islink(planted)  # someone else's: left alone
+    assert sorted(os.listdir(folder)) == sorted(["victim", "forward.toml",
+                                                 os.path.basename(planted)])
+
+
+def test_write_atomic_without_replace_and_on_errors_leaves_no_temporary_file(
+        tmp_path: "os.PathLike[str]") -> None:
+    folder = str(tmp_path)
+    out = os.path.join(folder, "out")
+    os.symlink("/nonexistent", out)  # exists (as a dangling link): not replaced, not followed
+    with pytest.raises(FileExistsError):
+        state.write_atomic(out, b"x", replace=False)
+    assert os.readlink(out) == "/nonexistent" and os.listdir(folder) == ["out"]
+    os.unlink(out)
+    os.mkdir(out)  # a folder there: the rename fails
+    with pytest.raises(OSError):
+        state.write_atomic(out, b"x")
+    assert os.listdir(folder) == ["out"]
+    state.write_atomic(os.path.join(folder, "new"), b"x", replace=False)
+    assert sorted(os.listdir(folder)) == ["new", "out"]

@@ -7,13 +7,16 @@ hairpin mode is on. portfwd turns it on for the taps of guests with forwards,
 on the bridges those forwards lead to, and puts back what it found when the
 forwards go (the record: ``state.Store.hairpin_ports``).
 
-Cheap to import (only os and _socket): the hook calls it on every guest start.
+Cheap to import (only os, _socket and hostnet): the hook calls it on every guest
+start.
 """
 
 from __future__ import annotations
 
 import os
 from _socket import if_nametoindex
+
+from .hostnet import ifname
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -51,7 +54,8 @@ def taps(xml: bytes) -> List[str]:
 
 
 def _attribute(tag: bytes, name: bytes) -> Optional[str]:
-    """The value of attribute ``name`` in one start tag, if plain (no entities)."""
+    """The value of attribute ``name`` in one start tag, if plain (no entities),
+    decoded as ``hostnet.ifname`` decodes the kernel's names."""
     at = tag.find(b" " + name + b"=")
     if at < 0:
         return None
@@ -63,7 +67,7 @@ def _attribute(tag: bytes, name: bytes) -> Optional[str]:
     value = tag[at + 1:end] if end > 0 else b""
     if not value or b"&" in value or b"/" in value:
         return None
-    return value.decode("utf-8", "replace")
+    return ifname(value)
 
 
 class Port:

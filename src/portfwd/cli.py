@@ -19,7 +19,7 @@ import shutil
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import display, libvirtapi, log, state
+from . import display, escape, libvirtapi, log, state
 from .config import load
 from .discover import status_files_tell
 from .engine import Engine
@@ -30,13 +30,24 @@ from .values import Reason
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_HOST, EXIT_BUG, EXIT_DEGRADED = 0, 1, 2, 3, 4, 5
 INTERVAL_MIN, INTERVAL_MAX = 0.05, 3600.0  # daemon --interval, seconds
+TRACE_TIMEOUT_MIN, TRACE_TIMEOUT_MAX = 0.1, 600.0  # trace --timeout, seconds
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def say(*lines: str, err: bool = False) -> None:
+    """Print text for people, each of ``lines`` as one line through
+    ``escape.printable`` (names that come from guests, processes or interfaces are
+    shown, not obeyed; a newline in one is shown too). JSON output needs no such
+    help: ``json.dumps`` escapes everything but printable ASCII."""
+    out = sys.stderr if err else sys.stdout
+    for line in lines:
+        print(escape.printable(line), file=out)
 
 
 def _load(args: argparse.Namespace) -> Config:
     config = load(state.config_path(args.config))
     for warning in config.warnings:
-        print(warning, file=sys.stderr)
+        say(warning, err=True)
     return config
 
 
@@ -90,15 +101,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return EXIT_CONFIG if failed else EXIT_OK
     for warning in warnings:
-        print(warning, file=sys.stderr)
+        say(warning, err=True)
     for line in blocked:
-        print(f"{path}: warning: forwarded traffic blocked: {line}", file=sys.stderr)
-    print(f"{config.path}: OK: {ports} port forward(s) for {len(guests)} guest(s),"
-          f" table inet {config.options.table}"
-          + (f"; {len(warnings) + len(blocked)} warning(s)" if warnings or blocked else ""))
+        say(f"{path}: warning: forwarded traffic blocked: {line}", err=True)
+    say(f"{config.path}: OK: {ports} port forward(s) for {len(guests)} guest(s),"
+        f" table inet {config.options.table}"
+        + (f"; {len(warnings) + len(blocked)} warning(s)" if warnings or blocked else ""))
     if failed:
-        print(f"{path}: failed: --strict and {len(warnings) + len(blocked)} warning(s)",
-              file=sys.stderr)
+        say(f"{path}: failed: --strict and {len(warnings) + len(blocked)} warning(s)", err=True)
         return EXIT_CONFIG
     return EXIT_OK
 
@@ -124,8 +134,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(json.dumps({"table": config.options.table, "bindings": len(bindings),
                           "guests": len(owners), "pending": len(engine.pending)}, indent=2))
     else:
-        print(f"synced: {len(bindings)} binding(s) for {len(owners)} guest(s)"
-              f" in table inet {config.options.table}")
+        say(f"synced: {len(bindings)} binding(s) for {len(owners)} guest(s)"
+            f" in table inet {config.options.table}")
     return EXIT_OK
 
 
@@ -144,15 +154,15 @@ def _print_dry_run(config: Config, running: int, before: List[Binding], after: L
                           "pending": [syncdiff.to_json(i) for i in waiting]}, indent=2))
         return EXIT_OK
     counts = diff.counts()
-    print(f"# table inet {config.options.table}, {running} running guest(s): dry run, nothing"
-          " applied (nftables accepted the batch)")
+    say(f"# table inet {config.options.table}, {running} running guest(s): dry run, nothing"
+        " applied (nftables accepted the batch)")
     for mark, items in (("+", diff.added), ("-", diff.removed), ("=", diff.unchanged)):
         for item in items:
-            print(syncdiff.line(mark, item))
+            say(syncdiff.line(mark, item))
     for item in waiting:
-        print(syncdiff.line("?", item) + f" (pending: {item['reason']})")
-    print(f"added {counts['added']}, removed {counts['removed']}, unchanged"
-          f" {counts['unchanged']}" + (f", pending {len(waiting)}" if waiting else ""))
+        say(syncdiff.line("?", item) + f" (pending: {item['reason']})")
+    say(f"added {counts['added']}, removed {counts['removed']}, unchanged"
+        f" {counts['unchanged']}" + (f", pending {len(waiting)}" if waiting else ""))
     return EXIT_OK
 
 
@@ -182,15 +192,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if errors:
         log.warning("configuration invalid: showing applied forwards only")
     for line in status.table_lines(report.rows):
-        print(line)
+        say(line)
     if not report.rows:
-        print("(no forwards)")
+        say("(no forwards)")
     for line in report.warnings:
-        print(f"warning: {line}")
+        say(f"warning: {line}")
     for line in report.firewall:
-        print(f"firewall: {line}")
+        say(f"firewall: {line}")
     for line in report.blocked:
-        print(f"blocked: {line}")
+        say(f"blocked: {line}")
     return code
 
 
@@ -199,17 +209,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     checks = doctorfacts.diagnose(state.config_path(args.config), args.guest, args.connect,
                                   args.libvirt_status)
-    print(json.dumps([c.to_json() for c in checks], indent=2) if args.json
-          else "\n".join(doctor.render(checks)))
+    if args.json:
+        print(json.dumps([c.to_json() for c in checks], indent=2))
+    else:
+        say(*doctor.render(checks))
     return EXIT_OK if all(c.ok for c in checks) else doctor.EXIT_BROKEN
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from . import trace
 
+    if args.source is not None and args.family == 6 and ":" not in args.source:
+        say(f"portfwd trace: error: argument --from: {args.source} is an IPv4 address, and -6"
+            " asks for the IPv6 forward: give an IPv6 address, or leave out -6", err=True)
+        return EXIT_USAGE
     result = trace.run(state.config_path(args.config), args.guest, args.port, args.proto,
                        args.source, args.family, args.timeout)
-    print("\n".join(trace.render(result)))
+    say(*trace.render(result))
     return EXIT_OK if result.delivered else trace.EXIT_NOT_DELIVERED
 
 
@@ -223,7 +239,7 @@ def cmd_reapply(args: argparse.Namespace) -> int:
     with state.locked():
         bindings = Engine(state.config_path(args.config)).reapply()
     owners = {b.guest for b in bindings}
-    print(f"reapplied: {len(bindings)} binding(s) for {len(owners)} guest(s) from {state.run_dir()}")
+    say(f"reapplied: {len(bindings)} binding(s) for {len(owners)} guest(s) from {state.run_dir()}")
     return EXIT_OK
 
 
@@ -244,7 +260,7 @@ def _flush(path: str) -> List[str]:
 
 def cmd_flush(args: argparse.Namespace) -> int:
     removed = _flush(state.config_path(args.config))
-    print("removed: " + (", ".join(f"table inet {t}" for t in removed) or "nothing (no portfwd table)"))
+    say("removed: " + (", ".join(f"table inet {t}" for t in removed) or "nothing (no portfwd table)"))
     return EXIT_OK
 
 
@@ -321,15 +337,15 @@ def cmd_install(args: argparse.Namespace) -> int:
         state.write_atomic(path, text.encode(), mode=0o644)
         done.append(f"{'manual page' if path.endswith('.8') else 'bash completion'} {path}")
     for line in done:
-        print(f"installed: {line}")
+        say(f"installed: {line}")
     if root == "/" and os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
         import subprocess
 
         subprocess.run(["systemctl", "daemon-reload"], check=False)
         subprocess.run(["systemctl", "enable", "portfwd-sync.service", "portfwd-reapply.service",
                         "portfwd.service"], check=False)
-    print("next: edit the configuration, run `portfwd check`, then restart libvirtd once"
-          " (systemctl restart libvirtd) so it finds the hook")
+    say("next: edit the configuration, run `portfwd check`, then restart libvirtd once"
+        " (systemctl restart libvirtd) so it finds the hook")
     return EXIT_OK
 
 
@@ -338,18 +354,18 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
     stopped = uninstall.stop_units(args.root, DATA_DIR)
     if stopped:
-        print(stopped)
+        say(stopped)
     for t in _flush(state.config_path(args.config)):
-        print(f"removed: table inet {t} and portfwd's accepts in libvirt's chains")
+        say(f"removed: table inet {t} and portfwd's accepts in libvirt's chains")
     removed, kept = uninstall.remove_files(args.root, DATA_DIR,
                                            args.config or state.DEFAULT_CONFIG, args.purge)
     if uninstall.remove_run_dir(state.run_dir()):
         removed.append(state.run_dir())
     for path in removed:
-        print(f"removed: {path}")
+        say(f"removed: {path}")
     for path in kept:
-        print(f"kept: {path}")
-    print("next: restart libvirtd once (systemctl restart libvirtd) so that it forgets the hooks")
+        say(f"kept: {path}")
+    say("next: restart libvirtd once (systemctl restart libvirtd) so that it forgets the hooks")
     return EXIT_OK
 
 
@@ -372,43 +388,33 @@ def cmd_import(args: argparse.Namespace) -> int:
         listen = _default_route_interface()
     result = importer.convert(text, args.hooks_json, None if listen == "all" else listen)
     for warning in result.warnings:
-        print(warning, file=sys.stderr)
+        say(warning, err=True)
     if result.errors:
         raise ConfigError(result.errors)
+    data = result.toml.encode("utf-8")  # forward.toml is UTF-8, whatever the locale
     if args.output is None:
-        sys.stdout.write(result.toml)
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
     else:
-        tmp = f"{args.output}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as out:
-            out.write(result.toml)
-            os.fchmod(out.fileno(), 0o644)
-        try:
-            if args.force:
-                os.replace(tmp, args.output)
-            else:
-                os.link(tmp, args.output)  # fails if it exists, never half-written
+        try:  # a new file beside the output, renamed (--force) or linked into place
+            state.write_atomic(args.output, data, mode=0o644, replace=args.force, durable=True)
         except FileExistsError:
-            print(f"{args.output}: exists; not overwritten (use --force to replace it)",
-                  file=sys.stderr)
+            say(f"{args.output}: exists; not overwritten (use --force to replace it)", err=True)
             return EXIT_USAGE
-        finally:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-        print(f"wrote {args.output}: {len(result.guests)} guest(s)", file=sys.stderr)
+        except OSError as e:
+            raise HostError(f"{args.output}: cannot write: {e.strerror or e}") from None
+        say(f"wrote {args.output}: {len(result.guests)} guest(s)", err=True)
     for step in importer.retire_steps(result.guests, args.output, args.hooks_json):
-        print(step, file=sys.stderr)
+        say(step, err=True)
     return EXIT_OK
 
 
 def _default_route_interface() -> Optional[str]:
     """The interface of the default IPv4 route with the lowest metric, or None."""
-    try:
-        with open("/proc/net/route", encoding="ascii") as f:
-            rows = [line.split() for line in f.read().splitlines()[1:]]
-    except OSError:
-        return None
-    defaults = [(int(r[6]), r[0]) for r in rows if len(r) > 7 and r[1] == r[7] == "00000000"]
-    return min(defaults)[1] if defaults else None
+    from .hostnet import RouteTable
+
+    return RouteTable().default_interface(4)
 
 
 def _commented_out_forwards(example: str) -> str:
@@ -421,16 +427,57 @@ def _commented_out_forwards(example: str) -> str:
     return head + "\n" + "\n".join(("# " + line) if line else line for line in lines) + "\n"
 
 
-def _interval(text: str) -> float:
-    """--interval: seconds between looks at the configuration and lease files."""
+def _seconds(text: str, low: float, high: float, default: str) -> float:
+    """A number of seconds from ``low`` to ``high`` given on the command line."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not INTERVAL_MIN <= value <= INTERVAL_MAX:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(
-            f"{text} seconds: use {INTERVAL_MIN} to {INTERVAL_MAX:g} (default 0.5)")
+    if not low <= value <= high:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text} seconds: use {low:g} to {high:g}"
+                                         f" (default {default})")
     return value
+
+
+def _interval(text: str) -> float:
+    """--interval: seconds between looks at the configuration and lease files."""
+    return _seconds(text, INTERVAL_MIN, INTERVAL_MAX, "0.5")
+
+
+def _probe_source(text: str) -> str:
+    """trace --from: one unicast address (it goes into the trace table's rule and
+    the probe's header), in canonical form."""
+    from ipaddress import IPv6Address, ip_address
+
+    try:
+        address = ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an IP address (write e.g. 198.51.100.7 or 2001:db8::7)") from None
+    if address.is_multicast or address.is_unspecified or str(address) == "255.255.255.255":
+        raise argparse.ArgumentTypeError(f"{address} is not a unicast address: a client's"
+                                         " packet never comes from it")
+    if isinstance(address, IPv6Address) and (address.ipv4_mapped or address.scope_id):
+        raise argparse.ArgumentTypeError(
+            f"{text}: write the IPv4 address itself" if address.ipv4_mapped
+            else f"{text}: a source address has no zone index (%…)")
+    return str(address)
+
+
+def _probe_port(text: str) -> int:
+    """trace PORT: a host port, 1 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text}: a port is 1 to 65535")
+    return port
+
+
+def _probe_timeout(text: str) -> float:
+    """trace --timeout: how long to follow the probe."""
+    return _seconds(text, TRACE_TIMEOUT_MIN, TRACE_TIMEOUT_MAX, "2")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -503,16 +550,16 @@ def _parser() -> argparse.ArgumentParser:
                                    " was delivered or dropped. Exit 0 when it reached the guest's"
                                    " bridge, 5 otherwise.")
     p.add_argument("guest", metavar="GUEST")
-    p.add_argument("port", metavar="PORT", type=int, help="the forwarded host port")
+    p.add_argument("port", metavar="PORT", type=_probe_port, help="the forwarded host port")
     p.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
-    p.add_argument("--from", dest="source", metavar="ADDR",
+    p.add_argument("--from", dest="source", metavar="ADDR", type=_probe_source,
                    help="the probe's source address: not one of the host's, the probe enters"
                         " like a client's packet (prerouting, forward); one of the host's, it"
                         " is the host's own connection (output). Default: 192.0.2.1 / 2001:db8::1"
                         " (documentation addresses)")
     p.add_argument("-6", dest="family", action="store_const", const=6, default=4,
                    help="probe the IPv6 forward (default IPv4)")
-    p.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=_probe_timeout, default=2.0, metavar="SECONDS",
                    help="how long to follow the probe (default 2)")
     p.set_defaults(func=cmd_trace)
     p = sub.add_parser("flush", parents=[common], help="remove everything portfwd installed",
@@ -577,7 +624,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return func(args)
     except ConfigError as e:
         for line in e.lines:
-            print(line, file=sys.stderr)
+            say(line, err=True)
         return EXIT_CONFIG
     except HostError as e:
         log.error(str(e))

@@ -443,6 +443,12 @@ class _Validator:
         (nftables' interval maps hold no overlapping intervals)."""
         if not self.expect(value, list, path, "a list of CIDR networks"):
             return None
+        if not value:  # say, a template's list left empty: never "every source"
+            every = ('write ["0.0.0.0/0", "::/0"]' if "ports" in path
+                     else "leave from out")
+            self.error(path, "empty: list at least one source network such as"
+                       f" \"198.51.100.0/24\" (for every source, {every})")
+            return None
         first: Dict[IPNetwork, int] = {}  # each network → where it is first listed
         for i, item in enumerate(value):
             here = path + (i,)

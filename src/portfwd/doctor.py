@@ -344,14 +344,14 @@ def walk(host: HostFacts, guests: Sequence[GuestFacts]) -> List[Check]:
 
 
 def render(checks: Sequence[Check]) -> List[str]:
-    """One line per layer: ``ok``/``FAIL``, the guest, the layer, what was seen, the fix."""
+    """One line per layer: ``ok``/``FAIL``, the guest, the layer, what was seen; the
+    fix of a failed one on a line of its own."""
     lines = []
     for c in checks:
         who = f"{c.guest}: " if c.guest else ""
-        line = f"{'ok  ' if c.ok else 'FAIL'} {who}{c.layer}: {c.detail}"
+        lines.append(f"{'ok  ' if c.ok else 'FAIL'} {who}{c.layer}: {c.detail}")
         if not c.ok and c.fix:
-            line += f"\n     fix: {c.fix}"
-        lines.append(line)
+            lines.append(f"     fix: {c.fix}")
     return lines
 
 

@@ -106,7 +106,9 @@ def link(name: str) -> Optional[Link]:
 def neighbour_state(address: str, dev: Optional[str]) -> str:
     """The neighbour entry's state of ``address`` ("" when there is none)."""
     argv = ["ip", "-j", "neigh", "show", "to", address] + (["dev", dev] if dev else [])
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    # ip prints interface names as the kernel holds them: bytes, maybe not UTF-8
+    r = subprocess.run(argv, capture_output=True, encoding="utf-8", errors="surrogateescape",
+                       timeout=10)
     try:
         entries = json.loads(r.stdout or "[]")
     except ValueError:

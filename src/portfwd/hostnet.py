@@ -1,5 +1,8 @@
 """Kernel facts read from /proc: which interface routes to an address.
 
+Kernel text is read as bytes and parsed as bytes: an interface name is whatever
+bytes someone gave it (``ifname``), and no byte of it may stop a run.
+
 Cheap to import (no ipaddress, no dataclasses): the hook uses it on every start.
 """
 
@@ -10,7 +13,7 @@ from _socket import AF_INET, AF_INET6, inet_pton
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Dict, List, Optional, Set, Tuple
+    from typing import Dict, List, Optional, Set, Tuple, Union
 
     Route = Tuple[int, int, int, str]  # network, prefix length, metric, interface
 
@@ -18,51 +21,85 @@ RTF_UP = 0x0001
 RTF_REJECT = 0x0200
 
 
-def _ipv4_routes(text: str) -> List[Route]:
+def ifname(raw: bytes) -> str:
+    """An interface name as the kernel gives it (bytes: anything but ``/``, ``:``,
+    NUL and ASCII spaces) → the str portfwd compares and passes on. UTF-8 as the
+    domain XML is, so ``tap-é`` from /proc equals ``tap-é`` from libvirt; a byte
+    that is not UTF-8 becomes a lone surrogate (``surrogateescape``) that os and
+    socket functions turn back into the same byte (their encoding is UTF-8 with
+    surrogateescape: the hook's C locale turns on Python's UTF-8 mode, and hosts
+    run UTF-8 locales), so the name still opens its /sys/class/net entry and
+    equals what ``socket.if_nameindex`` reports."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _ipv4_routes(data: bytes) -> List[Route]:
+    """/proc/net/route, parsed as bytes: fields split at ASCII whitespace only (an
+    interface name may hold \\x1c or U+2028, which str.split would cut at)."""
     routes = []
-    for line in text.splitlines()[1:]:
+    for line in data.splitlines()[1:]:
         f = line.split()
         if len(f) < 8:
             continue
-        flags = int(f[3], 16)
-        if not flags & RTF_UP or flags & RTF_REJECT:
+        try:
+            flags = int(f[3], 16)
+            # the kernel prints the network-order word as a little-endian number
+            dest = int.from_bytes(bytes.fromhex(f[1].decode("ascii")), "little")
+            mask = int.from_bytes(bytes.fromhex(f[7].decode("ascii")), "little")
+            metric = int(f[6])
+        except ValueError:
             continue
-        # the kernel prints the network-order word as a little-endian number
-        dest = int.from_bytes(bytes.fromhex(f[1]), "little")
-        mask = int.from_bytes(bytes.fromhex(f[7]), "little")
-        routes.append((dest, bin(mask).count("1"), int(f[6]), f[0]))
+        if flags & RTF_UP and not flags & RTF_REJECT:
+            routes.append((dest, bin(mask).count("1"), metric, ifname(f[0])))
     return routes
 
 
-def _ipv6_routes(text: str) -> List[Route]:
+def _ipv6_routes(data: bytes) -> List[Route]:
+    """/proc/net/ipv6_route, parsed as bytes (see _ipv4_routes)."""
     routes = []
-    for line in text.splitlines():
+    for line in data.splitlines():
         f = line.split()
         if len(f) < 10:
             continue
-        flags = int(f[8], 16)
-        if not flags & RTF_UP or flags & RTF_REJECT or f[9] == "lo":
+        try:
+            flags, network, prefix, metric = (int(f[8], 16), int(f[0], 16), int(f[1], 16),
+                                              int(f[5], 16))
+        except ValueError:
             continue
-        routes.append((int(f[0], 16), int(f[1], 16), int(f[5], 16), f[9]))
+        if flags & RTF_UP and not flags & RTF_REJECT and f[9] != b"lo":
+            routes.append((network, prefix, metric, ifname(f[9])))
     return routes
 
 
-def _read(path: str) -> str:
+def _read(path: str) -> bytes:
     try:
-        with open(path, encoding="ascii") as f:
+        with open(path, "rb") as f:
             return f.read()
     except OSError:
-        return ""
+        return b""
+
+
+def _raw(text: Union[str, bytes]) -> bytes:
+    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
 
 
 class RouteTable:
-    """The main routing table of both families, read once."""
+    """The main routing table of both families, read once (or given: the text of
+    /proc/net/route and /proc/net/ipv6_route, as bytes or str)."""
 
-    def __init__(self, ipv4_text: Optional[str] = None, ipv6_text: Optional[str] = None) -> None:
+    def __init__(self, ipv4_text: Optional[Union[str, bytes]] = None,
+                 ipv6_text: Optional[Union[str, bytes]] = None) -> None:
         self.routes: Dict[int, List[Route]] = {
-            4: _ipv4_routes(_read("/proc/net/route") if ipv4_text is None else ipv4_text),
-            6: _ipv6_routes(_read("/proc/net/ipv6_route") if ipv6_text is None else ipv6_text),
+            4: _ipv4_routes(_read("/proc/net/route") if ipv4_text is None else _raw(ipv4_text)),
+            6: _ipv6_routes(_read("/proc/net/ipv6_route") if ipv6_text is None
+                            else _raw(ipv6_text)),
         }
+
+    def default_interface(self, family: int = 4) -> Optional[str]:
+        """The interface of the default route with the lowest metric, or None."""
+        defaults = [(metric, name) for _, prefix, metric, name in self.routes[family]
+                    if prefix == 0]
+        return min(defaults)[1] if defaults else None
 
     def interface_for(self, address: str) -> Optional[str]:
         """The interface of the most specific route to ``address`` (never a default route)."""
@@ -82,10 +119,12 @@ class RouteTable:
 
 
 def read_sysctl(path: str) -> Optional[str]:
-    """A /proc/sys value, or None when the file does not exist."""
+    """A /proc or /sys value, stripped, or None when the file cannot be read. Read
+    as bytes, bytes that are not UTF-8 kept as lone surrogates (``ifname``): a
+    process name (``/proc/PID/comm``) is any bytes its process chose."""
     try:
-        with open(path, encoding="ascii") as f:
-            return f.read().strip()
+        with open(path, "rb") as f:
+            return f.read().strip().decode("utf-8", "surrogateescape")
     except OSError:
         return None
 

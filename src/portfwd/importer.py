@@ -15,12 +15,16 @@ Pure: text in, text and messages out; no I/O. The old format, as its README,
   on host and guest);
 - comments ``// …`` and ``/* … */`` outside strings.
 
-What has no equivalent is refused, each with ``FILE:LINE:COL: POINTER: message``.
+What has no equivalent is refused, each with ``FILE:LINE:COL: POINTER: message``;
+so is what no port can be: a number too long for Python to read or print (an
+integer of thousands of digits, ``1e999``) is kept as its text (``Number``) and
+refused where it stands, and every value a message quotes is shortened (``shown``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
@@ -32,6 +36,8 @@ PROTOCOLS = ("tcp", "udp", "sctp")
 ENTRY_KEYS = ("private_ip", "public_ip", "source_ip", "interface", "port_map", "port_range")
 RANGE_KEYS = ("init_port", "ports_num", "protocol")
 MAX_DEPTH = 20
+MAX_DIGITS = 18  # a longer integer is no port or count: kept as text (Number)
+SHOWN_MAX = 60  # characters of a value quoted in a message
 NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 STRING = re.compile(r'"(?:[^"\\\x00-\x1f]|\\.)*"')
 BARE = re.compile(r"[A-Za-z0-9_-]+\Z")
@@ -81,6 +87,44 @@ def strip_comments(text: str) -> str:
     return "".join(out)
 
 
+class Number:
+    """A JSON number beyond what a port or a count can be and beyond what Python
+    holds as given (more than MAX_DIGITS digits; a float that overflows): its text."""
+
+    __slots__ = ("text", "integer")
+
+    def __init__(self, text: str, integer: bool) -> None:
+        self.text = text
+        self.integer = integer
+
+    def __repr__(self) -> str:
+        digits = sum(c.isdigit() for c in self.text)
+        if len(self.text) <= 24:
+            return self.text
+        return f"{self.text[:12]}...{self.text[-4:]} ({digits} digits)"
+
+    @property
+    def negative(self) -> bool:
+        return self.text.startswith("-")
+
+
+def shown(value: Any) -> str:
+    """A JSON value as a message quotes it: JSON text, a Number as its shortened
+    text, at most SHOWN_MAX characters."""
+    if isinstance(value, Number):
+        text = repr(value)
+    elif isinstance(value, list):
+        text = "[" + ", ".join(shown(v) for v in value[:SHOWN_MAX]) + "]"
+    elif isinstance(value, dict):
+        text = "{" + ", ".join(f"{shown(k)}: {shown(v)}"
+                               for k, v in list(value.items())[:SHOWN_MAX]) + "}"
+    elif isinstance(value, str):
+        text = json.dumps(value[:SHOWN_MAX + 1])
+    else:
+        text = json.dumps(value)
+    return text if len(text) <= SHOWN_MAX else text[:SHOWN_MAX - 3] + "..."
+
+
 class _SyntaxError(Exception):
     def __init__(self, offset: int, message: str) -> None:
         super().__init__(message)
@@ -126,7 +170,7 @@ class _Reader:
         m = NUMBER.match(self.s, self.i)
         if m:
             self.i = m.end()
-            return float(m.group()) if m.group(1) or m.group(2) else int(m.group())
+            return number(m.group(), integer=not (m.group(1) or m.group(2)))
         if not c:
             raise _SyntaxError(self.i, "the document ends where a value should be")
         raise _SyntaxError(self.i, f"unexpected {c!r} where a value should be")
@@ -139,6 +183,9 @@ class _Reader:
             text = json.loads(m.group())
         except ValueError:
             raise _SyntaxError(self.i, "bad escape in string") from None
+        if any("\ud800" <= c <= "\udfff" for c in text):  # "\ud800" alone: no character
+            raise _SyntaxError(self.i, "a \\u escape of half a surrogate pair names no"
+                                       " character")
         self.i = m.end()
         return str(text)
 
@@ -180,6 +227,14 @@ class _Reader:
             out.append(self.value(path + (len(out),), depth + 1))
             if self.expect(",]", "',' or ']'") == "]":
                 return out
+
+
+def number(text: str, integer: bool) -> Any:
+    """A JSON number's value: int, float, or a Number when out of every range here."""
+    if integer:
+        return int(text) if len(text.lstrip("-")) <= MAX_DIGITS else Number(text, True)
+    value = float(text)  # float() has no digit limit; too large a value is inf
+    return value if math.isfinite(value) else Number(text, False)
 
 
 # -- conversion ---------------------------------------------------------------
@@ -362,7 +417,7 @@ class _Converter:
                 self.error(path[:-1], f"{path[-1]} is missing: the guest address to forward to")
             return None
         if not isinstance(value, str):
-            self.error(path, f"must be an IPv4 address in a string, not {json.dumps(value)}")
+            self.error(path, f"must be an IPv4 address in a string, not {shown(value)}")
             return None
         try:
             addr = ip_address(value.strip())
@@ -379,7 +434,7 @@ class _Converter:
         if value is None:
             return []
         if not isinstance(value, str):
-            self.error(path, f"must be a string (address or CIDR), not {json.dumps(value)}")
+            self.error(path, f"must be a string (address or CIDR), not {shown(value)}")
             return []
         out: List[IPv4Network] = []
         for part in value.split(","):  # iptables -s takes a comma-separated list
@@ -402,8 +457,11 @@ class _Converter:
         return [n for n in nets if not any(o != n and n.subnet_of(o) for o in nets)]
 
     def port(self, path: Path, value: Any) -> Optional[int]:
+        if isinstance(value, Number) and value.integer:
+            self.error(path, f"port {shown(value)} not in 1..65535")
+            return None
         if isinstance(value, bool) or not isinstance(value, int):
-            self.error(path, f"must be a port number, not {json.dumps(value)}")
+            self.error(path, f"must be a port number, not {shown(value)}")
             return None
         if not 1 <= value <= 65535:
             self.error(path, f"port {value} not in 1..65535")
@@ -417,7 +475,7 @@ class _Converter:
                        " anything); remove it", key)
             return None
         if proto not in PROTOCOLS:
-            self.error(path, f"unknown protocol {json.dumps(proto)}; use tcp, udp or sctp", key)
+            self.error(path, f"unknown protocol {shown(proto)}; use tcp, udp or sctp", key)
             return None
         return str(proto)
 
@@ -469,9 +527,12 @@ class _Converter:
             first = self.port(at + ("init_port",), item["init_port"])
             proto = self.protocol(at + ("protocol",), item["protocol"])
             count = item["ports_num"]
+            if isinstance(count, Number) and count.integer and not count.negative:
+                self.error(at + ("ports_num",), f"{shown(count)} ports run past port 65535")
+                continue
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 self.error(at + ("ports_num",), f"must be a number of ports >= 1, not"
-                           f" {json.dumps(count)}")
+                           f" {shown(count)}")
                 continue
             if first is None or proto is None:
                 continue

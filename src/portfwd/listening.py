@@ -7,8 +7,9 @@ import os
 import socket
 from typing import Dict, List, NamedTuple, Set, Tuple
 
-TCP_LISTEN = "0A"
-UDP_UNCONNECTED = "07"  # a bound UDP socket without a peer
+TCP_LISTEN = b"0A"
+UDP_UNCONNECTED = b"07"  # a bound UDP socket without a peer
+NO_PEER = (b"00000000:0000", b"00000000000000000000000000000000:0000")
 
 
 class Socket(NamedTuple):
@@ -34,19 +35,21 @@ def sockets(proc: str = "/proc") -> List[Socket]:
     found: List[Tuple[str, int, str, int, str]] = []  # proto, family, address, port, inode
     for proto, family, state in (("tcp", 4, TCP_LISTEN), ("tcp", 6, TCP_LISTEN),
                                  ("udp", 4, UDP_UNCONNECTED), ("udp", 6, UDP_UNCONNECTED)):
-        name = f"{proc}/net/{proto}{'6' if family == 6 else ''}"
         try:
-            with open(name, encoding="ascii") as f:
+            with open(f"{proc}/net/{proto}{'6' if family == 6 else ''}", "rb") as f:
                 lines = f.read().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) < 10 or fields[3] != state or fields[2] not in (
-                    "00000000:0000", "00000000000000000000000000000000:0000"):
+            if len(fields) < 10 or fields[3] != state or fields[2] not in NO_PEER:
                 continue
-            address, port = fields[1].split(":")
-            found.append((proto, family, _address(address, family), int(port, 16), fields[9]))
+            try:
+                address, _, port = fields[1].decode("ascii").partition(":")
+                found.append((proto, family, _address(address, family), int(port, 16),
+                              fields[9].decode("ascii")))
+            except ValueError:  # not what the kernel prints: skipped
+                continue
     owners = _owners({inode for *_, inode in found}, proc) if found else {}
     return sorted({Socket(p, f, a, port, owners.get(inode, "")) for p, f, a, port, inode in found})
 
@@ -69,8 +72,8 @@ def _owners(inodes: Set[str], proc: str) -> Dict[str, str]:
         fd_dir = f"{proc}/{pid}/fd"
         try:
             links = [os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)]
-            with open(f"{proc}/{pid}/comm", encoding="utf-8", errors="replace") as f:
-                name = f.read().strip()
+            with open(f"{proc}/{pid}/comm", "rb") as f:  # any bytes its process chose
+                name = f.read().strip().decode("utf-8", "surrogateescape")
         except OSError:
             continue
         for link in links:

@@ -2,13 +2,18 @@
 
 Under systemd (``portfwd.service``) stderr already is the journal: each line
 then goes there once, with its priority as a ``<N>`` prefix, and not to syslog
-as well (which would put it in the journal twice).
+as well (which would put it in the journal twice). A message is one line, through
+``escape.printable``: names from guests, processes and interfaces are shown,
+not obeyed (a newline in one cannot forge a second message), and syslog never
+meets a character it cannot encode.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+from .escape import printable
 
 _syslog = False
 _journal = False
@@ -38,10 +43,10 @@ def stderr_is_journal() -> bool:
 
 
 def _emit(level: str, priority: int, message: str) -> None:
-    for line in message.splitlines() or [""]:
-        if _journal:
-            sys.stderr.write(f"<{priority}>{level}{line}\n")
-            continue
+    line = printable(message)
+    if _journal:
+        sys.stderr.write(f"<{priority}>{level}{line}\n")
+    else:
         sys.stderr.write(f"portfwd: {level}{line}\n")
         if _syslog:
             import syslog

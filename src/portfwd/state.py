@@ -2,7 +2,7 @@
 format and its atomic write live here (``Store``, and the lock ``locked``).
 
     lock                  flock: one portfwd run at a time (``locked``)
-    compiled -> compiled.PID.N/   the parsed configuration the hook reads (marshal):
+    compiled -> compiled.PID.RANDOM/   the parsed configuration the hook reads (marshal):
         signature         CACHE_FORMAT, Python version, stat of forward.toml
         options           (table, strict, [discover sources])
         name/NAME         the binding templates (``plan.Template``) of guest NAME
@@ -17,7 +17,12 @@ format and its atomic write live here (``Store``, and the lock ``locked``).
                           variant (``engine.layout_id``: "7", "7+concat")
 
 Every file is replaced by a rename (``write_atomic``; the cache by swapping the
-``compiled`` symlink), so a reader sees the old or the new content.
+``compiled`` symlink), so a reader sees the old or the new content. What a run
+killed midway leaves has one of three name patterns, and every run that takes
+the lock removes them (``sweep``): ``NAME.tmp.PID.RANDOM`` (write_atomic's
+temporary file, here and in guests/), ``compiled.new.PID.RANDOM`` (the link
+before its rename) and ``compiled.PID.RANDOM`` folders ``compiled`` does not
+point to.
 
 Cheap to import (only os, sys, fcntl: not even typing): the hook's fast path
 lives on it, and libvirt runs the hook for every guest and every phase.
@@ -57,10 +62,15 @@ HAIRPIN = "hairpin.json"
 LOCALNET = "localnet.json"
 PORTS = "ports.json"
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
-# longest per-guest file name kept as is: with ".json.tmp.PID" it stays below NAME_MAX
-# (255 bytes); longer ones become a readable prefix, "~" and a hash
+# longest per-guest file name kept as is: with ".json.tmp.PID.RANDOM" it stays below
+# NAME_MAX (255 bytes); longer ones become a readable prefix, "~" and a hash
 FILE_NAME_MAX = 200
 _HASHED_PREFIX = 64
+# the names of what a killed run may leave (``sweep``): the temporary files of
+# write_atomic, the compiled link before its rename, compiled folders
+TMP_MARK = ".tmp."
+COMPILED = "compiled"
+NEW_LINK = "compiled.new."
 
 
 def config_path(given: Optional[str] = None) -> str:
@@ -175,29 +185,35 @@ class locked:
 
 def sweep(root: str) -> None:
     """Remove what a run killed midway left (called holding the lock, so no writer is
-    alive): ``*.tmp.PID`` files of write_atomic, the ``compiled.new.PID`` link and
-    ``compiled.PID.N`` folders the ``compiled`` link does not point to."""
+    alive): write_atomic's temporary files (``TMP_MARK`` in the name, here and in
+    guests/), ``compiled.new.*`` links and every ``compiled.*`` folder the
+    ``compiled`` link does not point to."""
     try:
         names = os.listdir(root)
     except OSError:
         return
-    try:
-        current = os.readlink(os.path.join(root, "compiled"))
-    except OSError:
-        current = ""
+    current = _current_compiled(root)
     for name in names:
         path = os.path.join(root, name)
-        if ".tmp." in name or name.startswith("compiled.new."):
+        if TMP_MARK in name or name.startswith(NEW_LINK):
             _remove(path)
-        elif name.startswith("compiled.") and name != current and not os.path.islink(path):
+        elif name.startswith(COMPILED + ".") and name != current and not os.path.islink(path):
             _remove(path)
         elif name == "guests":
             try:
                 for entry in os.listdir(path):
-                    if ".tmp." in entry:
+                    if TMP_MARK in entry:
                         _remove(os.path.join(path, entry))
             except OSError:
                 pass
+
+
+def _current_compiled(root: str) -> str:
+    """The folder name the ``compiled`` link points to ("" if none)."""
+    try:
+        return os.path.basename(os.path.normpath(os.readlink(os.path.join(root, COMPILED))))
+    except OSError:
+        return ""
 
 
 def _remove(path: str) -> None:
@@ -221,25 +237,71 @@ def lock_holder(fd: int) -> str:
     """The pid holding a ``flock`` on ``fd``'s file, from /proc/locks ("" if unknown)."""
     try:
         st = os.fstat(fd)
-        where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+        where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}".encode()
+        with open("/proc/locks", "rb") as f:
             for line in f:  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; "1: -> …" waits
                 fields = line.split()
-                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == where:
-                    return fields[4]
+                if len(fields) > 5 and fields[1] == b"FLOCK" and fields[5] == where:
+                    return fields[4].decode("ascii", "replace")
     except OSError:
         pass
     return ""
 
 
-def write_atomic(path: str, data: bytes, mode: Optional[int] = None) -> None:
-    """Replace ``path`` with ``data`` (and ``mode``) so readers see the old or the new file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
+def write_atomic(path: str, data: bytes, mode: Optional[int] = None, replace: bool = True,
+                 durable: bool = False) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new file.
+
+    The data goes to a new file beside ``path`` (``temp_file``), renamed over
+    ``path``; with ``replace=False`` linked to ``path`` instead, FileExistsError
+    when something (a symlink too) is there. ``mode``: the file's mode whatever the
+    umask (None: 0666 less the umask). ``durable``: on disk (fsync of the file and
+    of its folder) before this returns. The temporary file never outlives an error."""
+    fd, tmp = temp_file(path, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def temp_file(path: str, mode: Optional[int] = None) -> Tuple[int, str]:
+    """(descriptor, name) of a new empty file ``PATH.tmp.PID.RANDOM`` beside ``path``:
+    made with O_EXCL (so never an existing file, nor a symlink someone planted at
+    that name), written through the descriptor only, with ``mode`` set on it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        tmp = f"{path}{TMP_MARK}{os.getpid()}.{os.urandom(4).hex()}"
+        try:
+            fd = os.open(tmp, flags, 0o600 if mode is not None else 0o666)
+        except FileExistsError:
+            continue  # taken (2^-32): another name
         if mode is not None:
-            os.fchmod(f.fileno(), mode)
-    os.replace(tmp, path)
+            try:
+                os.fchmod(fd, mode)
+            except BaseException:
+                os.close(fd)
+                os.unlink(tmp)
+                raise
+        return fd, tmp
 
 
 def guest_state_path(name: str, root: Optional[str] = None) -> str:
@@ -313,31 +375,41 @@ class Store:
     # -- compiled/ -------------------------------------------------------------
     def write_compiled(self, groups: Dict[Tuple[str, str], List[Template]],
                        options: Tuple[str, bool, List[str]], signature: str) -> None:
-        """A new ``compiled.PID.N`` folder, then the ``compiled`` symlink swapped to
-        it in one rename: the hook sees the old cache or the new one, never a mix."""
+        """A new ``compiled.PID.RANDOM`` folder, then the ``compiled`` symlink swapped
+        to it in one rename: the hook sees the old cache or the new one, never a mix."""
         import marshal
         import shutil
 
         ensure_dir(self.root)
-        target = self._path(f"compiled.{os.getpid()}.{id(groups)}")
-        shutil.rmtree(target, ignore_errors=True)
+        target = self._new_compiled()
         for sub in ("name", "uuid"):
-            os.makedirs(os.path.join(target, sub))
+            os.mkdir(os.path.join(target, sub))
         for (sub, ident), templates in groups.items():
-            with open(os.path.join(target, sub, file_name(ident)), "wb") as f:
+            with open(os.path.join(target, sub, file_name(ident)), "xb") as f:
                 marshal.dump(templates, f)
-        with open(os.path.join(target, "options"), "wb") as f:
+        with open(os.path.join(target, "options"), "xb") as f:
             marshal.dump(options, f)
-        with open(os.path.join(target, "signature"), "w", encoding="utf-8") as f:
+        with open(os.path.join(target, "signature"), "x", encoding="utf-8") as f:
             f.write(signature)
         link = compiled_dir(self.root)
-        tmp_link = f"{link}.new.{os.getpid()}"
+        tmp_link = self._path(f"{NEW_LINK}{os.getpid()}.{os.urandom(4).hex()}")
         os.symlink(os.path.basename(target), tmp_link)
         os.replace(tmp_link, link)
         for name in os.listdir(self.root):
             old = self._path(name)
-            if name.startswith("compiled.") and old != target and not os.path.islink(old):
+            if name.startswith(COMPILED + ".") and old != target and not os.path.islink(old):
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _new_compiled(self) -> str:
+        """A new empty folder ``compiled.PID.RANDOM``: never one that exists (the one
+        ``compiled`` points to, made by an earlier process of the same pid)."""
+        while True:
+            target = self._path(f"{COMPILED}.{os.getpid()}.{os.urandom(4).hex()}")
+            try:
+                os.mkdir(target)
+                return target
+            except FileExistsError:
+                continue
 
     def read_compiled(self, name: str, uuid: Optional[str], config: str
                       ) -> Optional[Tuple[str, bool, Tuple[str, ...], List[Template]]]:

@@ -101,8 +101,10 @@ def parse(lines: List[str], own_table: str) -> List[Step]:
 
 
 def _field(text: str, name: str) -> Optional[str]:
-    m = re.search(rf"(?:^| ){re.escape(name)} \"?([^\s\"]+)\"?", text)
-    return m.group(1) if m else None
+    """The value after ``name`` in a trace line; a quoted one (an interface name:
+    any bytes but ASCII spaces) whole."""
+    m = re.search(rf'(?:^| ){re.escape(name)} (?:"([^"]*)"|([^\s"]+))', text)
+    return (m.group(1) if m.group(1) is not None else m.group(2)) if m else None
 
 
 def outcome(steps: List[Step], bridge: Optional[str]) -> Tuple[bool, str]:
@@ -241,7 +243,7 @@ class Lines:
         while True:
             while b"\n" in self.buffer:
                 line, self.buffer = self.buffer.split(b"\n", 1)
-                text = line.decode("utf-8", "replace")
+                text = line.decode("utf-8", "surrogateescape")  # names as hostnet.ifname
                 got.append(text)
                 if want and want in text:
                     return got
