@@ -158,7 +158,7 @@ def _refused(source: str, kind: str, hook: str, step: Step, verdict: Verdict) ->
         local = f"/etc/apparmor.d/local/{name}"
         fix = (f"allow it in {local} (a line `{real} PUx,`) and reload the profile"
                f" (apparmor_parser -r {source})")
-        if step.role in ("python", "interpreter"):
+        if step.role == "python":
             fix = ("let the hooks run a Python under /usr/bin: a venv made by /usr/bin/python3 -m"
                    " venv links its python there (recreate it, pip install, portfwd install);"
                    f" or {fix}")
