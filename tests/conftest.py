@@ -57,3 +57,11 @@ def etc(tmp_path: "os.PathLike[str]") -> str:
 @pytest.fixture
 def pf(lab: Lab, tmp_path: "os.PathLike[str]") -> PortfwdHost:
     return PortfwdHost(lab, str(tmp_path))
+
+
+@pytest.fixture(scope="session")
+def linked_deb(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """portfwd 0.1.0's .deb, whose hooks were links into /usr/lib, built from git."""
+    from deblab import build_linked
+
+    return build_linked(str(tmp_path_factory.mktemp("linked")))

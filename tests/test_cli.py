@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
-from typing import List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 
@@ -225,3 +227,72 @@ def test_uninstall_removes_what_install_put_and_every_rule(pf: PortfwdHost,
     assert r.returncode == 0, r.stderr
     assert f"removed: {config}" in r.stdout.decode().splitlines()
     assert not os.path.exists(os.path.dirname(config))
+
+
+# -- install refuses an interpreter or package others could change ----------------------
+
+def venv_with_portfwd(base: str, copies: bool = False) -> Tuple[str, str]:
+    """A venv (its python3) and a copy of portfwd's package for it, all root's."""
+    venv = os.path.join(base, "venv")
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", venv]
+                   + (["--copies"] if copies else []), check=True)
+    package = os.path.join(base, "lib", "portfwd")
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src",
+                       "portfwd")
+    shutil.copytree(src, package, ignore=shutil.ignore_patterns("__pycache__"))
+    return os.path.join(venv, "bin", "python3"), package
+
+
+def install_as(python: str, package: str, root: str) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run([python, "-m", "portfwd.cli", "install", "--root", root],
+                          env={"PYTHONPATH": os.path.dirname(package), "LC_ALL": "C",
+                               "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                          cwd=os.path.dirname(root), capture_output=True, text=True)
+
+
+WHO_CAN_WRITE: Dict[str, Tuple[str, Callable[[str], None], bool, str]] = {
+    "the venv's bin": ("venv/bin", lambda p: os.chmod(p, 0o775), False,
+                       "{p}: refused: this directory is writable by group gid 0 (mode 0775),"
+                       " who could replace {p}/python3, the Python the hooks would run,"),
+    "the interpreter": ("venv/bin/python3", lambda p: os.chown(p, 1000, -1), True,
+                        "{p}: refused: this file (the Python the hooks would run) is writable"
+                        " by its owner, uid 1000"),
+    "pyvenv.cfg": ("venv/pyvenv.cfg", lambda p: os.chmod(p, 0o646), False,
+                   "{p}: refused: this file (the venv's pyvenv.cfg, which tells that Python"
+                   " where its library is) is writable by everyone"),
+    "site-packages": ("venv/lib/python3.11/site-packages", lambda p: os.chmod(p, 0o757), False,
+                      "{p}: refused: this directory (a site-packages directory of that Python)"
+                      " is writable by everyone"),
+    "the package": ("lib/portfwd", lambda p: os.chmod(p, 0o757), False,
+                    "{p}: refused: this directory (portfwd's package) is writable by everyone"),
+    "a module": ("lib/portfwd/hook.py", lambda p: os.chown(p, 1000, 1000), False,
+                 "{p}: refused: this file (part of portfwd's package) is writable by its"
+                 " owner, uid 1000"),
+    "a directory above": ("lib", lambda p: os.chmod(p, 0o757), False,
+                          "{p}: refused: this directory is writable by everyone (mode 0757), who"
+                          " could replace {p}/portfwd, portfwd's package,"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WHO_CAN_WRITE))
+def test_install_refuses_what_others_could_change(tmp_path: "os.PathLike[str]",
+                                                  case: str) -> None:
+    """The hooks run the interpreter and the package as root in every guest start: one
+    file or directory on their way that another user may write, and install writes
+    nothing, names it and says what to do."""
+    relative, weaken, copies, message = WHO_CAN_WRITE[case]
+    base = str(tmp_path)
+    python, package = venv_with_portfwd(base, copies)
+    if relative.startswith("venv/lib/python3.11/"):  # whichever Python 3 made the venv
+        relative = os.path.relpath(glob.glob(os.path.join(base, "venv/lib/python3*/"
+                                                                "site-packages"))[0], base)
+    root = os.path.join(base, "root")
+    assert install_as(python, package, root).returncode == 0  # all root's: installed
+    shutil.rmtree(root)
+    path = os.path.join(base, relative)
+    weaken(path)
+    r = install_as(python, package, root)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.startswith("portfwd: error: " + message.format(p=path)), r.stderr
+    assert r.stderr.endswith("portfwd: error: nothing installed\n") and "Traceback" not in r.stderr
+    assert not os.path.exists(root)

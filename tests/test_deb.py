@@ -10,104 +10,52 @@ one test_trixie.py uses) mounted as overlays, each in a network namespace of its
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
-import shutil
+import stat
 import subprocess
 import time
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import pytest
 
+from deblab import APT, CHECKOUT, DebRoot, build, git_status, version
 from netlab import GUEST4, run
 from pfhost import domain_xml
-from trixielab import ROOT_PACKAGES, SUITE, RootLab, cached_root
+from trixielab import SUITE
 
 pytestmark = [pytest.mark.kernel, pytest.mark.deb]
 
-CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# what the package needs from Debian 12, plus libvirt (which it recommends)
-BOOKWORM_PACKAGES = ["libvirt-daemon-system", "nftables", "python3-nftables", "python3-libvirt",
-                     "iproute2"]
-ROOTS = {"bookworm": BOOKWORM_PACKAGES, SUITE: ROOT_PACKAGES}
 CONFIG = f"""
 [[forward]]
 guest = "pfdeb"
 ipv4  = "{GUEST4}"
 ports = ["8080:80"]
 """
-APT = "DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0"
+HOOKS = ("/etc/libvirt/hooks/qemu.d/portfwd", "/etc/libvirt/hooks/network.d/portfwd")
 
 
-def version() -> str:
-    with open(os.path.join(CHECKOUT, "debian", "changelog")) as f:
-        m = re.match(r"portfwd \(([^)]+)\)", f.readline())
-    assert m, "debian/changelog: no version on its first line"
-    return m.group(1)
+def hook(root: DebRoot, guest: str, op: str, sub: str = "begin"
+         ) -> "subprocess.CompletedProcess[bytes]":
+    """The installed qemu hook run as libvirt runs it: argv and the domain on stdin."""
+    return run(*root.argv("/etc/libvirt/hooks/qemu.d/portfwd", guest, op, sub, "-"),
+               input=domain_xml(guest), check=False)
 
 
-def git_status() -> str:
-    return run("git", "-C", CHECKOUT, "status", "--porcelain", "--ignored").stdout.decode()
+def tables(root: DebRoot) -> List[str]:
+    return root.sh("nft list tables").stdout.decode().split("\n")
 
 
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Tuple[str, str]:
     """(the built .deb, the checkout's git status before the build)."""
     before = git_status()
-    out = str(tmp_path_factory.mktemp("deb"))
     started = time.monotonic()
-    r = run(os.path.join(CHECKOUT, "debian", "build-deb"), out, check=False)
-    assert r.returncode == 0, r.stderr.decode()
-    path = r.stdout.decode().strip()
+    path = build(str(tmp_path_factory.mktemp("deb")))
     print(f"\nbuilt {os.path.basename(path)} ({os.path.getsize(path)} bytes)"
           f" in {time.monotonic() - started:.1f} s")
     return path, before
-
-
-_roots = itertools.count()
-
-
-class DebRoot(RootLab):
-    """A Debian root of ``suite`` in its own network namespace, with the .deb at /tmp."""
-
-    def __init__(self, base: str, suite: str, deb: str) -> None:
-        tag = f"pfd{os.getpid() % 100000}x{next(_roots)}"  # one per root alive at once
-        super().__init__(base, f"/mnt/{tag}")
-        self.netns = tag
-        self.deb = f"/tmp/{os.path.basename(deb)}"
-        self.installed: "Optional[subprocess.CompletedProcess[bytes]]" = None
-        try:
-            lower = cached_root(suite, ROOTS[suite])
-            run("ip", "netns", "add", self.netns)
-            self.mount(lower, self.netns)
-            shutil.copy(deb, self.file(self.deb))
-        except BaseException:
-            self.close()
-            raise
-
-    def apt(self, args: str) -> "subprocess.CompletedProcess[bytes]":
-        """apt-get as an admin runs it, without a terminal (a prompt would fail it)."""
-        return run(*self.argv("sh", "-c", f"{APT} {args} </dev/null"), check=False)
-
-    def hook(self, guest: str, op: str, sub: str = "begin") -> "subprocess.CompletedProcess[bytes]":
-        """The installed qemu hook run as libvirt runs it: argv and the domain on stdin."""
-        return run(*self.argv("/etc/libvirt/hooks/qemu.d/portfwd", guest, op, sub, "-"),
-                   input=domain_xml(guest), check=False)
-
-    def tables(self) -> List[str]:
-        return self.sh("nft list tables").stdout.decode().split("\n")
-
-    def write(self, path: str, text: str, mode: int = 0o644) -> None:
-        os.makedirs(os.path.dirname(self.file(path)), exist_ok=True)
-        with open(self.file(path), "w") as f:
-            f.write(text)
-        os.chmod(self.file(path), mode)
-
-    def close(self) -> None:
-        self.unmount()
-        run("ip", "netns", "del", self.netns, check=False)
 
 
 @pytest.fixture(scope="module", params=["bookworm", pytest.param(SUITE, marks=pytest.mark.trixie)])
@@ -158,12 +106,15 @@ def test_package_contents(deb: Tuple[str, str]) -> None:
                  "./lib/systemd/system/portfwd.service",
                  "./lib/systemd/system/portfwd-sync.service",
                  "./lib/systemd/system/portfwd-reapply.service",
-                 "./etc/libvirt/hooks/qemu.d/portfwd -> /usr/lib/portfwd/hooks/qemu",
-                 "./etc/libvirt/hooks/network.d/portfwd -> /usr/lib/portfwd/hooks/network"):
+                 "./usr/lib/portfwd/hooks/qemu", "./usr/lib/portfwd/hooks/network"):
         assert path in listing
     assert "/usr/bin/" not in listing and "/usr/local/" not in listing
+    # what libvirt executes is a file in /etc (its AppArmor profile refuses /usr/lib)
+    entries = {line.split()[-1]: line.split()[0] for line in listing.splitlines()}
+    for path in HOOKS:
+        assert entries["." + path] == "-rwxr-xr-x", listing
     conffiles = run("dpkg-deb", "-I", deb[0], "conffiles").stdout.decode().split()
-    assert conffiles == ["/etc/portfwd/forward.toml"]
+    assert sorted(conffiles) == sorted(HOOKS + ("/etc/portfwd/forward.toml",))
     fields = run("dpkg-deb", "-f", deb[0], "Architecture", "Depends").stdout.decode()
     assert "Architecture: all" in fields
     for dep in ("python3-nftables", "python3-libvirt", "nftables", "python3:any (>= 3.11~)"):
@@ -178,10 +129,11 @@ def test_apt_installs_it(root: DebRoot) -> None:
     assert r.returncode == 0, r.stdout.decode()[-3000:] + r.stderr.decode()
     where = root.sh("python3 -c 'import portfwd; print(portfwd.__file__)'").stdout.decode()
     assert where.strip() == "/usr/lib/python3/dist-packages/portfwd/__init__.py"
-    for kind in ("qemu", "network"):
-        target = os.readlink(root.file(f"/etc/libvirt/hooks/{kind}.d/portfwd"))
-        assert target == f"/usr/lib/portfwd/hooks/{kind}"
-        with open(root.file(target)) as f:
+    for kind, path in zip(("qemu", "network"), HOOKS):
+        assert_hook_file(root, path, 0o755)
+        with open(root.file(path)) as f:
+            assert f'\nhook=/usr/lib/portfwd/hooks/{kind}\n' in f.read()
+        with open(root.file(f"/usr/lib/portfwd/hooks/{kind}")) as f:
             assert "\npy=/usr/bin/python3\n" in f.read()
     for unit in ("portfwd.service", "portfwd-sync.service", "portfwd-reapply.service"):
         with open(root.file(f"/lib/systemd/system/{unit}")) as f:
@@ -202,7 +154,7 @@ def test_installed_hook_makes_the_forward(root: DebRoot) -> None:
     assert r.returncode == 0, r.stderr
     assert b"OK: 1 port forward(s) for 1 guest(s)" in r.stdout
     for op in ("prepare", "start", "started"):
-        r = root.hook("pfdeb", op)
+        r = hook(root, "pfdeb", op)
         assert (r.returncode, r.stdout) == (0, b""), r.stderr
     assert b"guest pfdeb started: 1 forward(s) in table inet portfwd" in r.stderr
     table = root.sh("nft -j list table inet portfwd").stdout.decode()
@@ -211,30 +163,109 @@ def test_installed_hook_makes_the_forward(root: DebRoot) -> None:
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["forwards"]
     assert [(row["guest"], row["target"]) for row in rows] == [("pfdeb", f"{GUEST4}:80")]
-    assert root.hook("pfdeb", "stopped", "end").returncode == 0
+    assert hook(root, "pfdeb", "stopped", "end").returncode == 0
     assert GUEST4 not in root.sh("nft -j list table inet portfwd").stdout.decode()
-    assert root.hook("pfdeb", "started").returncode == 0  # running again, for remove
+    assert hook(root, "pfdeb", "started").returncode == 0  # running again, for remove
 
 
-def test_remove_takes_the_table_away_and_keeps_the_configuration(root: DebRoot) -> None:
-    assert "table inet portfwd" in root.tables()
-    r = root.apt("remove portfwd")
-    assert r.returncode == 0, r.stdout.decode()[-3000:] + r.stderr.decode()
-    assert "table inet portfwd" not in root.tables()
+def test_installed_hook_fails_a_start_only_when_strict(root: DebRoot) -> None:
+    """Through the file in /etc, the hook under /usr/lib and its sh lines: a strict
+    failure fails prepare (libvirt sees 1); reconnect never fails."""
+    root.write("/etc/portfwd/forward.toml",
+               "[options]\nstrict = true\n" + CONFIG.replace(GUEST4, "192.0.2.300"))
+    for op, code in (("prepare", 1), ("start", 1), ("reconnect", 0)):
+        r = hook(root, "pfdeb", op)
+        assert (r.returncode, r.stdout) == (code, b""), (op, r.stderr)
+        assert (b"strict = true: failing the start" in r.stderr) == (code == 1), r.stderr
+    root.write("/etc/portfwd/forward.toml", CONFIG)
+    assert hook(root, "pfdeb", "started").returncode == 0
+
+
+# a stand-in for /usr/sbin/portfwd (prerm runs `portfwd flush`): says whether libvirt
+# could still run a hook, and whether a hook is still running, when the flush starts
+FLUSH_WITNESS = """#!/bin/sh
+if [ "$1" = flush ]; then
+    for hook in /etc/libvirt/hooks/qemu.d/portfwd /etc/libvirt/hooks/network.d/portfwd; do
+        if [ -x "$hook" ]; then echo "$hook executable"; fi
+    done
+    case $(cut -d ' ' -f 3 "/proc/$(cat /tmp/hook.pid)/stat" 2>/dev/null) in
+        "" | Z) ;;  # gone, or a zombie its parent (the test) has not reaped yet
+        *) echo "hook running" ;;
+    esac
+fi >>/tmp/flush.log
+exec python3 -m portfwd.cli "$@"
+"""
+# a hook libvirt started before the removal, still running (until /tmp/release exists)
+RUNNING_HOOK = ("echo $$ >/tmp/hook.pid; while [ ! -e /tmp/release ]; do sleep 0.1; done",
+                "/usr/lib/portfwd/hooks/qemu")
+
+
+def test_remove_disables_the_hooks_then_takes_the_table_away(root: DebRoot) -> None:
+    """prerm takes the hooks' execute permission away (libvirt runs only executable
+    hooks), waits for a hook that is still running, then flushes; the configuration
+    stays, and the hooks stay as disabled conffiles until purge."""
+    assert "table inet portfwd" in tables(root)
+    os.unlink(root.file("/usr/sbin/portfwd"))
+    root.write("/usr/sbin/portfwd", FLUSH_WITNESS, 0o755)
+    running = subprocess.Popen(root.argv("sh", "-c", *RUNNING_HOOK))
+    removal = subprocess.Popen(root.argv("sh", "-c", f"{APT} remove portfwd </dev/null"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while any(os.stat(root.file(h)).st_mode & 0o111 for h in HOOKS):
+            assert removal.poll() is None and time.monotonic() < deadline, "hooks still enabled"
+            time.sleep(0.1)
+        root.write("/tmp/release", "")
+        output = removal.communicate(timeout=120)[0].decode()
+        assert removal.returncode == 0, output[-3000:]
+    finally:
+        root.write("/tmp/release", "")
+        running.wait(timeout=30)
+        if removal.poll() is None:
+            removal.kill()
+            removal.wait()
+    with open(root.file("/tmp/flush.log")) as f:
+        assert f.read() == ""  # no hook libvirt could run, none running
+    assert "table inet portfwd" not in tables(root)
     with open(root.file("/etc/portfwd/forward.toml")) as f:
         assert f.read() == CONFIG
-    for gone in ("/usr/sbin/portfwd", "/etc/libvirt/hooks/qemu.d/portfwd",
-                 "/etc/libvirt/hooks/network.d/portfwd", "/usr/lib/python3/dist-packages/portfwd"):
+    for gone in ("/usr/sbin/portfwd", "/usr/lib/portfwd", "/usr/lib/python3/dist-packages/portfwd"):
         assert not os.path.lexists(root.file(gone))
+    for path in HOOKS:  # conffiles: kept until purge, not executable, and inert anyway
+        assert_hook_file(root, path, 0o644)
+        r = run(*root.argv("sh", path, "pfdeb", "started", "begin", "-"),
+                input=domain_xml("pfdeb"), check=False)
+        assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+    assert "table inet portfwd" not in tables(root)
 
 
-def test_purge_takes_the_configuration_away(root: DebRoot) -> None:
+def test_install_after_remove_enables_the_hooks_again(root: DebRoot) -> None:
+    r = root.apt(f"install {root.deb}")
+    assert r.returncode == 0, r.stdout.decode()[-3000:] + r.stderr.decode()
+    for path in HOOKS:
+        assert_hook_file(root, path, 0o755)
+    assert hook(root, "pfdeb", "started").returncode == 0
+    assert "table inet portfwd" in tables(root)
+    r = root.apt("remove portfwd")
+    assert r.returncode == 0, r.stdout.decode()[-3000:] + r.stderr.decode()
+    assert "table inet portfwd" not in tables(root)
+
+
+def test_purge_takes_the_configuration_and_the_hooks_away(root: DebRoot) -> None:
     assert os.path.isdir(root.file("/run/portfwd"))
     r = root.apt("purge portfwd")
     assert r.returncode == 0, r.stdout.decode()[-3000:] + r.stderr.decode()
-    for gone in ("/etc/portfwd", "/run/portfwd"):
+    for gone in ("/etc/portfwd", "/run/portfwd") + HOOKS:
         assert not os.path.lexists(root.file(gone))
     assert root.sh("dpkg -s portfwd", check=False).returncode != 0
+
+
+def assert_hook_file(root: DebRoot, path: str, mode: int) -> None:
+    """``path`` is a regular file with ``mode``, alone in its directory (no link, no
+    .dpkg-new or set-aside copy beside it)."""
+    st = os.lstat(root.file(path))
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == mode, (path, oct(st.st_mode))
+    assert os.listdir(os.path.dirname(root.file(path))) == ["portfwd"]
 
 
 # -- over an earlier install with pip ----------------------------------------------------
@@ -246,23 +277,100 @@ def test_install_over_a_pip_install_keeps_its_configuration(
     lab = DebRoot(str(tmp_path_factory.mktemp("pip")), "bookworm", deb[0])
     try:
         lab.write("/etc/portfwd/forward.toml", CONFIG)
-        for kind in ("qemu", "network"):
-            lab.write(f"/etc/libvirt/hooks/{kind}.d/portfwd", "#!/bin/sh\nexit 0\n", 0o755)
+        for kind, path in zip(("qemu", "network"), HOOKS):
+            with open(os.path.join(CHECKOUT, "hook", kind)) as f:  # as `portfwd install` writes it
+                lab.write(path, f.read().replace("\npy=/usr/bin/python3\n",
+                                                 "\npy=/opt/portfwd/bin/python3\n"), 0o755)
         r = lab.apt(f"install {lab.deb}")
         assert r.returncode == 0, r.stdout.decode()[-3000:] + r.stderr.decode()
         with open(lab.file("/etc/portfwd/forward.toml")) as f:
             assert f.read() == CONFIG
         assert os.listdir(lab.file("/etc/portfwd")) == ["forward.toml"]
-        assert os.readlink(lab.file("/etc/libvirt/hooks/qemu.d/portfwd")) == \
-            "/usr/lib/portfwd/hooks/qemu"
+        for kind, path in zip(("qemu", "network"), HOOKS):  # the package's, nothing beside
+            assert_hook_file(lab, path, 0o755)
+            with open(lab.file(path)) as f:
+                assert f'\nhook=/usr/lib/portfwd/hooks/{kind}\n' in f.read()
         # dpkg knows the file as the admin's changed conffile: upgrades ask, never overwrite
         r = lab.sh("dpkg-query -W -f='${Conffiles}' portfwd")
-        assert r.stdout.decode().split()[0] == "/etc/portfwd/forward.toml"
+        assert "/etc/portfwd/forward.toml" in r.stdout.decode().split()
         r = lab.sh("portfwd check")
         assert r.returncode == 0 and b"OK: 1 port forward(s)" in r.stdout, r.stderr
         # and a second install (reinstall) asks nothing either
         r = lab.apt(f"install --reinstall {lab.deb}")
         assert r.returncode == 0, r.stdout.decode()[-3000:] + r.stderr.decode()
+    finally:
+        lab.close()
+
+
+# -- over portfwd 0.1.0, whose hooks were links into /usr/lib ------------------------------
+
+def installed_with_a_forward(lab: DebRoot, deb: str) -> None:
+    """``deb`` installed into ``lab`` and a forward of pfdeb applied by its hook."""
+    r = lab.apt(f"install {lab.copy_in(deb)}")
+    assert r.returncode == 0, r.stdout.decode()[-3000:] + r.stderr.decode()
+    lab.write("/etc/portfwd/forward.toml", CONFIG)
+    r = hook(lab, "pfdeb", "started")
+    assert r.returncode == 0 and "table inet portfwd" in tables(lab), r.stderr
+
+
+def test_upgrade_replaces_the_links_by_files(deb: Tuple[str, str], linked_deb: str,
+                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """apt-get install of this .deb over 0.1.0 asks nothing and leaves files where the
+    links were; a later upgrade whose old prerm fails (prerm failed-upgrade) keeps the
+    hooks enabled and the forwards in place."""
+    lab = DebRoot(str(tmp_path_factory.mktemp("upgrade")), "bookworm", deb[0])
+    try:
+        installed_with_a_forward(lab, linked_deb)
+        for kind, path in zip(("qemu", "network"), HOOKS):
+            assert os.readlink(lab.file(path)) == f"/usr/lib/portfwd/hooks/{kind}"
+        r = lab.apt(f"install {lab.deb}")
+        output = r.stdout.decode() + r.stderr.decode()
+        assert r.returncode == 0, output[-3000:]
+        assert "Configuration file" not in output and "dpkg-new" not in output, output
+        for path in HOOKS:
+            assert_hook_file(lab, path, 0o755)
+        assert "table inet portfwd" in tables(lab)  # an upgrade removes no forward
+        assert hook(lab, "pfdeb", "started").returncode == 0
+        lab.write("/var/lib/dpkg/info/portfwd.prerm", "#!/bin/sh\nexit 1\n", 0o755)
+        r = lab.apt(f"install --reinstall {lab.deb}")  # the old prerm fails: dpkg runs
+        output = r.stdout.decode() + r.stderr.decode()  # the new one with failed-upgrade
+        assert r.returncode == 0, output[-3000:]
+        assert "trying script from the new package instead" in output, output[-3000:]
+        for path in HOOKS:
+            assert_hook_file(lab, path, 0o755)
+        assert "table inet portfwd" in tables(lab)
+    finally:
+        lab.close()
+
+
+def test_failed_upgrade_puts_the_links_back(deb: Tuple[str, str], linked_deb: str,
+                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An upgrade from 0.1.0 that dpkg aborts after preinst removed the links (here: a
+    file of the new version belongs to another package) leaves 0.1.0 as it was."""
+    lab = DebRoot(str(tmp_path_factory.mktemp("abort")), "bookworm", deb[0])
+    try:
+        installed_with_a_forward(lab, linked_deb)
+        taken = "/usr/lib/python3/dist-packages/portfwd/apparmor.py"  # new in this version
+        blocker = os.path.join(lab.base, "blocker")
+        os.makedirs(os.path.join(blocker, "DEBIAN"))
+        os.makedirs(os.path.dirname(blocker + taken))
+        with open(blocker + taken, "w") as f:
+            f.write("# someone else's\n")
+        with open(os.path.join(blocker, "DEBIAN", "control"), "w") as f:
+            f.write("Package: pfblocker\nVersion: 1\nArchitecture: all\n"
+                    "Maintainer: tests <tests@example.org>\nDescription: owns a file\n")
+        run("dpkg-deb", "--root-owner-group", "-b", blocker, blocker + ".deb")
+        r = lab.apt(f"install {lab.copy_in(blocker + '.deb')}")
+        assert r.returncode == 0, r.stdout.decode()[-3000:] + r.stderr.decode()
+        r = lab.apt(f"install {lab.deb}")
+        output = r.stdout.decode() + r.stderr.decode()
+        assert r.returncode != 0 and "which is also in package pfblocker" in output, output
+        assert lab.sh("dpkg-query -W -f='${Version} ${Status}' portfwd").stdout == \
+            b"0.1.0 install ok installed"
+        for kind, path in zip(("qemu", "network"), HOOKS):
+            assert os.readlink(lab.file(path)) == f"/usr/lib/portfwd/hooks/{kind}"
+        assert hook(lab, "pfdeb", "started").returncode == 0
+        assert "table inet portfwd" in tables(lab)
     finally:
         lab.close()
 

@@ -11,6 +11,7 @@ import pytest
 
 from netlab import GUEST4
 from pfhost import DNAT_RULES, HOOK, PortfwdHost, domain_xml, run_reading_all, web1_config
+from portfwd.hook import STRICT_FAILURE
 
 pytestmark = pytest.mark.kernel
 
@@ -155,7 +156,8 @@ def test_strict_fails_start_phases_only(pf: PortfwdHost) -> None:
     pf.write_config(WEB1)
     assert pf.hook("web1", "started").returncode == 0
     pf.write_config("[options]\nstrict = true\n" + WEB1 + BROKEN)
-    for op, code in [("prepare", 1), ("start", 1), ("started", 1), ("reconnect", 0),
+    for op, code in [("prepare", STRICT_FAILURE), ("start", STRICT_FAILURE),
+                     ("started", STRICT_FAILURE), ("reconnect", 0),
                      ("restore", 0), ("migrate", 0)]:
         r = pf.hook("web2", op)
         assert r.returncode == code, (op, r.stderr)
@@ -169,7 +171,7 @@ def test_strict_with_unreadable_toml_uses_last_valid_setting(pf: PortfwdHost) ->
     pf.write_config("[options]\nstrict = true\n" + WEB1)
     assert pf.hook("web1", "started").returncode == 0
     pf.write_config("[options]\nstrict = tru\n" + WEB1)
-    assert pf.hook("web1", "prepare").returncode == 1
+    assert pf.hook("web1", "prepare").returncode == STRICT_FAILURE
 
 
 def test_nftables_refusal_fails_started_only_when_strict(pf: PortfwdHost) -> None:
@@ -183,7 +185,7 @@ def test_nftables_refusal_fails_started_only_when_strict(pf: PortfwdHost) -> Non
     assert "nftables refused the change" in r.stderr.decode()
     assert "Traceback" not in r.stderr.decode()
     pf.write_config("[options]\nstrict = true\n" + WEB1)
-    assert pf.hook("web1", "started").returncode == 1
+    assert pf.hook("web1", "started").returncode == STRICT_FAILURE
     assert pf.hook("web1", "reconnect").returncode == 0
     assert pf.elements() == {}
 

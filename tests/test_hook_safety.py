@@ -128,6 +128,8 @@ def test_hook_without_portfwd_reads_all_of_stdin(bare_python: str, tmp_path: "os
                       str(tmp_path)))
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="portfwd install refuses a Python or package"
+                                              " that a user other than root owns")
 def test_installed_hook_whose_interpreter_is_gone(tmp_path: "os.PathLike[str]") -> None:
     """`portfwd install` run from a venv whose python symlink later dangles."""
     tmp = str(tmp_path)
@@ -160,13 +162,15 @@ def test_installed_hook_whose_interpreter_is_gone(tmp_path: "os.PathLike[str]") 
 
 
 @pytest.mark.parametrize("status, code_for", [
-    ("exit 1", {"prepare": 1, "start": 1, "started": 1}),  # what strict = true exits with
-    ("exit 3", {}),
+    (f"exit {hook.STRICT_FAILURE}", {"prepare": 1, "start": 1, "started": 1}),  # strict = true
+    ("exit 1", {}),  # what an interpreter that dies at start-up exits with
+    ("exit 2", {}),
     ("kill -SEGV $$", {}),
 ])
-def test_installed_hook_fails_only_start_phases_and_only_with_1(
+def test_installed_hook_fails_only_start_phases_and_only_with_strict_failure(
         tmp_path: "os.PathLike[str]", status: str, code_for: Dict[str, int]) -> None:
-    """Whatever the interpreter does (crash, signal, stdout), reconnect and friends exit 0."""
+    """Whatever the interpreter does (crash, signal, stdout), reconnect and friends exit 0;
+    only hook.STRICT_FAILURE fails a start phase, and libvirt then sees 1."""
     tmp = str(tmp_path)
     py = fake_python(os.path.join(tmp, "python"), f"echo 'not XML' ; {status}")
     qemu = installed("qemu", py, os.path.join(tmp, "qemu"))
@@ -181,6 +185,27 @@ def test_installed_hook_fails_only_start_phases_and_only_with_1(
     for op in ("start", "started", "port-created"):
         r = run([network, "default", op, "begin", "-"], tmp, NETWORK_XML)
         assert (r.returncode, r.stdout) == (0, b""), r.stderr
+
+
+def test_python_dying_at_start_up_with_1_does_not_stop_the_guest(
+        tmp_path: "os.PathLike[str]") -> None:
+    """A real Python that cannot start (a fatal error in its initialisation: status 1)
+    fails no phase of a guest: logged, exit 0, however strict the configuration is."""
+    tmp = str(tmp_path)
+    with open(os.path.join(tmp, "forward.toml"), "w") as f:
+        f.write("[options]\nstrict = true\n")
+    py = os.path.join(tmp, "python")
+    with open(py, "w", encoding="utf-8") as f:
+        f.write('#!/bin/sh\nexec /usr/bin/python3 -X frozen_modules=broken "$@"\n')
+    os.chmod(py, 0o755)
+    died = subprocess.run([py, "-I", "-c", "pass"], capture_output=True)
+    assert died.returncode == 1 and b"Fatal Python error" in died.stderr, died.stderr
+    qemu = installed("qemu", py, os.path.join(tmp, "qemu"))
+    for op, sub in QEMU_OPS + [("start", "begin"), ("release", "end")]:
+        r = run([qemu, "web1", op, sub, "-"], tmp, domain_xml("web1"))
+        assert (r.returncode, r.stdout) == (0, b""), (op, r.stderr)
+        assert f"guest web1 {op}: {py} exited with status 1 (ignored)".encode() in r.stderr
+    assert not os.path.exists(os.path.join(tmp, "run"))
 
 
 def test_installed_hook_passes_success_and_arguments(tmp_path: "os.PathLike[str]") -> None:
@@ -217,7 +242,7 @@ def test_unexpected_exception_is_one_line_and_zero(monkeypatch: pytest.MonkeyPat
         # strict = true may fail a start phase, and only that
         with open(os.path.join(str(tmp_path), "forward.toml"), "w") as f:
             f.write("[options]\nstrict = true\n")
-        assert hook.main("qemu", ["web1", "started", "begin", "-"]) == 1
+        assert hook.main("qemu", ["web1", "started", "begin", "-"]) == hook.STRICT_FAILURE
         assert hook.main("qemu", ["web1", "reconnect", "begin", "-"]) == 0
         capfd.readouterr()
     finally:

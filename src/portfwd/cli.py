@@ -280,6 +280,15 @@ def cmd_install(args: argparse.Namespace) -> int:
         raise HostError(f"cannot name the interpreter {python!r} in the hook: install portfwd"
                         " for a Python with a plain path")
     import shlex
+    import site
+
+    from . import codetrust
+
+    # the hooks run this Python and this package as root: root alone may change them
+    refused = codetrust.problems(python, os.path.dirname(os.path.abspath(__file__)),
+                                 site.getsitepackages())
+    if refused:
+        raise HostError("\n".join(refused + ["nothing installed"]))
 
     for kind in ("qemu", "network"):
         hook_dst = at(f"/etc/libvirt/hooks/{kind}.d/portfwd")
@@ -527,11 +536,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("doctor", parents=[common], help="find the first broken layer of a forward",
-                       description="Walk the path of a forwarded packet (forwarding, IPv6, guest,"
-                                   " bridge, tap, MAC, address, neighbour, table, filter, host"
-                                   " listener, hairpin) and stop at the first broken layer, with"
-                                   " its fix. Read-only. Exit 0 only when every layer passes,"
-                                   " 5 when one fails.")
+                       description="Walk the path of a forwarded packet (whether libvirt's"
+                                   " AppArmor profile lets it run the hooks, forwarding, IPv6,"
+                                   " guest, bridge, tap, MAC, address, neighbour, table, filter,"
+                                   " host listener, hairpin) and stop at the first broken layer,"
+                                   " with its fix. Read-only. Exit 0 only when every layer"
+                                   " passes, 5 when one fails.")
     p.add_argument("guest", nargs="?", metavar="GUEST", help="one guest (default: every guest"
                                                              " with forwards)")
     p.add_argument("--json", action="store_true", help="a JSON list of {layer, guest, ok,"

@@ -3,15 +3,17 @@
 Every check here is a function of facts that ``doctorfacts`` gathered (sysctls,
 links, neighbours, the domain XML, the live rule set, listening sockets): no I/O,
 so each layer can be tested by breaking exactly that layer. The walk follows the
-packet: host forwarding and IPv6, then per guest: running, bridge, tap, MAC,
-IPv6 on the bridge, address, neighbour, table, filter, listener, hairpin. It stops
-at the first broken layer, which it names with its fix.
+packet: whether libvirt may run the hooks at all (AppArmor), host forwarding and
+IPv6, then per guest: running, bridge, tap, MAC, IPv6 on the bridge, address,
+neighbour, table, filter, listener, hairpin. It stops at the first broken layer,
+which it names with its fix.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .apparmor import Profile, Step, Verdict, refusal
 from .discover import Nic
 
 EXIT_BROKEN = 5  # a layer failed (cli.py's codes 0-4 mean other things)
@@ -68,15 +70,30 @@ class Target:
         return f"{self.listen} {self.host_port}/{self.proto} -> {self.address or '?'}:{self.guest_port}"
 
 
+class Confinement:
+    """libvirt's AppArmor profiles and what portfwd's hooks execute (``doctorfacts``)."""
+
+    __slots__ = ("profiles", "hooks", "problems")
+
+    def __init__(self, profiles: Sequence[Tuple[str, Profile, Tuple[str, ...]]],
+                 hooks: Sequence[Tuple[str, str, Sequence[Step]]],
+                 problems: Sequence[str] = ()) -> None:
+        self.profiles = list(profiles)  # (profile file, profile, the hook kinds it runs)
+        self.hooks = list(hooks)  # (kind, hook path, what running it executes)
+        self.problems = list(problems)  # what could not be read of the profiles
+
+
 class HostFacts:
-    __slots__ = ("ip_forward", "ipv6_forwarding", "ipv6_off", "br_netfilter")
+    __slots__ = ("ip_forward", "ipv6_forwarding", "ipv6_off", "br_netfilter", "confinement")
 
     def __init__(self, ip_forward: Optional[str], ipv6_forwarding: Optional[str],
-                 ipv6_off: Optional[str], br_netfilter: Optional[str]) -> None:
+                 ipv6_off: Optional[str], br_netfilter: Optional[str],
+                 confinement: Optional[Confinement] = None) -> None:
         self.ip_forward = ip_forward  # net.ipv4.ip_forward
         self.ipv6_forwarding = ipv6_forwarding  # net.ipv6.conf.all.forwarding
         self.ipv6_off = ipv6_off  # why IPv6 is off host-wide (hostnet.ipv6_off), or None
         self.br_netfilter = br_netfilter  # net.bridge.bridge-nf-call-iptables, None: not loaded
+        self.confinement = confinement  # None: libvirt is not confined (or has no portfwd hook)
 
 
 class GuestFacts:
@@ -106,9 +123,55 @@ class GuestFacts:
 
 # -- host layers ----------------------------------------------------------------
 
+def hooks_check(c: Confinement) -> Check:
+    """Whether every profile of libvirt's daemons lets it execute what the hooks of the
+    kinds it runs execute (the hook, its interpreters, the tools they run)."""
+    for source, profile, kinds in c.profiles:
+        for kind, hook, steps in c.hooks:
+            if kind not in kinds:
+                continue
+            refused = refusal(profile, steps)
+            if refused is not None:
+                return _refused(source, kind, hook, *refused)
+    names = sorted({source.rsplit("/", 1)[-1] for source, _, _ in c.profiles})
+    count = len({s.real for _, _, steps in c.hooks for s in steps if s.real})
+    unread = f" (not read: {'; '.join(c.problems)})" if c.problems else ""
+    return Check("hooks", True, f"libvirt's AppArmor profile {', '.join(names)} allows the"
+                                f" {count} files portfwd's hooks execute{unread}")
+
+
+def _refused(source: str, kind: str, hook: str, step: Step, verdict: Verdict) -> Check:
+    """The hooks layer when ``source`` refuses ``step`` of ``hook``."""
+    name = source.rsplit("/", 1)[-1]
+    what = "guest start" if kind == "qemu" else "start of a network"
+    real = str(step.real)
+    if step.role == "hook" and step.via_symlink:
+        seen = f"{hook} is a symlink to {real}"
+        fix = (f"make {hook} a file: upgrade portfwd's Debian package (its hooks are files"
+               " in /etc since 0.2.0), or run `portfwd install` again (pip install)")
+    elif step.role == "hook":
+        seen = f"{hook} is {real}"
+        fix = f"libvirt's profile must allow /etc/libvirt/hooks/** (Debian's does): see {source}"
+    else:
+        via = f" ({real})" if step.via_symlink else ""
+        seen = f"{hook} runs {step.named}{via}, the {step.role}"
+        local = f"/etc/apparmor.d/local/{name}"
+        fix = (f"allow it in {local} (a line `{real} PUx,`) and reload the profile"
+               f" (apparmor_parser -r {source})")
+        if step.role == "python":
+            fix = ("let the hooks run a Python under /usr/bin: a venv made by /usr/bin/python3 -m"
+                   " venv links its python there (recreate it, pip install, portfwd install);"
+                   f" or {fix}")
+    why = (f"`{verdict.denied_by.text}` denies executing it" if verdict.denied_by is not None
+           else "no exec rule allows it")
+    return Check("hooks", False, f"{seen}, and libvirt's AppArmor profile {name} refuses it:"
+                                 f" {why}; every {what} fails", fix)
+
+
 def host_checks(host: HostFacts, families: Sequence[int]) -> List[Check]:
-    """Forwarding sysctls and IPv6 for the families the forwards use, in order."""
-    out: List[Check] = []
+    """Whether libvirt may run the hooks (when it is confined), then forwarding sysctls
+    and IPv6 for the families the forwards use, in order."""
+    out = [hooks_check(host.confinement)] if host.confinement is not None else []
     if 4 in families:
         if host.ip_forward == "1":
             out.append(Check("ipv4 forwarding", True, "net.ipv4.ip_forward = 1"))

@@ -1,7 +1,7 @@
 """What ``portfwd doctor`` looks at, gathered read-only from the host (the edge of
-``doctor``): sysctls, sysfs links, neighbour entries, the domain XML of running
-guests, portfwd's records against the live table, the live rule set and the
-sockets in /proc/net.
+``doctor``): libvirt's AppArmor profiles and what portfwd's hooks execute, sysctls,
+sysfs links, neighbour entries, the domain XML of running guests, portfwd's records
+against the live table, the live rule set and the sockets in /proc/net.
 
 The running guests come from libvirt, asked in a thread that doctor stops
 waiting for after ``LIBVIRT_TIMEOUT`` seconds (a hung libvirtd must not hang the
@@ -21,10 +21,11 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from . import compat, hostnet, libvirtapi, plan
+from . import apparmor, compat, hostnet, libvirtapi, plan
 from .constants import MARK
 from .discover import domain_nics
-from .doctor import Check, GuestFacts, HostFacts, Link, Packet, Target, chain_verdict
+from .doctor import (Check, Confinement, GuestFacts, HostFacts, Link, Packet, Target,
+                     chain_verdict)
 from .engine import Engine
 from .model import Config
 from .status import live_elements, live_state
@@ -35,11 +36,40 @@ NEIGHBOUR_WAIT = 2.0
 SYS_NET = "/sys/class/net"
 
 
+APPARMOR_ENABLED = "/sys/module/apparmor/parameters/enabled"
+
+
 def host_facts() -> HostFacts:
     return HostFacts(hostnet.read_sysctl("/proc/sys/net/ipv4/ip_forward"),
                      hostnet.read_sysctl("/proc/sys/net/ipv6/conf/all/forwarding"),
                      hostnet.ipv6_off(),
-                     hostnet.read_sysctl("/proc/sys/net/bridge/bridge-nf-call-iptables"))
+                     hostnet.read_sysctl("/proc/sys/net/bridge/bridge-nf-call-iptables"),
+                     confinement())
+
+
+def confinement(root: str = "/", enforcing: Optional[bool] = None,
+                extra_dirs: Sequence[str] = ()) -> Optional[Confinement]:
+    """The profiles of libvirt's daemons below ``root`` and what portfwd's hooks there
+    execute; None when libvirt is not confined: AppArmor off in this kernel (unless
+    ``enforcing`` says otherwise), no profile of libvirt's, or no portfwd hook.
+    ``extra_dirs``: where includes missing from ``root``'s /etc/apparmor.d are found."""
+    if enforcing is None:
+        enforcing = hostnet.read_sysctl(APPARMOR_ENABLED) == "Y"
+    if not enforcing:
+        return None
+    profiles = []
+    problems: List[str] = []
+    for name, kinds in apparmor.LIBVIRT_PROFILES:
+        read = apparmor.read_profiles(root, name, extra_dirs)
+        if read is not None:
+            profiles += [(read.path, p, kinds) for p in read.profiles]
+            problems += read.problems
+    hooks = [(kind, path, apparmor.hook_chain(root, path)) for kind in ("qemu", "network")
+             for path in [f"{apparmor.HOOK_DIR}/{kind}.d/portfwd"]
+             if os.path.lexists(apparmor.at(root, path))]
+    if not profiles or not hooks:
+        return None
+    return Confinement(profiles, hooks, problems)
 
 
 # -- running guests -------------------------------------------------------------

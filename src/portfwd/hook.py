@@ -2,8 +2,9 @@
 
 Never calls libvirt (libvirt waits for us: deadlock), never writes to stdout
 (for migrate/restore stdout is the domain XML), and exits non-zero only when
-``strict = true`` asks a failed start to stop the guest: whatever goes wrong
-otherwise, also a bug, ends in a message and exit 0. Never waits more than
+``strict = true`` asks a failed start to stop the guest, with ``STRICT_FAILURE``
+(the hook's sh lines turn that status alone into libvirt's failure): whatever goes
+wrong otherwise, also a bug, ends in a message and exit 0. Never waits more than
 LOCK_WAIT seconds for a lock that one other portfwd run keeps. A guest with no
 forwards and no state leaves before anything heavy is imported.
 """
@@ -28,6 +29,9 @@ NETWORK_REASSERT = frozenset({"started", "updated", "port-created"})
 # seconds a hook waits while one other process (sync, the daemon, a hung run) holds the
 # lock; libvirt is blocked meanwhile, and the daemon or the next sync catches up
 LOCK_WAIT = 5.0
+# the exit status asking the hook's sh lines to fail a start (they exit 1 then): not 1,
+# which an interpreter that dies at start-up exits with, nor 2 (Python's usage error)
+STRICT_FAILURE = 3
 
 
 def domain_uuid(xml: bytes) -> Optional[str]:
@@ -67,7 +71,7 @@ def main(kind: str = "qemu", argv: Optional[List[str]] = None) -> int:
         _report(f"{what}: internal error {type(e).__name__}: {e}")
         if (kind == "qemu" and len(args) > 1 and args[1] in MAY_FAIL
                 and _strict_despite_error(state.config_path())):
-            return 1
+            return STRICT_FAILURE
         return 0
 
 
@@ -188,7 +192,7 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) 
         log.error(f"guest {name} {op}: internal error {type(e).__name__}: {e}")
     if strict and op in MAY_FAIL:
         log.error(f"guest {name} {op}: strict = true: failing the start")
-        return 1
+        return STRICT_FAILURE
     return 0
 
 
