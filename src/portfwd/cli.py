@@ -288,7 +288,9 @@ def cmd_install(args: argparse.Namespace) -> int:
     refused = codetrust.problems(python, os.path.dirname(os.path.abspath(__file__)),
                                  site.getsitepackages())
     if refused:
-        raise HostError("\n".join(refused + ["nothing installed"]))
+        for line in refused:
+            log.error(line)
+        raise HostError("nothing installed")
 
     for kind in ("qemu", "network"):
         hook_dst = at(f"/etc/libvirt/hooks/{kind}.d/portfwd")
