@@ -17,7 +17,7 @@ from portfwd.claims import refuse_shared_discoveries
 from portfwd.plan import Binding
 from portfwd.values import Reason, Selector
 from portfwd.record import GuestState
-from test_discover import DOMAIN, HOST, ROUTES, V6_NETWORK, lay_out
+from test_discover import DOMAIN, HOST, KNOWN, ROUTES, V6_NETWORK, lay_out
 
 VICTIM = "52:54:00:aa:00:02"  # web1's NIC on v6net (virbr6: 192.168.150.0/24, fd00:150::/64)
 
@@ -38,6 +38,7 @@ def found(files: "tuple[str, str]", family: int, **kwargs: Any) -> Tuple[Optiona
     nets, leases = files
     kwargs.setdefault("routes", ROUTES)
     kwargs.setdefault("local", HOST)
+    kwargs.setdefault("evidence", KNOWN)
     r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000, **kwargs)
     return outcome(r.resolve(Selector(VICTIM), family))
 
@@ -154,7 +155,7 @@ def test_address_reserved_for_another_mac_or_used_by_another_guest(
                          "expiry-time": 3000}])
     nets, leases = files
     r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000,
-                 routes=ROUTES, local=HOST)
+                 routes=ROUTES, local=HOST, evidence=KNOWN)
     r.claimed = {"192.168.150.30": "db1"}
     got, why = outcome(r.resolve(Selector(VICTIM), 4))
     assert got is None and why.endswith("the address of guest db1")
