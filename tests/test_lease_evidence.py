@@ -248,3 +248,50 @@ def test_the_address_of_a_running_guest_without_forwards_is_refused(host: Host,
         assert host.rows() == [(WAITING, f"pending: refused {B4} from lease on br0: the address"
                                          f" of guest db1 ({what})")]
         assert host.targets() == []
+
+
+def test_an_applied_address_stays_until_something_contradicts_it(host: Host) -> None:
+    """Evidence fades (a silent guest: the bridge forgets its MAC after minutes, the
+    neighbour entry goes): an address already applied stays. A contradiction removes
+    it: here db1 sends as web1's MAC, and the bridge learns that MAC on db1's tap."""
+    host.talk(A4)
+    host.leases({"ip-address": A4, "mac-address": MA, "client-id": "01:" + MA})
+    host.hook()
+    assert host.rows() == [(f"{A4}:80", "active")]
+    host.lab.ns(host.lab.host, "ip", "neigh", "flush", "dev", "br0")
+    host.lab.ns(host.lab.host, "bridge", "fdb", "del", MA, "dev", "vnet0", "master")
+    host.sync()
+    assert host.rows() == [(f"{A4}:80", "active")]
+    host.lab.ns(host.db1, "ip", "link", "set", "eth0", "address", MA)
+    host.lab.probe("tcp", "192.168.150.1", 9, ns=host.db1)  # any frame from db1 will do
+    host.sync()
+    assert host.rows() == [(WAITING, f"pending: refused {A4} from lease on br0: bridge br0's"
+                                     f" forwarding database has MAC {MA} on vnet1, not only on"
+                                     " this NIC's tap vnet0")]
+    assert host.targets() == []
+
+
+# the daemon's look for evidence (evidence.Recheck), its clock driven by the test: it
+# looks no sooner than due, solicits what is missing, and names an address once proven
+RECHECK = """import sys, time
+from portfwd.evidence import Recheck
+r = Recheck()
+r.arm([("web1", sys.argv[1], sys.argv[2], "br0", "vnet0")], now=0.0)
+assert r.due(now=1.0) is None
+for _ in range(int(sys.argv[3])):
+    found = r.due(now=r.next)
+    if found:
+        print(" ".join(found))
+        break
+    time.sleep(0.1)
+"""
+
+
+def test_the_daemons_recheck_solicits_and_sees_the_evidence(host: Host) -> None:
+    host.lab.ns(host.lab.host, "ip", "neigh", "flush", "dev", "br0")
+    r = host.lab.ns(host.lab.host, sys.executable, "-c", RECHECK, A4, MA, "100")
+    assert r.stdout.decode().split() == ["web1", A4, MA, "br0", "vnet0"], r.stderr
+    # an address nobody answers for, or that another NIC holds, never becomes due
+    for address in ("192.168.150.99", B4):
+        r = host.lab.ns(host.lab.host, sys.executable, "-c", RECHECK, address, MA, "20")
+        assert r.returncode == 0 and r.stdout == b"", r.stderr

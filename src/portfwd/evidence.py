@@ -79,8 +79,9 @@ class Evidence:
         for contrary evidence, WAITING for evidence not there (yet)."""
         entries = self.fdb(bridge, mac)
         if entries is None:
-            return Reason(Reason.WAITING, f"{bridge} is not a Linux bridge, whose forwarding"
-                                          " database would show where MAC " + mac + " is")
+            return Reason(Reason.WAITING, f"{bridge} is not a Linux bridge (no forwarding"
+                                          f" database shows where MAC {mac} is): set ipv4/ipv6"
+                                          " in forward.toml")
         contrary = _contrary_fdb(entries, mac, bridge, tap)
         if contrary:
             return Reason(Reason.REFUSED, contrary)
@@ -235,7 +236,7 @@ class Recheck:
         try:
             for awaited in self.awaited:
                 _, address, mac, bridge, tap = awaited
-                if evidence.verdict(address, mac, bridge, tap) is None:
+                if evidence.verdict(address, mac, bridge, tap or None) is None:
                     return awaited
         except OSError:
             return None
