@@ -169,10 +169,13 @@ def test_a_guest_sending_as_another_guests_mac_is_seen_in_the_bridge(host: Host)
     the bridge has learned MA on db1's tap, so the lease is refused."""
     host.talk(A4, B4)
     host.lab.ns(host.db1, "ip", "link", "set", "eth0", "address", MA)
-    host.lab.ns(host.lab.host, "ip", "neigh", "del", B4, "dev", "br0")
-    host.talk(B4)  # asked again, db1 answers as MA: the neighbour entry and the FDB follow
     host.leases({"ip-address": B4, "mac-address": MA, "client-id": "01:" + MA})
-    host.hook()
+    for _ in range(20):  # web1 talks too: the bridge's view of MA may flip back at once
+        host.lab.ns(host.lab.host, "ip", "neigh", "del", B4, "dev", "br0", check=False)
+        host.talk(B4)  # asked again, db1 answers as MA: the neighbour entry and the FDB follow
+        host.hook()
+        if "on vnet1" in host.rows()[0][1]:
+            break
     assert host.rows() == [(WAITING, f"pending: refused {B4} from lease on br0: bridge br0's"
                                      f" forwarding database has MAC {MA} on vnet1, not only on"
                                      " this NIC's tap vnet0")]
@@ -263,8 +266,11 @@ def test_an_applied_address_stays_until_something_contradicts_it(host: Host) -> 
     host.sync()
     assert host.rows() == [(f"{A4}:80", "active")]
     host.lab.ns(host.db1, "ip", "link", "set", "eth0", "address", MA)
-    host.lab.probe("tcp", "192.168.150.1", 9, ns=host.db1)  # any frame from db1 will do
-    host.sync()
+    for _ in range(20):  # web1 talks too: the bridge's view of MA may flip back at once
+        host.lab.probe("tcp", "192.168.150.1", 9, ns=host.db1)  # any frame from db1 will do
+        host.sync()
+        if host.rows() != [(f"{A4}:80", "active")]:
+            break
     assert host.rows() == [(WAITING, f"pending: refused {A4} from lease on br0: bridge br0's"
                                      f" forwarding database has MAC {MA} on vnet1, not only on"
                                      " this NIC's tap vnet0")]

@@ -12,9 +12,9 @@ entries). Every address found is first written in canonical form (``canonical``:
 ``FD00::0001`` is ``fd00::1``, an IPv4 address with leading zeros is no
 address), then becomes a DNAT target only if it is a unicast address inside the
 NIC's libvirt network, routed out of that network's bridge, not the host's own,
-not another running guest's (reservation, live lease, or forward; :meth:`Resolver.vet`),
-and proven to be this NIC's by the host's neighbour table and the bridge's
-forwarding database (``evidence``). IPv4 leases are matched on the lease's MAC;
+not another running guest's (by reservation, live lease or forward:
+:meth:`Resolver.vet`), and shown to be this NIC's by the host's neighbour table
+and the bridge's forwarding database (``evidence``; a reservation too). IPv4 leases are matched on the lease's MAC;
 IPv6 leases on the MAC dnsmasq saw, or on a DUID the network XML reserves for
 this guest; a MAC holding live leases under several client-ids is refused.
 """

@@ -21,6 +21,13 @@ the FDB on another port (or as the host's own address): the address is refused.
 ``Evidence.verdict`` tells which; the resolver decides what it means (an address
 applied before and not contradicted stays, see ``discover.Resolver``).
 
+Every address portfwd finds rather than reads from forward.toml needs it, a static
+reservation of the network XML included: that says which MAC dnsmasq hands the
+address to, not who answers for it (a guest can configure any address). The hook
+asks the kernel for nothing (at ``started`` the guest has not even booted, and a
+hook waits for nothing): ``sync`` solicits the addresses left waiting
+(``solicit``), and the daemon looks again until the evidence is there (``Recheck``).
+
 Cheap to import (os, _socket): the hook imports it when it discovers an address.
 """
 
