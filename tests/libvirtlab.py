@@ -35,7 +35,8 @@ import time
 import uuid
 from typing import Dict, List, Optional, Tuple
 
-from netlab import CLIENT4, CLIENT6, HOST4, HOST6, plug_and_wait, run, standin_namespace
+from netlab import (CLIENT4, CLIENT6, HOST4, HOST6, plug_and_wait, run, standin_namespace,
+                    take_tap)
 
 # inside the lab's mount namespace (so never a running libvirtd's of the host)
 LIBVIRTD_PID, VIRTLOGD_PID = "/run/libvirt/pf-libvirtd.pid", "/run/libvirt/pf-virtlogd.pid"
@@ -176,6 +177,7 @@ class LibvirtLab:
         self.lan, self.host = lan, host
         self.host4, self.host6 = host_addresses(host)
         self.standins: List[str] = []
+        self.ports: Dict[str, str] = {}  # stand-in → the name of its end in the lab
         self.base = base
         self.config = os.path.join(base, "etc", "forward.toml")
         self.run_dir = os.path.join(base, "run")
@@ -306,14 +308,17 @@ class LibvirtLab:
 
     def standin(self, bridge: str, addr4: Optional[str], gw4: Optional[str],
                 addr6: Optional[str] = None, gw6: Optional[str] = None,
-                mac: Optional[str] = None) -> str:
+                mac: Optional[str] = None, plug: bool = True) -> str:
         """A namespace holding a guest's addresses (``addr4`` None: none yet, for DHCP),
-        on ``bridge`` by a veth whose guest end has ``mac``."""
+        on ``bridge`` by a veth whose guest end has ``mac`` (``plug`` False: not yet;
+        ``as_tap`` plugs it in the place of a guest's tap)."""
         ns = f"{self.lab[:-1]}g{len(self.standins)}"
         self.standins.append(ns)
         peer = f"pfs{len(self.standins)}"
         standin_namespace(self.ns, self.lab, ns, peer, mac, addr4, addr6)
-        self.plug(peer, bridge)
+        self.ports[ns] = peer
+        if plug:
+            self.plug(peer, bridge)
         if addr4 and gw4:
             self.ns(ns, "ip", "route", "add", "default", "via", gw4)
         if addr6 and gw6:
@@ -322,6 +327,12 @@ class LibvirtLab:
 
     def plug(self, peer: str, bridge: str) -> None:
         plug_and_wait(self.ns, self.lab, peer, bridge)
+
+    def as_tap(self, ns: str, name: str) -> None:
+        """Make stand-in ``ns`` the network stack behind running domain ``name``'s tap
+        (``netlab.take_tap``): after every start, as libvirt gives each start a new tap."""
+        self.ports[ns] = take_tap(self.ns, self.lab, self.ports[ns],
+                                  self.virsh("dumpxml", name).stdout)
 
     def start(self, name: str, network: str, mac: str, boot: Optional[Boot] = None) -> None:
         """Define the domain (once) and start it."""

@@ -78,6 +78,27 @@ def plug_and_wait(run_in: RunIn, host: str, peer: str, bridge: str) -> None:
     raise RuntimeError(f"bridge port {peer} on {bridge} did not reach forwarding: {shown}")
 
 
+def take_tap(run_in: RunIn, host: str, port: str, xml: bytes) -> str:
+    """Put veth ``port`` (a stand-in's end in namespace ``host``) in the place of the tap
+    of the first NIC of a running QEMU guest (``xml``: its live domain XML): the tap
+    leaves its bridge under another name, and the port takes the tap's name and place.
+    What the domain XML calls the guest's tap (``<target dev>``) then carries the
+    stand-in's frames, and the bridge learns the stand-in's MAC where it would learn a
+    real guest's. Returns the port's new name."""
+    from portfwd.discover import domain_nics
+
+    nic = domain_nics(xml)[0]
+    tap, bridge = nic.tap, nic.bridge
+    assert tap and bridge, xml
+    if port != tap:
+        for cmd in (("nomaster",), ("down",), ("name", f"q{tap}"[:15])):
+            run_in(host, "ip", "link", "set", tap, *cmd)
+        for cmd in (("nomaster",), ("down",), ("name", tap)):
+            run_in(host, "ip", "link", "set", port, *cmd)
+    plug_and_wait(run_in, host, tap, bridge)
+    return tap
+
+
 class Lab:
     def __init__(self) -> None:
         tag = f"pf{os.getpid() % 100000}x{next(_counter)}"

@@ -9,6 +9,7 @@ from typing import Any, Dict, List
 import pytest
 
 from portfwd.discover import Resolver, domain_nics, read_network
+from portfwd.evidence import NUD_REACHABLE, Evidence
 from portfwd.hostnet import RouteTable
 from portfwd.resolve import resolve
 from portfwd.plan import Binding
@@ -23,13 +24,31 @@ ROUTES = RouteTable(
     "fd000150000000000000000000000000 40 00000000000000000000000000000000 00"
     " 00000000000000000000000000000000 00000100 00000001 00000000 00000001 virbr6\n")
 HOST = {"192.168.122.1", "192.168.150.1", "fd00:150::1"}
+# web1's NICs on libvirt networks: MAC → (bridge, tap)
+NICS = {"52:54:00:aa:00:01": ("virbr0", "vnet0"), "52:54:00:aa:00:02": ("virbr6", "vnet1")}
+
+
+def proof(*owned: "tuple[str, str]") -> Evidence:
+    """The kernel's evidence that each (address, MAC) is that NIC's: a reachable
+    neighbour entry on its bridge with that MAC, and every NIC's MAC learned on its tap."""
+    return Evidence([(NICS[mac][0], address, mac, NUD_REACHABLE) for address, mac in owned],
+                    [(bridge, tap, mac, NUD_REACHABLE) for mac, (bridge, tap) in NICS.items()])
+
+
+# the addresses these tests find for web1's NICs, as the host's neighbour table knows them
+KNOWN = proof(("192.168.122.50", "52:54:00:aa:00:01"), ("192.168.122.9", "52:54:00:aa:00:01"),
+              *[(a, "52:54:00:aa:00:02") for a in ("192.168.150.10", "192.168.150.11",
+                                                   "192.168.150.44", "fd00:150::77",
+                                                   "fd00:150::10", "fd00:150::42")])
 
 
 def resolver(files: "tuple[str, str]", **kwargs: object) -> Resolver:
-    """A resolver over the test's files, this fake host's routes and addresses."""
+    """A resolver over the test's files, this fake host's routes, addresses and
+    neighbour table and FDB."""
     nets, leases = files
     kwargs.setdefault("routes", ROUTES)
     kwargs.setdefault("local", HOST)
+    kwargs.setdefault("evidence", KNOWN)
     return Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), **kwargs)  # type: ignore[arg-type]
 
 DOMAIN = b"""<domain type='qemu' id='3'>
@@ -47,6 +66,7 @@ DOMAIN = b"""<domain type='qemu' id='3'>
     <interface type='network'>
       <mac address='52:54:00:aa:00:02'/>
       <source network='v6net' bridge='virbr6'/>
+      <target dev='vnet1'/>
     </interface>
   </devices>
 </domain>"""

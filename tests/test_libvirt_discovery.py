@@ -1,5 +1,6 @@
 """Addresses found, not typed: real libvirtd, its dnsmasq, DHCP from a stand-in guest whose
-MAC is the domain's NIC's, and `portfwd daemon` following leases and config edits."""
+MAC is the domain's NIC's and whose port is the domain's tap, and `portfwd daemon`
+following leases, the evidence that an address is its NIC's, and config edits."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class Lab:
     def __init__(self, lab: LibvirtLab) -> None:
         self.lab = lab
         self.procs: List["subprocess.Popen[bytes]"] = []
+        self.standins: Dict[str, str] = {}  # guest → its stand-in namespace
         self.daemon_log = os.path.join(lab.base, "daemon.log")
 
     def env(self) -> Dict[str, str]:
@@ -69,9 +71,30 @@ class Lab:
                         check=False)
         return r.stdout.decode().strip() if r.returncode == 0 else None
 
+    def sync(self) -> Tuple[str, str]:
+        r = subprocess.run(self.lab.argv(self.lab.lab, sys.executable, "-m", "portfwd.cli",
+                                         "sync"), capture_output=True, env=self.env())
+        assert r.returncode == 0, r.stderr
+        return r.stdout.decode(), r.stderr.decode()
+
     def dhcp(self, ns: str, *args: str) -> None:
         self.lab.ns(ns, "busybox", "udhcpc", "-i", "eth0", "-s", UDHCPC_SCRIPT, "-q", "-n",
                     "-t", "5", "-T", "1", *args)
+
+    def release(self, ns: str) -> None:
+        """The stand-in's DHCP client (default client-id) takes its lease once more and
+        releases it (busybox's udhcpc releases on SIGTERM with -R, not when -q quits)."""
+        p = subprocess.Popen(self.lab.argv(ns, "busybox", "udhcpc", "-i", "eth0", "-s",
+                                           UDHCPC_SCRIPT, "-f", "-R", "-n", "-t", "5", "-T", "1"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert p.stderr is not None
+        said = [p.stderr.readline() for _ in range(3)]  # started, discover, select …
+        while said[-1] and b"obtained" not in said[-1]:
+            said.append(p.stderr.readline())
+        p.terminate()
+        said += p.stderr.readlines()
+        p.wait(timeout=30)
+        assert any(b"unicasting a release" in line for line in said), said
 
     def close(self) -> None:
         stop_processes(self.procs)
@@ -108,14 +131,22 @@ def rows(dlab: Lab, guest: str) -> List[Tuple[str, str, str]]:
 
 
 def test_reservation_works_before_any_lease(dlab: Lab) -> None:
+    """The reservation names the address at once; the forward waits until the host's
+    neighbour table and the bridge show that the guest's NIC holds it, and a sync (which
+    asks the kernel to resolve the address) applies it then."""
     lab = dlab.lab
     # a live reservation (the network hook sees `updated`); no DHCP happens at all
     lab.virsh("net-update", "default", "add", "ip-dhcp-host",
               f"<host mac='{RES[2]}' ip='{RESERVED_IP}'/>", "--live")
-    standin = lab.standin("virbr0", RESERVED_IP, "192.168.122.1", mac=RES[2])
+    standin = lab.standin("virbr0", RESERVED_IP, "192.168.122.1", mac=RES[2], plug=False)
     dlab.serve(standin)
     lab.start(*RES)
-    assert until(lambda: dlab.probe(8090)) == f"tcp 80 {CLIENT4}"
+    assert rows(dlab, "pf-res") == [(
+        "<IPv4 of the first NIC>:80", f"pending: unconfirmed {RESERVED_IP} from reservation on"
+        f" network default: no neighbour entry for {RESERVED_IP} with MAC {RES[2]} on virbr0"
+        " yet", "")]
+    lab.as_tap(standin, "pf-res")
+    assert until(lambda: dlab.sync() and dlab.probe(8090)) == f"tcp 80 {CLIENT4}"
     assert rows(dlab, "pf-res") == [(f"{RESERVED_IP}:80", "active", "reservation on network default")]
     lab.virsh("destroy", "pf-res")
     assert dlab.probe(8090) is None
@@ -124,9 +155,11 @@ def test_reservation_works_before_any_lease(dlab: Lab) -> None:
 def test_dhcp_lease_makes_a_pending_forward_live_and_follows_it(dlab: Lab) -> None:
     lab = dlab.lab
     dlab.start_daemon()
-    standin = lab.standin("virbr0", None, None, mac=DHCP[2])
+    standin = lab.standin("virbr0", None, None, mac=DHCP[2], plug=False)
+    dlab.standins[DHCP[0]] = standin
     dlab.serve(standin)
     lab.start(*DHCP)
+    lab.as_tap(standin, DHCP[0])
     # no address yet: the forward waits, and says why
     assert until(lambda: rows(dlab, "pf-dhcp")) == [(
         "<IPv4 of 52:54:00:70:66:12>:80", f"pending: no IPv4 address yet for NIC {DHCP[2]}"
@@ -134,15 +167,27 @@ def test_dhcp_lease_makes_a_pending_forward_live_and_follows_it(dlab: Lab) -> No
     dlab.dhcp(standin)  # the stand-in asks libvirt's dnsmasq for a lease
     leased = lab.ns(standin, "ip", "-4", "-o", "addr", "show", "dev", "eth0").stdout.decode()
     first = leased.split("inet ")[1].split("/")[0]
-    assert until(lambda: dlab.probe(8091)) == f"tcp 80 {CLIENT4}"
+    assert until(lambda: dlab.probe(8091), timeout=30) == f"tcp 80 {CLIENT4}"
     assert rows(dlab, "pf-dhcp") == [(f"{first}:80", "active", "lease on virbr0")]
 
-    # the lease changes (say the guest was reinstalled: another DHCP client id), and the
-    # forward follows the newest lease; the old address no longer receives the traffic
+    # another DHCP client on the same MAC (another client-id: a second operating system,
+    # or a guest that borrowed this MAC as its chaddr): both leases live, so neither
+    # address is trusted, and the forward goes
     time.sleep(1.1)  # lease expiry times have a resolution of one second
     other = "192.168.122.199" if first != "192.168.122.199" else "192.168.122.198"
-    dlab.dhcp(standin, "-r", other, "-x", "0x3d:ff0102030405060708")
-    assert until(lambda: rows(dlab, "pf-dhcp") == [(f"{other}:80", "active", "lease on virbr0")])
+    new_id = "0x3d:ff0102030405060708"
+    dlab.dhcp(standin, "-r", other, "-x", new_id)
+    refused = (f"pending: refused the IPv4 leases of MAC {DHCP[2]} on virbr0: they are held"
+               " under 2 different client-ids (one NIC is one DHCP client); waiting until only"
+               " one is left (expired or released)")
+    assert until(lambda: rows(dlab, "pf-dhcp") == [(
+        "<IPv4 of 52:54:00:70:66:12>:80", refused, "")])
+    assert dlab.probe(8091) is None
+    # the first client releases its lease: the forward follows the one left
+    dlab.release(standin)
+    dlab.dhcp(standin, "-r", other, "-x", new_id)
+    assert until(lambda: rows(dlab, "pf-dhcp") == [(f"{other}:80", "active", "lease on virbr0")],
+                 timeout=30)
     assert dlab.probe(8091) == f"tcp 80 {CLIENT4}"
     elements = lab.ns(lab.lab, "nft", "-j", "list", "map", "inet", "portfwd", "any4_ip").stdout
     assert first not in elements.decode() and other in elements.decode()
@@ -172,7 +217,8 @@ def test_daemon_reconnects_when_libvirtd_restarts(dlab: Lab) -> None:
     lab = dlab.lab
     lab.write_config(CONFIG)  # the test before left an invalid one
     lab.virsh("start", "pf-dhcp")
-    assert until(lambda: dlab.probe(8091)) == f"tcp 80 {CLIENT4}"
+    lab.as_tap(dlab.standins["pf-dhcp"], "pf-dhcp")  # a new tap: the daemon sees it so
+    assert until(lambda: dlab.probe(8091), timeout=45) == f"tcp 80 {CLIENT4}"
 
     def connects() -> int:
         with open(dlab.daemon_log) as f:
@@ -185,8 +231,9 @@ def test_daemon_reconnects_when_libvirtd_restarts(dlab: Lab) -> None:
     lab.virsh("destroy", "pf-dhcp")
     assert until(lambda: dlab.probe(8091) is None)
     lab.virsh("start", "pf-dhcp")
+    lab.as_tap(dlab.standins["pf-dhcp"], "pf-dhcp")
     lab.write_config(CONFIG.replace('ports = ["8091:80"]', 'ports = ["8093:80"]'))
-    assert until(lambda: dlab.probe(8093)) == f"tcp 80 {CLIENT4}"
+    assert until(lambda: dlab.probe(8093), timeout=45) == f"tcp 80 {CLIENT4}"
     assert dlab.probe(8091) is None
     lab.virsh("destroy", "pf-dhcp")
 

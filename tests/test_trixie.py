@@ -155,11 +155,15 @@ def test_nft_flush_ruleset_then_reapply(tlab: TrixieLab) -> None:
 def test_lease_discovery(tlab: TrixieLab) -> None:
     standin = tlab.standin("virbr0", DHCP[2])
     tlab.start(DHCP[0], domain_xml(*DHCP))
+    tlab.as_tap(standin, DHCP[0])
     udhcpc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "udhcpc.script")
     tlab.ns(standin, "busybox", "udhcpc", "-i", "eth0", "-s", udhcpc, "-q", "-n", "-t", "5",
             "-T", "1")
-    r = tlab.portfwd("sync")
-    assert r.returncode == 0, r.stderr
+    for _ in range(30):  # until the host's neighbour table and the bridge show the lease's NIC
+        r = tlab.portfwd("sync")
+        assert r.returncode == 0, r.stderr
+        if tlab.probe("tcp", HOST4, 8087, wait=1) is not None:
+            break
     assert tlab.probe("tcp", HOST4, 8087, wait=10) == f"tcp 80 {CLIENT4}"
     status = tlab.portfwd("status").stdout.decode()
     assert "lease on virbr0" in status

@@ -22,10 +22,10 @@ import signal
 import subprocess
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from netlab import (CLIENT4, CLIENT6, HOST4, HOST6, TRAFFIC, plug_and_wait, run,
-                    standin_namespace, stop_processes)
+                    standin_namespace, stop_processes, take_tap)
 
 ROOT_PACKAGES = ["libvirt-daemon-system", "qemu-system-x86", "dnsmasq-base", "nftables",
                  "python3-nftables", "python3-libvirt", "iproute2", "procps", "busybox",
@@ -206,6 +206,7 @@ class TrixieLab(RootLab):
         tag = f"pft{os.getpid() % 100000}"
         self.host, self.client = f"{tag}h", f"{tag}c"
         self.standins: List[str] = []
+        self.ports: Dict[str, str] = {}  # stand-in → the name of its end in the host
         self.procs: "List[subprocess.Popen[bytes]]" = []
         self.backend = backend  # None: libvirt's own default (iptables in Debian 13's build)
         try:
@@ -302,6 +303,7 @@ class TrixieLab(RootLab):
         peer = f"pft{len(self.standins)}"
         standin_namespace(self.ns, self.host, ns, peer, mac, addr4, addr6)
         self.plug(peer, bridge)
+        self.ports[ns] = peer
         if gw4:
             self.ns(ns, "ip", "route", "add", "default", "via", gw4)
         if gw6:
@@ -315,6 +317,12 @@ class TrixieLab(RootLab):
 
     def plug(self, peer: str, bridge: str) -> None:
         plug_and_wait(self.ns, self.host, peer, bridge)
+
+    def as_tap(self, ns: str, name: str) -> None:
+        """Make stand-in ``ns`` the network stack behind running domain ``name``'s tap
+        (``netlab.take_tap``)."""
+        self.ports[ns] = take_tap(self.ns, self.host, self.ports[ns],
+                                  self.virsh("dumpxml", name).stdout)
 
     def probe(self, proto: str, addr: str, port: int, wait: float = 0.0) -> Optional[str]:
         """The stand-in's answer through ``addr:port`` from the client (polling up to

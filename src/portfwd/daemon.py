@@ -2,9 +2,10 @@
 
 It reconciles (a ``sync``: one transaction) whenever something that decides
 the forwards changes: a libvirt lifecycle event, a (re)connection to
-libvirtd, a change to libvirt's dnsmasq lease files, or a valid edit of
-forward.toml. An invalid edit is logged with its location and changes
-nothing. SIGHUP (``systemctl reload``) reconciles at once. It shares the
+libvirtd, a change to libvirt's dnsmasq lease files, a valid edit of
+forward.toml, or, while discovered addresses wait for evidence that they are
+their NIC's, that evidence appearing (``evidence.Recheck``). An invalid edit
+is logged with its location and changes nothing. SIGHUP (``systemctl reload``) reconciles at once. It shares the
 hook's lock, so the two never interleave; the hook keeps working without it.
 """
 
@@ -20,6 +21,7 @@ from . import libvirtapi, log, state
 from .discover import LEASE_DIR, Resolver, status_files_tell
 from .engine import Engine
 from .errors import ConfigError, HostError
+from .evidence import Recheck
 from .model import Config, Guest
 
 
@@ -52,6 +54,7 @@ class Daemon:
         self.seen: Optional[Tuple[Any, ...]] = None  # what the last reconcile looked at
         self.bad_config: Optional[str] = None  # signature of a config known to be invalid
         self.config: Optional[Tuple[str, Config]] = None  # (signature, the valid config read)
+        self.recheck = Recheck()  # addresses waiting for evidence, and when to look again
 
     # -- libvirt -----------------------------------------------------------
     def start_event_loop(self) -> None:
@@ -107,6 +110,7 @@ class Daemon:
         # everything libvirt knows is asked now, never under the lock (see running_guests)
         guests, resolvers = libvirtapi.running_guests(self.conn, config)
         in_child(lambda: self._sync(config, guests, resolvers))
+        self.recheck.arm(self.engine.store.awaiting())
 
     def _sync(self, config: Config, guests: List[Guest], resolvers: Dict[str, Resolver]) -> None:
         with state.locked(self.engine.root):
@@ -127,6 +131,10 @@ class Daemon:
                 self.wake.clear()
                 continue
             now = (state.config_signature(self.engine.config_path), lease_signature())
+            proven = self.recheck.due()
+            if proven:
+                log.info(f"guest {proven[0]}: {proven[1]} shows up as NIC {proven[2]}'s: reconciling")
+                self.seen = None
             if self.wake.is_set() or now != self.seen:
                 self.wake.clear()
                 time.sleep(0.1)  # let a burst of events or writes settle

@@ -6,12 +6,17 @@ dnsmasq lease files, and, outside hooks only, a lookup through libvirt's API
 (``interfaceAddresses``: lease, then agent, then ARP, as far as ``[options]
 discover`` allows) passed in by the caller.
 
-What is found is untrusted input (a guest chooses its DHCP client-id, answers
-for its agent and its ARP entries): an address becomes a DNAT target only if it
-is a unicast address inside the NIC's libvirt network, routed out of that
-network's bridge, not the host's own, and not another running guest's
-(:meth:`Resolver.vet`). IPv4 leases are matched on the lease's MAC; IPv6 leases
-on the MAC dnsmasq saw, or on a DUID the network XML reserves for this guest.
+What is found is untrusted input (a guest chooses its DHCP client-id and the
+chaddr dnsmasq records as the lease's MAC, answers for its agent and its ARP
+entries). Every address found is first written in canonical form (``canonical``:
+``FD00::0001`` is ``fd00::1``, an IPv4 address with leading zeros is no
+address), then becomes a DNAT target only if it is a unicast address inside the
+NIC's libvirt network, routed out of that network's bridge, not the host's own,
+not another running guest's (by reservation, live lease or forward:
+:meth:`Resolver.vet`), and shown to be this NIC's by the host's neighbour table
+and the bridge's forwarding database (``evidence``; a reservation too). IPv4 leases are matched on the lease's MAC;
+IPv6 leases on the MAC dnsmasq saw, or on a DUID the network XML reserves for
+this guest; a MAC holding live leases under several client-ids is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ if TYPE_CHECKING:
     from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
     from xml.etree.ElementTree import Element
 
+    from .evidence import Evidence
     from .hostnet import RouteTable as Routes
     from .values import Selector
 
@@ -135,6 +141,7 @@ def read_network(name: str, dirs: Tuple[str, ...] = NETWORK_DIRS) -> Optional[Ne
                 address = host.get("ip")
                 if not address:
                     continue
+                address = canonical(address, 6 if family == "ipv6" else 4) or address
                 if family == "ipv6":
                     net.hosts6.append((host.get("id", "").lower(), host.get("name", ""), address))
                 elif host.get("mac"):
@@ -175,6 +182,55 @@ def _addr_int(address: str, family: int) -> Optional[int]:
         return int.from_bytes(inet_pton(AF_INET6 if family == 6 else AF_INET, address), "big")
     except (OSError, ValueError):
         return None
+
+
+def canonical(address: str, family: int) -> Optional[str]:
+    """``address`` as the kernel and ``ipaddress`` write it (``FD00:0:0::0001`` →
+    ``fd00::1``), or None when it is not an address of ``family``: an IPv4 address
+    with leading zeros is refused, never read as octal or decimal (inet_pton)."""
+    from _socket import AF_INET, AF_INET6, inet_ntop, inet_pton
+
+    kind = AF_INET6 if family == 6 else AF_INET
+    try:
+        return inet_ntop(kind, inet_pton(kind, address))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def canonical_keys(by_address: Dict[str, str]) -> Dict[str, str]:
+    """The same mapping, its address keys in canonical form."""
+    out = {}
+    for address, value in by_address.items():
+        out[canonical(address, 6 if ":" in address else 4) or address] = value
+    return out
+
+
+def running_macs(folder: Optional[str] = None) -> Dict[str, str]:
+    """MAC (lower case) → name of each running domain, from libvirt's status files
+    (``NAME.xml``), by a byte scan for ``<mac address=…>``: no libvirt call, no XML
+    parser (a hook reads them only when an address it checks is held by a MAC
+    that is not the guest's)."""
+    folder = folder or os.environ.get(ENV_QEMU_STATUS_DIR) or QEMU_STATUS_DIR
+    out: Dict[str, str] = {}
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return out
+    for name in names:
+        if not name.endswith(".xml"):
+            continue
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        pos = data.find(b"<mac address=")
+        while pos >= 0:
+            value = data[pos + 14:pos + 31]
+            if data[pos + 13:pos + 14] in (b"'", b'"') and len(value) == 17:
+                out[value.decode("ascii", "replace").lower()] = name[:-4]
+            pos = data.find(b"<mac address=", pos + 1)
+    return out
 
 
 def _v6int(address: str) -> Optional[int]:
@@ -231,16 +287,23 @@ def _unicast_problem(value: int, family: int) -> Optional[str]:
 class Resolver:
     """Finds the address a selector (``?mac=…[&suffix=…]``) stands for, for one guest.
 
-    ``routes`` (interface_for) and ``local`` (the host's own addresses) are read
-    from the kernel when not given; ``claimed`` maps addresses other running
-    guests use to their names; ``discover`` is ``[options] discover``.
+    ``routes`` (interface_for), ``local`` (the host's own addresses) and
+    ``evidence`` (neighbour table and bridge FDBs) are read from the kernel when
+    not given; ``claimed`` maps addresses that other guests' forwards use (in
+    canonical form) to their names; ``running`` maps the MACs of running guests to
+    their names (read from libvirt's status files when needed and not given);
+    ``kept`` holds the addresses this guest's forwards were applied to before,
+    which stay without fresh evidence while nothing contradicts them; ``discover``
+    is ``[options] discover``. ``awaiting`` collects (address, MAC, bridge, tap)
+    of each address refused or waiting for want of evidence.
     """
 
     def __init__(self, guest: str, xml: Optional[bytes], lookup: Optional[Lookup] = None,
                  lease_dir: str = LEASE_DIR, network_dirs: Tuple[str, ...] = NETWORK_DIRS,
                  now: Optional[float] = None, routes: Optional[Routes] = None,
                  local: Optional[Set[str]] = None,
-                 discover: Sequence[str] = DEFAULT_SOURCES) -> None:
+                 discover: Sequence[str] = DEFAULT_SOURCES,
+                 evidence: Optional[Evidence] = None) -> None:
         self.guest = guest
         self.nics = domain_nics(xml) if xml else []
         self.taps = taps(xml) if xml else []  # for hairpin mode (bridgeport)
@@ -250,9 +313,16 @@ class Resolver:
         self.now = time.time() if now is None else now
         self.routes = routes
         self.local = local
+        self.evidence = evidence
         self.claimed: Dict[str, str] = {}
+        self.running: Optional[Dict[str, str]] = None
+        self.kept: Set[str] = set()
         self.discover = tuple(discover)
+        self.awaiting: List[Tuple[str, str, str, str]] = []
         self._networks: Dict[str, Optional[Network]] = {}
+        self._local_canonical: Optional[Set[str]] = None
+        self._leases: Dict[str, List[Dict[str, object]]] = {}
+        self._holders: Dict[Tuple[str, int], Dict[str, List[Tuple[str, str, str]]]] = {}
 
     def _network(self, name: Optional[str]) -> Optional[Network]:
         if not name:
@@ -260,6 +330,11 @@ class Resolver:
         if name not in self._networks:
             self._networks[name] = read_network(name, self.network_dirs)
         return self._networks[name]
+
+    def _lease_list(self, bridge: str) -> List[Dict[str, object]]:
+        if bridge not in self._leases:
+            self._leases[bridge] = leases(bridge, self.lease_dir)
+        return self._leases[bridge]
 
     def nic(self, mac: str) -> Optional[Nic]:
         """The NIC with ``mac``, or by default the first one on a libvirt network."""
@@ -275,8 +350,9 @@ class Resolver:
         return network is None or family in network.families
 
     def resolve(self, selector: Selector, family: int) -> Union[Tuple[str, str], Reason]:
-        """(address, where it came from), or the reason there is none yet
-        (``Reason.WAITING``) or why what was found is refused (``Reason.REFUSED``)."""
+        """(address in canonical form, where it came from), or the reason there is
+        none yet (``Reason.WAITING``: also while the evidence that it is this NIC's
+        is missing) or why what was found is refused (``Reason.REFUSED``)."""
         mac, suffix = selector.mac, selector.suffix
         nic = self.nic(mac)
         if nic is None:
@@ -288,6 +364,27 @@ class Resolver:
                           f"NIC {nic.mac} is not on a libvirt network whose definition portfwd"
                           " can read (bridge " + (nic.bridge or "unknown") + "): set ipv4/ipv6"
                           " in forward.toml")
+        found = self._find(nic, network, family, suffix)
+        if found is None or isinstance(found, Reason):
+            return found or Reason(Reason.WAITING, f"no IPv{family} address yet for NIC"
+                                                   f" {nic.mac} on network {network.name}")
+        address = canonical(found[0], family)
+        if address is None:
+            return Reason(Reason.REFUSED, f"refused {found[0]} from {found[1]}: not an IPv{family}"
+                                          " address (inet_pton refuses it)")
+        problem = self.vet(address, family, nic, network)
+        if problem:
+            return Reason(Reason.REFUSED, f"refused {address} from {found[1]}: {problem}")
+        unproven = self._unproven(address, nic, network)
+        if unproven is not None:
+            what = "refused" if unproven.cause == Reason.REFUSED else "unconfirmed"
+            return Reason(unproven.cause, f"{what} {address} from {found[1]}: {unproven.text}")
+        return address, found[1]
+
+    def _find(self, nic: Nic, network: Network, family: int, suffix: str
+              ) -> Union[None, Tuple[str, str], Reason]:
+        """(address as found, where), in the order of ``discover``; a Reason when a
+        source's answer is refused as a whole."""
         if family == 6 and suffix:
             if network.prefix6 is None:
                 return Reason(Reason.WAITING, f"network {network.name} of NIC {nic.mac} has no"
@@ -295,26 +392,19 @@ class Resolver:
             value = _v6int(suffix)
             if value is None:
                 return Reason(Reason.WAITING, f"{suffix} is not an IPv6 suffix")
-            found: Optional[Tuple[str, str]] = (_v6str(network.prefix6[0] | value),
-                                                f"suffix on network {network.name}")
-        else:
-            found = None
-            if "reservation" in self.discover:
-                found = self._reserved(nic, network, family)
-            if found is None and "lease" in self.discover:
-                found = self._leased(nic, network, family)
-            if found is None and self.lookup is not None:
-                found = self.lookup(nic.mac, family)
-        if found is None:
-            return Reason(Reason.WAITING, f"no IPv{family} address yet for NIC {nic.mac}"
-                                          f" on network {network.name}")
-        problem = self.vet(found[0], family, nic, network)
-        if problem:
-            return Reason(Reason.REFUSED, f"refused {found[0]} from {found[1]}: {problem}")
+            return _v6str(network.prefix6[0] | value), f"suffix on network {network.name}"
+        found: Union[None, Tuple[str, str], Reason] = None
+        if "reservation" in self.discover:
+            found = self._reserved(nic, network, family)
+        if found is None and "lease" in self.discover:
+            found = self._leased(nic, network, family)
+        if found is None and self.lookup is not None:
+            found = self.lookup(nic.mac, family)
         return found
 
     def vet(self, address: str, family: int, nic: Nic, network: Network) -> Optional[str]:
-        """Why a discovered address must not be a DNAT target of this NIC, else None."""
+        """Why a discovered address (in canonical form) must not be a DNAT target of
+        this NIC, else None."""
         value = _addr_int(address, family)
         if value is None:
             return f"not an IPv{family} address"
@@ -339,19 +429,89 @@ class Resolver:
         routed = self.routes.interface_for(address)
         if bridge and routed != bridge:
             return f"routed out of {routed or 'no interface'}, not bridge {bridge}"
-        if self.local is None:
-            from .hostnet import local_addresses
-
-            self.local = local_addresses()
-        if address in self.local:
+        if address in self._local():
             return "an address of the host itself"
         other = self.claimed.get(address)
         if other is not None and other != self.guest:
             return f"the address of guest {other}"
+        held = self._held_by_other(address, family, nic, network)
+        if held:
+            return held
         owner = next((m for m, a in network.hosts4.items() if a == address), nic.mac)
         if family == 4 and owner != nic.mac:
             return f"reserved on network {network.name} for MAC {owner}"
         return None
+
+    def _local(self) -> Set[str]:
+        """The host's own addresses, in canonical form (as given, or read once)."""
+        if self._local_canonical is None:
+            if self.local is None:
+                from .hostnet import local_addresses
+
+                self.local = local_addresses()
+            self._local_canonical = {canonical(a, 6 if ":" in a else 4) or a for a in self.local}
+        return self._local_canonical
+
+    def _held_by_other(self, address: str, family: int, nic: Nic,
+                       network: Network) -> Optional[str]:
+        """Which other running guest a reservation or live lease of this network gives
+        ``address`` to (by that guest's MAC, or the name of an IPv6 reservation)."""
+        for mac, name, what in self._address_holders(network, family, nic).get(address, []):
+            if mac == nic.mac:
+                continue
+            if self.running is None:
+                self.running = running_macs()
+            guest = self.running.get(mac) if mac else None
+            if guest is None and name and name in self.running.values():
+                guest = name
+            if guest is not None and guest != self.guest:
+                return f"the address of guest {guest} ({what})"
+        return None
+
+    def _address_holders(self, network: Network, family: int, nic: Nic
+                         ) -> Dict[str, List[Tuple[str, str, str]]]:
+        """Address → (MAC or "", reserved name or "", what) of each reservation and
+        live lease on ``network``, in canonical form."""
+        key = (network.name, family)
+        if key in self._holders:
+            return self._holders[key]
+        out: Dict[str, List[Tuple[str, str, str]]] = {}
+        reserved = f"reserved on network {network.name}"
+        if family == 4:
+            for mac, address in network.hosts4.items():
+                out.setdefault(address, []).append((mac, "", reserved))
+        else:
+            for duid, name, address in network.hosts6:
+                out.setdefault(address, []).append((duid_mac(duid) or "", name, reserved))
+        bridge = nic.bridge or network.bridge
+        for lease in self._lease_list(bridge) if bridge else []:
+            raw = str(lease.get("ip-address", ""))
+            if (":" in raw) != (family == 6) or not _live(lease, self.now):
+                continue
+            mac = str(lease.get("mac-address", "")).lower() or duid_mac(
+                str(lease.get("client-id", ""))) or ""
+            out.setdefault(canonical(raw, family) or raw, []).append((mac, "", f"lease on {bridge}"))
+        self._holders[key] = out
+        return out
+
+    def _unproven(self, address: str, nic: Nic, network: Network) -> Optional[Reason]:
+        """Why ``address`` is not (yet) proven to be this NIC's (``evidence``); an
+        address applied before (``kept``) needs only that nothing contradicts it."""
+        bridge = nic.bridge or network.bridge
+        if not bridge:
+            return Reason(Reason.WAITING, f"no bridge is known for NIC {nic.mac}")
+        if self.evidence is None:
+            from .evidence import Evidence
+
+            self.evidence = Evidence()
+        try:
+            why = self.evidence.verdict(address, nic.mac, bridge, nic.tap)
+        except OSError as e:
+            why = Reason(Reason.WAITING, f"the host's neighbour table could not be read: {e}")
+        if why is None or (why.cause == Reason.WAITING and address in self.kept):
+            return None
+        self.awaiting.append((address, nic.mac, bridge, nic.tap or ""))
+        return why
 
     def _reserved(self, nic: Nic, network: Network, family: int) -> Optional[Tuple[str, str]]:
         if family == 4 and nic.mac in network.hosts4:
@@ -367,24 +527,21 @@ class Resolver:
         return {_norm_duid(duid) for duid, name, _ in network.hosts6
                 if duid and (name == self.guest or duid_mac(duid) == nic.mac)}
 
-    def _leased(self, nic: Nic, network: Network, family: int) -> Optional[Tuple[str, str]]:
+    def _leased(self, nic: Nic, network: Network, family: int
+                ) -> Union[None, Tuple[str, str], Reason]:
         bridge = nic.bridge or network.bridge
         if not bridge:
             return None
         duids = self._reserved_duids(nic, network) if family == 6 else set()
         best: Optional[Tuple[float, str]] = None
         others: Dict[str, float] = {}  # address → newest expiry of another client's lease
-        for lease in leases(bridge, self.lease_dir):
-            address = str(lease.get("ip-address", ""))
-            if (":" in address) != (family == 6):
+        clients: Set[str] = set()  # client-ids of this NIC's live leases
+        for lease in self._lease_list(bridge):
+            raw = str(lease.get("ip-address", ""))
+            if (":" in raw) != (family == 6) or not _live(lease, self.now):
                 continue
-            try:
-                expiry = float(str(lease.get("expiry-time", 0)) or 0)
-            except ValueError:
-                continue
-            if expiry and expiry < self.now:
-                continue
-            key = expiry or float("inf")
+            address = canonical(raw, family) or raw  # else refused as no address, by resolve
+            key = _expiry(lease) or float("inf")
             mac = str(lease.get("mac-address", "")).lower()
             duid = _norm_duid(str(lease.get("client-id", "")))
             # the MAC dnsmasq saw decides; a client-id (chosen by the guest) only when it
@@ -393,11 +550,31 @@ class Resolver:
             if not mine:
                 others[address] = max(others.get(address, 0.0), key)
                 continue
+            clients.add(duid)
             if best is None or key >= best[0]:  # the newest lease; on a tie the later entry
                 best = (key, address)
+        if len(clients) > 1:  # another client uses this NIC's MAC as its DHCP chaddr
+            return Reason(Reason.REFUSED, f"refused the IPv{family} leases of MAC {nic.mac} on"
+                                          f" {bridge}: they are held under {len(clients)}"
+                                          " different client-ids (one NIC is one DHCP client);"
+                                          " waiting until only one is left (expired or"
+                                          " released)")
         if best is None or others.get(best[1], -1.0) > best[0]:
             return None  # none, or another client holds that address more recently
         return best[1], f"lease on {bridge}"
+
+
+def _expiry(lease: Dict[str, object]) -> float:
+    """A lease's expiry time (0: never, or unreadable)."""
+    try:
+        return float(str(lease.get("expiry-time", 0)) or 0)
+    except ValueError:
+        return -1.0
+
+
+def _live(lease: Dict[str, object], now: float) -> bool:
+    expiry = _expiry(lease)
+    return expiry == 0 or expiry >= now
 
 
 def _norm_duid(duid: str) -> str:

@@ -21,7 +21,8 @@ from .nft import Nft
 from .constants import (DEFAULT_TABLE, LAYOUT, MARKER_SET, TABLE_COMMENT, TABLE_MARK,
                         UNMARKED_LAYOUT)
 from .plan import Binding
-from .discover import DEFAULT_SOURCES, running_domain
+from .discover import DEFAULT_SOURCES, canonical_keys, running_domain
+from .evidence import Evidence, solicit
 from .record import GuestState, Recorded
 from .resolve import resolve
 from .values import Bridges, Reason
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
     from .discover import Resolver
+    from .evidence import Awaited
     from .model import Config, Forward, Guest
 
     Wanted = Dict[int, Set[str]]
@@ -329,11 +331,12 @@ class Engine:
         """Make the table hold exactly this guest's forwards whose address is known
         (``planned``: ``plan.bind`` of its templates); returns what was applied and
         what waits for an address."""
+        old_state = self.read_state(name)
         if resolver is not None:
-            self._prepare(resolver, self.discover, self._claimed_by_others(name))
+            self._prepare(resolver, self.discover, self._claimed_by_others(name),
+                          old_state.discovered() if old_state else set())
         wanted = resolve(list(planned), resolver, self.routes)
         new = wanted.bindings
-        old_state = self.read_state(name)
         _log_refusals(name, {why for _, why in old_state.pending} if old_state else set(), wanted)
         if old_state is None and wanted.empty:
             return wanted
@@ -361,17 +364,27 @@ class Engine:
         self._report(self.ensure_compat())
         return applied
 
-    def _prepare(self, resolver: Resolver, discover: Sequence[str],
-                 claimed: Dict[str, str]) -> None:
-        """What a resolver needs to vet discovered addresses against this host."""
+    def _prepare(self, resolver: Resolver, discover: Sequence[str], claimed: Dict[str, str],
+                 kept: Set[str], running: Optional[Dict[str, str]] = None,
+                 evidence: Optional[Evidence] = None) -> None:
+        """What a resolver needs to vet discovered addresses against this host:
+        ``claimed`` (canonical addresses of others' forwards), ``kept`` (the guest's
+        discovered addresses applied before), ``running`` (MAC → running guest; None:
+        the resolver reads libvirt's status files if it needs to), ``evidence``
+        (shared by the resolvers of one run: the kernel is read once)."""
         resolver.discover = tuple(discover)
         resolver.routes = self.routes
         resolver.claimed = claimed
+        resolver.kept = kept
+        if running is not None:
+            resolver.running = running
+        if evidence is not None:
+            resolver.evidence = evidence
 
     def _claimed_by_others(self, name: str) -> Dict[str, str]:
         """Guest addresses other guests' forwards lead to, from their recorded state."""
-        return {b.address: st.guest for st in self.all_states() if st.guest != name
-                for b in st.bindings}
+        return canonical_keys({b.address: st.guest for st in self.all_states()
+                               if st.guest != name for b in st.bindings})
 
     def _rebuild_with(self, name: str, table: str,
                       new: List[Binding]) -> List[Tuple[Binding, str]]:
@@ -504,21 +517,27 @@ class Engine:
             planned[guest.name] = plan.forwards_bindings(sorted(forwards, key=lambda f: f.index),
                                                          guest.name)
         # addresses the configuration gives are the admin's word: no guest may discover them
-        explicit = {b.target: b.guest for bindings in planned.values() for b in bindings
-                    if isinstance(b.target, str)}
+        explicit = canonical_keys({b.target: b.guest for bindings in planned.values()
+                                   for b in bindings if isinstance(b.target, str)})
         before = {st.guest: st for st in old_states}
         # a guest started since libvirt was asked: the record its hook just wrote stands
         wanted: Dict[str, GuestState] = {st.guest: st for st in started_since
                                          if st.table == table}
+        running = {nic.mac: name for name, r in (resolvers or {}).items() for nic in r.nics}
+        evidence = Evidence()  # read once, when a resolver first needs it
+        awaited: List[Awaited] = []
         for guest in guests:
             resolver = (resolvers or {}).get(guest.name)
             if resolver is not None:
                 self.taps[guest.name] = resolver.taps
-                self._prepare(resolver, config.options.discover, explicit)
+                old = before.get(guest.name)
+                self._prepare(resolver, config.options.discover, explicit,
+                              old.discovered() if old else set(), running, evidence)
             found = resolve(planned[guest.name], resolver, self.routes)
             if not found.empty:
                 wanted[guest.name] = GuestState(guest.name, guest.uuid, table, found.bindings,
                                                 found.pending, found.address_from, found.warnings)
+                awaited += [(guest.name,) + a for a in resolver.awaiting] if resolver else []
         refuse_shared_discoveries(wanted)
         refuse_shared_keys(wanted)
         for st in wanted.values():
@@ -546,6 +565,7 @@ class Engine:
         self.waiting = sum(len(st.pending) for st in wanted.values())
         if dry_run:
             return everything
+        self._await_evidence(awaited)
         self.store.remember_layout(table, layout_id(variant))
         for gone in dropped + [table]:
             self.store.forget_hairpin(gone)
@@ -558,6 +578,14 @@ class Engine:
                              if st.guest not in before or not before[st.guest].same(st)])
         self._report(self.ensure_compat())
         return everything
+
+    def _await_evidence(self, awaited: List[Awaited]) -> None:
+        """Record what waits for evidence (the daemon looks for it, ``evidence.Recheck``)
+        and ask the kernel to resolve those addresses now: the answers, if the NICs
+        are there, are the evidence a later run finds."""
+        self.store.write_awaiting(awaited)
+        for address, bridge in sorted({(a[1], a[3]) for a in awaited}):
+            solicit(address, bridge)
 
     def _apply_each(self, table: str, wanted: Dict[str, GuestState],
                     variant: str) -> List[Binding]:

@@ -180,29 +180,65 @@ def local_addresses() -> Set[str]:
 
 def _dump_addresses(index: Optional[int]) -> List[Tuple[int, str, int]]:
     """(family, address, IFA flags) of the addresses on interface ``index`` (None: all)."""
+    import struct
+
+    out: List[Tuple[int, str, int]] = []
+    # RTM_GETADDR (22) dump, ifaddrmsg(AF_UNSPEC); answers are RTM_NEWADDR (20)
+    for kind, body in netlink(22, NLM_F_DUMP, struct.pack("=BBBBI", 0, 0, 0, 0, 0))[0]:
+        if kind == 20:
+            out += _address(body, index)
+    return out
+
+
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_CREATE, NLM_F_DUMP = 1, 4, 0x100, 0x400, 0x300
+
+
+def netlink(kind: int, flags: int, payload: bytes
+            ) -> Tuple[List[Tuple[int, bytes]], int]:
+    """Send one rtnetlink request (message type ``kind``, ``flags`` besides
+    NLM_F_REQUEST: NLM_F_DUMP or NLM_F_ACK, so that the kernel always answers;
+    ``payload`` after the header) and read the answer: (type, body) of each message
+    until NLMSG_DONE or NLMSG_ERROR, and that error (0: none, or the ack; else a
+    negative errno)."""
     import socket
     import struct
 
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    out: List[Tuple[int, str, int]] = []
+    out: List[Tuple[int, bytes]] = []
+    error = 0
     try:
-        # nlmsghdr(len, RTM_GETADDR, NLM_F_REQUEST|NLM_F_DUMP, seq, pid) + ifaddrmsg(AF_UNSPEC)
-        sock.send(struct.pack("=LHHLL", 24, 22, 0x301, 1, 0) + struct.pack("=BBBBI", 0, 0, 0, 0, 0))
+        sock.send(struct.pack("=LHHLL", 16 + len(payload), kind, NLM_F_REQUEST | flags, 1, 0)
+                  + payload)
         done = False
         while not done:
             data = sock.recv(65536)
             offset = 0
             while offset + 16 <= len(data):
-                length, kind = struct.unpack_from("=LH", data, offset)
-                if kind == 3 or kind == 2 or length < 16:  # NLMSG_DONE, NLMSG_ERROR
+                length, answer = struct.unpack_from("=LH", data, offset)
+                if answer in (2, 3) or length < 16:  # NLMSG_ERROR, NLMSG_DONE
+                    if answer == 2 and length >= 20:
+                        error = struct.unpack_from("=i", data, offset + 16)[0]
                     done = True
                     break
-                if kind == 20:  # RTM_NEWADDR
-                    out += _address(data[offset + 16:offset + length], index)
+                out.append((answer, data[offset + 16:offset + length]))
                 offset += (length + 3) & ~3
     finally:
         sock.close()
-    return out
+    return out, error
+
+
+def netlink_attributes(body: bytes, pos: int) -> Dict[int, bytes]:
+    """Type → value of the route attributes of a message body from offset ``pos``."""
+    import struct
+
+    attrs: Dict[int, bytes] = {}
+    while pos + 4 <= len(body):
+        length, kind = struct.unpack_from("=HH", body, pos)
+        if length < 4:
+            break
+        attrs[kind & 0x3FFF] = body[pos + 4:pos + length]  # without NLA_F_NESTED/BYTEORDER
+        pos += (length + 3) & ~3
+    return attrs
 
 
 def _address(body: bytes, index: Optional[int]) -> List[Tuple[int, str, int]]:
@@ -212,14 +248,7 @@ def _address(body: bytes, index: Optional[int]) -> List[Tuple[int, str, int]]:
     family, _, flags, _, ifindex = struct.unpack_from("=BBBBI", body, 0)
     if (index is not None and ifindex != index) or family not in (socket.AF_INET, socket.AF_INET6):
         return []
-    attrs: Dict[int, bytes] = {}
-    pos = 8
-    while pos + 4 <= len(body):
-        length, kind = struct.unpack_from("=HH", body, pos)
-        if length < 4:
-            break
-        attrs[kind] = body[pos + 4:pos + length]
-        pos += (length + 3) & ~3
+    attrs = netlink_attributes(body, 8)
     raw = attrs.get(2) or attrs.get(1)  # IFA_LOCAL, else IFA_ADDRESS
     if raw is None:
         return []

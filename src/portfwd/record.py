@@ -38,6 +38,10 @@ class GuestState:
     def empty(self) -> bool:
         return not self.bindings and not self.pending and not self.removing
 
+    def discovered(self) -> Set[str]:
+        """The discovered addresses its applied forwards lead to."""
+        return {b.address for b in self.bindings if b.address in self.address_from}
+
     def to_json(self) -> Dict[str, Any]:
         return {"guest": self.guest, "uuid": self.uuid, "table": self.table,
                 "bindings": [b.to_json() for b in self.bindings],
@@ -76,6 +80,12 @@ class Recorded:
         self.uuid = None if uuid is None else str(uuid)
         self.table = str(raw["table"])
         self.raw = raw
+
+    def discovered(self) -> Set[str]:
+        """The discovered addresses its applied forwards lead to (the target, field 3
+        of each recorded binding, where ``address_from`` names its source)."""
+        found = self.raw.get("address_from", self.raw.get("sources", {}))
+        return {str(b[3]) for b in self.raw.get("bindings", []) if str(b[3]) in found}
 
     def reasons(self) -> Set[Reason]:
         return {_reason(p[-1]) for p in self.raw.get("pending", [])}

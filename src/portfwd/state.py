@@ -13,6 +13,8 @@ format and its atomic write live here (``Store``, and the lock ``locked``).
     localnet.json         bridges where portfwd turned route_localnet on
     ports.json            guest → tap → [ifindex, hairpin mode found]: the bridge ports
                           portfwd keeps in hairpin mode (``bridgeport``)
+    awaiting.json         [guest, address, MAC, bridge, tap] of each discovered address
+                          the last sync left waiting for evidence (``evidence``)
     layout.TABLE          the ``constants.LAYOUT`` TABLE was last built with, and its
                           variant (``engine.layout_id``: "7", "7+concat")
 
@@ -61,6 +63,7 @@ SUMMARY = "bridges.json"  # guest → bridges its forwards lead to
 HAIRPIN = "hairpin.json"
 LOCALNET = "localnet.json"
 PORTS = "ports.json"
+AWAITING = "awaiting.json"
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 # longest per-guest file name kept as is: with ".json.tmp.PID.RANDOM" it stays below
 # NAME_MAX (255 bytes); longer ones become a readable prefix, "~" and a hash
@@ -602,6 +605,19 @@ class Store:
         self._write_json(PORTS, {guest: {tap: list(v) for tap, v in taps.items()}
                                  for guest, taps in records.items()})
 
+    # -- awaiting.json -------------------------------------------------------------
+    def awaiting(self) -> List[Tuple[str, str, str, str, str]]:
+        """(guest, address, MAC, bridge, tap) the last sync left waiting for evidence."""
+        data = self._read_json(AWAITING, [])
+        try:
+            return [(str(g), str(a), str(m), str(b), str(t)) for g, a, m, b, t in data]
+        except (TypeError, ValueError):
+            return []
+
+    def write_awaiting(self, awaited: List[Tuple[str, str, str, str, str]]) -> None:
+        if awaited or os.path.exists(self._path(AWAITING)):
+            self._write_json(AWAITING, [list(a) for a in awaited])
+
     # -- layout.TABLE --------------------------------------------------------------
     def layout(self, table: str) -> Optional[str]:
         """The layout portfwd last built ``table`` with in this boot, if any."""
@@ -629,5 +645,5 @@ class Store:
 
         shutil.rmtree(self._path("guests"), ignore_errors=True)
         for name in os.listdir(self.root):
-            if name in (SUMMARY, HAIRPIN) or name.startswith("layout."):
+            if name in (SUMMARY, HAIRPIN, AWAITING) or name.startswith("layout."):
                 os.unlink(self._path(name))
