@@ -180,3 +180,64 @@ class LockHolder:
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
                 pipe.close()
+
+
+def driver_uri(path: str, guests: Sequence[str]) -> str:
+    """A node file for libvirt's test driver (``test:///PATH``, no libvirtd) in which
+    ``guests`` run, without NICs; its URI."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("<node>" + "".join(f"<domain type='test'><name>{g}</name><memory>65536</memory>"
+                                   "<os><type>hvm</type></os></domain>" for g in guests)
+                + "</node>\n")
+    return f"test://{path}"
+
+
+class RunningDaemon:
+    """``portfwd daemon`` in the lab's host namespace (``argv``: the command after
+    ``python``, default ``-m portfwd.cli daemon …``), its output in ``log``."""
+
+    def __init__(self, pf: PortfwdHost, uri: str, interval: float = 0.2,
+                 argv: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None) -> None:
+        self.log = os.path.join(os.path.dirname(pf.etc), f"daemon{id(self)}.log")
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", pf.lab.host, sys.executable]
+                + (argv or ["-m", "portfwd.cli", "daemon", "--connect", uri,
+                            "--interval", str(interval)]),
+                stdout=out, stderr=out, env=env or pf.env, start_new_session=True)
+
+    def text(self) -> str:
+        with open(self.log, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def until(self, ready: Callable[[], object], what: str, seconds: float = 30.0) -> float:
+        """Poll ``ready`` until it is true; the seconds that took. Fails with the
+        daemon's log after ``seconds``, or when the daemon ended."""
+        import time
+
+        start = time.monotonic()
+        while not ready():
+            assert self.proc.poll() is None, f"the daemon ended:\n{self.text()[-3000:]}"
+            assert time.monotonic() - start < seconds, \
+                f"{what}: not within {seconds:g} s; daemon log:\n{self.text()[-3000:]}"
+            time.sleep(0.05)
+        return time.monotonic() - start
+
+    def stop(self) -> str:
+        """SIGTERM, wait (SIGKILL after 30 s); the whole log."""
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.text()
+
+    def __enter__(self) -> "RunningDaemon":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

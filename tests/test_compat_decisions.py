@@ -62,7 +62,7 @@ class FakeNft:
 @pytest.fixture(autouse=True)
 def no_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing read from this machine: no iptables-legacy, every tool found."""
-    monkeypatch.setattr(compat, "_legacy_rules", lambda fam: None)
+    monkeypatch.setattr(compat, "_legacy_rules", lambda fam, deadline: None)
     monkeypatch.setattr(compat, "which", lambda name: f"/usr/sbin/{name}")
 
 
@@ -117,9 +117,9 @@ def test_iptables_backend_makes_the_chain_and_jumps_to_it() -> None:
     commands, argvs = compat.changes(fw, {4: {"virbr0"}})
     assert commands == []
     assert argvs == [
-        ["iptables-nft", "-w", "-N", compat.CHAIN],
-        ["iptables-nft", "-w", "-A", compat.CHAIN] + compat.ACCEPT_SPEC,
-        ["iptables-nft", "-w", "-I", "LIBVIRT_FWI", "1", "-o", "virbr0", "-j", compat.CHAIN],
+        ["iptables-nft", "-N", compat.CHAIN],
+        ["iptables-nft", "-A", compat.CHAIN] + compat.ACCEPT_SPEC,
+        ["iptables-nft", "-I", "LIBVIRT_FWI", "1", "-o", "virbr0", "-j", compat.CHAIN],
     ]
 
 
@@ -131,8 +131,8 @@ def test_iptables_backend_leaves_a_foreign_chain_content_alone() -> None:
     assert argvs == []  # someone else's rules in PORTFWD_FWI: never flushed or deleted
     fw.our_chain[4] = compat.OURS
     _, argvs = compat.changes(fw, {4: set()})
-    assert argvs == [["iptables-nft", "-w", "-F", compat.CHAIN],
-                     ["iptables-nft", "-w", "-X", compat.CHAIN]]
+    assert argvs == [["iptables-nft", "-F", compat.CHAIN],
+                     ["iptables-nft", "-X", compat.CHAIN]]
 
 
 def test_drop_policy_elsewhere_is_a_blocker_never_a_change() -> None:

@@ -16,16 +16,16 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from . import compat, hostnet, libvirtapi, plan
+from . import compat, hostnet, libvirtapi, plan, proc
 from .constants import MARK
 from .discover import domain_nics
 from .doctor import Check, GuestFacts, HostFacts, Link, Packet, Target, chain_verdict
 from .engine import Engine
+from .errors import HostError
 from .model import Config
 from .status import live_elements, live_state
 from .values import Reason
@@ -106,7 +106,10 @@ def link(name: str) -> Optional[Link]:
 def neighbour_state(address: str, dev: Optional[str]) -> str:
     """The neighbour entry's state of ``address`` ("" when there is none)."""
     argv = ["ip", "-j", "neigh", "show", "to", address] + (["dev", dev] if dev else [])
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    try:
+        r = proc.run(argv, 10.0, package="iproute2")
+    except HostError:
+        return ""
     try:
         entries = json.loads(r.stdout or "[]")
     except ValueError:
