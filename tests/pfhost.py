@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from netlab import Lab
 
@@ -151,9 +151,10 @@ class PortfwdHost:
 
 
 class LockHolder:
-    """Another process holding portfwd's lock (``flock`` on RUN_DIR/lock) until ``release``."""
+    """Another process holding portfwd's lock (``flock`` on RUN_DIR/lock; ``path``:
+    another file's) until ``release``."""
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, path: Optional[str] = None) -> None:
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
         code = ("import fcntl, os, sys\n"
                 "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
@@ -161,7 +162,7 @@ class LockHolder:
                 "print('locked', flush=True)\n"
                 "sys.stdin.read()\n")  # holds until stdin closes
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", code, os.path.join(run_dir, "lock")],
+            [sys.executable, "-I", "-c", code, path or os.path.join(run_dir, "lock")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stdout.readline() == "locked\n"
         self.pid = self.proc.pid
@@ -192,19 +193,22 @@ def driver_uri(path: str, guests: Sequence[str]) -> str:
     return f"test://{path}"
 
 
+D = TypeVar("D", bound="RunningDaemon")
+
+
 class RunningDaemon:
-    """``portfwd daemon`` in the lab's host namespace (``argv``: the command after
-    ``python``, default ``-m portfwd.cli daemon …``), its output in ``log``."""
+    """``portfwd daemon`` in the lab's host namespace, its output in ``log`` (``argv``:
+    another command to run there, default ``python -m portfwd.cli daemon …``)."""
 
     def __init__(self, pf: PortfwdHost, uri: str, interval: float = 0.2,
-                 argv: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None) -> None:
+                 argv: Optional[List[str]] = None) -> None:
         self.log = os.path.join(os.path.dirname(pf.etc), f"daemon{id(self)}.log")
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", pf.lab.host, sys.executable]
-                + (argv or ["-m", "portfwd.cli", "daemon", "--connect", uri,
+                ["ip", "netns", "exec", pf.lab.host]
+                + (argv or [sys.executable, "-m", "portfwd.cli", "daemon", "--connect", uri,
                             "--interval", str(interval)]),
-                stdout=out, stderr=out, env=env or pf.env, start_new_session=True)
+                stdout=out, stderr=out, env=pf.env, start_new_session=True)
 
     def text(self) -> str:
         with open(self.log, encoding="utf-8", errors="replace") as f:
@@ -236,7 +240,7 @@ class RunningDaemon:
                 self.proc.wait()
         return self.text()
 
-    def __enter__(self) -> "RunningDaemon":
+    def __enter__(self: D) -> D:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -107,6 +107,7 @@ class Daemon:
         conn.registerCloseCallback(lambda *_: self.wake.set(), None)
         self.conn = conn
         self.seen = None  # everything may have changed while we were away
+        self.full = True  # a restarted libvirtd has rebuilt its chains without our accepts
         log.info(f"connected to libvirt at {self.uri}")
         return True
 
@@ -204,21 +205,31 @@ class Daemon:
     def keep_guard(self) -> None:
         """While guests have forwards, portfwd's tables and the drop rule for outside
         packets to 127.0.0.0/8 in each (what keeps route_localnet safe) are in the
-        kernel: gone (an ``nft -f`` that starts with ``flush ruleset``), they are
-        rebuilt from the records; when that fails, route_localnet goes off where
-        portfwd turned it on, and the rebuild is tried again REPAIR_RETRY later."""
+        kernel. Gone (an ``nft -f`` that starts with ``flush ruleset``): route_localnet
+        goes off at once where portfwd turned it on (no lock needed, and the forwards
+        from 127.0.0.1 are gone with the table anyway), then the tables are rebuilt
+        from the records, which turns it on again. When the rebuild fails, it stays
+        off, recorded so, and the rebuild is tried again REPAIR_RETRY later."""
         missing = self.engine.unguarded()
         if not missing or time.monotonic() < self.repair_at:
             return
         tables = ", ".join(f"table inet {t}" for t in missing)
         log.warning(f"{tables}: gone, or without the drop rule for outside packets to"
                     " 127.0.0.0/8; rebuilding from the records")
+        bridges = self._localnet_off()
         try:
             in_child(self._reapply, self.limit, "rebuild")
         except (HostError, state.LockTimeout) as e:
             self.repair_at = time.monotonic() + REPAIR_RETRY
             log.error(f"{tables}: cannot rebuild ({e}); trying again in {REPAIR_RETRY:g} s")
-            self._localnet_off()
+            if bridges:
+                log.warning(f"route_localnet turned off on {', '.join(bridges)} until the drop"
+                            " rule is back (forwards from 127.0.0.1 stop meanwhile)")
+            try:
+                with self.locked():
+                    self.engine.localnet_off()  # records it (the sysctls are off already)
+            except state.LockTimeout:
+                pass  # the next run that finds the guard turns it on again; the record says so
             return
         self.counts["repairs"] += 1
         self.repair_at = 0.0
@@ -230,19 +241,16 @@ class Daemon:
         log.info(f"rebuilt: {len(bindings)} forward(s) from the records")
         return REBUILT
 
-    def _localnet_off(self) -> None:
-        """route_localnet off where portfwd turned it on (recorded under the lock; when
-        another run keeps the lock, turned off all the same and recorded by the next run)."""
-        try:
-            with self.locked():
-                bridges = self.engine.localnet_off()
-        except state.LockTimeout:
-            bridges = [b for b in self.engine.store.localnet()
-                       if hostnet.set_route_localnet(b, False)]
-        if bridges:
-            log.warning(f"route_localnet turned off on {', '.join(bridges)} until the drop rule"
-                        " for outside packets to 127.0.0.0/8 is back (forwards from 127.0.0.1"
-                        " stop meanwhile)")
+    def _localnet_off(self) -> List[str]:
+        """route_localnet off on the bridges where portfwd turned it on; those it was on."""
+        off = []
+        for bridge in self.engine.store.localnet():
+            try:
+                if hostnet.set_route_localnet(bridge, False):
+                    off.append(bridge)
+            except OSError as e:  # the bridge went meanwhile
+                log.warning(f"route_localnet of {bridge}: {e}")
+        return off
 
     def locked(self) -> state.locked:
         """portfwd's lock, waiting at most LOCK_WAIT for one other holder."""
