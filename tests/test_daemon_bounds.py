@@ -132,6 +132,17 @@ def churn(write: Callable[[int], None], seconds: float = 4.0) -> Tuple[float, in
     return time.monotonic(), i
 
 
+def stamps(folder: str) -> Dict[str, int]:
+    """Every file under ``folder`` (but the lock) → its modification time."""
+    out = {}
+    for where, _, names in os.walk(folder):
+        for name in names:
+            if name != "lock":
+                path = os.path.join(where, name)
+                out[path] = os.stat(path).st_mtime_ns
+    return out
+
+
 def lease_target(lab: Lab) -> Optional[str]:
     """Where lease1's forward (listen on the bridge address: map fwd4) leads now."""
     for name in ("fwd4_ip", "fwd4_to"):
@@ -179,7 +190,9 @@ def test_lease_churn_at_10000_forwards_rebuilds_at_most_once_per_interval(
         for name, write in (("same content", same), ("a guest without forwards", other_guest),
                             ("the same address", same_address)):
             start = time.monotonic()
+            files = stamps(pf.run_dir)
             d.settle(churn(write)[0])
+            assert stamps(pf.run_dir) == files, f"{name}: records rewritten"
             events = d.events(start)
             starts = [s for s, _ in d.reconciles(start)]
             assert starts, f"{name}: the daemon never looked"

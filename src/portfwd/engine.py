@@ -579,8 +579,9 @@ class Engine:
         self.waiting = len(self.pending)
         if not rebuild and not dry_run and self._layout_known(table) and _in_kernel(
                 table, old_states, wanted):
-            # pending reasons or warnings may differ: records only
-            self.write_states(_changed(old_states, wanted))
+            changed = _changed(old_states, wanted)  # pending reasons, warnings: records only
+            if changed:
+                self.write_states(changed)
             return everything
         self.rebuilt = not dry_run
         cmds: List[rules.Command] = []
