@@ -253,3 +253,45 @@ def test_a_hung_reconcile_is_killed_and_the_daemon_carries_on(lab: Lab, pf: Port
         d.until(lambda: "9090" in json.dumps(pf.targets()), "the next change applied")
         log = d.stop()
     assert "Traceback" not in log
+
+
+def test_the_rate_limit_holds_back_lease_changes_alone(tmp_path: "os.PathLike[str]",
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the last reconcile is recent, a lease change waits; a libvirt event
+    (``wake``), an edit of the configuration and SIGHUP reconcile at once."""
+    from portfwd import daemon, state
+
+    config = os.path.join(str(tmp_path), "forward.toml")
+    with open(config, "w", encoding="utf-8") as f:
+        f.write("")
+    leases = ["v1"]
+    monkeypatch.setattr(daemon, "lease_signature", lambda: (leases[0],))
+    monkeypatch.setattr(daemon, "SETTLE", 0.0)
+    d = daemon.Daemon(config, "test:///default", interval=INTERVAL)
+    d.conn = object()  # connected, as far as follow_changes looks
+    ran: List[str] = []
+    monkeypatch.setattr(d, "reconcile", lambda: ran.append("reconcile"))
+
+    def turn(recent: bool = True) -> bool:
+        """One look, due now; ``recent``: the last reconcile has just run."""
+        d.next_poll = 0.0
+        d.next_lease = time.monotonic() + 3600 if recent else 0.0
+        before = len(ran)
+        d.follow_changes()
+        return len(ran) > before
+
+    d.seen = (state.config_signature(config), ("v1",))
+    assert not turn()  # nothing changed
+    leases[0] = "v2"
+    assert not turn() and not turn()  # a lease change, held back
+    assert turn(recent=False)  # its turn came
+    assert not turn(recent=False)  # and it was seen
+    leases[0] = "v3"
+    d.wake.set()
+    assert turn()  # a libvirt event
+    leases[0] = "v4"
+    with open(config, "a", encoding="utf-8") as f:
+        f.write("# edited\n")
+    assert turn()  # an edit of the configuration
+    d._reload()
+    assert turn() and d.full  # SIGHUP: a full rebuild
