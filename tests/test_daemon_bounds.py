@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 COUNTED = os.path.join(HERE, "daemon_counted.py")
 INTERVAL = 0.5  # the daemon's default
 LEASE_GUEST, LEASE_MAC = "lease1", "52:54:00:aa:00:01"
-ADDRESSES = ("192.168.150.10", "192.168.150.11")
+ADDRESSES = ("192.168.150.20", "192.168.150.21")
 OTHERS, PER_GUEST = 1000, 10  # 10,000 forwards beside lease1's
 NETWORK = (f"<network><name>pflab</name><bridge name='br0'/><ip address='{BRIDGE4}'"
            " netmask='255.255.255.0'><dhcp><range start='192.168.150.2'"
@@ -162,8 +162,15 @@ def test_lease_churn_at_10000_forwards_rebuilds_at_most_once_per_interval(
     network = os.path.join(base, "pflab.xml")
     with open(network, "w", encoding="utf-8") as f:
         f.write(NETWORK)
-    for address in ADDRESSES:  # the host has seen lease1's MAC at both addresses
-        lab.ns(lab.host, "ip", "neigh", "replace", address, "lladdr", LEASE_MAC, "dev", "br0",
+    # the kernel's word that both addresses are lease1's NIC's: its tap (the test driver
+    # names it testnet0) on br0, the bridge sending its MAC there, the neighbour entries
+    h = lab.host
+    lab.ns(h, "ip", "link", "add", "testnet0", "type", "veth", "peer", "name", "testnet0p")
+    lab.ns(h, "ip", "link", "set", "testnet0", "master", "br0", "up")
+    lab.ns(h, "ip", "link", "set", "testnet0p", "up")
+    lab.ns(h, "bridge", "fdb", "replace", LEASE_MAC, "dev", "testnet0", "master", "static")
+    for address in ADDRESSES:
+        lab.ns(h, "ip", "neigh", "replace", address, "lladdr", LEASE_MAC, "dev", "br0",
                "nud", "permanent")
     write_leases(leases, [lease(ADDRESSES[0])])
     pf.write_config(f'[[forward]]\nguest = "{LEASE_GUEST}"\nports = [{{ host = 8080, guest = 80,'
