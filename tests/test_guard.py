@@ -79,7 +79,8 @@ def test_daemon_brings_back_a_guard_deleted_alone(lab: Lab, pf: PortfwdHost,
                                                   daemon: RunningDaemon) -> None:
     lab.ns(lab.host, "nft", "flush", "chain", "inet", "portfwd", constants.GUARD_CHAIN)
     daemon.until(lambda: guard_in_kernel(lab), "the guard back", GUARD_BOUND)
-    assert route_localnet(lab) == "1" and forwards_work(lab)
+    daemon.until(lambda: route_localnet(lab) == "1", "route_localnet on again")
+    assert forwards_work(lab)
 
 
 @pytest.mark.kernel
@@ -96,8 +97,8 @@ def test_daemon_turns_route_localnet_off_when_it_cannot_rebuild(lab: Lab, pf: Po
     assert "was not made by portfwd" in daemon.text()
     assert "route_localnet turned off on br0" in daemon.text()
     lab.ns(lab.host, "nft", "delete", "table", "inet", "portfwd")
-    daemon.until(lambda: guard_in_kernel(lab) and route_localnet(lab) == "1", "rebuilt")
-    assert localnet_record(pf) == ["br0"]
+    daemon.until(lambda: guard_in_kernel(lab) and route_localnet(lab) == "1"
+                 and localnet_record(pf) == ["br0"], "rebuilt, route_localnet on and recorded")
     assert forwards_work(lab)
 
 
