@@ -29,9 +29,10 @@ from typing import Any, Dict
 
 
 def record(path: str, kind: str) -> None:
+    line = f"{kind} {os.getpid()} {time.monotonic()}\n".encode()  # the time first
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(fd, f"{kind} {os.getpid()} {time.monotonic()}\n".encode())
+        os.write(fd, line)
     finally:
         os.close(fd)
 
