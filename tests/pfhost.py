@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from netlab import Lab
 
@@ -151,9 +151,10 @@ class PortfwdHost:
 
 
 class LockHolder:
-    """Another process holding portfwd's lock (``flock`` on RUN_DIR/lock) until ``release``."""
+    """Another process holding portfwd's lock (``flock`` on RUN_DIR/lock; ``path``:
+    another file's) until ``release``."""
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, path: Optional[str] = None) -> None:
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
         code = ("import fcntl, os, sys\n"
                 "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
@@ -161,7 +162,7 @@ class LockHolder:
                 "print('locked', flush=True)\n"
                 "sys.stdin.read()\n")  # holds until stdin closes
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", code, os.path.join(run_dir, "lock")],
+            [sys.executable, "-I", "-c", code, path or os.path.join(run_dir, "lock")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stdout.readline() == "locked\n"
         self.pid = self.proc.pid
@@ -180,3 +181,67 @@ class LockHolder:
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
                 pipe.close()
+
+
+def driver_uri(path: str, guests: Sequence[str]) -> str:
+    """A node file for libvirt's test driver (``test:///PATH``, no libvirtd) in which
+    ``guests`` run, without NICs; its URI."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("<node>" + "".join(f"<domain type='test'><name>{g}</name><memory>65536</memory>"
+                                   "<os><type>hvm</type></os></domain>" for g in guests)
+                + "</node>\n")
+    return f"test://{path}"
+
+
+D = TypeVar("D", bound="RunningDaemon")
+
+
+class RunningDaemon:
+    """``portfwd daemon`` in the lab's host namespace, its output in ``log`` (``argv``:
+    another command to run there, default ``python -m portfwd.cli daemon …``)."""
+
+    def __init__(self, pf: PortfwdHost, uri: str, interval: float = 0.2,
+                 argv: Optional[List[str]] = None) -> None:
+        self.log = os.path.join(os.path.dirname(pf.etc), f"daemon{id(self)}.log")
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", pf.lab.host]
+                + (argv or [sys.executable, "-m", "portfwd.cli", "daemon", "--connect", uri,
+                            "--interval", str(interval)]),
+                stdout=out, stderr=out, env=pf.env, start_new_session=True)
+
+    def text(self) -> str:
+        with open(self.log, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def until(self, ready: Callable[[], object], what: str, seconds: float = 30.0) -> float:
+        """Poll ``ready`` until it is true; the seconds that took. Fails with the
+        daemon's log after ``seconds``, or when the daemon ended."""
+        import time
+
+        start = time.monotonic()
+        while not ready():
+            assert self.proc.poll() is None, f"the daemon ended:\n{self.text()[-3000:]}"
+            assert time.monotonic() - start < seconds, \
+                f"{what}: not within {seconds:g} s; daemon log:\n{self.text()[-3000:]}"
+            time.sleep(0.05)
+        return time.monotonic() - start
+
+    def stop(self) -> str:
+        """SIGTERM, wait (SIGKILL after 30 s); the whole log."""
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.text()
+
+    def __enter__(self: D) -> D:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -10,6 +10,7 @@ against a real libvirtd.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from typing import Callable, List
 
@@ -375,3 +376,41 @@ def test_firewalld_strict_forward_ports(lab: Lab, pf: PortfwdHost, strict: bool)
     else:
         assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
         assert blocked == []
+
+
+def test_a_held_xtables_lock_cannot_hold_a_guest_start(lab: Lab, pf: PortfwdHost,
+                                                       tmp_path: "os.PathLike[str]") -> None:
+    """Another program keeps iptables-legacy's lock (its own lock file here, through
+    XTABLES_LOCKFILE, so that nothing else on the machine waits): the guest start
+    ends within the hook's bound, says why libvirt's chain is not done, and keeps
+    its records in step with the table; once the lock is free, reapply finishes."""
+    import sys
+    import time
+
+    from pfhost import HOOK, LockHolder, domain_xml
+
+    lab.serve("tcp", [80])
+    libvirt_iptables(lab, variant="-legacy")
+    pf.write_config(CONFIG)
+    lock = os.path.join(str(tmp_path), "xtables.lock")
+    pf.env["XTABLES_LOCKFILE"] = lock
+    with LockHolder(str(tmp_path), lock):
+        start = time.monotonic()
+        r = subprocess.run(["ip", "netns", "exec", lab.host, sys.executable, "-I", HOOK, "web1",
+                            "started", "begin", "-"], input=domain_xml("web1"),
+                           capture_output=True, env=pf.env, timeout=120)
+        took = time.monotonic() - start
+    assert (r.returncode, r.stdout) == (0, b""), r.stderr
+    err = r.stderr.decode()
+    assert "another program held the xtables lock" in err and "Traceback" not in err, err
+    assert took < 30, took  # bounded: ~2 s of lock wait, not forever
+    # the records say what the table holds
+    with open(os.path.join(pf.run_dir, "guests", "web1.json"), encoding="utf-8") as f:
+        recorded = {(b[2][-2], b[2][-1]) for b in json.load(f)["bindings"]}
+    live = {(k["concat"][-2], k["concat"][-1]) for elems in pf.targets().values()
+            for k, _ in elems}
+    assert recorded == live == {("tcp", 8080), ("udp", 5353)}
+    assert "PORTFWD_FWI" not in iptables_save(lab, "-legacy")
+    assert pf.cli("reapply").returncode == 0
+    assert "-A LIBVIRT_FWI -o br0 -j PORTFWD_FWI" in iptables_save(lab, "-legacy")
+    assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"

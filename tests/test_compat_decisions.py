@@ -5,12 +5,15 @@ in tests/test_compat.py."""
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any, Dict, List, Optional, cast
 
 import pytest
 
 from portfwd import compat
 from portfwd.constants import MARK
+from portfwd.errors import HostError
 from portfwd.nft import Nft
 
 Json = Dict[str, Any]
@@ -62,7 +65,7 @@ class FakeNft:
 @pytest.fixture(autouse=True)
 def no_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing read from this machine: no iptables-legacy, every tool found."""
-    monkeypatch.setattr(compat, "_legacy_rules", lambda fam: None)
+    monkeypatch.setattr(compat, "_legacy_rules", lambda fam, deadline: None)
     monkeypatch.setattr(compat, "which", lambda name: f"/usr/sbin/{name}")
 
 
@@ -117,9 +120,9 @@ def test_iptables_backend_makes_the_chain_and_jumps_to_it() -> None:
     commands, argvs = compat.changes(fw, {4: {"virbr0"}})
     assert commands == []
     assert argvs == [
-        ["iptables-nft", "-w", "-N", compat.CHAIN],
-        ["iptables-nft", "-w", "-A", compat.CHAIN] + compat.ACCEPT_SPEC,
-        ["iptables-nft", "-w", "-I", "LIBVIRT_FWI", "1", "-o", "virbr0", "-j", compat.CHAIN],
+        ["iptables-nft", "-N", compat.CHAIN],
+        ["iptables-nft", "-A", compat.CHAIN] + compat.ACCEPT_SPEC,
+        ["iptables-nft", "-I", "LIBVIRT_FWI", "1", "-o", "virbr0", "-j", compat.CHAIN],
     ]
 
 
@@ -131,8 +134,8 @@ def test_iptables_backend_leaves_a_foreign_chain_content_alone() -> None:
     assert argvs == []  # someone else's rules in PORTFWD_FWI: never flushed or deleted
     fw.our_chain[4] = compat.OURS
     _, argvs = compat.changes(fw, {4: set()})
-    assert argvs == [["iptables-nft", "-w", "-F", compat.CHAIN],
-                     ["iptables-nft", "-w", "-X", compat.CHAIN]]
+    assert argvs == [["iptables-nft", "-F", compat.CHAIN],
+                     ["iptables-nft", "-X", compat.CHAIN]]
 
 
 def test_drop_policy_elsewhere_is_a_blocker_never_a_change() -> None:
@@ -143,3 +146,59 @@ def test_drop_policy_elsewhere_is_a_blocker_never_a_change() -> None:
     lines = compat.blockers(fw, {4: {"virbr0"}, 6: set()})
     assert len(lines) == 1 and lines[0].startswith("table inet filter chain forward: policy drop")
     assert compat.blockers(fw, {4: set(), 6: set()}) == []
+
+
+# -- bounded iptables runs ------------------------------------------------------
+
+def _tool(tmp_path: "os.PathLike[str]", body: str) -> str:
+    """A stand-in for an iptables tool: a shell script that logs its arguments."""
+    path = os.path.join(str(tmp_path), "fake-iptables")
+    with open(path, "w", encoding="ascii") as f:
+        f.write(f'#!/bin/sh\necho "$@" >> "{path}.args"\n{body}\n')
+    os.chmod(path, 0o755)
+    return path
+
+
+def test_a_held_lock_delays_a_run_no_longer_than_the_hook_waits_for_its_own() -> None:
+    from portfwd import hook
+
+    # the last call may start with under a second left and get `-w 1`, then its margin
+    assert compat.XTABLES_WAIT + 1 + compat.EXIT_MARGIN <= hook.LOCK_WAIT
+
+
+def test_each_call_waits_for_the_lock_only_as_long_as_the_run_has_left(
+        tmp_path: "os.PathLike[str]") -> None:
+    tool = _tool(tmp_path, "exit 0")
+    compat.xtables([tool, "-S", "X"], time.monotonic() + 1.6)
+    compat.xtables([tool, "-S", "X"], time.monotonic() - 10)  # spent: still a bounded try
+    with open(tool + ".args", encoding="ascii") as f:
+        assert f.read().splitlines() == ["-w 2 -S X", "-w 1 -S X"]
+
+
+def test_a_lock_that_stays_held_is_a_clear_error(tmp_path: "os.PathLike[str]") -> None:
+    tool = _tool(tmp_path, 'echo "Another app is currently holding the xtables lock. Stopped'
+                           ' waiting after 1s." >&2\nexit 4')
+    with pytest.raises(HostError) as e:
+        compat.run_iptables([[tool, "-I", "LIBVIRT_FWI", "1", "-o", "virbr0", "-j", "X"]],
+                            time.monotonic() + 1)
+    assert str(e.value) == (f"`{tool} -I LIBVIRT_FWI 1 -o virbr0 -j X`: another program held the"
+                            " xtables lock for 1 s; portfwd gave up (run `portfwd reapply` once"
+                            " it is free)")
+
+
+def test_a_tool_that_hangs_is_killed(tmp_path: "os.PathLike[str]") -> None:
+    tool = _tool(tmp_path, "exec sleep 60")
+    start = time.monotonic()
+    with pytest.raises(HostError) as e:
+        compat.xtables([tool, "-S"], time.monotonic() + 1)
+    assert str(e.value) == (f"`{tool} -w 1 -S` did not finish within"
+                            f" {1 + compat.EXIT_MARGIN:g} s and was stopped")
+    assert time.monotonic() - start < 30  # killed, not waited for
+
+
+def test_a_missing_program_is_a_clear_error() -> None:
+    from portfwd import proc
+
+    with pytest.raises(HostError) as e:
+        proc.run(["/nonexistent/iptables-legacy", "-S"], 5.0, package="iptables")
+    assert str(e.value) == "/nonexistent/iptables-legacy not found: apt-get install iptables"

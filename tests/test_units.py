@@ -212,6 +212,16 @@ def test_hardened_units_still_do_their_job(container: Container) -> None:
           box.journal, "portfwd-proof.service")
     lines = box.journal("portfwd-proof.service")
     assert lines.count("synced: 4 forward(s) for 1 guest(s)") == 1  # once: not syslog as well
+    # the drop rule for outside packets to 127.0.0.0/8 deleted behind its back: the daemon
+    # reads it back over netlink and rebuilds, within the unit's restrictions
+    box.netns("nft", "flush", "chain", "inet", "portfwd", "raw_prerouting")
+    until(lambda: "drop" in box.netns("nft", "list", "chain", "inet", "portfwd",
+                                      "raw_prerouting").stdout,
+          box.journal, "portfwd-proof.service")
+    until(lambda: box.netns("sysctl", "-n", "net.ipv4.conf.pfbr0.route_localnet").stdout == "1\n",
+          box.journal, "portfwd-proof.service")
+    assert any(line.startswith("rebuilt: ") for line in box.journal("portfwd-proof.service"))
+    assert not any("cannot read chain" in line for line in box.journal("portfwd-proof.service"))
     # an invalid edit is an error in the journal, at error priority, and changes nothing
     box.write("/etc/portfwd/forward.toml", CONFIG + "bad =\n")
     box.inside("systemctl", "reload", "portfwd-proof.service")

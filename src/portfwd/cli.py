@@ -350,11 +350,11 @@ def cmd_install(args: argparse.Namespace) -> int:
     for line in done:
         say(f"installed: {line}")
     if root == "/" and os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
-        import subprocess
+        from .uninstall import systemctl
 
-        subprocess.run(["systemctl", "daemon-reload"], check=False)
-        subprocess.run(["systemctl", "enable", "portfwd-sync.service", "portfwd-reapply.service",
-                        "portfwd.service"], check=False)
+        systemctl(["daemon-reload"])
+        systemctl(["enable", "portfwd-sync.service", "portfwd-reapply.service",
+                   "portfwd.service"])
     say("next: edit the configuration, run `portfwd check`, then restart libvirtd once"
         " (systemctl restart libvirtd) so it finds the hook")
     return EXIT_OK

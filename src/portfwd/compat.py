@@ -26,6 +26,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Dict, List, Optional, Set, Tuple
 
+    import subprocess
+
     from .nft import Command, Nft
 
 CHAIN = "PORTFWD_FWI"
@@ -114,12 +116,11 @@ def _chain_content(rules: List[Dict[str, Any]]) -> str:
     return OURS if len(rules) == 1 and names == ours else OTHER
 
 
-def _legacy_chain_content(tool: str) -> Optional[str]:
+def _legacy_chain_content(tool: str, deadline: float) -> Optional[str]:
     """PORTFWD_FWI as ``iptables-legacy -S`` prints it; None when it does not exist."""
     import shlex
-    import subprocess
 
-    r = subprocess.run([tool, "-w", "-S", CHAIN], capture_output=True, text=True)
+    r = xtables([tool, "-S", CHAIN], deadline)
     if r.returncode != 0:
         return None
     rules = [shlex.split(line)[2:] for line in r.stdout.splitlines() if line.startswith("-A ")]
@@ -147,7 +148,7 @@ def _chain_rules(nft: Nft, family: str, table: str, chain: str) -> Optional[List
     return [o["rule"] for o in objects if "rule" in o]
 
 
-def _legacy_rules(fam: int) -> Optional[List[Rule]]:
+def _legacy_rules(fam: int, deadline: float) -> Optional[List[Rule]]:
     """LIBVIRT_FWI as iptables-legacy holds it, or None when legacy does not hold it."""
     names = "/proc/net/ip_tables_names" if fam == 4 else "/proc/net/ip6_tables_names"
     try:
@@ -159,9 +160,7 @@ def _legacy_rules(fam: int) -> Optional[List[Rule]]:
     tool = which("iptables-legacy" if fam == 4 else "ip6tables-legacy")
     if not tool:
         return None
-    import subprocess
-
-    r = subprocess.run([tool, "-w", "-S", "LIBVIRT_FWI"], capture_output=True, text=True)
+    r = xtables([tool, "-S", "LIBVIRT_FWI"], deadline)
     if r.returncode != 0:
         return None
     rules = []
@@ -176,8 +175,10 @@ def _legacy_rules(fam: int) -> Optional[List[Rule]]:
     return rules
 
 
-def read(nft: Nft) -> Firewall:
-    """Look at the live ruleset (a few small listings, never our own maps)."""
+def read(nft: Nft, deadline: Optional[float] = None) -> Firewall:
+    """Look at the live ruleset (a few small listings, never our own maps);
+    ``deadline``: see ``xtables``."""
+    deadline = new_deadline() if deadline is None else deadline
     fw = Firewall()
     # `list chains` and `list chain` of a foreign table stay cheap; on nftables 1.0.6
     # `list tables` or `list ruleset` would fetch every element of our maps too
@@ -185,11 +186,11 @@ def read(nft: Nft) -> Firewall:
     names = {(c["family"], c["table"], c["name"]) for c in chains}
     tables = {(c["family"], c["table"]) for c in chains}
     for fam, family in FAMILIES.items():
-        legacy = _legacy_rules(fam)
+        legacy = _legacy_rules(fam, deadline)
         if legacy is not None:
             fw.legacy[fam] = True
             fw.fwi[fam] = legacy
-            content = _legacy_chain_content(_tool(fam, True))
+            content = _legacy_chain_content(_tool(fam, True), deadline)
             if content is not None:
                 fw.our_chain[fam] = content
         elif (family, "filter", "LIBVIRT_FWI") in names:
@@ -255,17 +256,17 @@ def _iptables_changes(fw: Firewall, fam: int, wanted: Set[str]) -> List[List[str
     content = fw.our_chain.get(fam)  # None: PORTFWD_FWI does not exist
     out: List[List[str]] = []
     if need and content != OURS:  # made, or refilled: its content is checked, not its name
-        out.append([tool, "-w", "-N", CHAIN] if content is None else [tool, "-w", "-F", CHAIN])
-        out.append([tool, "-w", "-A", CHAIN] + ACCEPT_SPEC)
+        out.append([tool, "-N", CHAIN] if content is None else [tool, "-F", CHAIN])
+        out.append([tool, "-A", CHAIN] + ACCEPT_SPEC)
     if rules is not None and not _in_place(rules, need):
         for r in rules:
             if r.role == OURS:
-                out.append([tool, "-w", "-D", "LIBVIRT_FWI", "-o", r.bridge or "", "-j", CHAIN])
+                out.append([tool, "-D", "LIBVIRT_FWI", "-o", r.bridge or "", "-j", CHAIN])
         for bridge in reversed(need):
-            out.append([tool, "-w", "-I", "LIBVIRT_FWI", "1", "-o", bridge, "-j", CHAIN])
+            out.append([tool, "-I", "LIBVIRT_FWI", "1", "-o", bridge, "-j", CHAIN])
     if not need and content in (OURS, EMPTY):  # someone else's rules in it: left alone
-        out.append([tool, "-w", "-F", CHAIN])
-        out.append([tool, "-w", "-X", CHAIN])
+        out.append([tool, "-F", CHAIN])
+        out.append([tool, "-X", CHAIN])
     return out
 
 
@@ -309,20 +310,48 @@ def _nft_changes(fw: Firewall, fam: int, wanted: Set[str]) -> List[Command]:
     return out
 
 
-def run_iptables(argvs: List[List[str]]) -> None:
-    """Run iptables commands in order; HostError with what the tool said."""
-    if not argvs:
-        return
-    import subprocess
-
-    env = dict(os.environ, LC_ALL="C")
+def run_iptables(argvs: List[List[str]], deadline: Optional[float] = None) -> None:
+    """Run iptables commands in order; HostError with what the tool said.
+    ``deadline``: see ``xtables``."""
+    deadline = new_deadline() if deadline is None else deadline
     for argv in argvs:
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, env=env)
-        except FileNotFoundError:
-            raise HostError(f"{argv[0]} not found: apt-get install iptables") from None
+        r = xtables(argv, deadline)
         if r.returncode != 0:
             raise HostError(f"{' '.join(argv)} failed: {r.stderr.strip() or r.returncode}")
+
+
+# Seconds the iptables runs of one portfwd run may wait, together, for the xtables lock
+# (iptables-legacy takes it for every command, iptables-nft for none), and the time a
+# tool gets beyond its ``-w`` to finish. A held lock delays a run (a guest start) by at
+# most XTABLES_WAIT + 1 + EXIT_MARGIN seconds: the hook's bound for portfwd's own lock
+# (hook.LOCK_WAIT); the first refusal ends the run.
+XTABLES_WAIT = 2.0
+EXIT_MARGIN = 2.0
+RESOURCE_PROBLEM = 4  # iptables' exit status when it gave up waiting for the lock
+
+
+def new_deadline() -> float:
+    """When the iptables runs of one portfwd run should be done (``time.monotonic``)."""
+    import time
+
+    return time.monotonic() + XTABLES_WAIT
+
+
+def xtables(argv: List[str], deadline: float) -> subprocess.CompletedProcess[str]:
+    """Run one iptables command (``argv`` without ``-w``) that waits for the xtables
+    lock until ``deadline`` (``-w`` the seconds left, rounded up, at least 1) and is
+    killed EXIT_MARGIN seconds after; HostError when the lock stayed held, or the
+    tool is missing or did not finish."""
+    import time
+
+    from . import proc
+
+    wait = max(1, -int((time.monotonic() - deadline) // 1))  # ceil of the time left
+    r = proc.run([argv[0], "-w", str(wait)] + argv[1:], wait + EXIT_MARGIN, package="iptables")
+    if r.returncode == RESOURCE_PROBLEM and "xtables lock" in r.stderr:
+        raise HostError(f"`{' '.join(argv)}`: another program held the xtables lock for"
+                        f" {wait} s; portfwd gave up (run `portfwd reapply` once it is free)")
+    return r
 
 
 # -- reporting ----------------------------------------------------------------

@@ -10,6 +10,9 @@ FAMILIES = (4, 6)
 LAYOUT = "7"  # bump whenever rules.skeleton() changes: tables made by another layout get rebuilt
 UNMARKED_LAYOUT = "3"  # the last layout whose tables carried no marker (see TABLE_MARK)
 HAIRPIN_SET = "hairpin"
+# the chain and comment of the rule dropping outside packets to 127.0.0.0/8 (``guard``)
+GUARD_CHAIN = "raw_prerouting"
+GUARD_COMMENT = "portfwd: loopback addresses are not reachable from outside"
 # an empty set carrying TABLE_COMMENT (layout 5 on): nftables lists one set without
 # fetching the maps' elements, a table's own comment only with all of them
 MARKER_SET = "managed_by_portfwd"

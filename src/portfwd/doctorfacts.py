@@ -16,17 +16,17 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from . import apparmor, compat, hostnet, libvirtapi, plan
+from . import apparmor, compat, hostnet, libvirtapi, plan, proc
 from .constants import MARK
 from .discover import domain_nics
 from .doctor import (Check, Confinement, GuestFacts, HostFacts, Link, Packet, Target,
                      chain_verdict)
 from .engine import Engine
+from .errors import HostError
 from .model import Config
 from .status import live_elements, live_state
 from .values import Reason
@@ -136,9 +136,12 @@ def link(name: str) -> Optional[Link]:
 def neighbour_state(address: str, dev: Optional[str]) -> str:
     """The neighbour entry's state of ``address`` ("" when there is none)."""
     argv = ["ip", "-j", "neigh", "show", "to", address] + (["dev", dev] if dev else [])
-    # ip prints interface names as the kernel holds them: bytes, maybe not UTF-8
-    r = subprocess.run(argv, capture_output=True, encoding="utf-8", errors="surrogateescape",
-                       timeout=10)
+    # ip prints interface names as the kernel holds them: bytes, maybe not UTF-8 (proc.run
+    # keeps them with surrogateescape)
+    try:
+        r = proc.run(argv, 10.0, package="iproute2")
+    except HostError:
+        return ""
     try:
         entries = json.loads(r.stdout or "[]")
     except ValueError:

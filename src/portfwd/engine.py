@@ -14,11 +14,11 @@ changed.
 from __future__ import annotations
 
 
-from . import bridgeport, compat, display, hostnet, log, plan, rules, state
+from . import bridgeport, compat, display, guard, hostnet, log, plan, rules, state
 from .claims import Claims, refuse_shared_discoveries, refuse_shared_keys
 from .errors import HostError
 from .nft import Nft
-from .constants import (DEFAULT_TABLE, LAYOUT, MARKER_SET, TABLE_COMMENT, TABLE_MARK,
+from .constants import (DEFAULT_TABLE, GUARD_CHAIN, LAYOUT, MARKER_SET, TABLE_COMMENT, TABLE_MARK,
                         UNMARKED_LAYOUT)
 from .plan import Binding
 from .discover import DEFAULT_SOURCES, canonical_keys, running_domain
@@ -50,6 +50,7 @@ class Engine:
         self.pending: List[Tuple[Binding, Reason]] = []  # what the last sync left waiting
         self.taps: Dict[str, List[str]] = {}  # guest → taps of its live XML, when given
         self.waiting = 0  # bindings the last sync left waiting (pending)
+        self.rebuilt = False  # the last sync sent nftables a transaction
 
     @property
     def nft(self) -> Nft:
@@ -151,13 +152,14 @@ class Engine:
         wanted = self.wanted_bridges() if wanted is None else wanted
         self._ensure_hairpin_and_localnet()
         self._ensure_hairpin_ports()
-        fw = compat.read(self.nft)
+        deadline = compat.new_deadline()  # one bound for this run's iptables calls
+        fw = compat.read(self.nft, deadline)
         commands, argvs = compat.changes(fw, wanted)
         if commands:
             self.nft.apply(commands)
-        compat.run_iptables(argvs)
+        compat.run_iptables(argvs, deadline)
         if commands or argvs:
-            fw = compat.read(self.nft)
+            fw = compat.read(self.nft, deadline)
         return compat.blockers(fw, wanted)
 
     def _ensure_hairpin_and_localnet(self) -> None:
@@ -167,10 +169,11 @@ class Engine:
         only when it differs from what portfwd last wrote (hairpin.json); the sysctl
         is compared with its live value (localnet.json: where portfwd turned it on)."""
         per_table: Dict[str, Set[str]] = {}
-        localnet: Set[str] = set()
+        localnet: Dict[str, Set[str]] = {}
         for bridges in self.read_summary().values():
             per_table.setdefault(bridges.table, set()).update(name for _, name in bridges.routed)
-            localnet |= bridges.localnet
+            if bridges.localnet:
+                localnet.setdefault(bridges.table, set()).update(bridges.localnet)
         written = self.store.hairpin()
         for table in sorted(set(per_table) | set(written)):
             want = sorted(per_table.get(table, set()))
@@ -180,15 +183,59 @@ class Engine:
                 self._apply_with_layout(table, lambda _: rules.hairpin(table, want))
                 written[table] = want
         self.store.write_hairpin(written)
+        self._ensure_localnet(localnet)
+
+    def _ensure_localnet(self, wanted: Dict[str, Set[str]]) -> None:
+        """route_localnet on exactly on the bridges of forwards from 127.0.0.1 (``wanted``:
+        table → those bridges), compared with the live sysctl (a network restart
+        recreates the bridge with it off). Turned on only while the table's drop
+        rule for outside packets to 127.0.0.0/8 is in the kernel; turned off again
+        only where portfwd turned it on (localnet.json)."""
         enabled = set(self.store.localnet())
-        # compared with the live sysctl: a network restart recreates the bridge with it off
-        for bridge in sorted(localnet):
-            if hostnet.set_route_localnet(bridge, True):
-                enabled.add(bridge)
-        for bridge in sorted(enabled - localnet):
+        keep: Set[str] = set()
+        for table, bridges in sorted(wanted.items()):
+            off = [b for b in sorted(bridges) if hostnet.route_localnet(b) is False]
+            if off and not self.guarded(table):
+                log.warning(f"route_localnet left off on {', '.join(off)}: table inet {table}"
+                            " lacks its drop rule for outside packets to 127.0.0.0/8;"
+                            " run `portfwd reapply`")
+                bridges = bridges - set(off)
+            keep |= bridges
+            for bridge in sorted(bridges):
+                if hostnet.set_route_localnet(bridge, True):
+                    enabled.add(bridge)
+        for bridge in sorted(enabled - keep):
             hostnet.set_route_localnet(bridge, False)
             enabled.discard(bridge)
         self.store.write_localnet(sorted(enabled))
+
+    def localnet_off(self) -> List[str]:
+        """Turn route_localnet off wherever portfwd turned it on, and record that: the
+        127.0.0.0/8 guard that makes it safe is going, or gone. Returns those bridges
+        (the next run that finds the guard back turns them on again)."""
+        bridges = self.store.localnet()
+        for bridge in bridges:
+            try:
+                hostnet.set_route_localnet(bridge, False)
+            except OSError as e:  # the bridge went meanwhile: nothing left to turn off
+                log.warning(f"route_localnet of {bridge}: {e}")
+        self.store.write_localnet([])
+        return bridges
+
+    def guarded(self, table: str) -> bool:
+        """Whether ``table``'s drop rule for outside packets to 127.0.0.0/8 is in the
+        kernel (``guard``; a netlink failure counts as no, and is logged)."""
+        try:
+            return guard.present(table)
+        except OSError as e:
+            log.warning(f"cannot read chain {GUARD_CHAIN} of table inet {table}: {e}")
+            return False
+
+    def unguarded(self) -> List[str]:
+        """The recorded tables (of guests with forwards) that are gone from the kernel or
+        lack their 127.0.0.0/8 guard; cheap (bridges.json, one netlink dump per table)."""
+        tables = sorted({bridges.table for bridges in self.read_summary().values()})
+        return [table for table in tables if not self.guarded(table)]
 
     def _ensure_hairpin_ports(self) -> None:
         """Hairpin mode on the taps of guests with forwards, on the bridges those lead
@@ -493,13 +540,16 @@ class Engine:
 
     def sync(self, config: Config, guests: Iterable[Guest], dry_run: bool = False,
              resolvers: Optional[Dict[str, Resolver]] = None,
-             settle: bool = False) -> List[Binding]:
+             settle: bool = False, rebuild: bool = True) -> List[Binding]:
         """Make the table hold exactly the forwards of ``guests``, in one transaction
         (``resolvers``: per guest name, for addresses found when the guest runs;
         ``settle``: libvirt's status files tell which guests started or stopped
         since ``guests`` was asked, see ``_settled``); returns the bindings applied
         (``dry_run``: that would be), and leaves those waiting for an address in
-        ``self.pending``."""
+        ``self.pending``. ``rebuild = False``: when the records say the kernel
+        already holds exactly these forwards, send nftables nothing at all (and
+        leave libvirt's chains and the sysctls as they are); ``self.rebuilt`` tells."""
+        self.rebuilt = False
         table = config.options.table
         old_states = self.store.all_records()  # parsed only as far as needed: 10,000 bindings
         guests, started_since = (_settled(list(guests), old_states) if settle
@@ -544,6 +594,16 @@ class Engine:
             old = before.get(st.guest)
             _log_refusals(st.guest, old.reasons() if old else set(), st)
         everything = [b for st in wanted.values() for b in st.bindings]
+        self.pending = [(b, why) for st in wanted.values() for b, why in st.pending]
+        self.waiting = len(self.pending)
+        if not rebuild and not dry_run and self._layout_known(table) and _in_kernel(
+                table, old_states, wanted):
+            changed = _changed(old_states, wanted)  # pending reasons, warnings: records only
+            if changed:
+                self.write_states(changed)
+            self._await_evidence(awaited)  # the daemon's recheck follows what still waits
+            return everything
+        self.rebuilt = not dry_run
         cmds: List[rules.Command] = []
         dropped = [t for t in sorted({st.table for st in old_states} - {table})
                    if self.table_owner(t)]
@@ -561,8 +621,8 @@ class Engine:
             log.warning(f"nftables refused the whole table ({e}); applying guest by guest")
             self.nft.apply(cmds + rules.full_rebuild(table, [], variant))
             everything = self._apply_each(table, wanted, variant)
-        self.pending = [(b, why) for st in wanted.values() for b, why in st.pending]
-        self.waiting = sum(len(st.pending) for st in wanted.values())
+            self.pending = [(b, why) for st in wanted.values() for b, why in st.pending]
+            self.waiting = len(self.pending)
         if dry_run:
             return everything
         self._await_evidence(awaited)
@@ -572,10 +632,7 @@ class Engine:
         for gone in dropped:
             self.store.forget_layout(gone)
             self._owned.discard(gone)
-        self.write_states([GuestState(st.guest, st.uuid, st.table, []) for st in old_states
-                           if st.guest not in wanted]
-                          + [st for st in wanted.values()
-                             if st.guest not in before or not before[st.guest].same(st)])
+        self.write_states(_changed(old_states, wanted))
         self._report(self.ensure_compat())
         return everything
 
@@ -614,6 +671,7 @@ class Engine:
         cmds: List[rules.Command] = []
         for table in present:
             cmds += rules.drop_table(table)
+        self.localnet_off()  # before the 127.0.0.0/8 guard goes with the tables
         self.nft.apply(cmds)
         self._owned.clear()
         self.store.clear()
@@ -626,6 +684,30 @@ def layout_id(variant: str) -> str:
     ``constants.LAYOUT`` alone for ``rules.SPLIT`` (as before the variants), with
     the variant's name after a "+" for the others."""
     return LAYOUT if variant == rules.SPLIT else f"{LAYOUT}+{variant}"
+
+
+def _changed(recorded: List[Recorded], wanted: Dict[str, GuestState]) -> List[GuestState]:
+    """What to write for ``wanted`` to replace ``recorded``: the states that differ
+    from their record, and an empty state (forget) for each guest no longer wanted."""
+    before = {rec.guest: rec for rec in recorded}
+    return ([GuestState(rec.guest, rec.uuid, rec.table, []) for rec in recorded
+             if rec.guest not in wanted]
+            + [st for st in wanted.values()
+               if st.guest not in before or not before[st.guest].same(st)])
+
+
+def _in_kernel(table: str, recorded: List[Recorded], wanted: Dict[str, GuestState]) -> bool:
+    """Whether the records say that ``table`` holds exactly the bindings of ``wanted``:
+    every guest's bindings as recorded, all in ``table``, none being removed."""
+    bound = {name for name, st in wanted.items() if st.bindings}
+    for rec in recorded:
+        if rec.table != table or rec.raw.get("removing"):
+            return False
+        st = wanted.get(rec.guest)
+        if rec.raw.get("bindings", []) != ([b.to_json() for b in st.bindings] if st else []):
+            return False
+        bound.discard(rec.guest)
+    return not bound
 
 
 def _log_refusals(name: str, seen: Set[Reason], now: GuestState) -> None:

@@ -143,6 +143,12 @@ def ipv6_off(interface: Optional[str] = None) -> Optional[str]:
     return None
 
 
+def route_localnet(interface: str) -> Optional[bool]:
+    """net.ipv4.conf.INTERFACE.route_localnet; None when there is no such interface."""
+    value = read_sysctl(f"/proc/sys/net/ipv4/conf/{interface}/route_localnet")
+    return None if value is None else value != "0"
+
+
 def set_route_localnet(interface: str, on: bool) -> bool:
     """Turn net.ipv4.conf.INTERFACE.route_localnet on or off; True if portfwd changed
     it (a value someone else set is left alone)."""

@@ -41,8 +41,8 @@ host ports is stored port by port (``portspec.SHIFTED_MAX`` ports at most).
 
 from __future__ import annotations
 
-from .constants import (HAIRPIN_MARK, HAIRPIN_SET, KINDS, MARK, MARKER_SET, PRIORITY,
-                        PROTOCOLS, TABLE_COMMENT)
+from .constants import (GUARD_CHAIN, GUARD_COMMENT, HAIRPIN_MARK, HAIRPIN_SET, KINDS, MARK,
+                        MARKER_SET, PRIORITY, PROTOCOLS, TABLE_COMMENT)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ def skeleton(table: str, ipv6: bool = True, variant: str = SPLIT) -> List[Comman
               ("output", "nat", "output", PRIORITY),
               ("forward", "filter", "forward", -5),  # marks only: before others' filters
               ("postrouting", "nat", "postrouting", 100 - 5),  # before srcnat (100)
-              ("raw_prerouting", "filter", "prerouting", -300)]
+              (GUARD_CHAIN, "filter", "prerouting", -300)]
     for name, kind_, hook, prio in chains:
         chain = {"family": "inet", "table": table, "name": name}
         cmds.append({"add": {"chain": dict(chain, type=kind_, hook=hook, prio=prio,
@@ -206,11 +206,11 @@ def skeleton(table: str, ipv6: bool = True, variant: str = SPLIT) -> List[Comman
         {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
                    "right": {"prefix": {"addr": "127.0.0.0", "len": 8}}}},
         {"masquerade": None}], "portfwd localhost"))
-    cmds.append(rule("raw_prerouting", [
+    cmds.append(rule(GUARD_CHAIN, [
         {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "lo"}},
         {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
                    "right": {"prefix": {"addr": "127.0.0.0", "len": 8}}}},
-        {"drop": None}], "portfwd: loopback addresses are not reachable from outside"))
+        {"drop": None}], GUARD_COMMENT))
     return cmds
 
 

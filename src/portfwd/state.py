@@ -615,7 +615,9 @@ class Store:
             return []
 
     def write_awaiting(self, awaited: List[Tuple[str, str, str, str, str]]) -> None:
-        if awaited or os.path.exists(self._path(AWAITING)):
+        """Record what waits for evidence; the file is left as it is when it says that
+        already (a reconcile that changes nothing writes nothing)."""
+        if list(awaited) != self.awaiting():
             self._write_json(AWAITING, [list(a) for a in awaited])
 
     # -- layout.TABLE --------------------------------------------------------------

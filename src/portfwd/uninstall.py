@@ -8,13 +8,30 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
+import sys
 from typing import List, Optional, Tuple
+
+from . import proc
+from .errors import HostError
 
 HOOKS = ("/etc/libvirt/hooks/qemu.d/portfwd", "/etc/libvirt/hooks/network.d/portfwd")
 LINK = "/usr/local/sbin/portfwd"
 DOCS = ("/usr/local/share/man/man8/portfwd.8", "/usr/local/share/bash-completion/completions/portfwd")
 UNIT_DIR = "/etc/systemd/system"
+# seconds systemctl gets: stopping the daemon may wait for systemd's own stop timeout (90 s)
+SYSTEMCTL_WAIT = 150.0
+
+
+def systemctl(args: List[str]) -> None:
+    """Run ``systemctl ARGS``, passing on what it says; a failure, or a systemctl that
+    does not answer within SYSTEMCTL_WAIT, is a warning (the files are what counts)."""
+    try:
+        r = proc.run(["systemctl"] + args, SYSTEMCTL_WAIT)
+    except HostError as e:
+        print(f"portfwd: warning: {e}", file=sys.stderr)
+        return
+    sys.stdout.write(r.stdout)
+    sys.stderr.write(r.stderr)
 
 
 def units(data_dir: str) -> List[str]:
@@ -37,7 +54,7 @@ def stop_units(root: str, data_dir: str) -> Optional[str]:
     if root != "/" or not os.path.isdir("/run/systemd/system") or not shutil.which("systemctl"):
         return None
     names = units(data_dir)
-    subprocess.run(["systemctl", "disable", "--now"] + names, check=False)
+    systemctl(["disable", "--now"] + names)
     return "stopped and disabled " + ", ".join(names)
 
 
@@ -64,7 +81,7 @@ def remove_files(root: str, data_dir: str, config: str, purge: bool) -> Tuple[Li
     elif os.path.lexists(config_path):
         kept.append(f"{config_path} (remove it too with --purge)")
     if root == "/" and os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
-        subprocess.run(["systemctl", "daemon-reload"], check=False)
+        systemctl(["daemon-reload"])
     return removed, kept
 
 
