@@ -16,14 +16,15 @@ if TYPE_CHECKING:
 
 
 def run(argv: List[str], timeout: float, package: str = "",
-        env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess[str]:
+        env: Optional[Dict[str, str]] = None,
+        input: Optional[str] = None) -> subprocess.CompletedProcess[str]:
     """``argv`` with its output captured (text, ``LC_ALL=C``; bytes that are not UTF-8,
     such as in an interface name, kept as ``hostnet.ifname`` keeps them), killed after ``timeout``
     seconds; HostError when it is missing (``package`` installs it) or was killed."""
     import subprocess
 
     try:
-        return subprocess.run(argv, capture_output=True, encoding="utf-8",
+        return subprocess.run(argv, input=input, capture_output=True, encoding="utf-8",
                               errors="surrogateescape",
                               timeout=timeout,
                               env=dict(os.environ if env is None else env, LC_ALL="C"))

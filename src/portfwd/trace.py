@@ -34,7 +34,7 @@ import subprocess
 import time
 from typing import Dict, List, Optional, Tuple
 
-from . import hostnet
+from . import hostnet, log, proc
 from .engine import Engine
 from .errors import ConfigError, HostError
 
@@ -219,8 +219,11 @@ def trace_table_text(table: str, proto: str, src: str, dst: str, sport: int, dpo
             f"add rule inet {table} output {match} meta nftrace set 1\n")
 
 
+NFT_WAIT = 30.0  # seconds an `nft` run of the trace may take
+
+
 def _nft(text: str) -> None:
-    r = subprocess.run(["nft", "-f", "-"], input=text, capture_output=True, text=True)
+    r = proc.run(["nft", "-f", "-"], NFT_WAIT, package="nftables", input=text)
     if r.returncode != 0:
         raise HostError(f"nft refused the trace table: {r.stderr.strip()}")
 
@@ -323,8 +326,11 @@ def run(config_path: str, guest: str, port: int, proto: str, source: Optional[st
         how += ("; but rp_filter is strict (1) here, which drops it after prerouting (its"
                 " source is not routed via lo): a lost probe says nothing then; use --from a"
                 " host address, or a real client")
-    monitor = subprocess.Popen(["nft", "monitor"], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL)
+    try:
+        monitor = subprocess.Popen(["nft", "monitor"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise HostError("nft not found: apt-get install nftables") from None
     assert monitor.stdout is not None
     reader = Lines(monitor.stdout.fileno())
     lines: List[str] = []
@@ -354,6 +360,9 @@ def run(config_path: str, guest: str, port: int, proto: str, source: Optional[st
         if monitor.stdout is not None:
             monitor.stdout.close()
         if created:
-            subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
+            try:
+                proc.run(["nft", "delete", "table", "inet", table], NFT_WAIT)
+            except HostError as e:  # the trace table is ours alone: say how to remove it
+                log.error(f"{e}; remove the trace table by hand: nft delete table inet {table}")
     return Result(probe, how, parse(lines, table), bridge)
 
