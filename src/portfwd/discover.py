@@ -14,7 +14,9 @@ address), then becomes a DNAT target only if it is a unicast address inside the
 NIC's libvirt network, routed out of that network's bridge, not the host's own,
 not another running guest's (by reservation, live lease or forward:
 :meth:`Resolver.vet`), and shown to be this NIC's by the host's neighbour table
-and the bridge's forwarding database (``evidence``; a reservation too). IPv4 leases are matched on the lease's MAC;
+and the bridge's forwarding database (``evidence``) unless the admin wrote it (a
+reservation in the network XML, a suffix in forward.toml: ``ADMINS_WORD``). IPv4
+leases are matched on the lease's MAC;
 IPv6 leases on the MAC dnsmasq saw, or on a DUID the network XML reserves for
 this guest; a MAC holding live leases under several client-ids is refused.
 """
@@ -42,6 +44,9 @@ if TYPE_CHECKING:
     Lookup = Callable[[str, int], Optional[Tuple[str, str]]]
 
 LEASE_DIR = "/var/lib/libvirt/dnsmasq"
+# where an address comes from when the admin wrote it (``Resolver._find``'s answers):
+# taken as an address in forward.toml is, without evidence from the kernel
+ADMINS_WORD = ("reservation on network ", "suffix on network ")
 NETWORK_DIRS = ("/run/libvirt/network", "/etc/libvirt/qemu/networks")
 QEMU_STATUS_DIR = "/run/libvirt/qemu"  # libvirt's NAME.xml of each running domain
 ENV_QEMU_STATUS_DIR = "PORTFWD_QEMU_STATUS_DIR"  # for tests: another folder
@@ -375,7 +380,11 @@ class Resolver:
         problem = self.vet(address, family, nic, network)
         if problem:
             return Reason(Reason.REFUSED, f"refused {address} from {found[1]}: {problem}")
-        unproven = self._unproven(address, nic, network)
+        # what the admin wrote (a reservation in the network XML, a suffix in
+        # forward.toml) is the admin's word, as an address in forward.toml is; what the
+        # guest chooses (a lease, its agent, its ARP answers) needs the kernel's evidence
+        admins_word = found[1].startswith(ADMINS_WORD)
+        unproven = None if admins_word else self._unproven(address, nic, network)
         if unproven is not None:
             what = "refused" if unproven.cause == Reason.REFUSED else "unconfirmed"
             return Reason(unproven.cause, f"{what} {address} from {found[1]}: {unproven.text}")
