@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     import subprocess
 
-    from .nft import Command, Nft
+    from .nft import Command, NftLike
 
 CHAIN = "PORTFWD_FWI"
 COMMENT = "portfwd"
@@ -141,7 +141,8 @@ def _classify(rule: Dict[str, Any], ours: bool) -> Rule:
     return Rule(role, _bridge_of(exprs), int(rule.get("handle", 0)))
 
 
-def _chain_rules(nft: Nft, family: str, table: str, chain: str) -> Optional[List[Dict[str, Any]]]:
+def _chain_rules(nft: NftLike, family: str, table: str,
+                 chain: str) -> Optional[List[Dict[str, Any]]]:
     objects = nft.list({"chain": {"family": family, "table": table, "name": chain}})
     if objects is None:
         return None
@@ -175,7 +176,7 @@ def _legacy_rules(fam: int, deadline: float) -> Optional[List[Rule]]:
     return rules
 
 
-def read(nft: Nft, deadline: Optional[float] = None) -> Firewall:
+def read(nft: NftLike, deadline: Optional[float] = None) -> Firewall:
     """Look at the live ruleset (a few small listings, never our own maps);
     ``deadline``: see ``xtables``."""
     deadline = new_deadline() if deadline is None else deadline
@@ -211,7 +212,7 @@ def read(nft: Nft, deadline: Optional[float] = None) -> Firewall:
     return fw
 
 
-def _firewalld_strict(nft: Nft, chains: List[Dict[str, Any]]) -> Optional[str]:
+def _firewalld_strict(nft: NftLike, chains: List[Dict[str, Any]]) -> Optional[str]:
     """firewalld accepts DNATed traffic with ``ct status dnat accept`` in its forward
     chain, unless StrictForwardPorts=yes; returns the chain when that rule is missing."""
     forward = [c["name"] for c in chains if c["family"] == "inet" and c["table"] == "firewalld"

@@ -34,16 +34,18 @@ if TYPE_CHECKING:
     from .discover import Resolver
     from .evidence import Awaited
     from .model import Config, Forward, Guest
+    from .nft import NftLike
 
     Wanted = Dict[int, Set[str]]
 
 
 class Engine:
-    def __init__(self, config_path: str, root: Optional[str] = None) -> None:
+    def __init__(self, config_path: str, root: Optional[str] = None,
+                 nft: Optional[NftLike] = None) -> None:
         self.config_path = config_path
         self.root = root or state.run_dir()
         self.store = state.Store(self.root)
-        self._nft: Optional[Nft] = None
+        self._nft = nft  # None: an Nft on first use
         self._routes: Optional[hostnet.RouteTable] = None
         self._owned: Set[str] = set()  # tables seen to carry portfwd's marker in this run
         self.discover: Tuple[str, ...] = DEFAULT_SOURCES  # [options] discover, once read
@@ -53,7 +55,7 @@ class Engine:
         self.rebuilt = False  # the last sync sent nftables a transaction
 
     @property
-    def nft(self) -> Nft:
+    def nft(self) -> NftLike:
         if self._nft is None:
             self._nft = Nft()
         return self._nft

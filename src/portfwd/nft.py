@@ -6,9 +6,31 @@ from .errors import HostError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, List, Optional, Sequence
+    from typing import Any, Dict, List, Optional, Protocol, Sequence
 
     Command = Dict[str, Any]
+
+    class NftLike(Protocol):
+        """What the engine, ``compat``, ``status`` and ``doctorfacts`` ask of
+        nftables: ``Nft`` answers from the kernel, tests/fakenft.py from memory.
+        Defined for the type checker alone (``typing`` stays off the hook's path)."""
+
+        def apply(self, commands: Sequence[Command], dry_run: bool = False) -> None: ...
+
+        def concat_values(self) -> bool: ...
+
+        def set_comment(self, table: str, name: str) -> Optional[str]: ...
+
+        def table_comment(self, table: str) -> Optional[str]: ...
+
+        def create_table(self, table: str, comment: str, marker: str,
+                         replace: bool = False) -> None: ...
+
+        def mark_table(self, table: str, comment: str, marker: str) -> None: ...
+
+        def list_table(self, table: str) -> Optional[List[Dict[str, Any]]]: ...
+
+        def list(self, what: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]: ...
 
 
 class Nft:
