@@ -178,6 +178,7 @@ class LibvirtLab:
         self.host4, self.host6 = host_addresses(host)
         self.standins: List[str] = []
         self.ports: Dict[str, str] = {}  # stand-in → the name of its end in the lab
+        self.net = ""  # the lab's network namespace as /proc/PID/ns/net names it
         self.base = base
         self.config = os.path.join(base, "etc", "forward.toml")
         self.run_dir = os.path.join(base, "run")
@@ -236,6 +237,8 @@ class LibvirtLab:
         self._enter_private_files()
         for ns in (self.lab,) if self.lan else (self.lab, self.client):
             run("ip", "netns", "add", ns)
+            if ns == self.lab:  # what the leak check looks at (``pids``)
+                self.net = f"net:[{os.stat(os.path.join('/run/netns', ns)).st_ino}]"
             self.ns(ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
                     "net.ipv6.conf.default.accept_dad=0")
             self.ns(ns, "ip", "link", "set", "lo", "up")
@@ -397,10 +400,23 @@ class LibvirtLab:
 
     def pids(self) -> Dict[str, List[int]]:
         """Processes of the kinds these tests start that were not running before the
-        lab (a libvirtd of the host may run beside it), still alive: the leak check."""
+        lab (a libvirtd of the host may run beside it), still alive in this lab's
+        network namespace (other labs may run beside it): the leak check."""
         out = {}
         for name, pids in self._processes().items():
-            left = [p for p in pids if p not in self.before.get(name, [])]
+            left = [p for p in pids if p not in self.before.get(name, []) and self._ours(p)]
             if left:
                 out[name] = left
         return out
+
+    def _ours(self, pid: int) -> bool:
+        """Whether process ``pid`` runs in this lab's network namespace (True when that
+        cannot be told: the check then errs on the side of a leak)."""
+        if not self.net:
+            return True
+        try:
+            return os.readlink(f"/proc/{pid}/ns/net") == self.net
+        except FileNotFoundError:
+            return False  # ended meanwhile
+        except OSError:
+            return True
