@@ -323,10 +323,23 @@ class LibvirtLab:
         if plug:
             self.plug(peer, bridge)
         if addr4 and gw4:
-            self.ns(ns, "ip", "route", "add", "default", "via", gw4)
+            self._default_route(ns, "-4", gw4)
         if addr6 and gw6:
-            self.ns(ns, "ip", "-6", "route", "add", "default", "via", gw6)
+            self._default_route(ns, "-6", gw6)
         return ns
+
+    def _default_route(self, ns: str, family: str, gateway: str) -> None:
+        """The stand-in's default route, once the kernel has the route to ``gateway``
+        (the prefix route of a new address can lag behind its link coming up: "Network
+        is unreachable")."""
+        deadline = time.monotonic() + 20
+        while True:
+            r = self.ns(ns, "ip", family, "route", "replace", "default", "via", gateway,
+                        check=False)
+            if r.returncode == 0:
+                return
+            assert time.monotonic() < deadline, r.stderr.decode()
+            time.sleep(0.1)
 
     def plug(self, peer: str, bridge: str) -> None:
         plug_and_wait(self.ns, self.lab, peer, bridge)
