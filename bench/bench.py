@@ -31,6 +31,7 @@ import common
 HERE = os.path.dirname(os.path.abspath(__file__))
 HOOK = os.path.join(os.path.dirname(HERE), "hook", "qemu")
 FLOOR_NFT = os.path.join(HERE, "floor_nft.py")
+COUNTED_HOOK = os.path.join(os.path.dirname(HERE), "tests", "counted_hook.py")
 SYNC_RUN = os.path.join(HERE, "sync_run.py")
 
 SUBJECT = "bench"
@@ -94,6 +95,19 @@ class Site(common.Site):
         """One hook call as libvirt makes it; its wall time in ms."""
         xml = f"<domain><name>{guest}</name><uuid>{uuid_of(guest)}</uuid></domain>".encode()
         return self.run([sys.executable, "-I", HOOK, guest, op, sub, "-"], stdin=xml)
+
+    def counted(self, guest: str, op: str, sub: str) -> Dict[str, List[object]]:
+        """One hook call through tests/counted_hook.py: what it did to the host."""
+        out = self.rundir + ".counts.json"
+        xml = f"<domain><name>{guest}</name><uuid>{uuid_of(guest)}</uuid></domain>".encode()
+        env = dict(self.env, COUNTS_OUT=out)
+        full = ["ip", "netns", "exec", self.ns, sys.executable, "-I", COUNTED_HOOK, guest, op,
+                sub, "-"]
+        subprocess.run(full, input=xml, capture_output=True, env=env, timeout=TIMEOUT, check=True)
+        with open(out, encoding="utf-8") as f:
+            counts: Dict[str, List[object]] = json.load(f)
+        os.unlink(out)
+        return counts
 
     def restart(self, guest: str) -> float:
         """``stopped`` (untimed), then ``started``: the wall time of the start."""
@@ -248,6 +262,13 @@ def measure(alone: Site, loaded: Site) -> List[Row]:
     syncs = [loaded.sync(others) for _ in range(SYNC_REPEATS)]
     loaded.check_forwards(OTHERS * OTHER_FORWARDS)
 
+    # 6: what one steady start and stop of the subject do, beside the 10,000 others
+    loaded.write_config(10, others=True)
+    loaded.restart(SUBJECT)
+    loaded.hook(SUBJECT, "stopped", "end")
+    counts = {"started": loaded.counted(SUBJECT, "started", "begin"),
+              "stopped": loaded.counted(SUBJECT, "stopped", "end")}
+
     pass_ms = med(passes)
     rows = [Row("floor (a) python -I -c pass", pass_ms, None, None, "-", None)]
     for n in SIZES:
@@ -270,6 +291,14 @@ def measure(alone: Site, loaded: Site) -> List[Row]:
     nobody_ms = med(nobody)
     rows.append(Row("hook started, guest not in config", nobody_ms, pass_ms, nobody_ms / pass_ms,
                     "<=1.3x floor", nobody_ms / pass_ms <= 1.3))
+    for op, c in counts.items():
+        calls = len(c["transactions"]) + len(c["reads"])
+        rows.append(Row(f"hook {op}, 10 fwd, +10k: nftables calls", calls, None, None,
+                        "<=2 (1 transaction)", calls <= 2 and len(c["transactions"]) == 1))
+        rows.append(Row(f"hook {op}, 10 fwd, +10k: subprocesses", len(c["subprocesses"]),
+                        None, None, "0", not c["subprocesses"]))
+        rows.append(Row(f"hook {op}, 10 fwd, +10k: run-dir writes", len(c["writes"]), None,
+                        None, "<=2", len(c["writes"]) <= 2))
     sync_ms = med(r["sync_ms"] for r in syncs)
     rows.append(Row("sync 10k fwd: Engine.sync() in-process", sync_ms, None, None, "<1000 ms",
                     sync_ms < 1000))

@@ -14,7 +14,7 @@ import pytest
 
 from netlab import BRIDGE4, CLIENT4, HOST4, Lab
 from pfhost import PortfwdHost, RunningDaemon, driver_uri, web1_config
-from portfwd import constants, hostnet
+from portfwd import constants, hostnet, state
 from portfwd.engine import Engine
 
 CONFIG = "[options]\nlocalhost = true\n" + web1_config("8080:80")
@@ -37,8 +37,8 @@ def route_localnet(lab: Lab) -> str:
 
 
 def localnet_record(pf: PortfwdHost) -> Any:
-    with open(os.path.join(pf.run_dir, "localnet.json"), encoding="utf-8") as f:
-        return json.load(f)
+    """The bridges the run directory records route_localnet on for (the host record)."""
+    return state.Store(pf.run_dir).localnet()
 
 
 def forwards_work(lab: Lab) -> bool:

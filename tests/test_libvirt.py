@@ -14,6 +14,7 @@ import pytest
 
 from libvirtlab import NET6_XML, LibvirtLab
 from netlab import CLIENT4, CLIENT6, HOST4, HOST6, TRAFFIC
+from portfwd import state
 
 pytestmark = pytest.mark.kernel
 
@@ -217,8 +218,7 @@ def test_hairpin_mode_of_the_guest_tap(vlab: LibvirtLab) -> None:
         while hairpin_mode(vlab, tap) != "1" and time.monotonic() < deadline:
             time.sleep(0.2)
         assert hairpin_mode(vlab, tap) == "1"
-        with open(os.path.join(vlab.run_dir, "ports.json")) as f:
-            assert list(json.load(f)["pf-web1"]) == [tap]
+        assert list(state.Store(vlab.run_dir).hairpin_ports()["pf-web1"]) == [tap]
         # sync reads the taps from libvirt's XML of each running guest
         vlab.ns(vlab.lab, "ip", "link", "set", "dev", tap, "type", "bridge_slave", "hairpin", "off")
         r = portfwd(vlab, "sync")
@@ -227,5 +227,4 @@ def test_hairpin_mode_of_the_guest_tap(vlab: LibvirtLab) -> None:
     finally:
         vlab.virsh("destroy", "pf-web1")
     assert hairpin_mode(vlab, tap) in (None, "0")
-    with open(os.path.join(vlab.run_dir, "ports.json")) as f:
-        assert json.load(f) == {}
+    assert state.Store(vlab.run_dir).hairpin_ports() == {}

@@ -27,9 +27,10 @@ def test_guests_and_summary_round_trip(tmp_path: "os.PathLike[str]") -> None:
                         GuestState("db 1", None, "other", [b])], _bridges)
     assert sorted(st.guest for st in store.all_guests()) == ["db 1", "web1"]
     assert store.read_guest("web1") is not None and store.read_guest("nobody") is None
-    with open(os.path.join(str(tmp_path), state.SUMMARY), encoding="utf-8") as f:
-        assert json.load(f) == {"db 1": ["4:virbr0", "T:other"],
-                                "web1": ["4:virbr0", "L:virbr0", "T:portfwd"]}
+    assert store.commit() and not store.commit()  # written once, then nothing changed
+    with open(os.path.join(str(tmp_path), state.HOST), encoding="utf-8") as f:
+        assert json.load(f)["guests"] == {"db 1": ["4:virbr0", "T:other"],
+                                          "web1": ["4:virbr0", "L:virbr0", "T:portfwd"]}
     summary = store.read_summary(_bridges)
     assert summary["web1"].table == "portfwd" and summary["web1"].localnet == {"virbr0"}
     store.write_guests([GuestState("web1", None, "portfwd", [])], _bridges)  # forgotten
@@ -56,11 +57,56 @@ def test_hairpin_layout_and_clear(tmp_path: "os.PathLike[str]") -> None:
 
 
 def test_unreadable_hairpin_ports_read_as_none(tmp_path: "os.PathLike[str]") -> None:
-    store = state.Store(str(tmp_path))
     for text in ("[1]", '{"web1": {"vnet3": [17]}}', '{"web1": 3}', "{"):
         with open(os.path.join(str(tmp_path), "ports.json"), "w") as f:
             f.write(text)
-        assert store.hairpin_ports() == {}
+        assert state.Store(str(tmp_path)).hairpin_ports() == {}
+    for text in ('{"ports": {"web1": 3}}', "{", "[]"):
+        with open(os.path.join(str(tmp_path), state.HOST), "w") as f:
+            f.write(text)
+        assert state.Store(str(tmp_path)).hairpin_ports() == {}
+
+
+def test_host_record_is_one_file_written_once(tmp_path: "os.PathLike[str]") -> None:
+    """The summary, hairpin sets, route_localnet, hairpin ports and libvirt accepts live
+    in host.json, changed in memory and written by one ``commit``; another Store (a
+    later run) reads them back."""
+    root = str(tmp_path)
+    store = state.Store(root)
+    store.write_summary({"web1": Bridges.of("portfwd", {(4, "virbr0")})})
+    store.write_hairpin({"portfwd": ["virbr0"]})
+    store.write_localnet(["virbr0"])
+    store.write_hairpin_ports({"web1": {"vnet0": (7, "0")}})
+    store.write_accepts({4: ["virbr0"], 6: []})
+    assert not os.path.exists(os.path.join(root, state.HOST))
+    assert store.commit() and os.listdir(root) == [state.HOST]
+    later = state.Store(root)
+    assert later.hairpin() == {"portfwd": ["virbr0"]} and later.localnet() == ["virbr0"]
+    assert later.hairpin_ports() == {"web1": {"vnet0": (7, "0")}}
+    assert later.accepts() == {4: ["virbr0"]}
+    assert later.read_summary(_bridges)["web1"].routed == {(4, "virbr0")}
+    later.write_localnet(["virbr0"])  # unchanged: nothing to write
+    assert not later.commit()
+    store.write_localnet([])  # the first Store sees the later one's file, not its own copy
+    assert store.commit() and state.Store(root).localnet() == []
+
+
+def test_files_of_earlier_versions_fold_into_the_host_record(
+        tmp_path: "os.PathLike[str]") -> None:
+    root = str(tmp_path)
+    old = {"bridges.json": {"web1": ["4:virbr0", "T:portfwd"]},
+           "hairpin.json": {"portfwd": ["virbr0"]}, "localnet.json": ["virbr0"],
+           "ports.json": {"web1": {"vnet0": [7, "0"]}}}
+    for name, value in old.items():
+        with open(os.path.join(root, name), "w") as f:
+            json.dump(value, f)
+    store = state.Store(root)
+    assert store.hairpin() == {"portfwd": ["virbr0"]} and store.localnet() == ["virbr0"]
+    assert store.hairpin_ports() == {"web1": {"vnet0": (7, "0")}}
+    assert list(store.read_summary(_bridges)) == ["web1"]
+    assert store.commit()
+    assert os.listdir(root) == [state.HOST]  # the old files went with the first write
+    assert state.Store(root).hairpin() == {"portfwd": ["virbr0"]}
 
 
 # -- what a killed run leaves, and the writes that leave nothing ----------------------

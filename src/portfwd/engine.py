@@ -142,11 +142,7 @@ class Engine:
             self.store.write_summary(summary)
         else:
             summary = self.read_summary()
-        wanted: Wanted = {4: set(), 6: set()}
-        for bridges in summary.values():
-            for family, bridge in bridges.routed:
-                wanted[family].add(bridge)
-        return wanted
+        return _wanted_of(summary)
 
     def ensure_compat(self, wanted: Optional[Wanted] = None) -> List[str]:
         """Put portfwd's narrow accepts where libvirt would reject forwarded traffic
@@ -162,14 +158,16 @@ class Engine:
         compat.run_iptables(argvs, deadline)
         if commands or argvs:
             fw = compat.read(self.nft, deadline)
+        self.store.write_accepts({f: sorted(b) for f, b in wanted.items()})
+        self.store.commit()
         return compat.blockers(fw, wanted)
 
     def _ensure_hairpin_and_localnet(self) -> None:
         """Per table, the hairpin set names exactly the bridges with forwards; and
         route_localnet is on exactly on the bridges of forwards from 127.0.0.1 (and
         turned off again only where portfwd turned it on). The hairpin set is changed
-        only when it differs from what portfwd last wrote (hairpin.json); the sysctl
-        is compared with its live value (localnet.json: where portfwd turned it on)."""
+        only when it differs from what portfwd last wrote (the host record); the sysctl
+        is compared with its live value (the host record: where portfwd turned it on)."""
         per_table: Dict[str, Set[str]] = {}
         localnet: Dict[str, Set[str]] = {}
         for bridges in self.read_summary().values():
@@ -192,7 +190,7 @@ class Engine:
         table → those bridges), compared with the live sysctl (a network restart
         recreates the bridge with it off). Turned on only while the table's drop
         rule for outside packets to 127.0.0.0/8 is in the kernel; turned off again
-        only where portfwd turned it on (localnet.json)."""
+        only where portfwd turned it on (the host record)."""
         enabled = set(self.store.localnet())
         keep: Set[str] = set()
         for table, bridges in sorted(wanted.items()):
@@ -222,6 +220,7 @@ class Engine:
             except OSError as e:  # the bridge went meanwhile: nothing left to turn off
                 log.warning(f"route_localnet of {bridge}: {e}")
         self.store.write_localnet([])
+        self.store.commit()
         return bridges
 
     def guarded(self, table: str) -> bool:
@@ -235,23 +234,39 @@ class Engine:
 
     def unguarded(self) -> List[str]:
         """The recorded tables (of guests with forwards) that are gone from the kernel or
-        lack their 127.0.0.0/8 guard; cheap (bridges.json, one netlink dump per table)."""
+        lack their 127.0.0.0/8 guard; cheap (the host record, one netlink dump per table)."""
         tables = sorted({bridges.table for bridges in self.read_summary().values()})
         return [table for table in tables if not self.guarded(table)]
 
-    def _ensure_hairpin_ports(self) -> None:
+    def _ensure_hairpin_ports(self, only: Optional[str] = None) -> None:
         """Hairpin mode on the taps of guests with forwards, on the bridges those lead
         to (a guest reaching its own forward where br_netfilter bridges it back); put
-        back as found where the forwards went (``bridgeport``; ports.json)."""
-        wanted = {guest: {name for _, name in b.routed} for guest, b in self.read_summary().items()}
-        recorded = self.store.hairpin_ports()
+        back as found where the forwards went (``bridgeport``; the host record's
+        ports). ``only``: that guest's taps alone (one guest's event)."""
+        summary = self.read_summary()
+        wanted = {guest: {name for _, name in b.routed} for guest, b in summary.items()
+                  if only is None or guest == only}
+        everyone = self.store.hairpin_ports()
+        recorded = everyone if only is None else {g: t for g, t in everyone.items() if g == only}
         if not recorded and not any(wanted.get(g) for g in self.taps):
             return  # nothing recorded, no live XML of a guest with forwards: sysfs untouched
         updated, problems = bridgeport.reconcile(wanted, self.taps, recorded)
         for line in problems:
             log.warning(line)
-        if updated != recorded:
+        if only is not None:
+            updated = dict({g: t for g, t in everyone.items() if g != only}, **updated)
+        if updated != everyone:
             self.store.write_hairpin_ports(updated)
+
+    def _ensure_localnet_of(self, summary: Dict[str, Bridges]) -> None:
+        """route_localnet for one guest's event: looked at only where a forward from
+        127.0.0.1 wants it or portfwd turned it on (else nothing to read or write)."""
+        wanted: Dict[str, Set[str]] = {}
+        for bridges in summary.values():
+            if bridges.localnet:
+                wanted.setdefault(bridges.table, set()).update(bridges.localnet)
+        if wanted or self.store.localnet():
+            self._ensure_localnet(wanted)
 
     def firewall(self, addresses: Optional[Iterable[str]] = None) -> Tuple[List[str], List[str]]:
         """(how the host filters forwarded traffic, what blocks portfwd's forwards),
@@ -376,10 +391,11 @@ class Engine:
         self.store.forget_hairpin(table)
 
     def apply_guest(self, name: str, uuid: Optional[str], table: str, planned: Sequence[Binding],
-                    resolver: Optional[Resolver] = None) -> GuestState:
+                    resolver: Optional[Resolver] = None, look: bool = False) -> GuestState:
         """Make the table hold exactly this guest's forwards whose address is known
         (``planned``: ``plan.bind`` of its templates); returns what was applied and
-        what waits for an address."""
+        what waits for an address. One pass (``_one_pass``); ``look``: also look at
+        libvirt's chains whatever the host record says."""
         old_state = self.read_state(name)
         if resolver is not None:
             self._prepare(resolver, self.discover, self._claimed_by_others(name),
@@ -396,22 +412,95 @@ class Engine:
                 self._apply_with_layout(old_table,
                                         lambda v: rules.guest_update(old_table, gone, [], v))
             old = []
-        if new or old:
-            try:
-                self._apply_with_layout(table, lambda v: rules.guest_update(table, old, new, v))
-            except HostError as first:
-                log.warning(f"guest {name}: incremental update refused ({first});"
-                            " rebuilding the table from recorded state")
-                for b, holder in self._rebuild_with(name, table, new):
-                    new.remove(b)
-                    why = f"host port {display.listen_text(b)}/{b.proto} is held by guest {holder}"
-                    log.warning(f"guest {name}: {why}; fix the configuration (`portfwd check`)")
-                    wanted.pending.append((b, Reason(Reason.HELD, why)))
         applied = GuestState(name, uuid, table, new, wanted.pending, wanted.address_from,
                              wanted.warnings)
+        try:
+            self._one_pass(applied, old, new, look)
+        except HostError as first:
+            if not (new or old):
+                raise
+            log.warning(f"guest {name}: incremental update refused ({first});"
+                        " rebuilding the table from recorded state")
+            for b, holder in self._rebuild_with(name, table, new):
+                new.remove(b)
+                why = f"host port {display.listen_text(b)}/{b.proto} is held by guest {holder}"
+                log.warning(f"guest {name}: {why}; fix the configuration (`portfwd check`)")
+                wanted.pending.append((b, Reason(Reason.HELD, why)))
+            applied = GuestState(name, uuid, table, new, wanted.pending, wanted.address_from,
+                                 wanted.warnings)
+            self.write_states([applied])
+            self._report(self.ensure_compat())
+            return applied
         self.write_states([applied])
-        self._report(self.ensure_compat())
+        self.store.commit()
         return applied
+
+    def _one_pass(self, after: GuestState, old: List[Binding], new: List[Binding],
+                  look: bool) -> None:
+        """The kernel side of one guest event, once its bindings are decided: the host
+        record updated (in memory: the caller writes the guest record, then
+        ``commit``), then ONE nftables transaction holding the guest's elements, the
+        table's hairpin set when the bridges with forwards changed and, on libvirt's
+        nftables backend, the accepts in libvirt's table; iptables, the taps' hairpin
+        mode and route_localnet are touched only where something changed.
+
+        libvirt's chains are looked at (``compat.read``) only when the bridges that
+        need an accept differ from those the last look left in place, or when
+        ``look`` asks (a reconnect: libvirtd has just rebuilt its rules); the network
+        hook, ``reapply`` and the daemon keep them in place otherwise."""
+        name, table = after.guest, after.table
+        summary = self.read_summary()
+        if after.bindings:
+            summary[name] = self._bridges_of(after)
+        else:
+            summary.pop(name, None)
+        self.store.write_summary(summary)
+        extra: List[rules.Command] = []
+        written = self.store.hairpin()
+        wants = {t: sorted({bridge for b in summary.values() if b.table == t
+                            for _, bridge in b.routed}) for t in set(written) | {table}}
+        want = wants[table]
+        hairpin_changed = written.get(table) != want and (want or self._layout_known(table))
+        for other, bridges in sorted(wants.items()):  # a table the configuration renamed
+            if other != table and written.get(other) != bridges:
+                if self._layout_known(other):
+                    extra += rules.hairpin(other, bridges)
+                    written[other] = bridges
+                else:
+                    written.pop(other, None)  # a table portfwd no longer keeps
+        wanted = _wanted_of(summary)
+        argvs: List[List[str]] = []
+        deadline = compat.new_deadline()
+        fw: Optional[compat.Firewall] = None
+        accepts_changed = False
+        if look or wanted != _as_sets(self.store.accepts()):
+            fw = compat.read(self.nft, deadline)
+            commands, argvs = compat.changes(fw, wanted)
+            extra += commands
+            accepts_changed = bool(commands or argvs)
+        built = [self._layout_known(table)]  # False once the table is (re)built below
+
+        def batch(variant: str) -> List[rules.Command]:
+            cmds = rules.guest_update(table, old, new, variant) + extra
+            if hairpin_changed or not built[-1]:  # a rebuilt table's hairpin set is empty
+                cmds += rules.hairpin(table, want)
+            built.append(False)
+            return cmds
+
+        if new or old or extra or hairpin_changed:
+            self._apply_with_layout(table, batch)
+        written[table] = want
+        if written != self.store.hairpin():
+            self.store.write_hairpin(written)
+        if argvs:
+            compat.run_iptables(argvs, deadline)
+        if fw is not None:  # looked: what still blocks, as the kernel now has it
+            self.store.write_accepts({f: sorted(b) for f, b in wanted.items()})
+            if accepts_changed:
+                fw = compat.read(self.nft, deadline)
+            self._report(compat.blockers(fw, wanted))
+        self._ensure_localnet_of(summary)
+        self._ensure_hairpin_ports(only=name)
 
     def _prepare(self, resolver: Resolver, discover: Sequence[str], claimed: Dict[str, str],
                  kept: Set[str], running: Optional[Dict[str, str]] = None,
@@ -502,10 +591,12 @@ class Engine:
         # recorded as being removed first: killed halfway, the next stop or rebuild
         # (reapply, sync) takes out what is left, and nothing brings it back
         self.write_states([GuestState(name, old_state.uuid, table, [], removing=doomed)])
-        if doomed and (self._layout_known(table) or self.table_owner(table)):
-            self._apply_with_layout(table, lambda v: rules.guest_update(table, doomed, [], v))
-        self.write_states([GuestState(name, old_state.uuid, table, [])])
-        self._report(self.ensure_compat())
+        gone = GuestState(name, old_state.uuid, table, [])
+        if doomed and not (self._layout_known(table) or self.table_owner(table)):
+            doomed = []  # the table is gone, or another's: nothing of ours to take out
+        self._one_pass(gone, doomed, [], look=False)
+        self.write_states([gone])
+        self.store.commit()
         return len(old_state.bindings)
 
     def reapply(self) -> List[Binding]:
@@ -603,6 +694,7 @@ class Engine:
             changed = _changed(old_states, wanted)  # pending reasons, warnings: records only
             if changed:
                 self.write_states(changed)
+                self.store.commit()
             self._await_evidence(awaited)  # the daemon's recheck follows what still waits
             return everything
         self.rebuilt = not dry_run
@@ -710,6 +802,19 @@ def _in_kernel(table: str, recorded: List[Recorded], wanted: Dict[str, GuestStat
             return False
         bound.discard(rec.guest)
     return not bound
+
+
+def _wanted_of(summary: Dict[str, Bridges]) -> Wanted:
+    """Family → the bridges forwards lead to, by the host record's summary."""
+    wanted: Wanted = {4: set(), 6: set()}
+    for bridges in summary.values():
+        for family, bridge in bridges.routed:
+            wanted[family].add(bridge)
+    return wanted
+
+
+def _as_sets(accepts: Dict[int, List[str]]) -> Wanted:
+    return {4: set(accepts.get(4, [])), 6: set(accepts.get(6, []))}
 
 
 def _log_refusals(name: str, seen: Set[Reason], now: GuestState) -> None:

@@ -173,7 +173,8 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) 
         from .bridgeport import taps
 
         engine.taps[name] = taps(xml)  # their hairpin mode (ensure_compat)
-        applied = engine.apply_guest(name, uuid, table, planned, resolver)
+        applied = engine.apply_guest(name, uuid, table, planned, resolver,
+                                     look=op == "reconnect")
         if not applied.empty or had_state:
             waiting = f", {len(applied.pending)} waiting for an address" if applied.pending else ""
             log.info(f"guest {name} {op}: {len(applied.bindings)} forward(s) in table inet"

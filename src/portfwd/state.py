@@ -8,11 +8,16 @@ format and its atomic write live here (``Store``, and the lock ``locked``).
         name/NAME         the binding templates (``plan.Template``) of guest NAME
         uuid/UUID         … of a guest named by UUID
     guests/NAME.json      what was applied per guest (``record.GuestState.to_json``)
-    bridges.json          guest → ``values.Bridges.to_json()``: where its forwards lead
-    hairpin.json          table → the bridges portfwd last wrote into its hairpin set
-    localnet.json         bridges where portfwd turned route_localnet on
-    ports.json            guest → tap → [ifindex, hairpin mode found]: the bridge ports
+    host.json             what portfwd keeps host-wide, one file written once per run:
+        guests            guest → ``values.Bridges.to_json()``: where its forwards lead
+        hairpin           table → the bridges portfwd last wrote into its hairpin set
+        localnet          bridges where portfwd turned route_localnet on
+        ports             guest → tap → [ifindex, hairpin mode found]: the bridge ports
                           portfwd keeps in hairpin mode (``bridgeport``)
+        accepts           family → the bridges whose accepts in libvirt's chains the
+                          last look at them (``compat``) found or put in place
+                          (bridges.json, hairpin.json, localnet.json and ports.json of
+                          earlier versions are read once and folded into it)
     awaiting.json         [guest, address, MAC, bridge, tap] of each discovered address
                           the last sync left waiting for evidence (``evidence``)
     layout.TABLE          the ``constants.LAYOUT`` TABLE was last built with, and its
@@ -59,10 +64,10 @@ DEFAULT_RUN_DIR = "/run/portfwd"
 ENV_RUN_DIR = "PORTFWD_RUNDIR"
 CACHE_FORMAT = "4"  # 3: long guest names map to hashed file names; a range is one template;
 # 4: a template names its configuration entry
-SUMMARY = "bridges.json"  # guest → bridges its forwards lead to
-HAIRPIN = "hairpin.json"
-LOCALNET = "localnet.json"
-PORTS = "ports.json"
+HOST = "host.json"  # host-wide records (``Store.host``)
+# the files host.json replaces: read once, folded into it, removed when it is written
+LEGACY_HOST_FILES = {"guests": "bridges.json", "hairpin": "hairpin.json",
+                     "localnet": "localnet.json", "ports": "ports.json"}
 AWAITING = "awaiting.json"
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 # longest per-guest file name kept as is: with ".json.tmp.PID.RANDOM" it stays below
@@ -114,7 +119,8 @@ def file_name(name: str) -> str:
 
 
 def ensure_dir(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    if not os.path.isdir(path):  # a stat, where makedirs would try mkdir every time
+        os.makedirs(path, mode=0o700, exist_ok=True)
 
 
 class LockTimeout(Exception):
@@ -316,9 +322,10 @@ def has_guest_state(name: str, root: Optional[str] = None) -> bool:
 
 
 def has_forwards(root: Optional[str] = None) -> bool:
-    """Whether any guest has forwards applied (the bridges summary is not empty)."""
+    """Whether any guest has forwards applied (a guest record exists)."""
     try:
-        return os.path.getsize(os.path.join(root or run_dir(), SUMMARY)) > 2
+        with os.scandir(os.path.join(root or run_dir(), "guests")) as entries:
+            return any(e.name.endswith(".json") for e in entries)
     except OSError:
         return False
 
@@ -368,9 +375,10 @@ class Store:
 
     def __init__(self, root: Optional[str] = None) -> None:
         self.root = root or run_dir()
-        # bridges.json as last read or written, keyed by its stat: a hook reads it
-        # three times, and with thousands of guests each read costs
-        self._summary: Optional[Tuple[Tuple[int, int, int], Dict[str, Bridges]]] = None
+        # host.json as last read (keyed by its stat; None: not on disk) or changed
+        self._record: Optional[Tuple[Optional[Tuple[int, int, int]], Dict[str, Any]]] = None
+        self._dirty = False  # changed since read: ``commit`` writes it
+        self._legacy = False  # read from the files of an earlier version
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -495,7 +503,8 @@ class Store:
 
     def write_guests(self, states: Iterable[GuestState],
                      bridges_of: Callable[[GuestState], Bridges]) -> None:
-        """Record (or, for no bindings, forget) guests, and where their forwards lead."""
+        """Record (or, for no bindings, forget) guests, and where their forwards lead
+        (in the host record: ``commit`` writes it)."""
         import json
 
         summary = self.read_summary(bridges_of)
@@ -513,45 +522,96 @@ class Store:
             write_atomic(path, json.dumps(st.to_json(), separators=(",", ":")).encode())
         self.write_summary(summary)
 
-    # -- bridges.json ------------------------------------------------------------
-    def read_summary(self, bridges_of: Callable[[GuestState], Bridges]) -> Dict[str, Bridges]:
-        """Guest → the bridges its forwards lead to; kept beside the states, so that
-        knowing which bridges need an accept does not read every guest's state.
-        Missing or unreadable: rebuilt from the states with ``bridges_of``."""
+    # -- host.json ----------------------------------------------------------------
+    def _host(self) -> Dict[str, Any]:
+        """The host record as this Store last read or changed it; read once per stat
+        of host.json (a long-running caller sees others' commits). Without host.json,
+        the files of earlier versions are folded in (written by the next ``commit``)."""
         import json
 
         from . import log
-        from .constants import DEFAULT_TABLE
-        from .values import Bridges
 
-        path = self._path(SUMMARY)
+        path = self._path(HOST)
         try:
             with open(path, encoding="utf-8") as f:
                 key = _stat_key(os.fstat(f.fileno()))
-                if self._summary is not None and self._summary[0] == key:
-                    return dict(self._summary[1])
+                if self._record is not None and (self._dirty or self._record[0] == key):
+                    return self._record[1]
                 data = json.load(f)
-            summary = {str(k): Bridges.from_json(v, DEFAULT_TABLE) for k, v in data.items()}
-            self._summary = (key, summary)
-            return dict(summary)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            self._record, self._dirty = (key, data), False
+            return data
         except FileNotFoundError:
-            pass  # none yet, or lost: the states say it all
-        except (OSError, ValueError, AttributeError, TypeError) as e:
+            if self._record is not None and (self._dirty or self._record[0] is None):
+                return self._record[1]
+        except (OSError, ValueError) as e:
+            if self._record is not None and self._dirty:
+                return self._record[1]
             log.warning(f"rebuilding unreadable {path}: {e}")
+        data = {section: self._read_json(legacy, None)
+                for section, legacy in LEGACY_HOST_FILES.items()}
+        data = {k: v for k, v in data.items() if v is not None}
+        self._record = (None, data)
+        self._dirty = self._legacy = bool(data)
+        return data
+
+    def _section(self, name: str, default: Any) -> Any:
+        value = self._host().get(name, default)
+        return value if isinstance(value, type(default)) else default
+
+    def _set(self, name: str, value: Any) -> None:
+        """Change one section of the host record (in memory, until ``commit``)."""
+        data = self._host()
+        if data.get(name) != value:
+            data[name] = value
+            self._dirty = True
+
+    def commit(self) -> bool:
+        """Write the host record if this run changed it (one atomic write); the files
+        it replaced go then. Returns whether it wrote."""
+        import json
+
+        if not self._dirty or self._record is None:
+            return False
+        data = self._record[1]
+        path = self._path(HOST)
+        ensure_dir(self.root)
+        write_atomic(path, json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
+        try:
+            self._record = (_stat_key(os.stat(path)), data)
+        except OSError:
+            self._record = None
+        self._dirty = False
+        if self._legacy:  # folded in: the files of earlier versions go
+            self._legacy = False
+            for legacy in LEGACY_HOST_FILES.values():
+                try:
+                    os.unlink(self._path(legacy))
+                except FileNotFoundError:
+                    pass
+        return True
+
+    def read_summary(self, bridges_of: Callable[[GuestState], Bridges]) -> Dict[str, Bridges]:
+        """Guest → the bridges its forwards lead to; kept in the host record, so that
+        knowing which bridges need an accept does not read every guest's state.
+        Missing: rebuilt from the states with ``bridges_of``."""
+        from .constants import DEFAULT_TABLE
+        from .values import Bridges
+
+        data = self._host().get("guests")
+        if isinstance(data, dict):
+            try:
+                return {str(k): Bridges.from_json(v, DEFAULT_TABLE) for k, v in data.items()}
+            except (AttributeError, TypeError) as e:
+                from . import log
+
+                log.warning(f"rebuilding the guests' bridges of {self._path(HOST)}: {e}")
         return {st.guest: bridges_of(st) for st in self.all_guests()}
 
     def write_summary(self, summary: Dict[str, Bridges]) -> None:
-        import json
+        self._set("guests", {guest: bridges.to_json() for guest, bridges in sorted(summary.items())})
 
-        data = {guest: bridges.to_json() for guest, bridges in summary.items()}
-        path = self._path(SUMMARY)
-        write_atomic(path, json.dumps(data, sort_keys=True).encode())
-        try:
-            self._summary = (_stat_key(os.stat(path)), dict(summary))
-        except OSError:
-            self._summary = None
-
-    # -- hairpin.json, localnet.json -----------------------------------------------
     def _read_json(self, name: str, default: Any) -> Any:
         import json
 
@@ -568,12 +628,11 @@ class Store:
 
     def hairpin(self) -> Dict[str, List[str]]:
         """Table → the bridges portfwd last wrote into its hairpin set."""
-        data = self._read_json(HAIRPIN, {})
-        return {str(k): [str(b) for b in v] for k, v in data.items()} if isinstance(data, dict) \
-            else {}
+        data = self._section("hairpin", {})
+        return {str(k): [str(b) for b in v] for k, v in data.items() if isinstance(v, list)}
 
     def write_hairpin(self, written: Dict[str, List[str]]) -> None:
-        self._write_json(HAIRPIN, written)
+        self._set("hairpin", {table: list(bridges) for table, bridges in written.items()})
 
     def forget_hairpin(self, table: str) -> None:
         """The table was (re)created: its hairpin set is empty, whatever was written."""
@@ -583,16 +642,14 @@ class Store:
 
     def localnet(self) -> List[str]:
         """The bridges where portfwd turned ``route_localnet`` on."""
-        data = self._read_json(LOCALNET, [])
-        return [str(b) for b in data] if isinstance(data, list) else []
+        return [str(b) for b in self._section("localnet", [])]
 
     def write_localnet(self, bridges: List[str]) -> None:
-        self._write_json(LOCALNET, sorted(bridges))
+        self._set("localnet", sorted(bridges))
 
-    # -- ports.json ----------------------------------------------------------------
     def hairpin_ports(self) -> Records:
         """Guest → tap → (ifindex, hairpin mode before portfwd turned it on)."""
-        data = self._read_json(PORTS, {})
+        data = self._section("ports", {})
         out: Records = {}
         try:
             for guest, taps in data.items():
@@ -602,8 +659,22 @@ class Store:
         return out
 
     def write_hairpin_ports(self, records: Records) -> None:
-        self._write_json(PORTS, {guest: {tap: list(v) for tap, v in taps.items()}
-                                 for guest, taps in records.items()})
+        self._set("ports", {guest: {tap: list(v) for tap, v in taps.items()}
+                            for guest, taps in sorted(records.items()) if taps})
+
+    def accepts(self) -> Dict[int, List[str]]:
+        """Family → the bridges whose accepts the last look at libvirt's chains found
+        in place or put there (empty: not looked, or none wanted)."""
+        data = self._section("accepts", {})
+        try:
+            return {int(k): sorted(str(b) for b in v) for k, v in data.items()}
+        except (TypeError, ValueError):
+            return {}
+
+    def write_accepts(self, wanted: Optional[Dict[int, List[str]]]) -> None:
+        """What a look at libvirt's chains left in place (None: unknown, look next time)."""
+        self._set("accepts", {} if wanted is None else
+                  {str(f): sorted(b) for f, b in sorted(wanted.items()) if b})
 
     # -- awaiting.json -------------------------------------------------------------
     def awaiting(self) -> List[Tuple[str, str, str, str, str]]:
@@ -641,11 +712,14 @@ class Store:
     # -- everything ----------------------------------------------------------------
     def clear(self) -> None:
         """Forget every guest and table (``portfwd flush``); the compiled
-        configuration, localnet.json and ports.json stay (the sysctls and hairpin
-        modes are put back after)."""
+        configuration and the host record's localnet and ports stay (the sysctls
+        and hairpin modes are put back after, and ``commit`` writes it)."""
         import shutil
 
         shutil.rmtree(self._path("guests"), ignore_errors=True)
         for name in os.listdir(self.root):
-            if name in (SUMMARY, HAIRPIN, AWAITING) or name.startswith("layout."):
+            if (name in (LEGACY_HOST_FILES["guests"], LEGACY_HOST_FILES["hairpin"], AWAITING)
+                    or name.startswith("layout.")):
                 os.unlink(self._path(name))
+        for section in ("guests", "hairpin", "accepts"):
+            self._set(section, {})

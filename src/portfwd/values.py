@@ -146,7 +146,7 @@ class Bridges:
     the interfaces the kernel routes the guest addresses to (per family), and those
     of forwards from 127.0.0.1 (which need ``route_localnet``).
 
-    Kept as the entries bridges.json has always held (``["4:virbr0", "L:virbr0",
+    Kept as the entries the summary has always held (``["4:virbr0", "L:virbr0",
     "T:portfwd"]``) and read on demand: every guest change rewrites the summary of
     all guests, which must stay cheap with thousands of them."""
 
