@@ -16,6 +16,7 @@ from . import portspec
 from .conflicts import (Claim, claimed_where, claims_of, clash_message, crowd_message,
                         find_conflicts, group_conflicts)
 from .constants import DEFAULT_TABLE, DISCOVER_SOURCES
+from .domainxml import mac_problem
 from .errors import ConfigError
 from .model import (Config, Forward, IPAddress, IPNetwork, Listen,
                     Options, PortForward, Where)
@@ -610,18 +611,9 @@ class _Validator:
         """A guest NIC's MAC: six octets, unicast, not all zero; returned lower case."""
         if not self.expect(value, str, path, 'a MAC address string such as "52:54:00:12:34:56"'):
             return None
-        octets = value.split(":")
-        if len(octets) != 6 or not all(len(o) == 2 and all(c in "0123456789abcdefABCDEF" for c in o)
-                                       for o in octets):
-            self.error(path, f"{value!r} is not a MAC address (six octets such as"
-                             " 52:54:00:12:34:56, as `virsh domiflist` prints them)")
-            return None
-        if int(octets[0], 16) & 1:
-            self.error(path, f"{value} is a multicast MAC address; a guest NIC's MAC is unicast"
-                             " (the first octet is even)")
-            return None
-        if value.strip("0:") == "":
-            self.error(path, f"{value} is the all-zero MAC address; no NIC has it")
+        problem = mac_problem(value)
+        if problem:
+            self.error(path, problem)
             return None
         return str(value).lower()
 
