@@ -28,6 +28,7 @@ from .engine import Engine
 from .errors import HostError
 from .hostnet import Link
 from .model import Config
+from .pathwalk import at
 from .status import live_elements, live_state
 from .values import Reason
 
@@ -65,7 +66,7 @@ def confinement(root: str = "/", enforcing: Optional[bool] = None,
             problems += read.problems
     hooks = [(kind, path, apparmor.hook_chain(root, path)) for kind in ("qemu", "network")
              for path in [f"{apparmor.HOOK_DIR}/{kind}.d/portfwd"]
-             if os.path.lexists(apparmor.at(root, path))]
+             if os.path.lexists(at(root, path))]
     if not profiles or not hooks:
         return None
     return Confinement(profiles, hooks, problems)
