@@ -12,7 +12,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Dict, Iterable, List, Sequence, Tuple, Union
 
-    from .model import Config, Forward, Guest
+    from .model import Forward
 
     from .values import Target
 
@@ -138,11 +138,6 @@ class Binding(Value):
         entry = str(raw[7]) if len(raw) > 7 else ""
         return cls(str(kind), int(family), tuple(key_part_from_text(p) for p in key),
                    target_from_text(str(target)), int(port), str(guest), str(comment), entry)
-
-
-def guest_bindings(config: Config, guest: Guest) -> List[Binding]:
-    """Every binding the configuration asks for this guest."""
-    return bind(templates(config.forwards_for(guest.name, guest.uuid)), guest.name)
 
 
 def forwards_bindings(forwards: Iterable[Forward], guest_name: str) -> List[Binding]:

@@ -72,8 +72,6 @@ MAPS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS
         for w in ("ip", "port", "range", "to")}
 # the maps whose elements count the connections they DNAT (see the module's docstring)
 COUNTED = ("ip", "range", "to")
-# the key sets of the range maps: name → (kind, family)
-RANGE_KEYS = {map_name(k, f, "rkeys"): (k, f) for f in (4, 6) for k in KINDS}
 # the key sets of either variant: name → (kind, family, what)
 KEY_SETS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS for w in ("keys", "rkeys")}
 
