@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
 from netlab import GUEST4, Lab
 from pfhost import PortfwdHost, domain_xml, web1_config
 
-from portfwd import doctor, doctorfacts, listening
+from portfwd import doctor, listening
 
 CONFIG = web1_config("8080:80", "5353:53/udp")
 LAYERS = ["ipv4 forwarding", "ipv6 forwarding", "guest", "bridge", "tap", "mac", "address",

@@ -239,9 +239,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if len(args) != 1 or args[0] not in outputs:
         print(f"usage: python3 -m portfwd.docs {'|'.join(outputs)}", file=sys.stderr)
         return 2
-    from .cli import _parser
+    from .cmdline import parser
 
-    sys.stdout.write(outputs[args[0]](_parser()))
+    sys.stdout.write(outputs[args[0]](parser()))
     return 0
 
 
