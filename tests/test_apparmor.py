@@ -25,7 +25,7 @@ import pytest
 from deblab import PACKAGES, DebRoot, apparmor_dir, build
 from netlab import run
 from pfhost import ROOT, domain_xml
-from portfwd import apparmor, compat, doctor, doctorfacts, pathwalk
+from portfwd import apparmor, compat, doctor, doctorfacts, installpaths, pathwalk
 from trixielab import SUITE, cached_root
 
 SUITES = ["bookworm", pytest.param(SUITE, marks=pytest.mark.trixie)]
@@ -293,8 +293,9 @@ def test_the_package_wrapper_runs_nothing_but_sh_and_cat(tmp_path: "os.PathLike[
     """debian/libvirt-hook: with the hook under /usr/lib gone (package removed, not
     purged) it reads its input with cat and exits 0; else it hands over to /bin/sh."""
     tmp = str(tmp_path)
-    with open(os.path.join(ROOT, "debian", "libvirt-hook")) as f:
-        text = f.read().replace("@KIND@", "qemu")
+    with open(os.path.join(ROOT, "debian", "libvirt-hook")) as f:  # as debian/rules fills it in
+        text = f.read().replace("@HOOK@", f"{installpaths.DEB_HOOK_LIB}/qemu").replace(
+            "@KIND@", "qemu")
     assert '\nhook=/usr/lib/portfwd/hooks/qemu\n' in text
     assert text.endswith('\nexec /bin/sh "$hook" "$@"\n')
     hook = os.path.join(tmp, "portfwd")

@@ -31,7 +31,6 @@ APPARMOR_DIR = "/etc/apparmor.d"
 LIBVIRT_PROFILES = (("usr.sbin.libvirtd", ("qemu", "network")),
                     ("usr.sbin.virtqemud", ("qemu",)),
                     ("usr.sbin.virtnetworkd", ("network",)))
-HOOK_DIR = "/etc/libvirt/hooks"
 # the PATH libvirt gives its hooks (virCommandAddEnvPassCommon)
 LIBVIRT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # what the hooks' sh lines run besides their interpreter

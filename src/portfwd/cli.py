@@ -265,10 +265,10 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    root = args.root
-    def at(path: str) -> str:
-        return os.path.join(root, path.lstrip("/"))
+    from . import installpaths
+    from .pathwalk import at
 
+    root = args.root
     done: List[str] = []
     # libvirt runs hooks with an empty environment: a non-default path goes into the hook
     settings = "".join(f"import os; os.environ[{name!r}] = {value!r}\n" for name, value in (
@@ -292,8 +292,8 @@ def cmd_install(args: argparse.Namespace) -> int:
             log.error(line)
         raise HostError("nothing installed")
 
-    for kind in ("qemu", "network"):
-        hook_dst = at(f"/etc/libvirt/hooks/{kind}.d/portfwd")
+    for kind in installpaths.HOOK_KINDS:
+        hook_dst = at(root, installpaths.hook(kind))
         with open(os.path.join(DATA_DIR, kind), encoding="utf-8") as f:
             template = f.read()
         head, sep, body = template.partition("\n'''\n")  # the end of the sh lines
@@ -304,7 +304,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         state.write_atomic(hook_dst, f"{head}{sep}{settings}{body}".encode(), mode=0o755)
         done.append(f"hook {hook_dst}")
 
-    config_dst = at(args.config or state.DEFAULT_CONFIG)
+    config_dst = at(root, args.config or state.DEFAULT_CONFIG)
     os.makedirs(os.path.dirname(config_dst), mode=0o755, exist_ok=True)
     if not os.path.exists(config_dst):
         with open(os.path.join(DATA_DIR, "forward.toml"), encoding="utf-8") as f:
@@ -318,7 +318,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     # the console script beside this interpreter (the venv's bin), else one on PATH
     beside = os.path.join(os.path.dirname(sys.executable), "portfwd")
     exe = beside if os.access(beside, os.X_OK) else shutil.which("portfwd")
-    link = at("/usr/local/sbin/portfwd")
+    link = at(root, installpaths.COMMAND)
     if exe is None:
         done.append("no portfwd command found to link (install the package with pip first)")
         exe = link
@@ -330,7 +330,7 @@ def cmd_install(args: argparse.Namespace) -> int:
             os.symlink(exe, link)
             done.append(f"command {link} -> {exe}")
 
-    unit_dir = at("/etc/systemd/system")
+    unit_dir = at(root, installpaths.UNIT_DIR)
     for unit in sorted(os.listdir(DATA_DIR)):
         if not unit.endswith(".service"):
             continue
@@ -341,9 +341,8 @@ def cmd_install(args: argparse.Namespace) -> int:
         done.append(f"unit {os.path.join(unit_dir, unit)}")
     from . import docs
 
-    for path, text in ((at("/usr/local/share/man/man8/portfwd.8"), docs.man_page(parser())),
-                       (at("/usr/local/share/bash-completion/completions/portfwd"),
-                        docs.bash_completion(parser()))):
+    for path, text in ((at(root, installpaths.MAN_PAGE), docs.man_page(parser())),
+                       (at(root, installpaths.COMPLETION), docs.bash_completion(parser()))):
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         state.write_atomic(path, text.encode(), mode=0o644)
         done.append(f"{'manual page' if path.endswith('.8') else 'bash completion'} {path}")

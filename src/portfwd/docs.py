@@ -17,6 +17,7 @@ import sys
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import state
+from .installpaths import HOOK_KINDS, hook
 
 SEE_ALSO = ("nft(8)", "virsh(1)", "libvirtd(8)")
 
@@ -151,8 +152,7 @@ def man_page(parser: argparse.ArgumentParser) -> str:
               f"the configuration (\\fB{state.ENV_CONFIG}\\fR names another)",
               ".TP", f"\\fI{_roff(state.DEFAULT_RUN_DIR)}\\fR",
               f"what is applied, per guest (\\fB{state.ENV_RUN_DIR}\\fR names another)",
-              ".TP", "\\fI/etc/libvirt/hooks/qemu.d/portfwd\\fR, "
-                     "\\fI/etc/libvirt/hooks/network.d/portfwd\\fR",
+              ".TP", ", ".join(f"\\fI{_roff(hook(kind))}\\fR" for kind in HOOK_KINDS),
               "the libvirt hooks",
               ".SH SEE ALSO", ", ".join("\\fB%s\\fR(%s)" % tuple(s[:-1].split("("))
                                         for s in SEE_ALSO)]

@@ -20,7 +20,8 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from . import apparmor, compat, domainxml, hostnet, libvirtapi, listening, plan, proc
+from . import (apparmor, compat, domainxml, hostnet, installpaths, libvirtapi, listening, plan,
+               proc)
 from .constants import MARK
 from .doctor import (Check, Confinement, ForwardFacts, GuestFacts, HostFacts, Packet,
                      chain_verdict)
@@ -64,9 +65,8 @@ def confinement(root: str = "/", enforcing: Optional[bool] = None,
         if read is not None:
             profiles += [(read.path, p, kinds) for p in read.profiles]
             problems += read.problems
-    hooks = [(kind, path, apparmor.hook_chain(root, path)) for kind in ("qemu", "network")
-             for path in [f"{apparmor.HOOK_DIR}/{kind}.d/portfwd"]
-             if os.path.lexists(at(root, path))]
+    hooks = [(kind, path, apparmor.hook_chain(root, path)) for kind in installpaths.HOOK_KINDS
+             for path in [installpaths.hook(kind)] if os.path.lexists(at(root, path))]
     if not profiles or not hooks:
         return None
     return Confinement(profiles, hooks, problems)

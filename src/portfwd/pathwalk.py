@@ -18,8 +18,9 @@ PathEntry = Tuple[str, str, os.stat_result]
 
 
 def at(root: str, path: str) -> str:
-    """``path`` (absolute, inside ``root``) as seen from here."""
-    return os.path.join(root, path.lstrip("/")) if root != "/" else path
+    """``path`` inside ``root`` as seen from here (a relative path counts from
+    ``root`` too)."""
+    return os.path.join(root, path.lstrip("/"))
 
 
 def walk(path: str, root: str = "/") -> Tuple[str, List[PathEntry]]:
