@@ -311,9 +311,9 @@ def _elements(table: str, bindings: Iterable[Binding], op: str, variant: str) ->
         if b.is_range:
             values = (("range", b.address),)
         elif variant == CONCAT:
-            values = (("to", {"concat": [b.address, b.port]}),)
+            values = (("to", {"concat": [b.address, b.guest_port]}),)
         else:
-            values = (("ip", b.address), ("port", b.port))
+            values = (("ip", b.address), ("port", b.guest_port))
         elem = {"elem": {"val": key, "comment": b.comment}}  # shared by the maps
         for what, value in values:
             name = map_name(b.kind, b.family, what)
