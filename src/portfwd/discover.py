@@ -1,4 +1,5 @@
-"""Guest addresses from what libvirt already knows, without calling libvirt.
+"""Guest addresses from what libvirt already knows, without calling libvirt: the
+address a forward leads to, for each NIC of the domain XML (``domainxml``).
 
 Sources, in order: the address in forward.toml (never reaches here), the
 network's static DHCP reservations (libvirt's network XML files), libvirt's
@@ -14,9 +15,10 @@ address), then becomes a DNAT target only if it is a unicast address inside the
 NIC's libvirt network, routed out of that network's bridge, not the host's own,
 not another running guest's (by reservation, live lease or forward:
 :meth:`Resolver.vet`), and shown to be this NIC's by the host's neighbour table
-and the bridge's forwarding database (``evidence``; a reservation too). IPv4 leases are matched on the lease's MAC;
-IPv6 leases on the MAC dnsmasq saw, or on a DUID the network XML reserves for
-this guest; a MAC holding live leases under several client-ids is refused.
+and the bridge's forwarding database (``evidence``; a reservation too). IPv4
+leases are matched on the lease's MAC; IPv6 leases on the MAC dnsmasq saw, or on
+a DUID the network XML reserves for this guest; a MAC holding live leases under
+several client-ids is refused.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The man page and the bash completion, generated from the argument parser.
+"""The man page and the bash completion, generated from the argument parser
+(``cmdline.parser``).
 
 Both walk whatever the parser holds (options, positionals, subcommands and their
 own options), so they never drift from the command line. Pure functions; the

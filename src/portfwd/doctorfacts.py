@@ -1,7 +1,8 @@
 """What ``portfwd doctor`` looks at, gathered read-only from the host (the edge of
 ``doctor``): libvirt's AppArmor profiles and what portfwd's hooks execute, sysctls,
-sysfs links, neighbour entries, the domain XML of running guests, portfwd's records
-against the live table, the live rule set and the sockets in /proc/net.
+interfaces (``hostnet.link``), neighbour entries, the running guests' domain XML
+(``domainxml``), portfwd's records against the live table, the live rule set and
+the listening sockets (``listening``).
 
 The running guests come from libvirt, asked in a thread that doctor stops
 waiting for after ``LIBVIRT_TIMEOUT`` seconds (a hung libvirtd must not hang the

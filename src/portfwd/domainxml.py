@@ -1,12 +1,12 @@
 """libvirt's domain XML: the one reader of it, and of the copies libvirt keeps.
 
 ``parse`` reads a domain once with ElementTree into a ``Domain`` (name, UUID,
-NICs with MAC, network, bridge and tap; ``mac_problem`` judges a MAC, read here
-or given in forward.toml); ``domain_uuid`` and ``mac_addresses``
+NICs with MAC, network, bridge and tap). ``domain_uuid`` and ``mac_addresses``
 find those values by a byte search instead, for paths that must stay light (the
 hook of a guest without forwards imports no XML parser; a check of every running
 guest's MACs reads many status files). ``status_files`` reads the live domain XML
 of every running domain from the status files libvirt's QEMU driver keeps.
+``mac_problem`` judges a NIC's MAC, read here or given in forward.toml.
 
 Cheap to import (os only); ElementTree is imported by ``parse`` alone.
 """
