@@ -25,7 +25,7 @@ import pytest
 from deblab import PACKAGES, DebRoot, apparmor_dir, build
 from netlab import run
 from pfhost import ROOT, domain_xml
-from portfwd import apparmor, compat, doctor, doctorfacts
+from portfwd import apparmor, compat, doctor, doctorfacts, installpaths, pathwalk
 from trixielab import SUITE, cached_root
 
 SUITES = ["bookworm", pytest.param(SUITE, marks=pytest.mark.trixie)]
@@ -226,16 +226,16 @@ def test_resolve_stays_inside_the_root(tmp_path: "os.PathLike[str]") -> None:
     os.symlink("/usr/bin/python3", os.path.join(root, "etc/alternatives/py"))  # absolute
     os.symlink("../../bin/python3", os.path.join(root, "etc/alternatives/rel"))
     os.symlink("loop", os.path.join(root, "etc/loop"))
-    assert apparmor.resolve(root, "/bin/python3") == "/usr/bin/python3.11"
-    assert apparmor.resolve(root, "/etc/alternatives/py") == "/usr/bin/python3.11"
-    assert apparmor.resolve(root, "/etc/alternatives/rel") == "/usr/bin/python3.11"
+    assert pathwalk.resolve(root, "/bin/python3") == "/usr/bin/python3.11"
+    assert pathwalk.resolve(root, "/etc/alternatives/py") == "/usr/bin/python3.11"
+    assert pathwalk.resolve(root, "/etc/alternatives/rel") == "/usr/bin/python3.11"
     # .. after a symlink leaves where the link led, as the kernel does: /bin/.. is /usr
-    assert apparmor.resolve(root, "/bin/../bin/python3") == "/usr/bin/python3.11"
+    assert pathwalk.resolve(root, "/bin/../bin/python3") == "/usr/bin/python3.11"
     for missing in ("/usr/bin/python3.13", "/bin/../etc/alternatives/py"):
         with pytest.raises(FileNotFoundError):
-            apparmor.resolve(root, missing)
+            pathwalk.resolve(root, missing)
     with pytest.raises(OSError):
-        apparmor.resolve(root, "/etc/loop")
+        pathwalk.resolve(root, "/etc/loop")
 
 
 def shell_tools_only(tmp: str) -> Dict[str, str]:
@@ -293,8 +293,9 @@ def test_the_package_wrapper_runs_nothing_but_sh_and_cat(tmp_path: "os.PathLike[
     """debian/libvirt-hook: with the hook under /usr/lib gone (package removed, not
     purged) it reads its input with cat and exits 0; else it hands over to /bin/sh."""
     tmp = str(tmp_path)
-    with open(os.path.join(ROOT, "debian", "libvirt-hook")) as f:
-        text = f.read().replace("@KIND@", "qemu")
+    with open(os.path.join(ROOT, "debian", "libvirt-hook")) as f:  # as debian/rules fills it in
+        text = f.read().replace("@HOOK@", f"{installpaths.DEB_HOOK_LIB}/qemu").replace(
+            "@KIND@", "qemu")
     assert '\nhook=/usr/lib/portfwd/hooks/qemu\n' in text
     assert text.endswith('\nexec /bin/sh "$hook" "$@"\n')
     hook = os.path.join(tmp, "portfwd")
@@ -382,7 +383,7 @@ def roles(steps: List[apparmor.Step]) -> List[Tuple[str, str]]:
 
 def python_of(root: DebRoot) -> str:
     """/usr/bin/python3.X of the root."""
-    return apparmor.resolve(root.tree, "/usr/bin/python3")
+    return pathwalk.resolve(root.tree, "/usr/bin/python3")
 
 
 def assert_tools(root: DebRoot, steps: List[apparmor.Step]) -> None:
@@ -445,7 +446,7 @@ def test_package_hooks(suite: str, deb: str, linked_deb: str,
         r = root.apt(f"install {root.deb}")
         assert r.returncode == 0, r.stdout.decode()[-3000:] + r.stderr.decode()
         chains = check_chains(root, "deb")
-        dash, python = apparmor.resolve(root.tree, "/bin/sh"), python_of(root)
+        dash, python = pathwalk.resolve(root.tree, "/bin/sh"), python_of(root)
         for kind, path in HOOKS.items():
             assert roles(chains[kind])[:4] == [("hook", path), ("interpreter", dash),
                                                ("shell", dash), ("python", python)]
@@ -490,7 +491,7 @@ def test_pip_install_hooks(suite: str, deb: str, tmp_path_factory: pytest.TempPa
     try:
         venv_python = pip_install(root, copies=False)
         chains = check_chains(root, "pip")
-        dash, python = apparmor.resolve(root.tree, "/bin/sh"), python_of(root)
+        dash, python = pathwalk.resolve(root.tree, "/bin/sh"), python_of(root)
         for kind, path in HOOKS.items():
             assert roles(chains[kind])[:3] == [("hook", path), ("interpreter", dash),
                                                ("python", python)]

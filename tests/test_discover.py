@@ -8,7 +8,8 @@ from typing import Any, Dict, List
 
 import pytest
 
-from portfwd.discover import Resolver, domain_nics, read_network
+from portfwd.discover import Resolver, read_network
+from portfwd.domainxml import parse
 from portfwd.evidence import NUD_REACHABLE, Evidence
 from portfwd.hostnet import RouteTable
 from portfwd.resolve import resolve
@@ -121,11 +122,11 @@ def write_leases(folder: str, bridge: str, entries: List[Dict[str, Any]]) -> Non
 
 
 def test_domain_nics() -> None:
-    nics = [(n.mac, n.network, n.bridge) for n in domain_nics(DOMAIN)]
+    nics = [(n.mac, n.network, n.bridge) for n in parse(DOMAIN).nics]
     assert nics == [("52:54:00:00:00:09", None, "br-lan"),
                     ("52:54:00:aa:00:01", "default", "virbr0"),
                     ("52:54:00:aa:00:02", "v6net", "virbr6")]
-    assert domain_nics(b"<domain") == []
+    assert parse(b"<domain").nics == ()
 
 
 def test_network_files(files: "tuple[str, str]") -> None:

@@ -13,7 +13,7 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 
 from portfwd import docs
-from portfwd.cli import _parser
+from portfwd.cmdline import parser as _parser
 
 
 def commands(parser: argparse.ArgumentParser,

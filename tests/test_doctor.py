@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
 from netlab import GUEST4, Lab
 from pfhost import PortfwdHost, domain_xml, web1_config
 
-from portfwd import doctor, doctorfacts
+from portfwd import doctor, listening
 
 CONFIG = web1_config("8080:80", "5353:53/udp")
 LAYERS = ["ipv4 forwarding", "ipv6 forwarding", "guest", "bridge", "tap", "mac", "address",
@@ -182,14 +182,6 @@ def test_configured_but_never_applied(lab: Lab, pf: PortfwdHost) -> None:
 
 # -- pure parts ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("mac,problem", [
-    ("52:54:00:12:34:56", None), ("52:54:00:12:34", "six"), ("52:54:00:12:34:zz", "six"),
-    ("01:00:5e:00:00:01", "multicast"), ("00:00:00:00:00:00", "all zero")])
-def test_mac_problem(mac: str, problem: Optional[str]) -> None:
-    found = doctor.mac_problem(mac)
-    assert (found is None) if problem is None else (found is not None and problem in found)
-
-
 def _rule(*exprs: Dict[str, Any]) -> Dict[str, Any]:
     return {"handle": 7, "expr": list(exprs)}
 
@@ -227,16 +219,22 @@ def test_chain_verdict_names_only_sure_drops() -> None:
     assert doctor.chain_verdict([_rule(_m(OIF, "br0", "!="), {"drop": None})], p, 0) is None
 
 
-def test_proc_listeners() -> None:
-    tcp = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid"
-           "  timeout inode\n"
-           "   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000"
-           "     0        0 12345 1 0000000000000000 100 0 0 10 0\n"
-           "   1: 0100007F:0050 0200007F:9C40 01 00000000:00000000 00:00000000 00000000"
-           "     0        0 999 1 0000000000000000 100 0 0 10 0\n")
-    assert doctorfacts.proc_listeners(tcp, "tcp", 4) == [("0.0.0.0", 8080, "12345")]
-    tcp6 = ("  sl  local_address                         remote_address st tx rx tr tm retr uid"
-            " timeout inode\n"
-            "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000"
-            " 0A 00000000:00000000 00:00000000 00000000     0        0 777 1\n")
-    assert doctorfacts.proc_listeners(tcp6, "tcp", 6) == [("::1", 8080, "777")]
+def test_listening_sockets_from_proc_net(tmp_path: "os.PathLike[str]") -> None:
+    """/proc/net/tcp and tcp6 of a fake /proc: listening sockets only, addresses in
+    host byte order, no process named when none holds the socket."""
+    proc = str(tmp_path)
+    os.makedirs(os.path.join(proc, "net"))
+    with open(os.path.join(proc, "net", "tcp"), "w") as f:
+        f.write("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid"
+                "  timeout inode\n"
+                "   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000"
+                "     0        0 12345 1 0000000000000000 100 0 0 10 0\n"
+                "   1: 0100007F:0050 0200007F:9C40 01 00000000:00000000 00:00000000 00000000"
+                "     0        0 999 1 0000000000000000 100 0 0 10 0\n")
+    with open(os.path.join(proc, "net", "tcp6"), "w") as f:
+        f.write("  sl  local_address                         remote_address st tx rx tr tm retr"
+                " uid timeout inode\n"
+                "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000"
+                " 0A 00000000:00000000 00:00000000 00000000     0        0 777 1\n")
+    found = [(s.family, s.endpoint, s.process) for s in listening.sockets(proc)]
+    assert found == [(4, "0.0.0.0:8080", ""), (6, "[::1]:8080", "")]

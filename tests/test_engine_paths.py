@@ -31,7 +31,8 @@ import pytest
 
 from fakenft import FakeNft, Ruleset, counts, libvirt_network
 from pfhost import domain_xml
-from portfwd import bridgeport, compat, config, constants, guard, hook, hostnet, proc, rules, state
+from portfwd import (bridgeport, compat, config, constants, domainxml, guard, hook, hostnet, proc,
+                     rules, state)
 from portfwd.discover import Resolver
 from portfwd.engine import Engine
 from portfwd.plan import bind
@@ -125,7 +126,7 @@ class EngineHost:
         mp.setattr(hostnet, "route_localnet", lambda bridge: (
             None if bridge not in self.route_localnet else self.route_localnet[bridge] != "0"))
         mp.setattr(hostnet, "set_route_localnet", self._set_route_localnet)
-        mp.setattr(bridgeport, "port", self._port)
+        mp.setattr(bridgeport, "link", self._link)
         mp.setattr(bridgeport, "set_hairpin", self._set_hairpin)
         mp.setattr(guard, "present", lambda table: self.nft.guarded(table))
         mp.setattr(compat, "_legacy_rules", lambda fam, deadline: None)
@@ -151,11 +152,11 @@ class EngineHost:
         self.sysfs.append(f"net.ipv4.conf.{bridge}.route_localnet = {value}")
         return True
 
-    def _port(self, name: str) -> Optional[bridgeport.Port]:
+    def _link(self, name: str) -> Optional[hostnet.Link]:
         if name not in PORTS:
             return None
         bridge, ifindex = PORTS[name]
-        return bridgeport.Port(name, ifindex, bridge, self.hairpin[name])
+        return hostnet.Link(name, ifindex, True, bridge, self.hairpin[name] == "1")
 
     def _set_hairpin(self, name: str, value: str) -> None:
         self.hairpin[name] = value
@@ -224,14 +225,14 @@ def guest_event(host: EngineHost, name: str, op: str, xml: Optional[bytes] = Non
         if op in hook.REMOVE:
             engine.remove_guest(name)
             return nft
-        uuid = hook.domain_uuid(xml)
+        uuid = domainxml.domain_uuid(xml)
         table, _, templates = engine.guest_config(name, uuid)
         if op in hook.CHECK:
             return nft
         planned = bind(templates, name)
         resolver = (Resolver(name, xml) if any(isinstance(b.target, Selector) for b in planned)
                     else None)
-        engine.taps[name] = bridgeport.taps(xml)
+        engine.taps[name] = domainxml.taps(xml)
         engine.apply_guest(name, uuid, table, planned, resolver)
     return nft
 

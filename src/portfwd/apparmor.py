@@ -19,19 +19,18 @@ or a mounted image can be checked as well as ``/``. Used by ``portfwd doctor``.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shlex
-import stat
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from .pathwalk import at, resolve
 
 APPARMOR_DIR = "/etc/apparmor.d"
 # libvirt's daemons and the hook kinds each runs (the monolithic libvirtd runs both)
 LIBVIRT_PROFILES = (("usr.sbin.libvirtd", ("qemu", "network")),
                     ("usr.sbin.virtqemud", ("qemu",)),
                     ("usr.sbin.virtnetworkd", ("network",)))
-HOOK_DIR = "/etc/libvirt/hooks"
 # the PATH libvirt gives its hooks (virCommandAddEnvPassCommon)
 LIBVIRT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # what the hooks' sh lines run besides their interpreter
@@ -39,7 +38,6 @@ SH_TOOLS = ("cat", "logger")
 # what the hook's Python runs (compat.py's iptables tools, looked up on PATH)
 HOOK_TOOLS = ("iptables", "ip6tables", "iptables-nft", "ip6tables-nft", "iptables-legacy",
               "ip6tables-legacy")
-MAX_SYMLINKS = 40
 MAX_INCLUDE_DEPTH = 20
 MAX_INTERPRETERS = 4  # nested #! the kernel follows
 
@@ -454,42 +452,6 @@ def _read_text(path: str) -> str:
 
 
 # -- what a hook executes ------------------------------------------------------------
-
-def at(root: str, path: str) -> str:
-    """``path`` (absolute, inside ``root``) as seen from here."""
-    return os.path.join(root, path.lstrip("/")) if root != "/" else path
-
-
-def resolve(root: str, path: str) -> str:
-    """``path`` with its symlinks resolved as the kernel resolves them when ``root``
-    is ``/`` (an absolute target starts again at ``root``): the real path inside
-    ``root``. OSError (ENOENT, ENOTDIR, ELOOP) as opening it would raise."""
-    todo = [p for p in path.split("/") if p][::-1]
-    current = "/"
-    links = 0
-    while todo:
-        name = todo.pop()
-        if name in (".", ""):
-            continue
-        if name == "..":
-            current = os.path.dirname(current)
-            continue
-        entry = os.path.join(current, name)
-        st = os.lstat(at(root, entry))
-        if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > MAX_SYMLINKS:
-                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-            target = os.readlink(at(root, entry))
-            if target.startswith("/"):
-                current = "/"
-            todo.extend([p for p in target.split("/") if p][::-1])
-        elif todo and not stat.S_ISDIR(st.st_mode):
-            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), entry)
-        else:
-            current = entry
-    return current
-
 
 class Step:
     """A file that running a hook executes: why (``role``), the path as named, its

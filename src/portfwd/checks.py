@@ -81,14 +81,10 @@ def _shadowed(fwd: Forward, pf: PortForward, sockets: Sequence[Socket],
             who = s.process or "a process"
             out.append(_warning(locate, pf.where,
                                 f"host port {s.port}/{s.proto} on {where}: {who} listens there"
-                                f" ({_endpoint(s)}); the forward would take its connections"
+                                f" ({s.endpoint}); the forward would take its connections"
                                 f" from other hosts and guests; use another host port or a"
                                 " listen address the service does not use"))
     return out
-
-
-def _endpoint(s: Socket) -> str:
-    return f"[{s.address}]:{s.port}" if s.family == 6 else f"{s.address}:{s.port}"
 
 
 def _missing_listen(pf: PortForward, host: Host, locate: Locate, named: Set[str]) -> List[str]:

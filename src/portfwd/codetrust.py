@@ -16,7 +16,8 @@ import os
 import stat
 from typing import List, Sequence
 
-from .config import _acl, _walk, _writers
+from .config import _acl, _writers
+from .pathwalk import walk
 
 FIX = ("install portfwd where only root can write, e.g. a venv that root makes in /opt"
        " (/usr/bin/python3 -m venv --system-site-packages /opt/portfwd)")
@@ -43,7 +44,7 @@ def problems(python: str, package_dir: str, site_dirs: Sequence[str]) -> List[st
 def _path(path: str, what: str, final: bool) -> List[str]:
     """The problems of every directory ``path`` is looked up through, and of itself."""
     try:
-        real, lookups = _walk(os.path.abspath(path))
+        real, lookups = walk(os.path.abspath(path))
     except OSError as e:
         return [f"{path}: cannot look at {what}: {e.strerror}"]
     out: List[str] = []

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 CHAIN = "PORTFWD_FWI"
 COMMENT = "portfwd"
-FAMILIES = {4: "ip", 6: "ip6"}
+TABLE_FAMILY = {4: "ip", 6: "ip6"}  # address family → the nftables family of its tables
 OURS, REJECT, OTHER, EMPTY = "ours", "reject", "other", "empty"
 ACCEPT_SPEC = ["-m", "conntrack", "--ctstate", "DNAT", "-m", "connmark", "--mark",
                f"{MARK:#x}/{MARK:#x}", "-m", "comment", "--comment",
@@ -186,7 +186,7 @@ def read(nft: NftLike, deadline: Optional[float] = None) -> Firewall:
     chains = [c["chain"] for c in nft.list({"chains": {}}) or [] if "chain" in c]
     names = {(c["family"], c["table"], c["name"]) for c in chains}
     tables = {(c["family"], c["table"]) for c in chains}
-    for fam, family in FAMILIES.items():
+    for fam, family in TABLE_FAMILY.items():
         legacy = _legacy_rules(fam, deadline)
         if legacy is not None:
             fw.legacy[fam] = True
@@ -244,7 +244,7 @@ def changes(fw: Firewall, wanted: Dict[int, Set[str]]) -> Tuple[List[Command], L
     that put our accepts where ``wanted`` bridges need them, and nowhere else."""
     commands: List[Command] = []
     argvs: List[List[str]] = []
-    for fam in FAMILIES:
+    for fam in TABLE_FAMILY:
         argvs += _iptables_changes(fw, fam, wanted.get(fam, set()))
         commands += _nft_changes(fw, fam, wanted.get(fam, set()))
     return commands, argvs
@@ -295,7 +295,7 @@ def _nft_changes(fw: Firewall, fam: int, wanted: Set[str]) -> List[Command]:
     need = _needed(rules, wanted)
     if _in_place(rules, need):
         return []
-    family = FAMILIES[fam]
+    family = TABLE_FAMILY[fam]
     where = {"family": family, "table": "libvirt_network", "chain": "guest_input"}
     out: List[Command] = [{"delete": {"rule": dict(where, handle=r.handle)}}
                           for r in rules if r.role == OURS]
@@ -364,13 +364,13 @@ def seen(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[str]:
     for fam, rules in sorted(fw.fwi.items()):
         backend = "iptables-legacy" if fw.legacy.get(fam) else "iptables-nft"
         rejecting[fam] |= _rejected(rules)
-        out.append(f"libvirt {backend} backend: table {FAMILIES[fam]} filter chain LIBVIRT_FWI"
+        out.append(f"libvirt {backend} backend: table {TABLE_FAMILY[fam]} filter chain LIBVIRT_FWI"
                    f" rejects {', '.join(sorted(_rejected(rules))) or 'no bridge'}")
     for fam, rules in sorted(fw.guest_input.items()):
         rejecting[fam] |= _rejected(rules)
-        out.append(f"libvirt nftables backend: table {FAMILIES[fam]} libvirt_network chain"
+        out.append(f"libvirt nftables backend: table {TABLE_FAMILY[fam]} libvirt_network chain"
                    f" guest_input rejects {', '.join(sorted(_rejected(rules))) or 'no bridge'}")
-    for fam in FAMILIES:
+    for fam in TABLE_FAMILY:
         free = sorted(wanted.get(fam, set()) - rejecting[fam])
         if free:
             out.append(f"IPv{fam} to {', '.join(free)}: no libvirt reject (an open or routed"
@@ -400,12 +400,12 @@ def blocked_bridges(fw: Firewall, wanted: Dict[int, Set[str]]) -> Dict[Tuple[int
 def _blockers(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[Tuple[str, List[Tuple[int, str]]]]:
     out: List[Tuple[str, List[Tuple[int, str]]]] = []
     covered: Dict[int, Set[str]] = {}
-    for fam in FAMILIES:
+    for fam in TABLE_FAMILY:
         rules = fw.fwi.get(fam)
         if rules is not None:
             need = _needed(rules, wanted.get(fam, set()))
             if not _in_place(rules, need):
-                out.append((f"table {FAMILIES[fam]} filter chain LIBVIRT_FWI: libvirt's reject comes"
+                out.append((f"table {TABLE_FAMILY[fam]} filter chain LIBVIRT_FWI: libvirt's reject comes"
                             f" before portfwd's accept for {', '.join(need)}; run `portfwd reapply`",
                             [(fam, b) for b in need]))
             covered[fam] = set(need)
@@ -413,14 +413,14 @@ def _blockers(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[Tuple[str, List
         if grules is not None:
             need = _needed(grules, wanted.get(fam, set()))
             if not _in_place(grules, need):
-                out.append((f"table {FAMILIES[fam]} libvirt_network chain guest_input: libvirt's"
+                out.append((f"table {TABLE_FAMILY[fam]} libvirt_network chain guest_input: libvirt's"
                             f" reject comes before portfwd's accept for {', '.join(need)};"
                             " run `portfwd reapply`", [(fam, b) for b in need]))
     for family, table, chain in fw.drop_policies:
         fams = [4] if family == "ip" else [6] if family == "ip6" else [4, 6]
         for fam in fams:
             # an accept in LIBVIRT_FWI ends the iptables FORWARD chain before its policy
-            through_libvirt = (family, table, chain) == (FAMILIES[fam], "filter", "FORWARD")
+            through_libvirt = (family, table, chain) == (TABLE_FAMILY[fam], "filter", "FORWARD")
             left = sorted(wanted.get(fam, set()) - (covered.get(fam, set()) if through_libvirt
                                                      else set()))
             if left:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import errno
 import os
 import re
 import stat
@@ -16,9 +15,11 @@ from . import portspec
 from .conflicts import (Claim, claimed_where, claims_of, clash_message, crowd_message,
                         find_conflicts, group_conflicts)
 from .constants import DEFAULT_TABLE, DISCOVER_SOURCES
+from .domainxml import mac_problem
 from .errors import ConfigError
 from .model import (Config, Forward, IPAddress, IPNetwork, Listen,
                     Options, PortForward, Where)
+from .pathwalk import walk
 from .tomlpos import Path, Positions, deepest, locate
 
 from .toml import tomllib
@@ -44,7 +45,6 @@ ACL_ACCESS = "system.posix_acl_access"
 ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK = 0x02, 0x04, 0x08, 0x10
 ACL_UNREADABLE = 0  # stands for an ACL portfwd cannot parse
 ACL_WRITE = 0x02
-MAX_SYMLINKS = 40
 MOVE_HINT = ("fix: keep the configuration in a directory only root can write, such as"
              " /etc/portfwd (the default path is /etc/portfwd/forward.toml)")
 REGULAR_HINT = ("fix: make the configuration a regular file in a directory only root can write,"
@@ -52,7 +52,6 @@ REGULAR_HINT = ("fix: make the configuration a regular file in a directory only 
 _KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
           (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"),
           (stat.S_ISLNK, "symbolic link"))
-Lookup = Tuple[str, str, os.stat_result]  # directory, name looked up in it, lstat of the entry
 
 
 def read(path: str) -> str:
@@ -112,7 +111,7 @@ def _open_trusted(path: str) -> Tuple[Optional[int], List[str]]:
     """A descriptor of the real file (None if it could not be opened) and every
     reason not to trust it."""
     try:
-        real, lookups = _walk(path)
+        real, lookups = walk(path)
         final = os.lstat(real)
     except FileNotFoundError:
         return None, [f"{path}: no such file; create it (see config/forward.toml)"
@@ -148,39 +147,6 @@ def _open_trusted(path: str) -> Tuple[Optional[int], List[str]]:
                 f"{real}:1:1: refused: this file is writable by {' and '.join(writers)}"
                 f" (mode {mode:04o}){via}, who could then forward ports as root; fix: {fix}")
     return fd, list(dict.fromkeys(problems))
-
-
-def _walk(path: str) -> Tuple[str, List[Lookup]]:
-    """Resolve ``path`` like the kernel: the real path, and each name looked up on
-    the way (raises OSError as opening it would)."""
-    absolute = path if path.startswith("/") else os.path.join(os.getcwd(), path)
-    todo = [p for p in absolute.split("/") if p][::-1]
-    current = "/"
-    lookups: List[Lookup] = []
-    links = 0
-    while todo:
-        name = todo.pop()
-        if name == ".":
-            continue
-        if name == "..":
-            current = os.path.dirname(current)
-            continue
-        entry = os.path.join(current, name)
-        st = os.lstat(entry)
-        lookups.append((current, name, st))
-        if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > MAX_SYMLINKS:
-                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-            target = os.readlink(entry)
-            if target.startswith("/"):
-                current = "/"
-            todo.extend([p for p in target.split("/") if p][::-1])
-        elif todo and not stat.S_ISDIR(st.st_mode):
-            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), entry)
-        else:
-            current = entry
-    return current, lookups
 
 
 def _judge_directory(directory: str, entry_path: str, entry: os.stat_result,
@@ -610,18 +576,9 @@ class _Validator:
         """A guest NIC's MAC: six octets, unicast, not all zero; returned lower case."""
         if not self.expect(value, str, path, 'a MAC address string such as "52:54:00:12:34:56"'):
             return None
-        octets = value.split(":")
-        if len(octets) != 6 or not all(len(o) == 2 and all(c in "0123456789abcdefABCDEF" for c in o)
-                                       for o in octets):
-            self.error(path, f"{value!r} is not a MAC address (six octets such as"
-                             " 52:54:00:12:34:56, as `virsh domiflist` prints them)")
-            return None
-        if int(octets[0], 16) & 1:
-            self.error(path, f"{value} is a multicast MAC address; a guest NIC's MAC is unicast"
-                             " (the first octet is even)")
-            return None
-        if value.strip("0:") == "":
-            self.error(path, f"{value} is the all-zero MAC address; no NIC has it")
+        problem = mac_problem(value)
+        if problem:
+            self.error(path, problem)
             return None
         return str(value).lower()
 

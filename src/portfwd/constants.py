@@ -4,7 +4,6 @@ import it at no cost."""
 
 DEFAULT_TABLE = "portfwd"
 PROTOCOLS = ("tcp", "udp", "sctp")
-FAMILIES = (4, 6)
 
 # the table's layout (rules.skeleton)
 LAYOUT = "7"  # bump whenever rules.skeleton() changes: tables made by another layout get rebuilt

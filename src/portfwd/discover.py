@@ -1,4 +1,5 @@
-"""Guest addresses from what libvirt already knows, without calling libvirt.
+"""Guest addresses from what libvirt already knows, without calling libvirt: the
+address a forward leads to, for each NIC of the domain XML (``domainxml``).
 
 Sources, in order: the address in forward.toml (never reaches here), the
 network's static DHCP reservations (libvirt's network XML files), libvirt's
@@ -27,8 +28,8 @@ import json
 import os
 import time
 
-from .bridgeport import taps
-from .constants import DEFAULT_DISCOVER, DISCOVER_SOURCES
+from .constants import DEFAULT_DISCOVER
+from .domainxml import ENV_STATUS_DIR, Domain, mac_addresses, parse, status_dir, status_files
 from .values import Reason
 
 TYPE_CHECKING = False
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
     from xml.etree.ElementTree import Element
 
+    from .domainxml import Nic
     from .evidence import Evidence
     from .hostnet import RouteTable as Routes
     from .values import Selector
@@ -48,22 +50,7 @@ LEASE_DIR = "/var/lib/libvirt/dnsmasq"
 # taken as an address in forward.toml is, without evidence from the kernel
 ADMINS_WORD = ("reservation on network ", "suffix on network ")
 NETWORK_DIRS = ("/run/libvirt/network", "/etc/libvirt/qemu/networks")
-QEMU_STATUS_DIR = "/run/libvirt/qemu"  # libvirt's NAME.xml of each running domain
-ENV_QEMU_STATUS_DIR = "PORTFWD_QEMU_STATUS_DIR"  # for tests: another folder
-# where an address may be found; "agent" and "arp" trust the guest, so are opt-in
-SOURCES = DISCOVER_SOURCES
 DEFAULT_SOURCES = DEFAULT_DISCOVER
-
-
-class Nic:
-    __slots__ = ("mac", "network", "bridge", "tap")
-
-    def __init__(self, mac: str, network: Optional[str], bridge: Optional[str],
-                 tap: Optional[str] = None) -> None:
-        self.mac = mac
-        self.network = network
-        self.bridge = bridge
-        self.tap = tap  # <target dev>: the host's end of the NIC, in a live XML
 
 
 class Network:
@@ -82,39 +69,17 @@ class Network:
 def status_files_tell(uri: str) -> bool:
     """Whether libvirt's QEMU status files describe the guests of connection ``uri``
     (the system driver, which runs the hooks; or the folder tests point to)."""
-    return bool(os.environ.get(ENV_QEMU_STATUS_DIR)) or uri.split("?")[0] in (
+    return bool(os.environ.get(ENV_STATUS_DIR)) or uri.split("?")[0] in (
         "qemu:///system", "qemu+unix:///system")
 
 
 def running_domain(name: str) -> Optional[bool]:
     """Whether libvirt's QEMU driver runs domain ``name``, from the status file it keeps
     (no libvirt call); None when that cannot be told (no such folder on this host)."""
-    folder = os.environ.get(ENV_QEMU_STATUS_DIR) or QEMU_STATUS_DIR
+    folder = status_dir()
     if not os.path.isdir(folder):
         return None
     return os.path.exists(os.path.join(folder, f"{name}.xml"))
-
-
-def domain_nics(xml: bytes) -> List[Nic]:
-    """Each NIC of a domain XML: MAC (lower case), libvirt network, bridge, tap."""
-    from xml.etree import ElementTree
-
-    try:
-        root = ElementTree.fromstring(xml)
-    except ElementTree.ParseError:
-        return []
-    out = []
-    for iface in root.iter("interface"):
-        mac = iface.find("mac")
-        source = iface.find("source")
-        if mac is None or not mac.get("address"):
-            continue
-        network = source.get("network") if source is not None else None
-        bridge = source.get("bridge") if source is not None else None
-        target = iface.find("target")
-        out.append(Nic(str(mac.get("address")).lower(), network, bridge,
-                       target.get("dev") if target is not None else None))
-    return out
 
 
 def _network_element(root: Element) -> Optional[Element]:
@@ -211,31 +176,11 @@ def canonical_keys(by_address: Dict[str, str]) -> Dict[str, str]:
 
 
 def running_macs(folder: Optional[str] = None) -> Dict[str, str]:
-    """MAC (lower case) → name of each running domain, from libvirt's status files
-    (``NAME.xml``), by a byte scan for ``<mac address=…>``: no libvirt call, no XML
-    parser (a hook reads them only when an address it checks is held by a MAC
-    that is not the guest's)."""
-    folder = folder or os.environ.get(ENV_QEMU_STATUS_DIR) or QEMU_STATUS_DIR
-    out: Dict[str, str] = {}
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError:
-        return out
-    for name in names:
-        if not name.endswith(".xml"):
-            continue
-        try:
-            with open(os.path.join(folder, name), "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        pos = data.find(b"<mac address=")
-        while pos >= 0:
-            value = data[pos + 14:pos + 31]
-            if data[pos + 13:pos + 14] in (b"'", b'"') and len(value) == 17:
-                out[value.decode("ascii", "replace").lower()] = name[:-4]
-            pos = data.find(b"<mac address=", pos + 1)
-    return out
+    """MAC (lower case) → name of each running domain, from libvirt's status files:
+    no libvirt call, no XML parser (a hook reads them only when an address it checks
+    is held by a MAC that is not the guest's)."""
+    return {mac: name for name, xml in (status_files(folder) or {}).items()
+            for mac in mac_addresses(xml)}
 
 
 def _v6int(address: str) -> Optional[int]:
@@ -310,8 +255,9 @@ class Resolver:
                  discover: Sequence[str] = DEFAULT_SOURCES,
                  evidence: Optional[Evidence] = None) -> None:
         self.guest = guest
-        self.nics = domain_nics(xml) if xml else []
-        self.taps = taps(xml) if xml else []  # for hairpin mode (bridgeport)
+        domain = parse(xml) if xml else Domain()
+        self.nics = list(domain.nics)
+        self.taps = domain.taps  # for hairpin mode (bridgeport)
         self.lookup = lookup
         self.lease_dir = lease_dir
         self.network_dirs = network_dirs

@@ -1,4 +1,5 @@
-"""Text for people: bindings as `portfwd status` and `sync --dry-run` show them."""
+"""Text for people: a binding's listen side and target as `portfwd status`, `sync
+--dry-run` and the hook's messages show them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from .values import Selector
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import List, Sequence, Union
+    from typing import Union
 
     from .plan import Binding
     from .values import Target
@@ -17,16 +18,6 @@ def target_text(target: Target, family: int, port: Union[int, str]) -> str:
     if isinstance(target, Selector):
         return f"<{target.describe(family)}>:{port}"
     return f"[{target}]:{port}" if family == 6 else f"{target}:{port}"
-
-
-def describe(bindings: Sequence[Binding]) -> List[str]:
-    """Human-readable lines, one per binding, for --dry-run."""
-    lines = []
-    for b in sorted(bindings, key=lambda b: (b.guest, b.family, b.proto, b.host_port, b.listen)):
-        target = target_text(b.target, b.family, b.guest_ports)
-        lines.append(f"{b.guest}\t{b.proto}\t{listen_text(b)} -> {target}\tfrom {b.sources}"
-                     f"\t# {b.comment}")
-    return lines
 
 
 def listen_text(b: Binding) -> str:

@@ -1,4 +1,5 @@
-"""The man page and the bash completion, generated from the argument parser.
+"""The man page and the bash completion, generated from the argument parser
+(``cmdline.parser``).
 
 Both walk whatever the parser holds (options, positionals, subcommands and their
 own options), so they never drift from the command line. Pure functions; the
@@ -17,6 +18,7 @@ import sys
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import state
+from .installpaths import HOOK_KINDS, hook
 
 SEE_ALSO = ("nft(8)", "virsh(1)", "libvirtd(8)")
 
@@ -151,8 +153,7 @@ def man_page(parser: argparse.ArgumentParser) -> str:
               f"the configuration (\\fB{state.ENV_CONFIG}\\fR names another)",
               ".TP", f"\\fI{_roff(state.DEFAULT_RUN_DIR)}\\fR",
               f"what is applied, per guest (\\fB{state.ENV_RUN_DIR}\\fR names another)",
-              ".TP", "\\fI/etc/libvirt/hooks/qemu.d/portfwd\\fR, "
-                     "\\fI/etc/libvirt/hooks/network.d/portfwd\\fR",
+              ".TP", ", ".join(f"\\fI{_roff(hook(kind))}\\fR" for kind in HOOK_KINDS),
               "the libvirt hooks",
               ".SH SEE ALSO", ", ".join("\\fB%s\\fR(%s)" % tuple(s[:-1].split("("))
                                         for s in SEE_ALSO)]
@@ -239,9 +240,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if len(args) != 1 or args[0] not in outputs:
         print(f"usage: python3 -m portfwd.docs {'|'.join(outputs)}", file=sys.stderr)
         return 2
-    from .cli import _parser
+    from .cmdline import parser
 
-    sys.stdout.write(outputs[args[0]](_parser()))
+    sys.stdout.write(outputs[args[0]](parser()))
     return 0
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .apparmor import Profile, Step, Verdict, refusal
-from .discover import Nic
+from .domainxml import Nic, mac_problem
+from .hostnet import Link
 
 EXIT_BROKEN = 5  # a layer failed (cli.py's codes 0-4 mean other things)
 
@@ -37,37 +38,25 @@ class Check:
                 "fix": self.fix}
 
 
-class Link:
-    """A network interface as sysfs shows it."""
-
-    __slots__ = ("name", "up", "master", "hairpin")
-
-    def __init__(self, name: str, up: bool, master: Optional[str] = None,
-                 hairpin: Optional[bool] = None) -> None:
-        self.name = name
-        self.up = up  # IFF_UP
-        self.master = master  # the bridge it is a port of
-        self.hairpin = hairpin  # brport/hairpin_mode, None when not a bridge port
-
-
-class Target:
+class ForwardFacts:
     """One forward of the guest as doctor sees it: where it leads and what the table says."""
 
-    __slots__ = ("family", "proto", "listen", "host_port", "address", "guest_port", "state")
+    __slots__ = ("family", "proto", "listen", "host_ports", "address", "guest_ports", "state")
 
-    def __init__(self, family: int, proto: str, listen: str, host_port: str,
-                 address: Optional[str], guest_port: str, state: str) -> None:
+    def __init__(self, family: int, proto: str, listen: str, host_ports: str,
+                 address: Optional[str], guest_ports: str, state: str) -> None:
         self.family = family
         self.proto = proto
         self.listen = listen  # "*" or an address
-        self.host_port = host_port  # "8080" or "5000-5010"
+        self.host_ports = host_ports  # "8080" or "5000-5010"
         self.address = address  # None: no address yet (pending)
-        self.guest_port = guest_port
+        self.guest_ports = guest_ports
         self.state = state  # as `portfwd status` says: active, missing, pending: …
 
     @property
     def text(self) -> str:
-        return f"{self.listen} {self.host_port}/{self.proto} -> {self.address or '?'}:{self.guest_port}"
+        return (f"{self.listen} {self.host_ports}/{self.proto} -> {self.address or '?'}:"
+                f"{self.guest_ports}")
 
 
 class Confinement:
@@ -100,12 +89,12 @@ class GuestFacts:
     """Everything doctor knows about one guest with forwards."""
 
     __slots__ = ("name", "running", "running_from", "nics", "links", "bridge_ipv6_off",
-                 "targets", "neighbours", "blocked", "listeners", "macs_on_bridge")
+                 "forwards", "neighbours", "blocked", "listeners", "macs_on_bridge")
 
     def __init__(self, name: str, running: Optional[bool], running_from: str = "libvirt",
                  nics: Sequence[Nic] = (), links: Optional[Dict[str, Optional[Link]]] = None,
                  bridge_ipv6_off: Optional[Dict[str, str]] = None,
-                 targets: Sequence[Target] = (), neighbours: Optional[Dict[str, str]] = None,
+                 forwards: Sequence[ForwardFacts] = (), neighbours: Optional[Dict[str, str]] = None,
                  blocked: Sequence[str] = (), listeners: Sequence[str] = (),
                  macs_on_bridge: Optional[Dict[Tuple[str, str], List[str]]] = None) -> None:
         self.name = name
@@ -114,7 +103,7 @@ class GuestFacts:
         self.nics = list(nics)
         self.links = links or {}  # interface name → Link, None when it does not exist
         self.bridge_ipv6_off = bridge_ipv6_off or {}  # bridge → why IPv6 is off there
-        self.targets = list(targets)
+        self.forwards = list(forwards)
         self.neighbours = neighbours or {}  # guest address → neighbour state ("" = no entry)
         self.blocked = list(blocked)  # what drops forwarded traffic, table and chain named
         self.listeners = list(listeners)  # host sockets on a forwarded port
@@ -198,21 +187,6 @@ def host_checks(host: HostFacts, families: Sequence[int]) -> List[Check]:
 
 # -- guest layers -----------------------------------------------------------------
 
-
-
-def mac_problem(mac: str) -> Optional[str]:
-    """Why ``mac`` cannot work on a bridge: not 6 octets, multicast, or all zero."""
-    parts = mac.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p)
-                                  for p in parts):
-        return "is not six hexadecimal octets"
-    if int(parts[0], 16) & 1:
-        return "is a multicast address (bit 0 of the first octet set)"
-    if all(int(p, 16) == 0 for p in parts):
-        return "is all zero"
-    return None
-
-
 def _running(g: GuestFacts) -> Check:
     if g.running:
         return Check("guest", True, f"running ({g.running_from})")
@@ -260,7 +234,7 @@ def _bridges(g: GuestFacts) -> List[Check]:
         out.append(Check("tap", True, f"{tap.name} is a port of {bridge}, up"))
         bad = mac_problem(nic.mac)
         if bad:
-            out.append(Check("mac", False, f"guest MAC {nic.mac} {bad}",
+            out.append(Check("mac", False, f"guest {bad}",
                              f"give the NIC a unicast MAC (virsh edit {g.name}: <mac address=…>)"))
             return out
         sharing = sorted(set(g.macs_on_bridge.get((bridge, nic.mac.lower()), [])) - {g.name})
@@ -271,7 +245,7 @@ def _bridges(g: GuestFacts) -> List[Check]:
                              " libvirt pick one)"))
             return out
         out.append(Check("mac", True, f"{nic.mac} valid, the only one on {bridge}"))
-        if any(t.family == 6 for t in g.targets) and bridge in g.bridge_ipv6_off:
+        if any(t.family == 6 for t in g.forwards) and bridge in g.bridge_ipv6_off:
             out.append(Check("ipv6", False, g.bridge_ipv6_off[bridge],
                              f"sysctl -w net.ipv6.conf.{bridge}.disable_ipv6=0"))
             return out
@@ -279,16 +253,16 @@ def _bridges(g: GuestFacts) -> List[Check]:
 
 
 def _addresses(g: GuestFacts) -> Check:
-    if not g.targets:
+    if not g.forwards:
         return Check("address", False, "no forward of this guest is configured or recorded",
                      "add it to forward.toml, then portfwd sync")
-    waiting = [t for t in g.targets if t.address is None]
+    waiting = [t for t in g.forwards if t.address is None]
     if waiting:
         why = waiting[0].state
         return Check("address", False, f"{waiting[0].text}: {why}",
                      "give the guest an address (DHCP lease or reservation) or set ipv4/ipv6 in"
                      " forward.toml, then portfwd sync")
-    found = sorted({str(t.address) for t in g.targets})
+    found = sorted({str(t.address) for t in g.forwards})
     return Check("address", True, ", ".join(found))
 
 
@@ -296,7 +270,7 @@ GOOD_NEIGHBOUR = ("REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP")
 
 
 def _neighbours(g: GuestFacts) -> Check:
-    for address in sorted({str(t.address) for t in g.targets if t.address}):
+    for address in sorted({str(t.address) for t in g.forwards if t.address}):
         state = g.neighbours.get(address, "")
         if state.split(",")[0] not in GOOD_NEIGHBOUR:
             seen = f"neighbour entry {state}" if state else "no neighbour entry"
@@ -306,12 +280,12 @@ def _neighbours(g: GuestFacts) -> Check:
                          f"check the guest's address (virsh console {g.name}; ip addr), or the"
                          " address in forward.toml / its DHCP lease")
     states = ", ".join(f"{a} {g.neighbours.get(a, '')}" for a in
-                       sorted({str(t.address) for t in g.targets if t.address}))
+                       sorted({str(t.address) for t in g.forwards if t.address}))
     return Check("neighbour", True, states)
 
 
 def _table(g: GuestFacts) -> Check:
-    for t in g.targets:
+    for t in g.forwards:
         if t.state == "active":
             continue
         if t.state == "missing":
@@ -324,7 +298,7 @@ def _table(g: GuestFacts) -> Check:
         else:
             fix = "portfwd sync"
         return Check("table", False, f"{t.text}: {t.state}", fix)
-    return Check("table", True, f"{len(g.targets)} forward(s) active in the kernel")
+    return Check("table", True, f"{len(g.forwards)} forward(s) active in the kernel")
 
 
 def blocker_fix(line: str) -> str:
@@ -395,7 +369,7 @@ def guest_checks(g: GuestFacts, host: HostFacts) -> List[Check]:
 
 def walk(host: HostFacts, guests: Sequence[GuestFacts]) -> List[Check]:
     """Host layers, then each guest's; a broken host layer ends the walk."""
-    families = sorted({t.family for g in guests for t in g.targets}) or [4]
+    families = sorted({t.family for g in guests for t in g.forwards}) or [4]
     out: List[Check] = []
     for check in host_checks(host, families):
         out.append(check)

@@ -1,7 +1,8 @@
 """What ``portfwd doctor`` looks at, gathered read-only from the host (the edge of
 ``doctor``): libvirt's AppArmor profiles and what portfwd's hooks execute, sysctls,
-sysfs links, neighbour entries, the domain XML of running guests, portfwd's records
-against the live table, the live rule set and the sockets in /proc/net.
+interfaces (``hostnet.link``), neighbour entries, the running guests' domain XML
+(``domainxml``), portfwd's records against the live table, the live rule set and
+the listening sockets (``listening``).
 
 The running guests come from libvirt, asked in a thread that doctor stops
 waiting for after ``LIBVIRT_TIMEOUT`` seconds (a hung libvirtd must not hang the
@@ -20,20 +21,21 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from . import apparmor, compat, hostnet, libvirtapi, plan, proc
+from . import (apparmor, compat, domainxml, hostnet, installpaths, libvirtapi, listening, plan,
+               proc)
 from .constants import MARK
-from .discover import domain_nics
-from .doctor import (Check, Confinement, GuestFacts, HostFacts, Link, Packet, Target,
+from .doctor import (Check, Confinement, ForwardFacts, GuestFacts, HostFacts, Packet,
                      chain_verdict)
 from .engine import Engine
 from .errors import HostError
+from .hostnet import Link
 from .model import Config
+from .pathwalk import at
 from .status import live_elements, live_state
 from .values import Reason
 
 LIBVIRT_TIMEOUT = 10.0
 NEIGHBOUR_WAIT = 2.0
-SYS_NET = "/sys/class/net"
 
 
 APPARMOR_ENABLED = "/sys/module/apparmor/parameters/enabled"
@@ -64,9 +66,8 @@ def confinement(root: str = "/", enforcing: Optional[bool] = None,
         if read is not None:
             profiles += [(read.path, p, kinds) for p in read.profiles]
             problems += read.problems
-    hooks = [(kind, path, apparmor.hook_chain(root, path)) for kind in ("qemu", "network")
-             for path in [f"{apparmor.HOOK_DIR}/{kind}.d/portfwd"]
-             if os.path.lexists(apparmor.at(root, path))]
+    hooks = [(kind, path, apparmor.hook_chain(root, path)) for kind in installpaths.HOOK_KINDS
+             for path in [installpaths.hook(kind)] if os.path.lexists(at(root, path))]
     if not profiles or not hooks:
         return None
     return Confinement(profiles, hooks, problems)
@@ -101,37 +102,7 @@ def domains_from_libvirt(uri: str, timeout: float = LIBVIRT_TIMEOUT
     return None, f"libvirt at {uri} did not answer within {timeout:g} s"
 
 
-def domains_from_status_files(folder: str) -> Optional[Dict[str, bytes]]:
-    """Name → domain XML from libvirt's status files (``NAME.xml`` per running domain)."""
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError:
-        return None
-    out: Dict[str, bytes] = {}
-    for name in names:
-        if name.endswith(".xml"):
-            try:
-                with open(os.path.join(folder, name), "rb") as f:
-                    out[name[:-4]] = f.read()
-            except OSError:
-                continue
-    return out
-
-
-# -- links, neighbours, sockets ---------------------------------------------------
-
-def link(name: str) -> Optional[Link]:
-    """``name`` as sysfs shows it, None when there is no such interface."""
-    base = os.path.join(SYS_NET, name)
-    if not name or "/" in name or not os.path.isdir(base):
-        return None
-    flags = hostnet.read_sysctl(os.path.join(base, "flags"))
-    master = os.path.join(base, "master")
-    hairpin = hostnet.read_sysctl(os.path.join(base, "brport", "hairpin_mode"))
-    return Link(name, bool(int(flags or "0", 16) & 1),
-                os.path.basename(os.readlink(master)) if os.path.islink(master) else None,
-                None if hairpin is None else hairpin == "1")
-
+# -- neighbours, sockets ------------------------------------------------------------
 
 def neighbour_state(address: str, dev: Optional[str]) -> str:
     """The neighbour entry's state of ``address`` ("" when there is none)."""
@@ -173,69 +144,16 @@ def neighbour(address: str, dev: Optional[str], wait: float = NEIGHBOUR_WAIT) ->
     return state
 
 
-# /proc/net states: TCP_LISTEN, and UDP's TCP_CLOSE (a bound, unconnected socket)
-LISTENING = {"tcp": "0A", "udp": "07"}
-
-
-def proc_listeners(text: str, proto: str, family: int) -> List[Tuple[str, int, str]]:
-    """(address, port, inode) of each listening socket in a /proc/net/{tcp,udp}[6] text."""
-    out = []
-    for line in text.splitlines()[1:]:
-        f = line.split()
-        if len(f) < 10 or f[3] != LISTENING[proto]:
-            continue
-        hexaddr, _, hexport = f[1].partition(":")
-        raw = bytes.fromhex(hexaddr)
-        if family == 4:
-            address = socket.inet_ntop(socket.AF_INET, raw[::-1])
-        else:  # four host-order 32-bit words
-            words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-            address = socket.inet_ntop(socket.AF_INET6, words)
-        out.append((address, int(hexport, 16), f[9]))
-    return out
-
-
-def _owners(inodes: Set[str]) -> Dict[str, str]:
-    """Socket inode → ``NAME (pid N)`` of a process holding it."""
-    found: Dict[str, str] = {}
-    wanted = {f"socket:[{i}]": i for i in inodes}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target in wanted and wanted[target] not in found:
-                comm = hostnet.read_sysctl(f"/proc/{pid}/comm") or "?"
-                found[wanted[target]] = f"{comm} (pid {pid})"
-    return found
-
-
-def listeners(targets: Sequence[Target]) -> List[str]:
+def listeners(forwards: Sequence[ForwardFacts]) -> List[str]:
     """Host sockets listening on a forwarded host port and listen address."""
-    hits: List[Tuple[str, str, int, str]] = []
-    for proto in ("tcp", "udp"):
-        for family, suffix in ((4, ""), (6, "6")):
-            text = hostnet.read_sysctl(f"/proc/net/{proto}{suffix}") or ""
-            for address, port, inode in proc_listeners(text, proto, family):
-                for t in targets:
-                    first, _, last = t.host_port.partition("-")
-                    wildcard = address in ("0.0.0.0", "::")
-                    if (t.proto == proto and int(first) <= port <= int(last or first)
-                            and (wildcard or t.listen in ("*", address))):
-                        hits.append((proto, address, port, inode))
-                        break
-    owners = _owners({inode for *_, inode in hits})
     out = []
-    for proto, address, port, inode in sorted(set(hits)):
-        shown = f"[{address}]" if ":" in address else address
-        out.append(f"{owners.get(inode, 'a process')} listens on {shown}:{port}/{proto}")
+    for s in listening.sockets():
+        for f in forwards:
+            first, _, last = f.host_ports.partition("-")
+            if (f.proto == s.proto and int(first) <= s.port <= int(last or first)
+                    and (s.wildcard or f.listen in ("*", s.address))):
+                out.append(f"{s.process or 'a process'} listens on {s.endpoint}/{s.proto}")
+                break
     return out
 
 
@@ -245,11 +163,11 @@ SKIPPED_TABLES = {("ip", "filter"), ("ip6", "filter"), ("ip", "libvirt_network")
                   ("ip6", "libvirt_network"), ("inet", "firewalld")}  # compat.py reads those
 
 
-def own_drops(engine: Engine, targets: Sequence[Target], bridge_of: Dict[str, str],
+def own_drops(engine: Engine, forwards: Sequence[ForwardFacts], bridge_of: Dict[str, str],
               table: str) -> List[str]:
     """Drops and rejects in forward base chains of the host's own tables (not
     libvirt's, firewalld's or portfwd's, which compat.py judges) that surely hit a
-    forwarded connection to one of ``targets``; each names table, chain and rule."""
+    forwarded connection to one of ``forwards``; each names table, chain and rule."""
     chains = [c["chain"] for c in engine.nft.list({"chains": {}}) or [] if "chain" in c]
     out: List[str] = []
     for c in chains:
@@ -259,10 +177,10 @@ def own_drops(engine: Engine, targets: Sequence[Target], bridge_of: Dict[str, st
         listed = engine.nft.list({"chain": {"family": c["family"], "table": c["table"],
                                             "name": c["name"]}}) or []
         rules = [o["rule"] for o in listed if "rule" in o]
-        for t in targets:
+        for t in forwards:
             if t.address is None or t.family not in _families(c["family"]):
                 continue
-            first = int(t.guest_port.partition("-")[0])
+            first = int(t.guest_ports.partition("-")[0])
             packet = Packet(t.family, bridge_of.get(t.address, ""), t.address, t.proto, first)
             hit = chain_verdict(rules, packet, MARK)
             if hit and hit[0] in ("drop", "reject"):
@@ -278,29 +196,29 @@ def _families(family: str) -> Tuple[int, ...]:
 
 # -- per guest ---------------------------------------------------------------------
 
-def targets_of(engine: Engine, config: Optional[Config], name: str, uuid: Optional[str],
-               live: Dict[str, Dict[str, Dict[Tuple[Any, ...], Any]]]) -> List[Target]:
+def forwards_of(engine: Engine, config: Optional[Config], name: str, uuid: Optional[str],
+               live: Dict[str, Dict[str, Dict[Tuple[Any, ...], Any]]]) -> List[ForwardFacts]:
     """The guest's forwards: recorded (with the kernel's verdict, as ``portfwd status``
     gives it), else configured and not applied."""
     st = engine.read_state(name)
-    out: List[Target] = []
+    out: List[ForwardFacts] = []
     if st is not None and not st.empty:
         if st.table not in live:
             live[st.table] = live_elements(engine.nft.list_table(st.table) or [])
         for b in st.bindings:
             state, reason, _, _ = live_state(b, live[st.table])
-            out.append(Target(b.family, b.proto, b.listen, b.host_ports, b.address,
+            out.append(ForwardFacts(b.family, b.proto, b.listen, b.host_ports, b.address,
                               b.guest_ports, f"{state} ({reason})" if state == "differs"
                               else state))
         for b, why in st.pending:
             state = str(why) if why.cause == Reason.INACTIVE else f"pending: {why}"
-            out.append(Target(b.family, b.proto, b.listen, b.host_ports, None, b.guest_ports,
+            out.append(ForwardFacts(b.family, b.proto, b.listen, b.host_ports, None, b.guest_ports,
                               state))
         return out
     if config is not None:
         for b in plan.forwards_bindings(config.forwards_for(name, uuid), name):
             address = b.target if isinstance(b.target, str) else None
-            out.append(Target(b.family, b.proto, b.listen, b.host_ports, address,
+            out.append(ForwardFacts(b.family, b.proto, b.listen, b.host_ports, address,
                               b.guest_ports, "not applied"))
     return out
 
@@ -318,8 +236,9 @@ def gather(engine: Engine, config: Optional[Config], names: Iterable[str],
     XMLs (None: unknown, from ``domains_from``)."""
     table = config.options.table if config is not None else "portfwd"
     macs: Dict[Tuple[str, str], List[str]] = {}
-    for other, other_xml in (domains or {}).items():
-        for nic in domain_nics(other_xml):
+    parsed = {name: domainxml.parse(xml) for name, xml in (domains or {}).items()}
+    for other, domain in parsed.items():
+        for nic in domain.nics:
             if nic.bridge:
                 macs.setdefault((nic.bridge, nic.mac), []).append(other)
     fw = compat.read(engine.nft)
@@ -327,43 +246,32 @@ def gather(engine: Engine, config: Optional[Config], names: Iterable[str],
     live: Dict[str, Dict[str, Dict[Tuple[Any, ...], Any]]] = {}
     out = []
     for name in names:
-        xml = (domains or {}).get(name)
-        running = None if domains is None else xml is not None
-        nics = domain_nics(xml) if xml else []
-        uuid = _uuid(xml) if xml else None
+        domain = parsed.get(name, domainxml.Domain())
+        running = None if domains is None else name in parsed
+        nics = domain.nics
+        uuid = domain.uuid
         links: Dict[str, Optional[Link]] = {}
         for nic in nics:
             for iface in (nic.bridge, nic.tap):
                 if iface:
-                    links[iface] = link(iface)
+                    links[iface] = hostnet.link(iface)
         ipv6_off = {str(n.bridge): why for n in nics if n.bridge
                     for why in [hostnet.ipv6_off(n.bridge)] if why}
-        targets = targets_of(engine, config, name, uuid, live)
+        forwards = forwards_of(engine, config, name, uuid, live)
         bridge_of = {str(t.address): routes.interface_for(str(t.address)) or ""
-                     for t in targets if t.address}
+                     for t in forwards if t.address}
         wanted: Dict[int, Set[str]] = {4: set(), 6: set()}
-        for t in targets:
+        for t in forwards:
             if t.address and bridge_of.get(t.address):
                 wanted[t.family].add(bridge_of[t.address])
-        blocked = compat.blockers(fw, wanted) + own_drops(engine, targets, bridge_of, table)
+        blocked = compat.blockers(fw, wanted) + own_drops(engine, forwards, bridge_of, table)
         neighbours = {}
         if running:
             for address in sorted(bridge_of):
                 neighbours[address] = neighbour(address, bridge_of[address] or None)
-        out.append(GuestFacts(name, running, domains_from, nics, links, ipv6_off, targets,
-                              neighbours, blocked, listeners(targets), macs))
+        out.append(GuestFacts(name, running, domains_from, nics, links, ipv6_off, forwards,
+                              neighbours, blocked, listeners(forwards), macs))
     return out
-
-
-def _uuid(xml: bytes) -> Optional[str]:
-    from xml.etree import ElementTree
-
-    try:
-        root = ElementTree.fromstring(xml)
-    except ElementTree.ParseError:
-        return None
-    found = root.find("uuid") if root.tag == "domain" else root.find("domain/uuid")
-    return found.text.strip().lower() if found is not None and found.text else None
 
 
 def diagnose(config_path: str, guest: Optional[str], uri: str,
@@ -383,12 +291,12 @@ def diagnose(config_path: str, guest: Optional[str], uri: str,
             log.warning(line)
         log.warning("configuration invalid: looking at the applied forwards only")
     if status_dir is not None:
-        domains, source = domains_from_status_files(status_dir), f"status files in {status_dir}"
+        domains, source = domainxml.status_files(status_dir), f"status files in {status_dir}"
     else:
         domains, source = domains_from_libvirt(uri)
         if domains is None:
-            fallback = os.environ.get("PORTFWD_QEMU_STATUS_DIR") or "/run/libvirt/qemu"
-            domains = domains_from_status_files(fallback)
+            fallback = domainxml.status_dir()
+            domains = domainxml.status_files(fallback)
             source = f"{source}; from status files in {fallback}"
     engine = Engine(config_path)
     names = [guest] if guest else guest_names(config, engine)

@@ -15,6 +15,7 @@ import os
 import sys
 
 from . import state
+from .domainxml import domain_uuid
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -32,17 +33,6 @@ LOCK_WAIT = 5.0
 # the exit status asking the hook's sh lines to fail a start (they exit 1 then): not 1,
 # which an interpreter that dies at start-up exits with, nor 2 (Python's usage error)
 STRICT_FAILURE = 3
-
-
-def domain_uuid(xml: bytes) -> Optional[str]:
-    """The first ``<uuid>`` of the domain XML, without parsing all of it."""
-    start = xml.find(b"<uuid>")
-    if start < 0:
-        return None
-    end = xml.find(b"</uuid>", start)
-    if end < 0:
-        return None
-    return xml[start + 6:end].strip().decode("ascii", "replace").lower() or None
 
 
 def main(kind: str = "qemu", argv: Optional[List[str]] = None) -> int:
@@ -170,7 +160,7 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) 
             from .discover import Resolver
 
             resolver = Resolver(name, xml)
-        from .bridgeport import taps
+        from .domainxml import taps
 
         engine.taps[name] = taps(xml)  # their hairpin mode (ensure_compat)
         applied = engine.apply_guest(name, uuid, table, planned, resolver,

@@ -1,4 +1,6 @@
-"""Kernel facts read from /proc: which interface routes to an address.
+"""Kernel facts about the host's network: which interface routes to an address
+(/proc), an interface as sysfs shows it (``link``: the one reader of
+/sys/class/net), sysctls, and the addresses of interfaces (netlink).
 
 Kernel text is read as bytes and parsed as bytes: an interface name is whatever
 bytes someone gave it (``ifname``), and no byte of it may stop a run.
@@ -9,7 +11,7 @@ Cheap to import (no ipaddress, no dataclasses): the hook uses it on every start.
 from __future__ import annotations
 
 import os
-from _socket import AF_INET, AF_INET6, inet_pton
+from _socket import AF_INET, AF_INET6, if_nametoindex, inet_pton
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
 
 RTF_UP = 0x0001
 RTF_REJECT = 0x0200
+SYS_NET = "/sys/class/net"
+IFF_UP = 0x1
 
 
 def ifname(raw: bytes) -> str:
@@ -127,6 +131,45 @@ def read_sysctl(path: str) -> Optional[str]:
             return f.read().strip().decode("utf-8", "surrogateescape")
     except OSError:
         return None
+
+
+class Link:
+    """A network interface as sysfs shows it."""
+
+    __slots__ = ("name", "ifindex", "up", "master", "hairpin")
+
+    def __init__(self, name: str, ifindex: int, up: bool, master: Optional[str] = None,
+                 hairpin: Optional[bool] = None) -> None:
+        self.name = name
+        self.ifindex = ifindex
+        self.up = up  # IFF_UP
+        self.master = master  # the bridge (or bond) it is a port of
+        self.hairpin = hairpin  # brport/hairpin_mode, None when not a bridge port
+
+
+def link(name: str) -> Optional[Link]:
+    """The interface ``name`` of this network namespace; None when there is no such
+    interface, or the sysfs mounted here belongs to another namespace (its ifindex
+    then differs from the kernel's answer to this process)."""
+    if not name or "/" in name or name in (".", ".."):
+        return None
+    base = os.path.join(SYS_NET, name)
+    try:
+        with open(os.path.join(base, "ifindex"), "rb") as f:
+            ifindex = int(f.read())
+        if if_nametoindex(name) != ifindex:
+            return None
+        with open(os.path.join(base, "flags"), "rb") as f:
+            flags = int(f.read(), 16)
+    except (OSError, ValueError):
+        return None
+    try:
+        master: Optional[str] = os.path.basename(os.readlink(os.path.join(base, "master")))
+    except OSError:
+        master = None
+    hairpin = read_sysctl(os.path.join(base, "brport", "hairpin_mode"))
+    return Link(name, ifindex, bool(flags & IFF_UP), master,
+                None if hairpin is None else hairpin == "1")
 
 
 def ipv6_off(interface: Optional[str] = None) -> Optional[str]:

@@ -1,5 +1,6 @@
 """The host's listening sockets, read from /proc/net (of the caller's network
-namespace), with the process that holds each when /proc/PID/fd tells."""
+namespace), with the process that holds each when /proc/PID/fd tells: the one
+reader of them (``portfwd check`` and ``portfwd doctor``)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ class Socket(NamedTuple):
     @property
     def wildcard(self) -> bool:
         return self.address in ("0.0.0.0", "::")
+
+    @property
+    def endpoint(self) -> str:
+        """``0.0.0.0:22``, ``[::1]:631``."""
+        return f"[{self.address}]:{self.port}" if self.family == 6 else f"{self.address}:{self.port}"
 
     @property
     def loopback(self) -> bool:

@@ -12,7 +12,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Dict, Iterable, List, Sequence, Tuple, Union
 
-    from .model import Config, Forward, Guest
+    from .model import Forward
 
     from .values import Target
 
@@ -31,29 +31,30 @@ from .values import ListenIface, Selector, Value, key_part_from_text, target_fro
 
 class Binding(Value):
     """One host port of one forward, or one range of host ports forwarded to the
-    same guest ports (the key ends with ``"FIRST-LAST"``, ``port`` is FIRST): a
-    key and its DNAT target. ``entry`` names the configuration entry it comes from
+    same guest ports (the key ends with ``"FIRST-LAST"``, ``guest_port`` is FIRST):
+    a key and its DNAT target. ``entry`` names the configuration entry it comes from
     (``forward[0].ports[2]``; "" in state recorded by earlier versions).
 
     A plain class, not a dataclass: the hook imports this module on every
     guest start, and ``dataclasses`` alone costs more than the start itself.
     """
 
-    __slots__ = ("kind", "family", "key", "target", "port", "guest", "comment", "entry")
+    __slots__ = ("kind", "family", "key", "target", "guest_port", "guest", "comment", "entry")
 
     def __init__(self, kind: str, family: int, key: Tuple[KeyPart, ...], target: Target,
-                 port: int, guest: str, comment: str, entry: str = "") -> None:
+                 guest_port: int, guest: str, comment: str, entry: str = "") -> None:
         self.kind = kind  # "fwd", "any" or "src"
         self.family = family  # 4 or 6
         self.key = key
         self.target = target
-        self.port = port
+        self.guest_port = guest_port  # the (first) guest port
         self.guest = guest
         self.comment = comment
         self.entry = entry
 
     def _fields(self) -> Tuple[Any, ...]:
-        return (self.kind, self.family, self.key, self.target, self.port, self.guest, self.comment)
+        return (self.kind, self.family, self.key, self.target, self.guest_port, self.guest,
+                self.comment)
 
 
     @property
@@ -66,11 +67,11 @@ class Binding(Value):
         return self.target
 
     def with_target(self, target: Target) -> "Binding":
-        return Binding(self.kind, self.family, self.key, target, self.port, self.guest,
+        return Binding(self.kind, self.family, self.key, target, self.guest_port, self.guest,
                        self.comment, self.entry)
 
     def with_key(self, key: Tuple[KeyPart, ...]) -> "Binding":
-        return Binding(self.kind, self.family, key, self.target, self.port, self.guest,
+        return Binding(self.kind, self.family, key, self.target, self.guest_port, self.guest,
                        self.comment, self.entry)
 
     @property
@@ -96,7 +97,7 @@ class Binding(Value):
     @property
     def guest_ports(self) -> str:
         """The guest port(s): a range keeps its ports."""
-        return str(self.key[-1]) if self.is_range else str(self.port)
+        return str(self.key[-1]) if self.is_range else str(self.guest_port)
 
     def span(self) -> Tuple[int, int]:
         """(first, last) host port."""
@@ -129,7 +130,7 @@ class Binding(Value):
     def to_json(self) -> List[Any]:
         """As recorded in /run/portfwd (``entry`` last: earlier versions wrote 7 fields)."""
         key = [str(p) if isinstance(p, ListenIface) else p for p in self.key]
-        return [self.kind, self.family, key, str(self.target), self.port, self.guest,
+        return [self.kind, self.family, key, str(self.target), self.guest_port, self.guest,
                 self.comment, self.entry]
 
     @classmethod
@@ -138,11 +139,6 @@ class Binding(Value):
         entry = str(raw[7]) if len(raw) > 7 else ""
         return cls(str(kind), int(family), tuple(key_part_from_text(p) for p in key),
                    target_from_text(str(target)), int(port), str(guest), str(comment), entry)
-
-
-def guest_bindings(config: Config, guest: Guest) -> List[Binding]:
-    """Every binding the configuration asks for this guest."""
-    return bind(templates(config.forwards_for(guest.name, guest.uuid)), guest.name)
 
 
 def forwards_bindings(forwards: Iterable[Forward], guest_name: str) -> List[Binding]:

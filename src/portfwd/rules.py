@@ -72,8 +72,6 @@ MAPS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS
         for w in ("ip", "port", "range", "to")}
 # the maps whose elements count the connections they DNAT (see the module's docstring)
 COUNTED = ("ip", "range", "to")
-# the key sets of the range maps: name → (kind, family)
-RANGE_KEYS = {map_name(k, f, "rkeys"): (k, f) for f in (4, 6) for k in KINDS}
 # the key sets of either variant: name → (kind, family, what)
 KEY_SETS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS for w in ("keys", "rkeys")}
 
@@ -313,9 +311,9 @@ def _elements(table: str, bindings: Iterable[Binding], op: str, variant: str) ->
         if b.is_range:
             values = (("range", b.address),)
         elif variant == CONCAT:
-            values = (("to", {"concat": [b.address, b.port]}),)
+            values = (("to", {"concat": [b.address, b.guest_port]}),)
         else:
-            values = (("ip", b.address), ("port", b.port))
+            values = (("ip", b.address), ("port", b.guest_port))
         elem = {"elem": {"val": key, "comment": b.comment}}  # shared by the maps
         for what, value in values:
             name = map_name(b.kind, b.family, what)

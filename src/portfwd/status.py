@@ -157,7 +157,7 @@ def live_state(b: Binding, maps: Live) -> Tuple[str, str, Optional[int], Optiona
             return MISSING, "not in the table: run `portfwd reapply`", None, None
         ip, packets, octets = hit
         port = port_hit[0]
-    if str(ip) != b.address or port is None or int(port) != b.port:
+    if str(ip) != b.address or port is None or int(port) != b.guest_port:
         return DIFFERS, f"the table leads to {ip}:{port}", packets, octets
     return ACTIVE, "", packets, octets
 

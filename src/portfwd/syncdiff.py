@@ -41,7 +41,7 @@ def fold(bindings: Sequence[Binding]) -> List[Item]:
         if b.is_range:
             runs.setdefault(_identity(b) + ("range", b.host_ports), []).append([b])
             continue
-        group = runs.setdefault(_identity(b) + (b.port - b.host_port,), [])
+        group = runs.setdefault(_identity(b) + (b.guest_port - b.host_port,), [])
         if group and group[-1][-1].host_port + 1 == b.host_port:
             group[-1].append(b)
         else:
@@ -61,7 +61,7 @@ def _item(run: List[Binding]) -> Item:
         host = guest = first.host_ports
     else:
         host = _span(first.host_port, last.host_port)
-        guest = _span(first.port, last.port)
+        guest = _span(first.guest_port, last.guest_port)
     listen = display.listen_text(first).rpartition(":")[0]
     return {"guest": first.guest, "family": first.family, "proto": first.proto,
             "listen": f"{listen}:{host}", "target": display.target_text(first.target,

@@ -273,7 +273,7 @@ def _forward(engine: Engine, guest: str, port: int, proto: str, family: int
     for b in st.bindings if st else []:
         first, last = b.span()
         if b.proto == proto and b.family == family and first <= port <= last:
-            gport = port if b.is_range else b.port
+            gport = port if b.is_range else b.guest_port
             return b.listen, b.address, gport
     raise ConfigError([f"guest {guest}: no applied IPv{family} forward of host port {port}/{proto}"
                        f" (see portfwd status; portfwd doctor {guest})"])

@@ -1,7 +1,7 @@
 """``portfwd uninstall``: undo ``portfwd install`` and every rule portfwd made.
 
-What install puts in place (``installed_paths``) is listed here once; the
-configuration stays unless the admin asks for ``--purge``.
+It removes what ``installpaths`` lists; the configuration stays unless the admin
+asks for ``--purge``.
 """
 
 from __future__ import annotations
@@ -11,13 +11,9 @@ import shutil
 import sys
 from typing import List, Optional, Tuple
 
-from . import proc
+from . import installpaths, proc
 from .errors import HostError
-
-HOOKS = ("/etc/libvirt/hooks/qemu.d/portfwd", "/etc/libvirt/hooks/network.d/portfwd")
-LINK = "/usr/local/sbin/portfwd"
-DOCS = ("/usr/local/share/man/man8/portfwd.8", "/usr/local/share/bash-completion/completions/portfwd")
-UNIT_DIR = "/etc/systemd/system"
+from .pathwalk import at
 # seconds systemctl gets: stopping the daemon may wait for systemd's own stop timeout (90 s)
 SYSTEMCTL_WAIT = 150.0
 
@@ -41,11 +37,7 @@ def units(data_dir: str) -> List[str]:
 
 def installed_paths(root: str, data_dir: str) -> List[str]:
     """Every file install writes, below ``root``, but the configuration."""
-    def at(path: str) -> str:
-        return os.path.join(root, path.lstrip("/"))
-
-    return ([at(h) for h in HOOKS] + [at(LINK)] + [at(d) for d in DOCS]
-            + [at(os.path.join(UNIT_DIR, unit)) for unit in units(data_dir)])
+    return [at(root, path) for path in installpaths.installed(units(data_dir))]
 
 
 def stop_units(root: str, data_dir: str) -> Optional[str]:
@@ -63,13 +55,14 @@ def remove_files(root: str, data_dir: str, config: str, purge: bool) -> Tuple[Li
     removed only while it is a symlink (a file of that name is someone else's)."""
     removed, kept = [], []
     for path in installed_paths(root, data_dir):
-        if path.endswith(LINK) and os.path.lexists(path) and not os.path.islink(path):
+        if path == at(root, installpaths.COMMAND) and os.path.lexists(path) \
+                and not os.path.islink(path):
             kept.append(f"{path} (not a symlink portfwd made)")
             continue
         if os.path.lexists(path):
             os.unlink(path)
             removed.append(path)
-    config_path = os.path.join(root, config.lstrip("/"))
+    config_path = at(root, config)
     if purge:
         if os.path.lexists(config_path):
             os.unlink(config_path)
