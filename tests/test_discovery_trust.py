@@ -158,7 +158,7 @@ def test_address_reserved_for_another_mac_or_used_by_another_guest(
     nets, leases = files
     r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000,
                  routes=ROUTES, local=HOST, evidence=KNOWN)
-    r.claimed = {"192.168.150.30": "db1"}
+    r.taken = {"192.168.150.30": "db1"}
     got, why = outcome(r.resolve(Selector(VICTIM), 4))
     assert got is None and why.endswith("the address of guest db1")
 
@@ -402,7 +402,7 @@ def test_claimed_and_reserved_addresses_compare_canonically(files: "tuple[str, s
     assert found(files, 6) == ("fd00:150::77", "reservation on network v6net")
     r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000,
                  routes=ROUTES, local=HOST, evidence=KNOWN)
-    r.claimed = canonical_keys({"FD00:150::77": "db1"})
+    r.taken = canonical_keys({"FD00:150::77": "db1"})
     assert outcome(r.resolve(Selector(VICTIM), 6)) == (
         None, "refused fd00:150::77 from reservation on network v6net: the address of guest db1")
 

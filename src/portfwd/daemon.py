@@ -181,7 +181,7 @@ class Daemon:
                 return
         self.bad_config = None
         config = self.config[1]
-        self.engine.forget_claims()  # a table seen before may have been flushed away since
+        self.engine.forget_owned_tables()  # a table seen before may have been flushed away since
         # everything libvirt knows is asked now, never under the lock (see running_guests)
         guests, resolvers = libvirtapi.running_guests(self.conn, config)
         full, self.full = self.full, False
@@ -248,7 +248,7 @@ class Daemon:
 
     def _reapply(self) -> str:
         with self.locked():
-            self.engine.forget_claims()
+            self.engine.forget_owned_tables()
             bindings = self.engine.reapply()
         log.info(f"rebuilt: {len(bindings)} forward(s) from the records")
         return REBUILT

@@ -239,7 +239,7 @@ class Resolver:
 
     ``routes`` (interface_for), ``local`` (the host's own addresses) and
     ``evidence`` (neighbour table and bridge FDBs) are read from the kernel when
-    not given; ``claimed`` maps addresses that other guests' forwards use (in
+    not given; ``taken`` maps addresses that other guests' forwards use (in
     canonical form) to their names; ``running`` maps the MACs of running guests to
     their names (read from libvirt's status files when needed and not given);
     ``kept`` holds the addresses this guest's forwards were applied to before,
@@ -265,7 +265,7 @@ class Resolver:
         self.routes = routes
         self.local = local
         self.evidence = evidence
-        self.claimed: Dict[str, str] = {}
+        self.taken: Dict[str, str] = {}
         self.running: Optional[Dict[str, str]] = None
         self.kept: Set[str] = set()
         self.discover = tuple(discover)
@@ -386,7 +386,7 @@ class Resolver:
             return f"routed out of {routed or 'no interface'}, not bridge {bridge}"
         if address in self._local():
             return "an address of the host itself"
-        other = self.claimed.get(address)
+        other = self.taken.get(address)
         if other is not None and other != self.guest:
             return f"the address of guest {other}"
         held = self._held_by_other(address, family, nic, network)

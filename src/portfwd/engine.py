@@ -320,7 +320,7 @@ class Engine:
             except HostError as e:
                 log.info(f"table inet {table}: rebuilding its layout ({e})")
         variant = self.variant()
-        self.claim_table(table)
+        self.own_table(table)
         migration = self._migration(table, variant)
         if migration:  # rebuilt from the record first; the change is relative to it
             recorded = [b for st in self.all_states() if st.table == table for b in st.bindings]
@@ -362,7 +362,7 @@ class Engine:
         # made in this boot by a portfwd from before the marker (its layout record says so)
         return comment == "" and self.store.layout(table) == UNMARKED_LAYOUT, False
 
-    def claim_table(self, table: str, create: bool = True) -> None:
+    def own_table(self, table: str, create: bool = True) -> None:
         """Before building ``table``: create it with portfwd's marker when absent, and
         refuse (HostError) a table that someone else made: portfwd never changes or
         deletes that. A table of portfwd's made before the marker set gets it."""
@@ -381,7 +381,7 @@ class Engine:
         if owner or create:
             self._owned.add(table)
 
-    def forget_claims(self) -> None:
+    def forget_owned_tables(self) -> None:
         """Judge every table afresh (a long-running caller: tables may have gone)."""
         self._owned.clear()
 
@@ -398,7 +398,7 @@ class Engine:
         libvirt's chains whatever the host record says."""
         old_state = self.read_state(name)
         if resolver is not None:
-            self._prepare(resolver, self.discover, self._claimed_by_others(name),
+            self._prepare(resolver, self.discover, self._taken_by_others(name),
                           old_state.discovered() if old_state else set())
         wanted = resolve(list(planned), resolver, self.routes)
         new = wanted.bindings
@@ -502,24 +502,24 @@ class Engine:
         self._ensure_localnet_of(summary)
         self._ensure_hairpin_ports(only=name)
 
-    def _prepare(self, resolver: Resolver, discover: Sequence[str], claimed: Dict[str, str],
+    def _prepare(self, resolver: Resolver, discover: Sequence[str], taken: Dict[str, str],
                  kept: Set[str], running: Optional[Dict[str, str]] = None,
                  evidence: Optional[Evidence] = None) -> None:
         """What a resolver needs to vet discovered addresses against this host:
-        ``claimed`` (canonical addresses of others' forwards), ``kept`` (the guest's
+        ``taken`` (canonical addresses of others' forwards), ``kept`` (the guest's
         discovered addresses applied before), ``running`` (MAC → running guest; None:
         the resolver reads libvirt's status files if it needs to), ``evidence``
         (shared by the resolvers of one run: the kernel is read once)."""
         resolver.discover = tuple(discover)
         resolver.routes = self.routes
-        resolver.claimed = claimed
+        resolver.taken = taken
         resolver.kept = kept
         if running is not None:
             resolver.running = running
         if evidence is not None:
             resolver.evidence = evidence
 
-    def _claimed_by_others(self, name: str) -> Dict[str, str]:
+    def _taken_by_others(self, name: str) -> Dict[str, str]:
         """Guest addresses other guests' forwards lead to, from their recorded state."""
         return canonical_keys({b.address: st.guest for st in self.all_states()
                                if st.guest != name for b in st.bindings})
@@ -539,12 +539,12 @@ class Engine:
         for st in others:
             for b in st.bindings:
                 held.add(b, st.guest)
-        taken: List[Tuple[Binding, str]] = []
+        elsewhere: List[Tuple[Binding, str]] = []
         for b in new:
             holder = held.holder(b)
             if holder is not None and self._still_claims(holder, b):
-                taken.append((b, holder))
-        lost = {b for b, _ in taken}
+                elsewhere.append((b, holder))
+        lost = {b for b, _ in elsewhere}
         mine = Claims()
         for b in new:
             if b not in lost:
@@ -559,13 +559,13 @@ class Engine:
                 changed.append(GuestState(st.guest, st.uuid, st.table, kept, st.pending, st.address_from,
                                           st.warnings))
             everything += kept
-        self.claim_table(table)
+        self.own_table(table)
         variant = self.variant()
         self.nft.apply(self._migration(table, variant)
                        + rules.full_rebuild(table, everything, variant))
         self._built(table, variant)
         self.write_states(changed)
-        return taken
+        return elsewhere
 
     def _still_claims(self, guest: str, b: Binding) -> bool:
         """Whether ``guest``'s current configuration forwards ``b``'s host port (same
@@ -618,7 +618,7 @@ class Engine:
         tables = sorted({st.table for st in states})
         variant = self.variant()
         for table in tables:
-            self.claim_table(table)
+            self.own_table(table)
             bindings = [b for st in states if st.table == table for b in st.bindings]
             cmds += self._migration(table, variant) + rules.full_rebuild(table, bindings, variant)
             everything += bindings
@@ -703,7 +703,7 @@ class Engine:
                    if self.table_owner(t)]
         for old_table in dropped:
             cmds += rules.drop_table(old_table)
-        self.claim_table(table, create=not dry_run)
+        self.own_table(table, create=not dry_run)
         variant = self.variant()
         cmds += self._migration(table, variant)
         try:
