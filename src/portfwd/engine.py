@@ -474,10 +474,14 @@ class Engine:
         fw: Optional[compat.Firewall] = None
         accepts_changed = False
         if look or wanted != _as_sets(self.store.accepts()):
-            fw = compat.read(self.nft, deadline)
-            commands, argvs = compat.changes(fw, wanted)
-            extra += commands
-            accepts_changed = bool(commands or argvs)
+            try:
+                fw = compat.read(self.nft, deadline)
+            except HostError as e:  # an iptables tool refused or timed out: the next run looks
+                log.warning(f"guest {name}: libvirt's chains not looked at: {e}")
+            else:
+                commands, argvs = compat.changes(fw, wanted)
+                extra += commands
+                accepts_changed = bool(commands or argvs)
         built = [self._layout_known(table)]  # False once the table is (re)built below
 
         def batch(variant: str) -> List[rules.Command]:
@@ -489,16 +493,22 @@ class Engine:
 
         if new or old or extra or hairpin_changed:
             self._apply_with_layout(table, batch)
-        written[table] = want
+        if want or self._layout_known(table):
+            written[table] = want
+        else:
+            written.pop(table, None)  # no table, nothing in it: nothing to remember
         if written != self.store.hairpin():
             self.store.write_hairpin(written)
-        if argvs:
-            compat.run_iptables(argvs, deadline)
-        if fw is not None:  # looked: what still blocks, as the kernel now has it
-            self.store.write_accepts({f: sorted(b) for f, b in wanted.items()})
-            if accepts_changed:
-                fw = compat.read(self.nft, deadline)
-            self._report(compat.blockers(fw, wanted))
+        if fw is not None:  # looked: put the iptables accepts in place, say what still blocks
+            try:
+                compat.run_iptables(argvs, deadline)
+                if accepts_changed:
+                    fw = compat.read(self.nft, deadline)
+            except HostError as e:  # the records stay true to the table; the next run retries
+                log.warning(f"guest {name}: {e}")
+            else:
+                self.store.write_accepts({f: sorted(b) for f, b in wanted.items()})
+                self._report(compat.blockers(fw, wanted))
         self._ensure_localnet_of(summary)
         self._ensure_hairpin_ports(only=name)
 
