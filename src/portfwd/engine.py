@@ -460,7 +460,8 @@ class Engine:
         wants = {t: sorted({bridge for b in summary.values() if b.table == t
                             for _, bridge in b.routed}) for t in set(written) | {table}}
         want = wants[table]
-        hairpin_changed = written.get(table) != want and (want or self._layout_known(table))
+        known = self._layout_known(table)  # layout.TABLE read once for this pass
+        hairpin_changed = written.get(table) != want and (want or known)
         for other, bridges in sorted(wants.items()):  # a table the configuration renamed
             if other != table and written.get(other) != bridges:
                 if self._layout_known(other):
@@ -482,7 +483,7 @@ class Engine:
                 commands, argvs = compat.changes(fw, wanted)
                 extra += commands
                 accepts_changed = bool(commands or argvs)
-        built = [self._layout_known(table)]  # False once the table is (re)built below
+        built = [known]  # False once the table is (re)built below
 
         def batch(variant: str) -> List[rules.Command]:
             cmds = rules.guest_update(table, old, new, variant) + extra
@@ -493,7 +494,7 @@ class Engine:
 
         if new or old or extra or hairpin_changed:
             self._apply_with_layout(table, batch)
-        if want or self._layout_known(table):
+        if want or known or len(built) > 1:  # the table is there (a batch went in)
             written[table] = want
         else:
             written.pop(table, None)  # no table, nothing in it: nothing to remember
