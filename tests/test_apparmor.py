@@ -25,7 +25,7 @@ import pytest
 from deblab import PACKAGES, DebRoot, apparmor_dir, build
 from netlab import run
 from pfhost import ROOT, domain_xml
-from portfwd import apparmor, compat, doctor, doctorfacts, installpaths, pathwalk
+from portfwd import apparmor, compat, doctor, hookchain, doctorfacts, installpaths, pathwalk
 from trixielab import SUITE, cached_root
 
 SUITES = ["bookworm", pytest.param(SUITE, marks=pytest.mark.trixie)]
@@ -246,7 +246,7 @@ def shell_tools_only(tmp: str) -> Dict[str, str]:
     folder = os.path.join(tmp, "bin")
     os.makedirs(folder)
     log = os.path.join(tmp, "ran")
-    for tool in apparmor.SH_TOOLS:
+    for tool in hookchain.SH_TOOLS:
         with open(os.path.join(folder, tool), "w") as f:
             f.write(f'#!/bin/sh\necho {tool} >>{log}\nexec /usr/bin/{tool} "$@"\n')
         os.chmod(os.path.join(folder, tool), 0o755)
@@ -268,7 +268,7 @@ def ran(tmp: str) -> List[str]:
 @pytest.mark.parametrize("kind", ["qemu", "network"])
 def test_the_sh_lines_run_nothing_but_the_tools_hook_chain_checks(
         tmp_path: "os.PathLike[str]", kind: str, python: str, tools: List[str]) -> None:
-    """apparmor.SH_TOOLS is all the hooks' sh lines run besides their interpreter: with
+    """hookchain.SH_TOOLS is all the hooks' sh lines run besides their interpreter: with
     nothing else on PATH, both of their error paths run them and nothing else."""
     tmp = str(tmp_path)
     env = shell_tools_only(tmp)
@@ -309,7 +309,7 @@ def test_the_package_wrapper_runs_nothing_but_sh_and_cat(tmp_path: "os.PathLike[
 
 
 def test_hook_tools_are_the_iptables_tools_compat_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """apparmor.HOOK_TOOLS holds every program compat.py looks up (on PATH) and runs."""
+    """hookchain.HOOK_TOOLS holds every program compat.py looks up (on PATH) and runs."""
     asked: List[str] = []
     for found in (True, False):
         def which(name: str, found: bool = found) -> Optional[str]:
@@ -318,7 +318,7 @@ def test_hook_tools_are_the_iptables_tools_compat_runs(monkeypatch: pytest.Monke
 
         monkeypatch.setattr(compat, "which", which)
         asked += [compat._tool(fam, legacy) for fam in (4, 6) for legacy in (True, False)]
-    assert set(asked) == set(apparmor.HOOK_TOOLS)
+    assert set(asked) == set(hookchain.HOOK_TOOLS)
 
 
 # -- Debian 12 and 13: the real profiles, the real installs ---------------------------
@@ -361,11 +361,11 @@ def test_the_libvirt_profiles_of_debian(suite: str) -> None:
         assert apparmor.exec_verdict(libvirtd, path).allowed == allowed, path
 
 
-def check_chains(root: DebRoot, method: str) -> Dict[str, List[apparmor.Step]]:
+def check_chains(root: DebRoot, method: str) -> Dict[str, List[hookchain.Step]]:
     """Every file the two hooks execute, each allowed by every libvirt profile of the
     root that runs hooks of that kind; the chains, for more checks."""
     profiles = read_libvirt_profiles(root.tree, root.suite)
-    chains = {kind: apparmor.hook_chain(root.tree, path) for kind, path in HOOKS.items()}
+    chains = {kind: hookchain.hook_chain(root.tree, path) for kind, path in HOOKS.items()}
     for kind, steps in chains.items():
         assert [s for s in steps if s.real is None] == [], [s.named for s in steps]
         for source, profile, kinds in profiles:
@@ -377,7 +377,7 @@ def check_chains(root: DebRoot, method: str) -> Dict[str, List[apparmor.Step]]:
     return chains
 
 
-def roles(steps: List[apparmor.Step]) -> List[Tuple[str, str]]:
+def roles(steps: List[hookchain.Step]) -> List[Tuple[str, str]]:
     return [(s.role, str(s.real)) for s in steps]
 
 
@@ -386,7 +386,7 @@ def python_of(root: DebRoot) -> str:
     return pathwalk.resolve(root.tree, "/usr/bin/python3")
 
 
-def assert_tools(root: DebRoot, steps: List[apparmor.Step]) -> None:
+def assert_tools(root: DebRoot, steps: List[hookchain.Step]) -> None:
     tools = {str(s.real) for s in steps if s.role == "tool"}
     assert {"/usr/bin/cat", "/usr/bin/logger", "/usr/sbin/xtables-nft-multi",
             "/usr/sbin/xtables-legacy-multi"} <= tools, tools
@@ -432,7 +432,7 @@ def test_package_hooks(suite: str, deb: str, linked_deb: str,
         assert r.returncode == 0, r.stdout.decode()[-3000:] + r.stderr.decode()
         libvirtd = read_libvirt_profiles(root.tree, suite)[0][1]
         for kind, path in HOOKS.items():
-            steps = apparmor.hook_chain(root.tree, path)
+            steps = hookchain.hook_chain(root.tree, path)
             refused = apparmor.refusal(libvirtd, steps)
             assert refused is not None
             step, verdict = refused
@@ -501,7 +501,7 @@ def test_pip_install_hooks(suite: str, deb: str, tmp_path_factory: pytest.TempPa
         assert_hook_runs_quietly(root)
 
         copied = pip_install(root, copies=True)
-        steps = apparmor.hook_chain(root.tree, HOOKS["qemu"])
+        steps = hookchain.hook_chain(root.tree, HOOKS["qemu"])
         refused = apparmor.refusal(read_libvirt_profiles(root.tree, suite)[0][1], steps)
         assert refused is not None and (refused[0].role, refused[0].real) == ("python", copied)
         assert_doctor_refuses(root, f"{HOOKS['qemu']} runs {copied}, the python, and libvirt's"
@@ -526,9 +526,9 @@ def test_doctor_says_nothing_when_libvirt_is_not_confined(tmp_path: "os.PathLike
 def test_doctor_names_a_refusing_deny_rule_and_stops_there() -> None:
     (profile,), _ = apparmor.parse(PROFILE, "/etc/apparmor.d/usr.sbin.demo",
                                    include_from(INCLUDED))
-    steps = [apparmor.Step("hook", "/etc/demo/hooks/qemu.d/portfwd",
+    steps = [hookchain.Step("hook", "/etc/demo/hooks/qemu.d/portfwd",
                            "/etc/demo/hooks/qemu.d/portfwd"),
-             apparmor.Step("tool", "/usr/bin/forbidden", "/usr/bin/forbidden")]
+             hookchain.Step("tool", "/usr/bin/forbidden", "/usr/bin/forbidden")]
     confinement = doctor.Confinement([("/etc/apparmor.d/usr.sbin.demo", profile, ("qemu",))],
                                      [("qemu", "/etc/demo/hooks/qemu.d/portfwd", steps)])
     host = doctor.HostFacts("1", "1", None, None, confinement)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .apparmor import Profile, Step, Verdict, refusal
+from .apparmor import Profile, Verdict, refusal
+from .hookchain import Step
 from .domainxml import Nic, mac_problem
 from .hostnet import Link
 

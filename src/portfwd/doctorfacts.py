@@ -21,8 +21,8 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from . import (apparmor, compat, domainxml, hostnet, installpaths, libvirtapi, listening, plan,
-               proc)
+from . import (apparmor, compat, domainxml, hookchain, hostnet, installpaths, libvirtapi,
+               listening, plan, proc)
 from .constants import MARK
 from .doctor import (Check, Confinement, ForwardFacts, GuestFacts, HostFacts, Packet,
                      chain_verdict)
@@ -66,7 +66,7 @@ def confinement(root: str = "/", enforcing: Optional[bool] = None,
         if read is not None:
             profiles += [(read.path, p, kinds) for p in read.profiles]
             problems += read.problems
-    hooks = [(kind, path, apparmor.hook_chain(root, path)) for kind in installpaths.HOOK_KINDS
+    hooks = [(kind, path, hookchain.hook_chain(root, path)) for kind in installpaths.HOOK_KINDS
              for path in [installpaths.hook(kind)] if os.path.lexists(at(root, path))]
     if not profiles or not hooks:
         return None
