@@ -322,3 +322,65 @@ def test_install_writes_the_page_and_the_completion(tmp_path: "os.PathLike[str]"
         with open(os.path.join(root, path)) as f:
             assert f.read() == text
         assert os.stat(os.path.join(root, path)).st_mode & 0o777 == 0o644
+
+
+# -- README and docs/ ----------------------------------------------------------------
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def markdown_files() -> List[str]:
+    docs_dir = os.path.join(CHECKOUT, "docs")
+    return [os.path.join(CHECKOUT, "README.md")] + sorted(
+        os.path.join(docs_dir, name) for name in os.listdir(docs_dir) if name.endswith(".md"))
+
+
+def anchors(path: str) -> List[str]:
+    """The anchors GitHub gives the headings of a markdown file."""
+    with open(path, encoding="utf-8") as f:
+        text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+    return [re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", text, flags=re.M)]
+
+
+def test_links_between_readme_and_docs_resolve() -> None:
+    linked: Dict[str, List[str]] = {}
+    for path in markdown_files():
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if "://" in target:
+                continue
+            file, _, anchor = target.partition("#")
+            where = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+            assert os.path.exists(where), (path, target)
+            if anchor:
+                assert anchor in anchors(where), (path, target)
+            linked.setdefault(where, []).append(path)
+    readme = os.path.join(CHECKOUT, "README.md")
+    for path in markdown_files()[1:]:  # each page of docs/ is linked from the README and back
+        assert readme in linked.get(path, []), path
+        assert path in linked.get(readme, []), path
+
+
+def test_readme_keeps_the_two_setup_commands_and_its_size() -> None:
+    with open(os.path.join(CHECKOUT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    blocks = re.findall(r"```sh\n(.*?)```", text.split("\n## Set up\n")[1].split("\n## ")[0],
+                        flags=re.S)
+    assert [b.strip() for b in blocks] == [
+        "apt-get update && debian/build-deb && apt-get install -y ./build/portfwd_0.2.0_all.deb"
+        " && (systemctl try-restart libvirtd || true)", "tests/run"]
+    assert len(text.splitlines()) <= 450
+
+
+def test_readme_examples_are_valid_forward_toml() -> None:
+    """Each toml block of the README (a fragment gets a guest around it) passes the
+    validator."""
+    with open(os.path.join(CHECKOUT, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```toml\n(.*?)```", f.read(), flags=re.S)
+    assert len(blocks) >= 5
+    for block in blocks:
+        if "[[forward]]" not in block:
+            block = '[[forward]]\nguest = "g"\n' + block
+        config.parse(block, "README.md")
