@@ -30,9 +30,8 @@ DEB_UNIT_DIR = "/lib/systemd/system"
 # the hooks themselves: the files in HOOK_DIR hand them to /bin/sh (libvirt's AppArmor
 # profile lets it execute nothing under /usr/lib)
 DEB_HOOK_LIB = "/usr/lib/portfwd/hooks"
-# the commented example configuration, beside the README and docs/
-DEB_DOC = "/usr/share/doc/portfwd"
-DEB_EXAMPLE = f"{DEB_DOC}/examples/forward.toml"
+# the commented example configuration, beside the README and docs/ (dh_installdocs)
+DEB_EXAMPLE = "/usr/share/doc/portfwd/examples/forward.toml"
 
 
 def hook(kind: str) -> str:
@@ -52,7 +51,7 @@ def package() -> Dict[str, str]:
     """The Debian package's places, as debian/rules names them."""
     return {"DEB_COMMAND": DEB_COMMAND, "DEB_COMPLETION": DEB_COMPLETION,
             "DEB_UNIT_DIR": DEB_UNIT_DIR, "DEB_HOOK_LIB": DEB_HOOK_LIB,
-            "DEB_DOC": DEB_DOC, "DEB_EXAMPLE": DEB_EXAMPLE,
+            "DEB_EXAMPLE": DEB_EXAMPLE,
             **{f"HOOK_{kind.upper()}": hook(kind) for kind in HOOK_KINDS}}
 
 
