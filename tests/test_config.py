@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from planfmt import plan_text
-from portfwd import config, state
+from portfwd import config, installpaths, state
 from portfwd.errors import ConfigError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -110,6 +110,22 @@ def test_missing_file_says_what_to_do(etc: str) -> None:
     with pytest.raises(ConfigError) as e:
         config.load(os.path.join(etc, "nope.toml"))
     assert "no such file" in e.value.lines[0] and "--config" in e.value.lines[0]
+
+
+def test_missing_file_points_at_the_example(etc: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Debian package's example when it is there, else the one beside the code."""
+    shipped = os.path.join(etc, "example.toml")
+    with open(shipped, "w") as f:
+        f.write("")
+    for example, named in ((shipped, shipped),
+                           (os.path.join(etc, "absent.toml"),
+                            os.path.join(os.path.dirname(config.__file__), "data",
+                                         "forward.toml"))):
+        monkeypatch.setattr(installpaths, "DEB_EXAMPLE", example)
+        with pytest.raises(ConfigError) as e:
+            config.load(os.path.join(etc, "nope.toml"))
+        assert f"no such file; create it (see {named})" in e.value.lines[0]
+        assert os.path.isfile(named)
 
 
 def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,8 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
+from portfwd import installpaths
+
 from deblab import APT, CHECKOUT, DebRoot, build, git_status, version
 from netlab import GUEST4, run
 from pfhost import domain_xml
@@ -109,6 +111,14 @@ def test_package_contents(deb: Tuple[str, str]) -> None:
                  "./usr/lib/portfwd/hooks/qemu", "./usr/lib/portfwd/hooks/network"):
         assert path in listing
     assert "/usr/bin/" not in listing and "/usr/local/" not in listing
+    # the second manual page, the README with docs/ and the commented example beside them
+    # (dh_compress gzips what is larger than 4 kB)
+    names = {line.split()[-1] for line in listing.splitlines()}
+    for path in ["./usr/share/man/man5/forward.toml.5", "./usr/share/doc/portfwd/README.md",
+                 "." + installpaths.DEB_EXAMPLE] + [
+                     f"./usr/share/doc/portfwd/docs/{name}"
+                     for name in os.listdir(os.path.join(CHECKOUT, "docs"))]:
+        assert path in names or path + ".gz" in names, path
     # what libvirt executes is a file in /etc (its AppArmor profile refuses /usr/lib)
     entries = {line.split()[-1]: line.split()[0] for line in listing.splitlines()}
     for path in HOOKS:
@@ -143,9 +153,13 @@ def test_apt_installs_it(root: DebRoot) -> None:
     r = root.sh("portfwd check")
     assert r.returncode == 0, r.stderr
     assert b"OK: 0 port forward(s) for 0 guest(s)" in r.stdout
-    for path in ("/usr/share/man/man8/portfwd.8.gz",
-                 "/usr/share/bash-completion/completions/portfwd"):
+    for path in ("/usr/share/man/man8/portfwd.8.gz", "/usr/share/man/man5/forward.toml.5.gz",
+                 "/usr/share/bash-completion/completions/portfwd", installpaths.DEB_EXAMPLE):
         assert os.path.isfile(root.file(path))
+    # a missing configuration points at the example the package ships
+    r = root.sh("portfwd check -c /etc/portfwd/missing.toml", check=False)
+    assert r.returncode == 1
+    assert f"no such file; create it (see {installpaths.DEB_EXAMPLE})".encode() in r.stderr
 
 
 def test_installed_hook_makes_the_forward(root: DebRoot) -> None:

@@ -23,8 +23,8 @@ sees), with one documented exception:
 Not compared: a guest reaching its own forward (hairpin). The old hook makes it
 work by writing 0 to the host's ``net.bridge.bridge-nf-call-iptables`` (for
 every bridge, Docker's too) and SNATs it to ``public_ip``; portfwd leaves that
-setting alone and masquerades to the bridge address (see "Who can reach a
-forward" in the README), so the guest sees a different source by design.
+setting alone and masquerades to the bridge address (see "Reaching a
+forward" in the README and docs/how-it-works.md), so the guest sees a different source by design.
 """
 
 from __future__ import annotations

@@ -341,11 +341,14 @@ def cmd_install(args: argparse.Namespace) -> int:
         done.append(f"unit {os.path.join(unit_dir, unit)}")
     from . import docs
 
-    for path, text in ((at(root, installpaths.MAN_PAGE), docs.man_page(parser())),
-                       (at(root, installpaths.COMPLETION), docs.bash_completion(parser()))):
+    for what, path, text in (
+            ("manual page", installpaths.MAN_PAGE, docs.man_page(parser())),
+            ("manual page", installpaths.CONFIG_MAN_PAGE, docs.config_page()),
+            ("bash completion", installpaths.COMPLETION, docs.bash_completion(parser()))):
+        path = at(root, path)
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         state.write_atomic(path, text.encode(), mode=0o644)
-        done.append(f"{'manual page' if path.endswith('.8') else 'bash completion'} {path}")
+        done.append(f"{what} {path}")
     for line in done:
         say(f"installed: {line}")
     if root == "/" and os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):

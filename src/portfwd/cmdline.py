@@ -82,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 invalid configuration, 2 bad command line,"
                " 3 the host refused (nftables, libvirt, files), 4 internal error,"
                " 5 status: a forward is missing, differs or is blocked; doctor: a layer"
-               " is broken; trace: the probe was not delivered",
+               " is broken; trace: the probe was not delivered, 130 interrupted (Ctrl-C)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--version", action="version", version=f"portfwd {__version__}")
     top.add_argument("-c", "--config", metavar="PATH", help=config_help)
@@ -134,9 +134,13 @@ def parser() -> argparse.ArgumentParser:
                                    " table, chain by chain the verdicts it met, up to where it"
                                    " was delivered or dropped. Exit 0 when it reached the guest's"
                                    " bridge, 5 otherwise.")
-    p.add_argument("guest", metavar="GUEST")
-    p.add_argument("port", metavar="PORT", type=_probe_port, help="the forwarded host port")
-    p.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
+    p.add_argument("guest", metavar="GUEST", help="the guest (libvirt domain name) whose"
+                                                  " applied forward to probe")
+    p.add_argument("port", metavar="PORT", type=_probe_port,
+                   help="the forwarded host port, 1 to 65535")
+    p.add_argument("--proto", choices=("tcp", "udp"), default="tcp",
+                   help="the forward's protocol (default tcp); sctp forwards cannot be traced:"
+                        " the probe is a TCP SYN or a UDP datagram")
     p.add_argument("--from", dest="source", metavar="ADDR", type=_probe_source,
                    help="the probe's source address: not one of the host's, the probe enters"
                         " like a client's packet (prerouting, forward); one of the host's, it"

@@ -11,7 +11,7 @@ import uuid as uuidlib
 from ipaddress import (IPv4Address, IPv6Address, ip_address, ip_network)
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import portspec
+from . import installpaths, keys, portspec
 from .conflicts import (Claim, claimed_where, claims_of, clash_message, crowd_message,
                         find_conflicts, group_conflicts)
 from .constants import DEFAULT_TABLE, DISCOVER_SOURCES
@@ -25,11 +25,11 @@ from .tomlpos import Path, Positions, deepest, locate
 from .toml import tomllib
 
 TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}\Z")
-OPTION_KEYS = ("table", "listen", "strict", "localhost", "discover")
-FORWARD_KEYS = ("guest", "uuid", "interface", "ipv4", "ipv6", "ports", "listen", "from",
-                "localhost")
+# the keys each table accepts: keys.KEYS, which forward.toml(5) is written from
+OPTION_KEYS = keys.names("options")
+FORWARD_KEYS = keys.names("forward")
 IFNAME = re.compile(r"(?=.*[A-Za-z])[A-Za-z0-9_.-]{1,15}\Z")
-PORT_KEYS = ("host", "guest", "proto", "listen", "from")
+PORT_KEYS = keys.names("port")
 BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 MAX_NESTING = 50  # where a document nested deeper than Python can parse is reported
 
@@ -107,6 +107,16 @@ def strict_setting(path: str) -> Optional[bool]:
     return value if isinstance(value, bool) else None
 
 
+def example_config() -> str:
+    """Where a missing configuration's error sends the admin: the commented example the
+    Debian package ships, else the one beside portfwd's code, else the manual page."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "forward.toml")
+    for example in (installpaths.DEB_EXAMPLE, here):
+        if os.path.isfile(example):
+            return example
+    return "forward.toml(5)"
+
+
 def _open_trusted(path: str) -> Tuple[Optional[int], List[str]]:
     """A descriptor of the real file (None if it could not be opened) and every
     reason not to trust it."""
@@ -114,7 +124,7 @@ def _open_trusted(path: str) -> Tuple[Optional[int], List[str]]:
         real, lookups = walk(path)
         final = os.lstat(real)
     except FileNotFoundError:
-        return None, [f"{path}: no such file; create it (see config/forward.toml)"
+        return None, [f"{path}: no such file; create it (see {example_config()})"
                       " or point --config / $PORTFWD_CONFIG at it"]
     except OSError as e:
         return None, [f"{e.filename or path}: cannot open {path}: {e.strerror}"]

@@ -19,6 +19,7 @@ HOOK_KINDS = ("qemu", "network")
 # portfwd install
 COMMAND = "/usr/local/sbin/portfwd"  # a link to the console script pip made
 MAN_PAGE = "/usr/local/share/man/man8/portfwd.8"
+CONFIG_MAN_PAGE = "/usr/local/share/man/man5/forward.toml.5"
 COMPLETION = "/usr/local/share/bash-completion/completions/portfwd"
 UNIT_DIR = "/etc/systemd/system"
 
@@ -29,6 +30,8 @@ DEB_UNIT_DIR = "/lib/systemd/system"
 # the hooks themselves: the files in HOOK_DIR hand them to /bin/sh (libvirt's AppArmor
 # profile lets it execute nothing under /usr/lib)
 DEB_HOOK_LIB = "/usr/lib/portfwd/hooks"
+# the commented example configuration, beside the README and docs/ (dh_installdocs)
+DEB_EXAMPLE = "/usr/share/doc/portfwd/examples/forward.toml"
 
 
 def hook(kind: str) -> str:
@@ -39,7 +42,8 @@ def hook(kind: str) -> str:
 def installed(units: List[str]) -> List[str]:
     """Every file ``portfwd install`` writes (but the configuration), ``units`` the
     names of the systemd units it ships."""
-    return ([hook(kind) for kind in HOOK_KINDS] + [COMMAND, MAN_PAGE, COMPLETION]
+    return ([hook(kind) for kind in HOOK_KINDS]
+            + [COMMAND, MAN_PAGE, CONFIG_MAN_PAGE, COMPLETION]
             + [f"{UNIT_DIR}/{unit}" for unit in units])
 
 
@@ -47,6 +51,7 @@ def package() -> Dict[str, str]:
     """The Debian package's places, as debian/rules names them."""
     return {"DEB_COMMAND": DEB_COMMAND, "DEB_COMPLETION": DEB_COMPLETION,
             "DEB_UNIT_DIR": DEB_UNIT_DIR, "DEB_HOOK_LIB": DEB_HOOK_LIB,
+            "DEB_EXAMPLE": DEB_EXAMPLE,
             **{f"HOOK_{kind.upper()}": hook(kind) for kind in HOOK_KINDS}}
 
 
