@@ -98,15 +98,22 @@ def test_an_unknown_forward_is_a_located_error(tlab: Lab, pf: PortfwdHost) -> No
                                          " (see portfwd status; portfwd doctor web1)")
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_leaves_no_trace_table(tlab: Lab, pf: PortfwdHost) -> None:
     # the probe is dropped before any chain of the trace's sees it: the trace waits for
     # its whole --timeout, so Ctrl-C always lands while it waits (a probe that went
     # through at once would let it end by itself, exit 0, before the signal)
     tlab.ns(tlab.host, "nft", "add table inet pfblock; add chain inet pfblock pre { type filter"
             " hook prerouting priority -1000; }; add rule inet pfblock pre tcp dport 8080 drop")
+    # a suite started in the background (`tests/run &`, as CI may) runs with SIGINT
+    # ignored, which exec passes on: the trace must get the default disposition back
     p = subprocess.Popen(["ip", "netns", "exec", tlab.host, sys.executable, "-m", "portfwd.cli",
                           "trace", "web1", "8080", "--timeout", "60"], env=pf.env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 20
         while not any("portfwd_trace" in t for t in tables(tlab)):
