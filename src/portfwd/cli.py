@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import escape, libvirtapi, log, state
 from .cmdline import parser
@@ -166,8 +166,34 @@ def _print_dry_run(config: Config, running: int, before: List[Binding], after: L
     return EXIT_OK
 
 
+def _unknown_guests(asked: List[str], config: Optional[Config], config_arg: Optional[str]
+                    ) -> List[str]:
+    """A line for each guest of ``asked`` neither configured (in ``config``, else in
+    the file ``config_arg`` names, if valid) nor recorded."""
+    from .suggest import unknown_guests
+
+    if not asked:
+        return []
+    path = state.config_path(config_arg)
+    if config is None:
+        try:
+            config = load(path)
+        except ConfigError:
+            pass  # the command says so itself
+    known = {f.label for f in config.forwards} if config is not None else set()
+    if not set(asked) <= known:
+        known |= {st.guest for st in Engine(path).all_states() if not st.empty}
+    return unknown_guests(asked, known)
+
+
+def _usage_error(command: str, lines: List[str]) -> int:
+    for line in lines:
+        say(f"portfwd {command}: error: {line}", err=True)
+    return EXIT_USAGE
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import status
+    from . import doctorfacts, status
 
     path = state.config_path(args.config)
     config: Optional[Config] = None
@@ -176,8 +202,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         config = load(path)
     except ConfigError as e:
         errors = e.lines
+    unknown = _unknown_guests(args.guest, config, args.config)
+    if unknown:
+        return _usage_error("status", unknown)
+    running: Optional[Set[str]] = set()
+    source = ""
+    if config is not None and config.forwards:  # asked before the lock: libvirt may be slow
+        domains, source = doctorfacts.running_domains(args.connect, args.libvirt_status)
+        running = None if domains is None else doctorfacts.running_names(domains)
     with state.locked():
-        report = status.report(Engine(path), config)
+        report = status.report(Engine(path), config, running, source, args.guest)
     code = EXIT_CONFIG if errors else EXIT_OK if report.healthy else EXIT_DEGRADED
     if args.json:
         print(json.dumps({
@@ -207,6 +241,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from . import doctor, doctorfacts
 
+    unknown = _unknown_guests([args.guest] if args.guest else [], None, args.config)
+    if unknown:
+        return _usage_error("doctor", unknown)
     checks = doctorfacts.diagnose(state.config_path(args.config), args.guest, args.connect,
                                   args.libvirt_status)
     if args.json:
@@ -223,6 +260,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         say(f"portfwd trace: error: argument --from: {args.source} is an IPv4 address, and -6"
             " asks for the IPv6 forward: give an IPv6 address, or leave out -6", err=True)
         return EXIT_USAGE
+    unknown = _unknown_guests([args.guest], None, args.config)
+    if unknown:
+        return _usage_error("trace", unknown)
     result = trace.run(state.config_path(args.config), args.guest, args.port, args.proto,
                        args.source, args.family, args.timeout)
     say(*trace.render(result))

@@ -66,6 +66,16 @@ def _probe_timeout(text: str) -> float:
     return _seconds(text, TRACE_TIMEOUT_MIN, TRACE_TIMEOUT_MAX, "2")
 
 
+def _libvirt_options(p: argparse.ArgumentParser) -> None:
+    """--connect and --libvirt-status: where to learn which guests run."""
+    p.add_argument("--connect", metavar="URI", default=libvirtapi.DEFAULT_URI,
+                   help=f"libvirt connection URI (default: {libvirtapi.DEFAULT_URI})")
+    p.add_argument("--libvirt-status", metavar="DIR",
+                   help="read running domains from libvirt's status files in DIR instead of"
+                        " asking libvirt (it is asked for at most 10 s, then /run/libvirt/qemu"
+                        " is read)")
+
+
 def parser() -> argparse.ArgumentParser:
     """portfwd's argument parser; the chosen command is ``command``."""
     from . import __version__
@@ -107,10 +117,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p = sub.add_parser("status", parents=[common], help="show forwards and whether they are live",
                        description="Show each forward: guest, protocol, listen -> target,"
-                                   " sources, connections its DNAT counted, state. Exits 1 when"
-                                   " the configuration is invalid, 5 when a forward is missing,"
-                                   " differs or is blocked.")
+                                   " sources, connections its DNAT counted, state. A configured"
+                                   " forward nothing applied is \"guest not running\", or \"not"
+                                   " applied\" when libvirt says the guest runs (its hook has not"
+                                   " run). Exits 1 when the configuration is invalid, 2 for a"
+                                   " GUEST not configured, 5 when a forward is missing, differs,"
+                                   " is blocked or not applied.")
+    p.add_argument("guest", nargs="*", metavar="GUEST", help="only these guests (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _libvirt_options(p)
     p = sub.add_parser("doctor", parents=[common], help="find the first broken layer of a forward",
                        description="Walk the path of a forwarded packet (whether libvirt's"
                                    " AppArmor profile lets it run the hooks, forwarding, IPv6,"
@@ -122,12 +137,7 @@ def parser() -> argparse.ArgumentParser:
                                                              " with forwards)")
     p.add_argument("--json", action="store_true", help="a JSON list of {layer, guest, ok,"
                                                         " detail, fix}")
-    p.add_argument("--connect", metavar="URI", default=libvirtapi.DEFAULT_URI,
-                   help=f"libvirt connection URI (default: {libvirtapi.DEFAULT_URI})")
-    p.add_argument("--libvirt-status", metavar="DIR",
-                   help="read running domains from libvirt's status files in DIR instead of"
-                        " asking libvirt (it is asked for at most 10 s, then /run/libvirt/qemu"
-                        " is read)")
+    _libvirt_options(p)
     p = sub.add_parser("trace", parents=[common], help="follow one probe through the forward",
                        description="Send one probe (a TCP SYN or a UDP datagram) to a forward"
                                    " with nftables tracing on for it alone, and print table by"

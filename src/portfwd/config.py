@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import stat
@@ -20,6 +19,7 @@ from .errors import ConfigError
 from .model import (Config, Forward, IPAddress, IPNetwork, Listen,
                     Options, PortForward, Where)
 from .pathwalk import walk
+from .suggest import did_you_mean
 from .tomlpos import Path, Positions, deepest, locate
 
 from .toml import tomllib
@@ -344,8 +344,7 @@ class _Validator:
     def unknown_keys(self, table: Dict[str, Any], allowed: Sequence[str], path: Path) -> None:
         for key in table:
             if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.7)
-                hint = f"did you mean {close[0]!r}? " if close else ""
+                hint = did_you_mean(key, allowed, cutoff=0.7)
                 if path[:1] == ("forward",) and len(path) == 2 and key in OPTION_KEYS:
                     hint = (f"{key!r} is a key of [options], and every key below a [[forward]]"
                             " header belongs to that forward: move it above the first"

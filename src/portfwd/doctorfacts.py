@@ -102,6 +102,32 @@ def domains_from_libvirt(uri: str, timeout: float = LIBVIRT_TIMEOUT
     return None, f"libvirt at {uri} did not answer within {timeout:g} s"
 
 
+def running_domains(uri: str, status_dir: Optional[str] = None
+                    ) -> Tuple[Optional[Dict[str, bytes]], str]:
+    """Name → live domain XML of every running domain and where that came from: the
+    status files in ``status_dir`` when given, else libvirt (bounded wait), else
+    libvirt's status files; None when none of them could tell."""
+    if status_dir is not None:
+        return domainxml.status_files(status_dir), f"status files in {status_dir}"
+    domains, source = domains_from_libvirt(uri)
+    if domains is None:
+        fallback = domainxml.status_dir()
+        domains = domainxml.status_files(fallback)
+        source = f"{source}; {'from' if domains is not None else 'no'} status files in" \
+                 f" {fallback}"
+    return domains, source
+
+
+def running_names(domains: Dict[str, bytes]) -> Set[str]:
+    """The names and (lower-case) UUIDs of ``domains``."""
+    out = set(domains)
+    for xml in domains.values():
+        uuid = domainxml.parse(xml).uuid
+        if uuid:
+            out.add(uuid.lower())
+    return out
+
+
 # -- neighbours, sockets ------------------------------------------------------------
 
 def neighbour_state(address: str, dev: Optional[str]) -> str:
@@ -290,14 +316,7 @@ def diagnose(config_path: str, guest: Optional[str], uri: str,
         for line in e.lines:
             log.warning(line)
         log.warning("configuration invalid: looking at the applied forwards only")
-    if status_dir is not None:
-        domains, source = domainxml.status_files(status_dir), f"status files in {status_dir}"
-    else:
-        domains, source = domains_from_libvirt(uri)
-        if domains is None:
-            fallback = domainxml.status_dir()
-            domains = domainxml.status_files(fallback)
-            source = f"{source}; from status files in {fallback}"
+    domains, source = running_domains(uri, status_dir)
     engine = Engine(config_path)
     names = [guest] if guest else guest_names(config, engine)
     return doctor.walk(host_facts(), gather(engine, config, names, domains, source))
