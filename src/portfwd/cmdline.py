@@ -130,13 +130,15 @@ def parser() -> argparse.ArgumentParser:
                        description="Walk the path of a forwarded packet (whether libvirt's"
                                    " AppArmor profile lets it run the hooks, forwarding, IPv6,"
                                    " guest, bridge, tap, MAC, address, neighbour, table, filter,"
-                                   " host listener, hairpin) and stop at the first broken layer,"
-                                   " with its fix. Read-only. Exit 0 only when every layer"
-                                   " passes, 5 when one fails.")
+                                   " host listener, hairpin, and a TCP connection from the host"
+                                   " to the guest's port) and stop at the first broken layer,"
+                                   " with its fix. Changes nothing. Exit 0 only when every layer"
+                                   " passes (or no forward is configured), 2 for a GUEST not"
+                                   " configured, 5 when one fails.")
     p.add_argument("guest", nargs="?", metavar="GUEST", help="one guest (default: every guest"
                                                              " with forwards)")
     p.add_argument("--json", action="store_true", help="a JSON list of {layer, guest, ok,"
-                                                        " detail, fix}")
+                                                        " detail, fix, skipped}")
     _libvirt_options(p)
     p = sub.add_parser("trace", parents=[common], help="follow one probe through the forward",
                        description="Send one probe (a TCP SYN or a UDP datagram) to a forward"
