@@ -143,7 +143,7 @@ def test_check_command_uses_environment_and_accepts_valid(etc: str) -> None:
     r = _check(env_path=path)
     assert r.returncode == 0, r.stderr
     # what the host lacks (these listen addresses) adds warnings: test_check_live.py
-    assert r.stdout.startswith(f"{path}: OK: 4 port forward(s) for 2 guest(s), table inet fwd_test")
+    assert r.stdout.startswith(f"{path}: OK: 4 port forwards for 2 guests, table inet fwd_test")
     assert r.stderr.splitlines()[0] == (
         f"{path}:22:10: warning: forward[2].ports[0]: listen address 203.0.113.5"
         " is unused: this forward has no ipv4 guest address")

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from typing import List
@@ -126,3 +128,47 @@ def test_any_text_gives_a_config_or_located_errors(tokens: List[str]) -> None:
     except ConfigError as e:
         assert e.lines and all(line.startswith("f.toml:") for line in e.lines)
     locate(text)  # on any text, valid or not: no exception, no hang
+
+
+def _check_as(user: str, path: str, *args: str) -> "subprocess.CompletedProcess[str]":
+    """``portfwd check`` as ``user``, with this source tree."""
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    return subprocess.run(["runuser", "-u", user, "--", "env", f"PYTHONPATH={src}", "LC_ALL=C",
+                           "/usr/bin/python3", "-m", "portfwd.cli", "check", "-c", path, *args],
+                          capture_output=True, text=True, cwd="/")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None,
+                    reason="needs root to become another user")
+def test_check_as_non_root_says_once_it_cannot_see_the_firewall() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:  # below /tmp: pytest's are root's alone
+        os.chmod(folder, 0o755)
+        path = os.path.join(folder, "forward.toml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write('[[forward]]\nguest = "web1"\nipv4 = "192.168.122.10"\nports = ["8080:80"]\n')
+        r = _check_as("nobody", path)
+    assert r.returncode == 0, r
+    assert r.stdout == f"{path}: OK: 1 port forward for 1 guest, table inet portfwd; 1 warning\n"
+    assert r.stderr == (f"{path}: warning: not root: cannot see the firewall (nftables lists it"
+                        " to root alone); the configuration was checked, run `portfwd check` as"
+                        " root to see whether anything blocks forwarded traffic\n")
+
+
+def test_check_an_empty_file_warns_that_nothing_is_forwarded(tmp_path: "os.PathLike[str]") -> None:
+    path = os.path.join(str(tmp_path), "forward.toml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("# nothing yet\n")
+    r = subprocess.run([sys.executable, "-m", "portfwd.cli", "check", "-c", path, "--json"],
+                       capture_output=True, text=True)
+    report = json.loads(r.stdout)
+    assert report["warnings"][0] == {"file": path, "line": None, "column": None,
+                                     "message": "no forwards configured",
+                                     "hint": 'add one, e.g. [[forward]] guest = "web1" ports ='
+                                             ' ["8080:80"] (one key a line)'}
+    text = subprocess.run([sys.executable, "-m", "portfwd.cli", "check", "-c", path],
+                          capture_output=True, text=True)
+    assert text.stdout.startswith(f"{path}: OK: 0 port forwards for 0 guests, table inet"
+                                  " portfwd; ")
+    assert "no forwards configured" in text.stderr

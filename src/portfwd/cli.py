@@ -55,10 +55,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from . import checks, hostnet
     from .config import locator, parse, read
     from .conflicts import interface_conflicts
+    from .errors import diagnostic
+    from .suggest import count
 
     path = state.config_path(args.config)
     report: Dict[str, Any] = {"path": path, "valid": False, "strict": args.strict,
                               "errors": [], "warnings": [], "blocked": []}
+    root = os.geteuid() == 0  # nftables lists nothing to anyone else
     try:
         text = read(path)
         config = parse(text, path)
@@ -71,9 +74,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         engine = Engine(config.path)
         table = config.options.table
         try:
-            foreign = engine.table_owner(table) is False
+            foreign = root and engine.table_owner(table) is False
         except HostError:
-            foreign = False  # not root: the firewall inspection below says so
+            foreign = False  # the firewall inspection below says so
         if foreign:
             raise ConfigError([f"{locate(Where(path, 'options.table'))}: options.table:"
                                f" table inet {table} exists and was not made by portfwd;"
@@ -81,22 +84,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as e:
         if not args.json:
             raise
-        report["errors"] = e.lines
+        report["errors"] = [diagnostic(line, path) for line in e.lines]
         print(json.dumps(report, indent=2))
         return EXIT_CONFIG
     warnings = list(config.warnings) + checks.warnings(config, checks.Host.read(), locate)
+    if not config.forwards:
+        warnings.insert(0, f"{path}: warning: no forwards configured; add one, e.g. [[forward]]"
+                           ' guest = "web1" ports = ["8080:80"] (one key a line)')
     guests = {f.label for f in config.forwards}
     ports = sum(len(f.ports) for f in config.forwards)
     targets = {str(a) for f in config.forwards for a in (f.ipv4, f.ipv6) if a is not None}
     blocked: List[str] = []
-    try:
-        blocked = engine.firewall(targets)[1]
-    except HostError as e:
-        warnings.append(f"{path}: warning: could not inspect the host's firewall ({e}); run"
-                        " check as root to see whether anything blocks forwarded traffic")
+    if not root:
+        warnings.append(f"{path}: warning: not root: cannot see the firewall (nftables lists it"
+                        " to root alone); the configuration was checked, run `portfwd check` as"
+                        " root to see whether anything blocks forwarded traffic")
+    else:
+        try:
+            blocked = engine.firewall(targets)[1]
+        except HostError as e:
+            warnings.append(f"{path}: warning: could not inspect the host's firewall: {e}")
     failed = args.strict and bool(warnings or blocked)
     report.update(valid=True, table=config.options.table, guests=len(guests), ports=ports,
-                  warnings=warnings, blocked=blocked)
+                  warnings=[diagnostic(w, path) for w in warnings], blocked=blocked)
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_CONFIG if failed else EXIT_OK
@@ -104,11 +114,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         say(warning, err=True)
     for line in blocked:
         say(f"{path}: warning: forwarded traffic blocked: {line}", err=True)
-    say(f"{config.path}: OK: {ports} port forward(s) for {len(guests)} guest(s),"
-        f" table inet {config.options.table}"
-        + (f"; {len(warnings) + len(blocked)} warning(s)" if warnings or blocked else ""))
+    noted = count(len(warnings) + len(blocked), "warning")
+    say(f"{config.path}: OK: {count(ports, 'port forward')} for {count(len(guests), 'guest')},"
+        f" table inet {config.options.table}" + (f"; {noted}" if warnings or blocked else ""))
     if failed:
-        say(f"{path}: failed: --strict and {len(warnings) + len(blocked)} warning(s)", err=True)
+        say(f"{path}: failed: --strict and {noted}", err=True)
         return EXIT_CONFIG
     return EXIT_OK
 

@@ -1,5 +1,5 @@
 """Naming what a user asked for that does not exist: a did-you-mean from the names
-that do, and long lists of names cut to a readable length."""
+that do; long lists of names cut to a readable length; counted nouns."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ def some(names: Sequence[str], limit: int = LIST_MAX) -> str:
     if len(names) < 2:
         return "".join(names)
     return f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def count(n: int, noun: str) -> str:
+    """``1 port forward``, ``2 port forwards``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def unknown_guests(asked: Sequence[str], known: Iterable[str]) -> List[str]:
