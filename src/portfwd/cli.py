@@ -248,6 +248,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from . import plan, status
+
+    config = _load(args)
+    if args.names:
+        say(*sorted({f.label for f in config.forwards}))
+        return EXIT_OK
+    unknown = _unknown_guests(args.guest, config, args.config)
+    if unknown:
+        return _usage_error("show", unknown)
+    forwards = [f for f in config.forwards if not args.guest or f.label in args.guest]
+    rows = status.merge_sources(status.row(b, "") for f in forwards
+                                for b in plan.forwards_bindings([f], f.label))
+    if args.json:
+        keys = ("guest", "family", "proto", "listen", "target", "sources", "entry")
+        print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
+        return EXIT_OK
+    say(*status.table_lines(rows, status.SHOWN) if rows else ["(no forwards)"])
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from . import doctor, doctorfacts
 
@@ -488,7 +509,8 @@ def _commented_out_forwards(example: str) -> str:
 
 
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
-    "check": cmd_check, "sync": cmd_sync, "status": cmd_status, "doctor": cmd_doctor,
+    "check": cmd_check, "sync": cmd_sync, "status": cmd_status, "show": cmd_show,
+    "doctor": cmd_doctor,
     "trace": cmd_trace, "flush": cmd_flush, "daemon": cmd_daemon, "reapply": cmd_reapply,
     "install": cmd_install, "uninstall": cmd_uninstall, "import": cmd_import}
 

@@ -126,6 +126,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("guest", nargs="*", metavar="GUEST", help="only these guests (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _libvirt_options(p)
+    p = sub.add_parser("show", parents=[common], help="print the configured forwards",
+                       description="Print the forwards as the configuration says them, one line"
+                                   " each: guest, protocol, listen -> target, sources. Reads the"
+                                   " configuration alone (no root, no libvirt). Exits 1 when it is"
+                                   " invalid, 2 for a GUEST not configured.")
+    p.add_argument("guest", nargs="*", metavar="GUEST", help="only these guests (default: all)")
+    p.add_argument("--json", action="store_true", help="a JSON list of {guest, family, proto,"
+                                                        " listen, target, sources, entry}")
+    p.add_argument("--names", action="store_true",
+                   help="print the configured guests' names alone, one a line")
     p = sub.add_parser("doctor", parents=[common], help="find the first broken layer of a forward",
                        description="Walk the path of a forwarded packet (whether libvirt's"
                                    " AppArmor profile lets it run the hooks, forwarding, IPv6,"

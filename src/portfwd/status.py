@@ -238,9 +238,12 @@ def _normalise(key: Any, kind: str, family: int) -> Tuple[Any, ...]:
     return tuple(norm)
 
 
-def table_lines(rows: Sequence[Row]) -> List[str]:
-    """The rows as an aligned text table."""
-    header = ("GUEST", "PROTO", "LISTEN", "TARGET", "FROM", "CONNS", "STATE")
+SHOWN = 5  # the columns of `portfwd show`: GUEST to FROM
+
+
+def table_lines(rows: Sequence[Row], columns: int = 7) -> List[str]:
+    """The rows as an aligned text table, its first ``columns`` columns."""
+    header = ("GUEST", "PROTO", "LISTEN", "TARGET", "FROM", "CONNS", "STATE")[:columns]
     table = [header]
     for r in rows:
         state = r["state"]
@@ -252,7 +255,7 @@ def table_lines(rows: Sequence[Row]) -> List[str]:
             state += f" ({r['address_from']})"
         table.append((r["guest"], r["proto"], r["listen"], "-> " + r["target"],
                       ",".join(r["sources"]) or "*",
-                      "-" if r["connections"] is None else str(r["connections"]), state))
+                      "-" if r["connections"] is None else str(r["connections"]), state)[:columns])
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
 
