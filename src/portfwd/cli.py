@@ -340,6 +340,14 @@ def cmd_install(args: argparse.Namespace) -> int:
     from .pathwalk import at
 
     root = args.root
+    owner = installpaths.packaged(root)
+    if owner is not None and not args.force:
+        log.error(f"not installing: {owner}; it put the hooks, units, manual page and"
+                  " completion in place, and `portfwd install` would add a second set beside"
+                  f" them. Edit {state.DEFAULT_CONFIG}, run `portfwd check`, then"
+                  " `portfwd sync`; or remove the package first (apt remove portfwd);"
+                  " `portfwd install --force` installs anyway")
+        return EXIT_USAGE
     done: List[str] = []
     # libvirt runs hooks with an empty environment: a non-default path goes into the hook
     settings = "".join(f"import os; os.environ[{name!r}] = {value!r}\n" for name, value in (
@@ -486,7 +494,10 @@ def cmd_import(args: argparse.Namespace) -> int:
         except OSError as e:
             raise HostError(f"{args.output}: cannot write: {e.strerror or e}") from None
         say(f"wrote {args.output}: {len(result.guests)} guest(s)", err=True)
-    for step in importer.retire_steps(result.guests, args.output, args.hooks_json):
+    from .installpaths import packaged
+
+    for step in importer.retire_steps(result.guests, args.output, args.hooks_json,
+                                      packaged() is not None):
         say(step, err=True)
     return EXIT_OK
 

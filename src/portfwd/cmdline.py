@@ -169,7 +169,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_probe_timeout, default=2.0, metavar="SECONDS",
                    help="how long to follow the probe (default 2)")
     p = sub.add_parser("flush", parents=[common], help="remove everything portfwd installed",
-                       description="Remove portfwd's nftables tables and its recorded state.")
+                       description="Remove portfwd's nftables tables, its accepts in"
+                                   " libvirt's chains (iptables and nftables backends) and its"
+                                   " recorded state. Works with a broken configuration too.")
     p = sub.add_parser("daemon", parents=[common],
                        help="apply forwards on libvirt events, lease and config changes",
                        description="Keep the table in step with libvirt's guests, their DHCP"
@@ -181,19 +183,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=_interval, default=0.5, metavar="SECONDS",
                    help="how often to look at the configuration and lease files (default 0.5;"
                         f" {INTERVAL_MIN} to {INTERVAL_MAX:g})")
-    p = sub.add_parser("reapply", parents=[common],
+    p = sub.add_parser("reapply",
                        help="re-apply recorded forwards (after nft flush ruleset, firewall reloads)",
                        description="Rebuild portfwd's table and its accepts in libvirt's chains"
                                    f" from what {state.DEFAULT_RUN_DIR} records, without asking"
                                    " libvirt and without reading the configuration.")
     p = sub.add_parser("install", help="install the libvirt hook, example config and units",
                        description="Install the qemu hook, an example configuration (if none"
-                                   " exists) and the systemd units.")
+                                   " exists) and the systemd units: the set-up of a pip"
+                                   " install. Refuses where the Debian package portfwd is"
+                                   " installed (it has done all this), unless --force.")
     p.add_argument("--root", default="/", metavar="DIR", help="install below DIR (default: /)")
     p.add_argument("-c", "--config", metavar="PATH", default=argparse.SUPPRESS,
                    help=f"configuration the hooks read (default: {state.DEFAULT_CONFIG})")
     p.add_argument("--run-dir", metavar="DIR",
                    help=f"state directory of the hooks (default: {state.DEFAULT_RUN_DIR})")
+    p.add_argument("--force", action="store_true",
+                   help="install even where the Debian package portfwd is installed")
     p = sub.add_parser("uninstall", parents=[common],
                        help="remove what install put in place and every rule portfwd made",
                        description="Stop and disable the units, remove portfwd's tables, its"
