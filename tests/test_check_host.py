@@ -47,9 +47,9 @@ def test_check_warns_about_what_the_host_says(pf: PortfwdHost) -> None:
         re.escape(f"{path}:4:10: warning: forward[0].ports[0]: host port 2222/tcp on every"
                   " address: ") + r"python3? \(pid \d+\) listens there \(\[::\]:2222\); the"
         " forward would take its connections", shadow[0]), shadow
-    assert f"{path}:10:10: warning: forward[1].ports[0]: listen interface nosuch0 does not exist" \
+    assert f"{path}:9:11: warning: forward[1].listen[0]: listen interface nosuch0 does not exist" \
         " (yet): this forward answers on it only once it does (check the name with `ip link`)" in err
-    assert any(line.startswith(f"{path}:10:10: warning: forward[1].ports[0]: listen address"
+    assert any(line.startswith(f"{path}:9:22: warning: forward[1].listen[1]: listen address"
                                " 198.51.100.99 is not an address of this host") for line in err)
     assert not any(HOST4 in line for line in err)  # an address the host has: no warning
     assert f"{path}:8:8: warning: forward[1].ipv4: {GUEST4} is also the address of web1" \

@@ -197,6 +197,13 @@ class _Reader:
         self.i += 1
         return c
 
+    def trailing_comma(self, closing: str) -> None:
+        """A ``,`` right before ``closing``: JSON allows none there (JavaScript does)."""
+        comma = self.s.rindex(",", 0, self.i)
+        line = self.s.count("\n", 0, comma) + 1
+        raise _SyntaxError(comma, f"trailing comma after line {line}: JSON allows no ',' before"
+                                  f" '{closing}'; remove it")
+
     def object(self, path: Path, depth: int) -> Dict[str, Any]:
         self.i += 1
         out: Dict[str, Any] = {}
@@ -206,6 +213,8 @@ class _Reader:
             return out
         while True:
             self.space()
+            if self.s[self.i:self.i + 1] == "}":
+                self.trailing_comma("}")
             if self.s[self.i:self.i + 1] != '"':
                 raise _SyntaxError(self.i, "expected a key in double quotes")
             key_at = self.i
@@ -224,6 +233,9 @@ class _Reader:
             self.i += 1
             return out
         while True:
+            self.space()
+            if self.s[self.i:self.i + 1] == "]":
+                self.trailing_comma("]")
             out.append(self.value(path + (len(out),), depth + 1))
             if self.expect(",]", "',' or ']'") == "]":
                 return out
