@@ -196,6 +196,12 @@ def _unknown_guests(asked: List[str], config: Optional[Config], config_arg: Opti
     return unknown_guests(asked, known)
 
 
+def _unrecorded(config: Config, engine: Engine) -> bool:
+    """Whether a configured forward's guest has no records (a look without the lock)."""
+    recorded = {name for st in engine.all_states() for name in (st.guest, st.uuid) if name}
+    return any(f.guest not in recorded and f.uuid not in recorded for f in config.forwards)
+
+
 def _usage_error(command: str, lines: List[str]) -> int:
     for line in lines:
         say(f"portfwd {command}: error: {line}", err=True)
@@ -217,7 +223,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _usage_error("status", unknown)
     running: Optional[Set[str]] = set()
     source = ""
-    if config is not None and config.forwards:  # asked before the lock: libvirt may be slow
+    if config is not None and _unrecorded(config, Engine(path)):
+        # whether those guests run: asked before the lock, libvirt may be slow
         domains, source = doctorfacts.running_domains(args.connect, args.libvirt_status)
         running = None if domains is None else doctorfacts.running_names(domains)
     with state.locked():
