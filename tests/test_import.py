@@ -113,6 +113,11 @@ def test_every_key_and_both_entry_forms() -> None:
     ('{"a": {"private_ip": "10.0.0.1",\n "port_map": {"tcp": [80,\n]}}}',
      "h.json:2:25: JSON syntax: trailing comma after line 2: JSON allows no ',' before ']'"),
     ('["a"]', "h.json:1:1: hooks.json must be an object of guest names"),
+    ('\ufeff{"a": {"private_ip": "10.0.0.1"}}', "h.json:1:1: the file starts with a byte-order"
+                                                 " mark (U+FEFF), which JSON does not allow"),
+    ('{"a": {"private_ip": "10.0.0.1", "port_map": {"TCP": [80]}}}',
+     'h.json:1:47: a.port_map.TCP: unknown protocol "TCP"; use tcp, udp or sctp (lower case:'
+     ' "tcp")'),
     ('{"a": 7}', "h.json:1:7: a: an entry must be an object"),
 ])
 def test_refusals_name_the_place(text: str, message: str) -> None:

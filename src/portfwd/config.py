@@ -252,9 +252,7 @@ def _not_regular(real: str, st: os.stat_result, via: str) -> str:
 def parse(text: str, path: str = "<config>") -> Config:
     """Parse TOML text; raise ConfigError with every problem found."""
     if text.startswith("\ufeff"):
-        raise ConfigError([f"{path}:1:1: the file starts with a byte-order mark (U+FEFF), which"
-                           " TOML does not allow (an editor saved it as \"UTF-8 with BOM\");"
-                           f" save it as plain UTF-8, e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' {path}"])
+        raise ConfigError([byte_order_mark(path, "TOML")])
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -271,6 +269,13 @@ def parse(text: str, path: str = "<config>") -> Config:
         what = "a number too long to read" if "digits" in str(e) else str(e)
         raise ConfigError([f"{path}:{line}:{col}: TOML syntax: {what}"]) from None
     return _Validator(path, text).config(data)
+
+
+def byte_order_mark(path: str, language: str) -> str:
+    """The error for a file of ``language`` (TOML, JSON) starting with a byte-order mark."""
+    return (f"{path}:1:1: the file starts with a byte-order mark (U+FEFF), which {language}"
+            " does not allow (an editor saved it as \"UTF-8 with BOM\"); save it as plain"
+            f" UTF-8, e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' {path}")
 
 
 def locator(text: str, file: str) -> Callable[[Where], str]:

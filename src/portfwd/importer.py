@@ -337,6 +337,10 @@ class _Converter:
         self.warnings.append(f"{self.where(path)}: warning: {pointer(path)}: {message}")
 
     def run(self) -> Result:
+        if self.text.startswith("\ufeff"):
+            from .config import byte_order_mark
+
+            return Result("", [byte_order_mark(self.source, "JSON")])
         try:
             data = _Reader(strip_comments(self.text))
             doc = data.document()
@@ -487,7 +491,9 @@ class _Converter:
                        " anything); remove it", key)
             return None
         if proto not in PROTOCOLS:
-            self.error(path, f"unknown protocol {shown(proto)}; use tcp, udp or sctp", key)
+            lower = (f" (lower case: {shown(proto.lower())})"
+                     if isinstance(proto, str) and proto.lower() in PROTOCOLS else "")
+            self.error(path, f"unknown protocol {shown(proto)}; use tcp, udp or sctp{lower}", key)
             return None
         return str(proto)
 
