@@ -241,3 +241,9 @@ def test_a_guest_not_configured_is_a_usage_error_with_did_you_mean(
     assert (r.returncode, r.stdout) == (2, b""), r
     assert r.stderr.decode() == (f"portfwd {command[0]}: error: guest 'web2' is not configured;"
                                  " did you mean 'web1'? configured guests: web1\n")
+
+
+def test_with_an_invalid_configuration_a_guest_is_not_called_unknown(pf: PortfwdHost) -> None:
+    pf.write_config(web1_config("8080:80") + "bad =\n")
+    r = pf.cli("status", "web1")
+    assert r.returncode == 1 and b"not configured" not in r.stderr, r

@@ -179,7 +179,8 @@ def _print_dry_run(config: Config, running: int, before: List[Binding], after: L
 def _unknown_guests(asked: List[str], config: Optional[Config], config_arg: Optional[str]
                     ) -> List[str]:
     """A line for each guest of ``asked`` neither configured (in ``config``, else in
-    the file ``config_arg`` names, if valid) nor recorded."""
+    the file ``config_arg`` names) nor recorded; none when the configuration is
+    invalid (the command says so itself, and which guests it names is unknown)."""
     from .suggest import unknown_guests
 
     if not asked:
@@ -189,8 +190,8 @@ def _unknown_guests(asked: List[str], config: Optional[Config], config_arg: Opti
         try:
             config = load(path)
         except ConfigError:
-            pass  # the command says so itself
-    known = {f.label for f in config.forwards} if config is not None else set()
+            return []
+    known = {f.label for f in config.forwards}
     if not set(asked) <= known:
         known |= {st.guest for st in Engine(path).all_states() if not st.empty}
     return unknown_guests(asked, known)
