@@ -47,9 +47,9 @@ def test_check_warns_about_what_the_host_says(pf: PortfwdHost) -> None:
         re.escape(f"{path}:4:10: warning: forward[0].ports[0]: host port 2222/tcp on every"
                   " address: ") + r"python3? \(pid \d+\) listens there \(\[::\]:2222\); the"
         " forward would take its connections", shadow[0]), shadow
-    assert f"{path}:10:10: warning: forward[1].ports[0]: listen interface nosuch0 does not exist" \
+    assert f"{path}:9:11: warning: forward[1].listen[0]: listen interface nosuch0 does not exist" \
         " (yet): this forward answers on it only once it does (check the name with `ip link`)" in err
-    assert any(line.startswith(f"{path}:10:10: warning: forward[1].ports[0]: listen address"
+    assert any(line.startswith(f"{path}:9:22: warning: forward[1].listen[1]: listen address"
                                " 198.51.100.99 is not an address of this host") for line in err)
     assert not any(HOST4 in line for line in err)  # an address the host has: no warning
     assert f"{path}:8:8: warning: forward[1].ipv4: {GUEST4} is also the address of web1" \
@@ -57,7 +57,7 @@ def test_check_warns_about_what_the_host_says(pf: PortfwdHost) -> None:
         " its own address" in err
     assert f"{path}:12:3: warning: forward[2]: forwards nothing for web3: every port's listen" \
         " or from names only address families this forward has no guest address of" in err
-    assert r.stdout.decode().startswith(f"{path}: OK: 4 port forward(s) for 3 guest(s)")
+    assert r.stdout.decode().startswith(f"{path}: OK: 4 port forwards for 3 guests")
 
     strict = pf.cli("check", "--strict")
     assert strict.returncode == 1
@@ -67,8 +67,13 @@ def test_check_warns_about_what_the_host_says(pf: PortfwdHost) -> None:
     assert out.returncode == 1
     report = json.loads(out.stdout)
     assert report["valid"] is True and report["strict"] is True and report["errors"] == []
-    assert report["warnings"] == [line for line in err if ": warning: " in line
-                                  and "forwarded traffic blocked" not in line]
+    texts = [line for line in err if ": warning: " in line and "forwarded traffic blocked" not in line]
+    assert [f"{w['file']}:{w['line']}:{w['column']}: warning: {w['message']}"
+            + (f"; {w['hint']}" if w["hint"] else "") for w in report["warnings"]] == texts
+    assert {
+        "file": path, "line": 8, "column": 8, "message": f"forward[1].ipv4: {GUEST4} is also the"
+        f" address of web1 (at {path}:3:8): forwards of both guests would lead to one of them",
+        "hint": "give each guest its own address"} in report["warnings"]
     assert (report["guests"], report["ports"], report["table"]) == (3, 4, "portfwd")
     assert pf.cli("check", "--json").returncode == 0
 
@@ -79,8 +84,10 @@ def test_check_json_lists_errors(pf: PortfwdHost) -> None:
     assert r.returncode == 1 and r.stderr == b""
     report = json.loads(r.stdout)
     assert report["valid"] is False
-    assert report["errors"] == [f"{pf.config}:4:21: forward[0].ports[1]: '8080:80/TCP': unknown"
-                                " protocol 'TCP'; use tcp, udp or sctp (lower case: 'tcp')"]
+    assert report["errors"] == [{"file": pf.config, "line": 4, "column": 21,
+                                 "message": "forward[0].ports[1]: '8080:80/TCP': unknown"
+                                            " protocol 'TCP'",
+                                 "hint": "use tcp, udp or sctp (lower case: 'tcp')"}]
 
 
 def test_a_clean_file_has_no_warnings(pf: PortfwdHost) -> None:

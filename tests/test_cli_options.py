@@ -44,7 +44,7 @@ def test_config_option_before_or_after_the_command(valid: str, where: str) -> No
     args = {"before": ("-c", valid, "check"), "after": ("check", "-c", valid),
             "long": ("--config", valid, "check")}[where]
     r = cli(*args)
-    assert r.stdout.startswith(f"{valid}: OK: 0 port forward(s) for 0 guest(s), table inet cli_c")
+    assert r.stdout.startswith(f"{valid}: OK: 0 port forwards for 0 guests, table inet cli_c")
 
 
 def test_config_after_the_command_wins(valid: str) -> None:

@@ -159,10 +159,11 @@ def test_check_command_uses_environment_and_accepts_valid(etc: str) -> None:
     r = _check(env_path=path)
     assert r.returncode == 0, r.stderr
     # what the host lacks (these listen addresses) adds warnings: test_check_live.py
-    assert r.stdout.startswith(f"{path}: OK: 4 port forward(s) for 2 guest(s), table inet fwd_test")
+    assert r.stdout.startswith(f"{path}: OK: 4 port forwards for 2 guests, table inet fwd_test")
     assert r.stderr.splitlines()[0] == (
-        f"{path}:22:10: warning: forward[2].ports[0]: listen address 203.0.113.5"
-        " is unused: this forward has no ipv4 guest address")
+        f"{path}:4:11: warning: options.listen[0]: listen address 203.0.113.5"
+        " is unused by forward[2] (uuid 1b4e28ba-2fa1-11d2-883f-0016d3cca427): it has no ipv4"
+        " guest address")
 
 
 def test_check_help_and_usage_exit_codes() -> None:

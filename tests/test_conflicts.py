@@ -160,9 +160,21 @@ def test_many_claimants_of_one_port_are_one_error_listing_them() -> None:
                             " address is claimed by 200 forwards: here for g1, at f.toml:4:10"
                             " (forward[0].ports[0]) for g0, at f.toml:14:10 (forward[2].ports[0])"
                             " for g2, ")
-    assert first.endswith("at f.toml:999:10 (forward[199].ports[0]) for g199; give each its own"
-                          " host port or listen address")
-    assert all(f" for g{i}" in first for i in range(200))
+    # the rest counted, not listed: 300 guests gave a 30 kB line
+    assert first.endswith(" for g3 and 196 more; give each its own host port or listen address")
+    assert len(first) < 400
+
+
+def test_ranges_overlapping_in_a_chain_name_the_ports_that_collide() -> None:
+    text = ('[[forward]]\nguest = "web1"\nipv4 = "10.0.0.1"\nports = ["5000-5100"]\n'
+            '[[forward]]\nguest = "web2"\nipv4 = "10.0.0.2"\nports = ["5050-5060", "5100-5200"]\n')
+    with pytest.raises(ConfigError) as e:
+        config.parse(text, "f.toml")
+    assert e.value.lines == [
+        "f.toml:8:10: forward[1].ports[0]: host ports 5000-5100/tcp on every IPv4 address of web1"
+        " at f.toml:4:10 (forward[0].ports[0]) are claimed again by 2 forwards: here 5050-5060"
+        " for web2, 5100 at f.toml:8:23 (forward[1].ports[1]) for web2; give each its own host"
+        " ports or listen address"]
 
 
 def test_group_conflicts_names_each_later_claim_once() -> None:

@@ -15,14 +15,14 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
-from netlab import GUEST4, Lab
+from netlab import GUEST4, GUEST6, Lab
 from pfhost import PortfwdHost, domain_xml, web1_config
 
 from portfwd import doctor, listening
 
 CONFIG = web1_config("8080:80", "5353:53/udp")
 LAYERS = ["ipv4 forwarding", "ipv6 forwarding", "guest", "bridge", "tap", "mac", "address",
-          "neighbour", "table", "filter", "listener", "hairpin"]
+          "neighbour", "table", "filter", "listener", "hairpin", "service"]
 
 
 class DoctorLab:
@@ -39,6 +39,7 @@ class DoctorLab:
         assert r.returncode == 0, r.stderr
         # br_netfilter is on in every namespace of this kernel: hairpin on, as it must be
         lab.ns(lab.host, "bridge", "link", "set", "dev", "vnet0", "hairpin", "on")
+        lab.serve("tcp", [80])  # the service doctor connects to, from the host
 
     def xml(self, name: str, mac: str) -> bytes:
         return domain_xml(name, mac=mac).replace(b"virbr0", b"br0")
@@ -73,7 +74,10 @@ def test_every_layer_passes_and_nothing_changes(dlab: DoctorLab) -> None:
     assert rc == 0, checks
     assert [c["layer"] for c in checks] == LAYERS
     assert all(c["ok"] and c["fix"] == "" for c in checks)
-    assert set(checks[0]) == {"layer", "guest", "ok", "detail", "fix"}
+    assert set(checks[0]) == {"layer", "guest", "ok", "detail", "fix", "skipped"}
+    assert checks[-1]["detail"] == (f"{GUEST4}:80, [{GUEST6}]:80/tcp accept connections from the"
+                                    " host; 53/udp not probed: TCP answers a connection; a UDP"
+                                    " service may stay silent")
     assert ruleset(dlab) == before  # read-only
     human = dlab.pf.cli("doctor", "--libvirt-status", dlab.status, "web1")
     assert human.returncode == 0
@@ -97,6 +101,13 @@ def _drop_policy(d: DoctorLab) -> None:
 def _unanswered(d: DoctorLab) -> None:
     d.lab.ns(d.lab.guest, "ip", "addr", "del", f"{GUEST4}/24", "dev", "eth0")
     d.host("ip", "neigh", "flush", "dev", "br0")
+
+
+def _guest_firewall(d: DoctorLab, verdict: str) -> None:
+    d.lab.ns(d.lab.guest, "nft", "-f", "-",
+             input=b"add table inet pfguest\nadd chain inet pfguest input"
+                   b" { type filter hook input priority 0; }\n"
+                   b"add rule inet pfguest input tcp dport 80 " + verdict.encode() + b"\n")
 
 
 def _listener(d: DoctorLab) -> None:
@@ -128,6 +139,11 @@ BREAKS: Dict[str, Tuple[Callable[[DoctorLab], None], str, str]] = {
     "foreign drop rule": (_drop_rule, "filter", "table inet filter chain forward"),
     "forward drop policy": (_drop_policy, "filter", "table ip dock chain forward: policy drop"),
     "host listener": (_listener, "listener", ":8080/tcp"),
+    "nothing listens in the guest": (lambda d: _guest_firewall(d, "reject with tcp reset"),
+                                     "service", f"nothing listens on port 80 in the guest"
+                                                f" {GUEST4} (connection refused)"),
+    "guest drops the connection": (lambda d: _guest_firewall(d, "drop"),
+                                   "service", f"guest {GUEST4} does not answer on port 80"),
     "hairpin off": (lambda d: d.host("bridge", "link", "set", "dev", "vnet0", "hairpin", "off"),
                     "hairpin", "vnet0 has hairpin mode off"),
 }
@@ -238,3 +254,26 @@ def test_listening_sockets_from_proc_net(tmp_path: "os.PathLike[str]") -> None:
                 " 0A 00000000:00000000 00:00000000 00000000     0        0 777 1\n")
     found = [(s.family, s.endpoint, s.process) for s in listening.sockets(proc)]
     assert found == [(4, "0.0.0.0:8080", ""), (6, "[::1]:8080", "")]
+
+
+@pytest.mark.kernel
+def test_a_cached_reachable_neighbour_is_asked_again(dlab: DoctorLab) -> None:
+    """The guest's link goes down while the host's neighbour entry still says
+    REACHABLE: doctor asks again instead of trusting the cache."""
+    assert dlab.doctor()[0] == 0
+    state = dlab.lab.ns(dlab.lab.host, "ip", "neigh", "show", GUEST4, "dev", "br0").stdout
+    assert b"REACHABLE" in state, state
+    dlab.lab.ns(dlab.lab.guest, "ip", "link", "set", "eth0", "down")
+    rc, checks = dlab.doctor()
+    assert rc == 5 and not checks[-1]["ok"], checks
+    assert f"guest {GUEST4} does not answer" in checks[-1]["detail"], checks
+    assert all(c["ok"] for c in checks[:-1]), checks
+
+
+@pytest.mark.kernel
+def test_no_forwards_configured_is_said_and_fine(pf: PortfwdHost) -> None:
+    pf.write_config("# nothing yet\n")
+    r = pf.cli("doctor", "--libvirt-status", os.path.dirname(pf.config))
+    assert r.returncode == 0, r
+    assert r.stdout.decode() == (f"skip forwards: no forwards configured in {pf.config} and none"
+                                 " applied: nothing to check\n")

@@ -108,8 +108,16 @@ def test_every_key_and_both_entry_forms() -> None:
     ('{"a/b": {"private_ip": "10.0.0.1", "port_map": {"tcp": [80]}}}',
      'h.json:1:9: "a/b".guest: \'a/b\' is not a libvirt domain name'),
     ('{"a": {"private_ip": "10.0.0.1", /* open', "h.json:1:34: JSON syntax: comment /*"),
-    ('{"a": {"private_ip": "10.0.0.1",}}', "h.json:1:33: JSON syntax: expected a key"),
+    ('{"a": {"private_ip": "10.0.0.1",}}', "h.json:1:32: JSON syntax: trailing comma after line 1:"
+                                           " JSON allows no ',' before '}'; remove it"),
+    ('{"a": {"private_ip": "10.0.0.1",\n "port_map": {"tcp": [80,\n]}}}',
+     "h.json:2:25: JSON syntax: trailing comma after line 2: JSON allows no ',' before ']'"),
     ('["a"]', "h.json:1:1: hooks.json must be an object of guest names"),
+    ('\ufeff{"a": {"private_ip": "10.0.0.1"}}', "h.json:1:1: the file starts with a byte-order"
+                                                 " mark (U+FEFF), which JSON does not allow"),
+    ('{"a": {"private_ip": "10.0.0.1", "port_map": {"TCP": [80]}}}',
+     'h.json:1:47: a.port_map.TCP: unknown protocol "TCP"; use tcp, udp or sctp (lower case:'
+     ' "tcp")'),
     ('{"a": 7}', "h.json:1:7: a: an entry must be an object"),
 ])
 def test_refusals_name_the_place(text: str, message: str) -> None:
@@ -250,7 +258,7 @@ def test_generated_files_convert_port_for_port(doc: Dict[str, Any]) -> None:
     result = convert(text, "h.json", None)
     flat = [(g, e) for g, v in doc.items() for e in (v if isinstance(v, list) else [v])]
     if result.errors:  # only conflicts between entries are refused in this corpus
-        assert all("claimed twice" in line or "forwards: here for" in line
+        assert all("claimed twice" in line or "forwards: here" in line
                    for line in result.errors), result.errors
         return
     config = parse(result.toml)
@@ -378,3 +386,74 @@ def test_cli_output_into_a_missing_folder_is_a_host_error(tmp_path: "os.PathLike
 def test_cli_help() -> None:
     r = _cli("--help")
     assert r.returncode == 0 and "usage: portfwd import" in r.stdout
+
+
+def test_steps_fit_the_install_they_find(tmp_path: "os.PathLike[str]") -> None:
+    """With the Debian package, the hooks and units are there and forward.toml exists:
+    the printed write needs --force, and nothing is to be installed."""
+    from portfwd.importer import retire_steps
+    from portfwd.installpaths import packaged
+
+    pip = retire_steps(["web1"], None, "h.json")
+    assert pip[1] == ("  1. write the converted configuration to /etc/portfwd/forward.toml"
+                      " (portfwd import h.json -o /etc/portfwd/forward.toml); portfwd check")
+    assert pip[2].startswith("  2. portfwd install ")
+    deb = retire_steps(["web1"], None, "h.json", packaged=True)
+    assert deb[1].startswith("  1. write the converted configuration to /etc/portfwd/forward.toml"
+                             " (portfwd import h.json -o /etc/portfwd/forward.toml --force:")
+    assert deb[2].startswith("  2. portfwd check ") and "nothing to install" in deb[2]
+    assert not any("portfwd install" in line for line in deb) and deb[3:] == pip[3:]
+    elsewhere = retire_steps(["web1"], "/root/new.toml", "h.json", packaged=True)
+    assert "(cp /root/new.toml /etc/portfwd/forward.toml:" in elsewhere[1]
+    # the printed step works on the file the package ships
+    shipped = os.path.join(str(tmp_path), "forward.toml")
+    with open(shipped, "w") as f:
+        f.write("# [[forward]]\n")
+    source = os.path.join(DATA, "example.json")
+    assert _cli(source, "-o", shipped, "--force", "--listen", "all").returncode == 0
+    with open(shipped) as f:
+        assert "[[forward]]\n" in f.read()
+    # the command prints the steps for this host
+    r = _cli(source, "--listen", "all")
+    assert ("nothing to install" in r.stderr) == (packaged() is not None), r.stderr
+
+
+def test_package_is_told_by_dpkg_status_or_its_hooks(tmp_path: "os.PathLike[str]") -> None:
+    from portfwd.installpaths import packaged
+
+    root = str(tmp_path)
+    assert packaged(root) is None
+    status = os.path.join(root, "var/lib/dpkg/status")
+    os.makedirs(os.path.dirname(status))
+    with open(status, "w") as f:
+        f.write("Package: portfwd\nStatus: deinstall ok config-files\nVersion: 0.2\n\n"
+                "Package: other\nStatus: install ok installed\n")
+    assert packaged(root) is None  # removed, its conffiles kept: not the package's any more
+    with open(status, "w") as f:
+        f.write("Package: other\nStatus: install ok installed\n\n"
+                "Package: portfwd\nStatus: install ok installed\nDescription: x\n y\n")
+    assert packaged(root) == "the Debian package portfwd is installed (dpkg: install ok installed)"
+    os.unlink(status)
+    os.makedirs(os.path.join(root, "usr/lib/portfwd/hooks"))
+    assert packaged(root) == "/usr/lib/portfwd/hooks exists (the Debian package's hooks)"
+    r = subprocess.run([sys.executable, "-m", "portfwd.cli", "install", "--root", root],
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (2, ""), r
+    assert "not installing: /usr/lib/portfwd/hooks exists" in r.stderr
+    assert "`portfwd install --force` installs anyway" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(os.path.join(root, "etc/libvirt/hooks/qemu.d/portfwd"))
+    forced = subprocess.run([sys.executable, "-m", "portfwd.cli", "install", "--root", root,
+                             "--force"], capture_output=True, text=True)
+    assert forced.returncode == 0, forced.stderr
+    assert os.path.exists(os.path.join(root, "etc/libvirt/hooks/qemu.d/portfwd"))
+
+
+def test_reapply_takes_no_config_and_flush_names_libvirts_chains() -> None:
+    def cli(*args: str) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run([sys.executable, "-m", "portfwd.cli", *args], capture_output=True,
+                              text=True)
+
+    r = cli("reapply", "-c", "/nonexistent.toml")
+    assert r.returncode == 2 and "unrecognized arguments: -c" in r.stderr
+    assert "-c" not in cli("reapply", "--help").stdout
+    assert "accepts in libvirt's chains" in " ".join(cli("flush", "--help").stdout.split())

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import pytest
 
 from libvirtlab import LIBVIRTD_PID, LibvirtLab, _pid
-from test_libvirt import portfwd
+from test_libvirt import Servers, portfwd
 
 pytestmark = pytest.mark.kernel
 
@@ -26,13 +26,15 @@ CONFIG = f'\n[[forward]]\nguest = "pf-doc1"\nipv4  = "{WEB1_IP}"\nports = ["8080
 @pytest.fixture(scope="module")
 def dvlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtLab]:
     lab = LibvirtLab(str(tmp_path_factory.mktemp("libvirt-doctor")))
+    servers = Servers()  # doctor's last layer connects to the guest's port 80
     try:
         lab.write_config(CONFIG)
         lab.ensure_network("default")
-        lab.standin("virbr0", WEB1_IP, "192.168.122.1", mac=WEB1[2])
+        servers.start(lab.standin("virbr0", WEB1_IP, "192.168.122.1", mac=WEB1[2]))
         lab.start(*WEB1)
         yield lab
     finally:
+        servers.stop()
         lab.close()
     assert lab.pids() == {}, "processes left behind"
 

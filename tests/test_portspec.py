@@ -30,12 +30,13 @@ def test_parses_documented_forms(spec: str, expected: PortRange) -> None:
     ("80/", "unknown protocol ''"),
     ("a:80", "'a' is not a port number"),
     ("８０", "is not a port number"),
-    ("-80", "'' is not a port number"),
+    ("-80", "a port is 1 to 65535, not -80"),
+    ("8086-:80", "the range '8086-' has no last port (write 8086-END, or 8086 alone)"),
     (" 80", "' 80' is not a port number"),
     ("90-80", "range 90-80 runs backwards"),
     ("1-2:3", "host range has 2 ports, guest range 1"),
-    (":80", "empty port"),
-    ("80:", "empty port"),
+    (":80", "no host port"),
+    ("80:", "no guest port"),
     ("1:2:3", "'2:3' is not a port number"),
 ])
 def test_rejects_with_reason(spec: str, message: str) -> None:

@@ -49,7 +49,7 @@ def test_full_range_guest_is_four_elements_and_reaches_every_probed_port(lab: La
                                                           ("tcp", "udp"), PROBED):
         assert lab.reach(proto, host, port) == f"{proto} {port} {client}"
     # one status row per range, not per port
-    rows = json.loads(pf.cli("status", "--json").stdout)["forwards"]
+    rows = json.loads(pf.cli("status", "--json", "--connect", "test:///default").stdout)["forwards"]
     assert sorted((row["proto"], row["listen"], row["target"], row["state"]) for row in rows) == [
         ("tcp", "*:1024-65535", f"{GUEST4}:1024-65535", "active"),
         ("tcp", "[*]:1024-65535", f"[{GUEST6}]:1024-65535", "active"),
@@ -95,7 +95,7 @@ ports = [
         for port in (6000, 6003):
             assert lab.reach("udp", host, port) == f"udp {port} {client}"
         assert lab.probe("udp", host, 6004) is None  # not from this client's network
-    rows = json.loads(pf.cli("status", "--json").stdout)["forwards"]
+    rows = json.loads(pf.cli("status", "--json", "--connect", "test:///default").stdout)["forwards"]
     assert len(rows) == 6 and {row["state"] for row in rows} == {"active"}
     assert pf.hook("web1", "stopped", "end").returncode == 0
     assert count(pf) == 0
@@ -116,7 +116,7 @@ def test_sync_dry_run_and_sync_keep_ranges_whole(pf: PortfwdHost) -> None:
     r = pf.cli("sync", "--connect", "test:///default")
     assert r.returncode == 0, r.stderr
     assert count(pf) == 4
-    rows = json.loads(pf.cli("status", "--json").stdout)["forwards"]
+    rows = json.loads(pf.cli("status", "--json", "--connect", "test:///default").stdout)["forwards"]
     assert sorted((row["guest"], row["listen"], row["state"]) for row in rows) == [
         ("stopped-guest", "*:80", "guest not running"),
         ("stopped-guest", "[*]:80", "guest not running"),
@@ -130,7 +130,7 @@ def test_sync_dry_run_and_sync_keep_ranges_whole(pf: PortfwdHost) -> None:
                                                            ("udp", "1024-65535")}
     # a flushed rule set shows the ranges as missing; reapply brings them back
     pf.lab.ns(pf.lab.host, "nft", "flush", "ruleset")
-    rows = json.loads(pf.cli("status", "--json").stdout)["forwards"]
+    rows = json.loads(pf.cli("status", "--json", "--connect", "test:///default").stdout)["forwards"]
     assert {row["state"] for row in rows if row["guest"] == "test"} == {"missing"}
     assert pf.cli("reapply").returncode == 0
     assert count(pf) == 4

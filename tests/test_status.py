@@ -192,3 +192,58 @@ def test_two_bridges_behind_libvirts_reject_are_both_active(pf: PortfwdHost) -> 
         ("*:8080", "active"), ("[*]:8080", "active"), ("*:9090", "active")}
     lab.serve("tcp", [80])
     assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
+
+
+def test_configured_forward_of_a_running_guest_is_not_applied_not_stopped(
+        pf: PortfwdHost, tmp_path: "os.PathLike[str]") -> None:
+    """A guest that runs but whose hook never ran (libvirtd not restarted after
+    installing) is "not applied" and fails; one libvirt does not run is "guest not
+    running"; with neither libvirt nor its status files, status says it cannot tell."""
+    from pfhost import domain_xml
+
+    pf.write_config(web1_config("8080:80") + '\n[[forward]]\nguest = "db1"\nipv4 = "192.168.150.12"'
+                    '\nports = ["5432"]\n')
+    folder = os.path.join(str(tmp_path), "qemu")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "web1.xml"), "wb") as f:
+        f.write(domain_xml("web1"))
+
+    def states(*args: str, code: int) -> Dict[str, List[str]]:
+        r = pf.cli("status", "--json", "--connect", "test:///nonexistent", *args)
+        assert r.returncode == code, (r.returncode, r.stderr)
+        out: Dict[str, List[str]] = {}
+        for line in json.loads(r.stdout)["forwards"]:
+            out.setdefault(line["guest"], []).append(f"{line['state']}: {line['reason']}")
+        return out
+
+    seen = states("--libvirt-status", folder, code=5)
+    assert set(seen["db1"]) == {"guest not running: "}
+    assert set(seen["web1"]) == {"not applied: the guest runs, but its hook has not run: restart"
+                                 " libvirtd (once after installing), or run `portfwd sync`"}
+    text = pf.cli("status", "--libvirt-status", folder, "web1")
+    assert text.returncode == 5 and b"db1" not in text.stdout, text
+    assert b"not applied: the guest runs" in text.stdout
+    assert set(states("--libvirt-status", folder, "db1", code=0)) == {"db1"}
+    # libvirt unreachable and no status files (PORTFWD_QEMU_STATUS_DIR names none)
+    unknown = states(code=0)["web1"][0]
+    assert unknown.startswith("unknown: not applied: guest stopped, or its hook has not run")
+    assert pf.hook("web1", "started").returncode == 0
+    assert {r.split(":")[0] for r in states("--libvirt-status", folder, "web1", code=0)["web1"]} \
+        == {"active"}
+
+
+@pytest.mark.parametrize("command", [["status"], ["doctor"], ["trace", "--", "web2", "80"]])
+def test_a_guest_not_configured_is_a_usage_error_with_did_you_mean(
+        pf: PortfwdHost, command: List[str]) -> None:
+    pf.write_config(web1_config("8080:80"))
+    args = command if command[0] == "trace" else command + ["web2"]
+    r = pf.cli(*args)
+    assert (r.returncode, r.stdout) == (2, b""), r
+    assert r.stderr.decode() == (f"portfwd {command[0]}: error: guest 'web2' is not configured;"
+                                 " did you mean 'web1'? configured guests: web1\n")
+
+
+def test_with_an_invalid_configuration_a_guest_is_not_called_unknown(pf: PortfwdHost) -> None:
+    pf.write_config(web1_config("8080:80") + "bad =\n")
+    r = pf.cli("status", "web1")
+    assert r.returncode == 1 and b"not configured" not in r.stderr, r

@@ -89,17 +89,18 @@ def _shadowed(fwd: Forward, pf: PortForward, sockets: Sequence[Socket],
 
 def _missing_listen(pf: PortForward, host: Host, locate: Locate, named: Set[str]) -> List[str]:
     out = []
-    for item in pf.listen:
+    for i, item in enumerate(pf.listen):
         if str(item) in named:
             continue
         named.add(str(item))
+        where = Where(pf.where.file, f"{pf.listen_at}[{i}]") if pf.listen_at else pf.where
         if isinstance(item, str):
             if item not in host.interfaces:
-                out.append(_warning(locate, pf.where, f"listen interface {item} does not exist"
+                out.append(_warning(locate, where, f"listen interface {item} does not exist"
                                     " (yet): this forward answers on it only once it does"
                                     " (check the name with `ip link`)"))
         elif str(item) not in host.addresses:
-            out.append(_warning(locate, pf.where, f"listen address {item} is not an address of"
+            out.append(_warning(locate, where, f"listen address {item} is not an address of"
                                 " this host: the forward answers there only once it is"
                                 " (check with `ip address`)"))
     return out

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import escape, libvirtapi, log, state
 from .cmdline import parser
@@ -55,10 +55,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from . import checks, hostnet
     from .config import locator, parse, read
     from .conflicts import interface_conflicts
+    from .errors import diagnostic
+    from .suggest import count
 
     path = state.config_path(args.config)
     report: Dict[str, Any] = {"path": path, "valid": False, "strict": args.strict,
                               "errors": [], "warnings": [], "blocked": []}
+    root = os.geteuid() == 0  # nftables lists nothing to anyone else
     try:
         text = read(path)
         config = parse(text, path)
@@ -71,9 +74,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         engine = Engine(config.path)
         table = config.options.table
         try:
-            foreign = engine.table_owner(table) is False
+            foreign = root and engine.table_owner(table) is False
         except HostError:
-            foreign = False  # not root: the firewall inspection below says so
+            foreign = False  # the firewall inspection below says so
         if foreign:
             raise ConfigError([f"{locate(Where(path, 'options.table'))}: options.table:"
                                f" table inet {table} exists and was not made by portfwd;"
@@ -81,22 +84,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as e:
         if not args.json:
             raise
-        report["errors"] = e.lines
+        report["errors"] = [diagnostic(line, path) for line in e.lines]
         print(json.dumps(report, indent=2))
         return EXIT_CONFIG
     warnings = list(config.warnings) + checks.warnings(config, checks.Host.read(), locate)
+    if not config.forwards:
+        warnings.insert(0, f"{path}: warning: no forwards configured; add one, e.g. [[forward]]"
+                           ' guest = "web1" ports = ["8080:80"] (one key a line)')
     guests = {f.label for f in config.forwards}
     ports = sum(len(f.ports) for f in config.forwards)
     targets = {str(a) for f in config.forwards for a in (f.ipv4, f.ipv6) if a is not None}
     blocked: List[str] = []
-    try:
-        blocked = engine.firewall(targets)[1]
-    except HostError as e:
-        warnings.append(f"{path}: warning: could not inspect the host's firewall ({e}); run"
-                        " check as root to see whether anything blocks forwarded traffic")
+    if not root:
+        warnings.append(f"{path}: warning: not root: cannot see the firewall (nftables lists it"
+                        " to root alone); the configuration was checked, run `portfwd check` as"
+                        " root to see whether anything blocks forwarded traffic")
+    else:
+        try:
+            blocked = engine.firewall(targets)[1]
+        except HostError as e:
+            warnings.append(f"{path}: warning: could not inspect the host's firewall: {e}")
     failed = args.strict and bool(warnings or blocked)
     report.update(valid=True, table=config.options.table, guests=len(guests), ports=ports,
-                  warnings=warnings, blocked=blocked)
+                  warnings=[diagnostic(w, path) for w in warnings], blocked=blocked)
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_CONFIG if failed else EXIT_OK
@@ -104,11 +114,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         say(warning, err=True)
     for line in blocked:
         say(f"{path}: warning: forwarded traffic blocked: {line}", err=True)
-    say(f"{config.path}: OK: {ports} port forward(s) for {len(guests)} guest(s),"
-        f" table inet {config.options.table}"
-        + (f"; {len(warnings) + len(blocked)} warning(s)" if warnings or blocked else ""))
+    noted = count(len(warnings) + len(blocked), "warning")
+    say(f"{config.path}: OK: {count(ports, 'port forward')} for {count(len(guests), 'guest')},"
+        f" table inet {config.options.table}" + (f"; {noted}" if warnings or blocked else ""))
     if failed:
-        say(f"{path}: failed: --strict and {len(warnings) + len(blocked)} warning(s)", err=True)
+        say(f"{path}: failed: --strict and {noted}", err=True)
         return EXIT_CONFIG
     return EXIT_OK
 
@@ -166,8 +176,41 @@ def _print_dry_run(config: Config, running: int, before: List[Binding], after: L
     return EXIT_OK
 
 
+def _unknown_guests(asked: List[str], config: Optional[Config], config_arg: Optional[str]
+                    ) -> List[str]:
+    """A line for each guest of ``asked`` neither configured (in ``config``, else in
+    the file ``config_arg`` names) nor recorded; none when the configuration is
+    invalid (the command says so itself, and which guests it names is unknown)."""
+    from .suggest import unknown_guests
+
+    if not asked:
+        return []
+    path = state.config_path(config_arg)
+    if config is None:
+        try:
+            config = load(path)
+        except ConfigError:
+            return []
+    known = {f.label for f in config.forwards}
+    if not set(asked) <= known:
+        known |= {st.guest for st in Engine(path).all_states() if not st.empty}
+    return unknown_guests(asked, known)
+
+
+def _unrecorded(config: Config, engine: Engine) -> bool:
+    """Whether a configured forward's guest has no records (a look without the lock)."""
+    recorded = {name for st in engine.all_states() for name in (st.guest, st.uuid) if name}
+    return any(f.guest not in recorded and f.uuid not in recorded for f in config.forwards)
+
+
+def _usage_error(command: str, lines: List[str]) -> int:
+    for line in lines:
+        say(f"portfwd {command}: error: {line}", err=True)
+    return EXIT_USAGE
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import status
+    from . import doctorfacts, status
 
     path = state.config_path(args.config)
     config: Optional[Config] = None
@@ -176,8 +219,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         config = load(path)
     except ConfigError as e:
         errors = e.lines
+    unknown = _unknown_guests(args.guest, config, args.config)
+    if unknown:
+        return _usage_error("status", unknown)
+    running: Optional[Set[str]] = set()
+    source = ""
+    if config is not None and _unrecorded(config, Engine(path)):
+        # whether those guests run: asked before the lock, libvirt may be slow
+        domains, source = doctorfacts.running_domains(args.connect, args.libvirt_status)
+        running = None if domains is None else doctorfacts.running_names(domains)
     with state.locked():
-        report = status.report(Engine(path), config)
+        report = status.report(Engine(path), config, running, source, args.guest)
     code = EXIT_CONFIG if errors else EXIT_OK if report.healthy else EXIT_DEGRADED
     if args.json:
         print(json.dumps({
@@ -204,9 +256,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from . import plan, status
+
+    config = _load(args)
+    if args.names:
+        say(*sorted({f.label for f in config.forwards}))
+        return EXIT_OK
+    unknown = _unknown_guests(args.guest, config, args.config)
+    if unknown:
+        return _usage_error("show", unknown)
+    forwards = [f for f in config.forwards if not args.guest or f.label in args.guest]
+    rows = status.merge_sources(status.row(b, "") for f in forwards
+                                for b in plan.forwards_bindings([f], f.label))
+    if args.json:
+        keys = ("guest", "family", "proto", "listen", "target", "sources", "entry")
+        print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
+        return EXIT_OK
+    say(*status.table_lines(rows, status.SHOWN) if rows else ["(no forwards)"])
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from . import doctor, doctorfacts
 
+    unknown = _unknown_guests([args.guest] if args.guest else [], None, args.config)
+    if unknown:
+        return _usage_error("doctor", unknown)
     checks = doctorfacts.diagnose(state.config_path(args.config), args.guest, args.connect,
                                   args.libvirt_status)
     if args.json:
@@ -223,6 +299,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         say(f"portfwd trace: error: argument --from: {args.source} is an IPv4 address, and -6"
             " asks for the IPv6 forward: give an IPv6 address, or leave out -6", err=True)
         return EXIT_USAGE
+    unknown = _unknown_guests([args.guest], None, args.config)
+    if unknown:
+        return _usage_error("trace", unknown)
     result = trace.run(state.config_path(args.config), args.guest, args.port, args.proto,
                        args.source, args.family, args.timeout)
     say(*trace.render(result))
@@ -269,6 +348,14 @@ def cmd_install(args: argparse.Namespace) -> int:
     from .pathwalk import at
 
     root = args.root
+    owner = installpaths.packaged(root)
+    if owner is not None and not args.force:
+        log.error(f"not installing: {owner}; it put the hooks, units, manual page and"
+                  " completion in place, and `portfwd install` would add a second set beside"
+                  f" them. Edit {state.DEFAULT_CONFIG}, run `portfwd check`, then"
+                  " `portfwd sync`; or remove the package first (apt remove portfwd);"
+                  " `portfwd install --force` installs anyway")
+        return EXIT_USAGE
     done: List[str] = []
     # libvirt runs hooks with an empty environment: a non-default path goes into the hook
     settings = "".join(f"import os; os.environ[{name!r}] = {value!r}\n" for name, value in (
@@ -418,7 +505,10 @@ def cmd_import(args: argparse.Namespace) -> int:
         except OSError as e:
             raise HostError(f"{args.output}: cannot write: {e.strerror or e}") from None
         say(f"wrote {args.output}: {len(result.guests)} guest(s)", err=True)
-    for step in importer.retire_steps(result.guests, args.output, args.hooks_json):
+    from .installpaths import packaged
+
+    for step in importer.retire_steps(result.guests, args.output, args.hooks_json,
+                                      packaged() is not None):
         say(step, err=True)
     return EXIT_OK
 
@@ -441,7 +531,8 @@ def _commented_out_forwards(example: str) -> str:
 
 
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
-    "check": cmd_check, "sync": cmd_sync, "status": cmd_status, "doctor": cmd_doctor,
+    "check": cmd_check, "sync": cmd_sync, "status": cmd_status, "show": cmd_show,
+    "doctor": cmd_doctor,
     "trace": cmd_trace, "flush": cmd_flush, "daemon": cmd_daemon, "reapply": cmd_reapply,
     "install": cmd_install, "uninstall": cmd_uninstall, "import": cmd_import}
 

@@ -66,6 +66,16 @@ def _probe_timeout(text: str) -> float:
     return _seconds(text, TRACE_TIMEOUT_MIN, TRACE_TIMEOUT_MAX, "2")
 
 
+def _libvirt_options(p: argparse.ArgumentParser) -> None:
+    """--connect and --libvirt-status: where to learn which guests run."""
+    p.add_argument("--connect", metavar="URI", default=libvirtapi.DEFAULT_URI,
+                   help=f"libvirt connection URI (default: {libvirtapi.DEFAULT_URI})")
+    p.add_argument("--libvirt-status", metavar="DIR",
+                   help="read running domains from libvirt's status files in DIR instead of"
+                        " asking libvirt (it is asked for at most 10 s, then /run/libvirt/qemu"
+                        " is read)")
+
+
 def parser() -> argparse.ArgumentParser:
     """portfwd's argument parser; the chosen command is ``command``."""
     from . import __version__
@@ -107,27 +117,39 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p = sub.add_parser("status", parents=[common], help="show forwards and whether they are live",
                        description="Show each forward: guest, protocol, listen -> target,"
-                                   " sources, connections its DNAT counted, state. Exits 1 when"
-                                   " the configuration is invalid, 5 when a forward is missing,"
-                                   " differs or is blocked.")
+                                   " sources, connections its DNAT counted, state. A configured"
+                                   " forward nothing applied is \"guest not running\", or \"not"
+                                   " applied\" when libvirt says the guest runs (its hook has not"
+                                   " run). Exits 1 when the configuration is invalid, 2 for a"
+                                   " GUEST not configured, 5 when a forward is missing, differs,"
+                                   " is blocked or not applied.")
+    p.add_argument("guest", nargs="*", metavar="GUEST", help="only these guests (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _libvirt_options(p)
+    p = sub.add_parser("show", parents=[common], help="print the configured forwards",
+                       description="Print the forwards as the configuration says them, one line"
+                                   " each: guest, protocol, listen -> target, sources. Reads the"
+                                   " configuration alone (no root, no libvirt). Exits 1 when it is"
+                                   " invalid, 2 for a GUEST not configured.")
+    p.add_argument("guest", nargs="*", metavar="GUEST", help="only these guests (default: all)")
+    p.add_argument("--json", action="store_true", help="a JSON list of {guest, family, proto,"
+                                                        " listen, target, sources, entry}")
+    p.add_argument("--names", action="store_true",
+                   help="print the configured guests' names alone, one a line")
     p = sub.add_parser("doctor", parents=[common], help="find the first broken layer of a forward",
                        description="Walk the path of a forwarded packet (whether libvirt's"
                                    " AppArmor profile lets it run the hooks, forwarding, IPv6,"
                                    " guest, bridge, tap, MAC, address, neighbour, table, filter,"
-                                   " host listener, hairpin) and stop at the first broken layer,"
-                                   " with its fix. Read-only. Exit 0 only when every layer"
-                                   " passes, 5 when one fails.")
+                                   " host listener, hairpin, and a TCP connection from the host"
+                                   " to the guest's port) and stop at the first broken layer,"
+                                   " with its fix. Changes nothing. Exit 0 only when every layer"
+                                   " passes (or no forward is configured), 2 for a GUEST not"
+                                   " configured, 5 when one fails.")
     p.add_argument("guest", nargs="?", metavar="GUEST", help="one guest (default: every guest"
                                                              " with forwards)")
     p.add_argument("--json", action="store_true", help="a JSON list of {layer, guest, ok,"
-                                                        " detail, fix}")
-    p.add_argument("--connect", metavar="URI", default=libvirtapi.DEFAULT_URI,
-                   help=f"libvirt connection URI (default: {libvirtapi.DEFAULT_URI})")
-    p.add_argument("--libvirt-status", metavar="DIR",
-                   help="read running domains from libvirt's status files in DIR instead of"
-                        " asking libvirt (it is asked for at most 10 s, then /run/libvirt/qemu"
-                        " is read)")
+                                                        " detail, fix, skipped}")
+    _libvirt_options(p)
     p = sub.add_parser("trace", parents=[common], help="follow one probe through the forward",
                        description="Send one probe (a TCP SYN or a UDP datagram) to a forward"
                                    " with nftables tracing on for it alone, and print table by"
@@ -151,7 +173,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_probe_timeout, default=2.0, metavar="SECONDS",
                    help="how long to follow the probe (default 2)")
     p = sub.add_parser("flush", parents=[common], help="remove everything portfwd installed",
-                       description="Remove portfwd's nftables tables and its recorded state.")
+                       description="Remove portfwd's nftables tables, its accepts in"
+                                   " libvirt's chains (iptables and nftables backends) and its"
+                                   " recorded state. Works with a broken configuration too.")
     p = sub.add_parser("daemon", parents=[common],
                        help="apply forwards on libvirt events, lease and config changes",
                        description="Keep the table in step with libvirt's guests, their DHCP"
@@ -163,19 +187,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=_interval, default=0.5, metavar="SECONDS",
                    help="how often to look at the configuration and lease files (default 0.5;"
                         f" {INTERVAL_MIN} to {INTERVAL_MAX:g})")
-    p = sub.add_parser("reapply", parents=[common],
+    p = sub.add_parser("reapply",
                        help="re-apply recorded forwards (after nft flush ruleset, firewall reloads)",
                        description="Rebuild portfwd's table and its accepts in libvirt's chains"
                                    f" from what {state.DEFAULT_RUN_DIR} records, without asking"
                                    " libvirt and without reading the configuration.")
     p = sub.add_parser("install", help="install the libvirt hook, example config and units",
                        description="Install the qemu hook, an example configuration (if none"
-                                   " exists) and the systemd units.")
+                                   " exists) and the systemd units: the set-up of a pip"
+                                   " install. Refuses where the Debian package portfwd is"
+                                   " installed (it has done all this), unless --force.")
     p.add_argument("--root", default="/", metavar="DIR", help="install below DIR (default: /)")
     p.add_argument("-c", "--config", metavar="PATH", default=argparse.SUPPRESS,
                    help=f"configuration the hooks read (default: {state.DEFAULT_CONFIG})")
     p.add_argument("--run-dir", metavar="DIR",
                    help=f"state directory of the hooks (default: {state.DEFAULT_RUN_DIR})")
+    p.add_argument("--force", action="store_true",
+                   help="install even where the Debian package portfwd is installed")
     p = sub.add_parser("uninstall", parents=[common],
                        help="remove what install put in place and every rule portfwd made",
                        description="Stop and disable the units, remove portfwd's tables, its"

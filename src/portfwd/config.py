@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import stat
@@ -20,6 +19,7 @@ from .errors import ConfigError
 from .model import (Config, Forward, IPAddress, IPNetwork, Listen,
                     Options, PortForward, Where)
 from .pathwalk import walk
+from .suggest import did_you_mean
 from .tomlpos import Path, Positions, deepest, locate
 
 from .toml import tomllib
@@ -262,9 +262,7 @@ def _not_regular(real: str, st: os.stat_result, via: str) -> str:
 def parse(text: str, path: str = "<config>") -> Config:
     """Parse TOML text; raise ConfigError with every problem found."""
     if text.startswith("\ufeff"):
-        raise ConfigError([f"{path}:1:1: the file starts with a byte-order mark (U+FEFF), which"
-                           " TOML does not allow (an editor saved it as \"UTF-8 with BOM\");"
-                           f" save it as plain UTF-8, e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' {path}"])
+        raise ConfigError([byte_order_mark(path, "TOML")])
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -283,6 +281,13 @@ def parse(text: str, path: str = "<config>") -> Config:
     return _Validator(path, text).config(data)
 
 
+def byte_order_mark(path: str, language: str) -> str:
+    """The error for a file of ``language`` (TOML, JSON) starting with a byte-order mark."""
+    return (f"{path}:1:1: the file starts with a byte-order mark (U+FEFF), which {language}"
+            " does not allow (an editor saved it as \"UTF-8 with BOM\"); save it as plain"
+            f" UTF-8, e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' {path}")
+
+
 def locator(text: str, file: str) -> Callable[[Where], str]:
     """``where`` → ``FILE:LINE:COL`` in ``text`` (positions found on first use)."""
     found: List[Positions] = []
@@ -298,12 +303,62 @@ def locator(text: str, file: str) -> Callable[[Where], str]:
 def _syntax_error(path: str, text: str, message: str) -> str:
     m = re.search(r"\s*\(at line (\d+), column (\d+)\)\s*$", message)
     if m:
-        return f"{path}:{m.group(1)}:{m.group(2)}: TOML syntax: {message[:m.start()]}"
+        line, col, body = int(m.group(1)), int(m.group(2)), message[:m.start()]
+        lines = text.split("\n")
+        said = _syntax_hint(lines, line, col, body)
+        if said is not None:
+            col, body = said
+        return f"{path}:{line}:{col}: TOML syntax: {body}"
     m = re.search(r"\s*\(at end of document\)\s*$", message)
     lines = text.split("\n")
     where = f"{len(lines)}:{len(lines[-1]) + 1}"
     body = message[:m.start()] if m else message
     return f"{path}:{where}: TOML syntax: {body}"
+
+
+KEY_LINE = re.compile(r"\s*([A-Za-z0-9_.\"'-]+?)\s*=\s*")
+WORDS = {"True": "true", "False": "false", "TRUE": "true", "FALSE": "false", "yes": "true",
+         "no": "false", "on": "true", "off": "false"}
+
+
+def _syntax_hint(lines: List[str], line: int, col: int, message: str) -> Optional[Tuple[int, str]]:
+    """(column, message) saying what the TOML parser's ``message`` at ``line``:``col``
+    means for forward.toml: an unquoted string, a boolean in capitals, a key or a
+    table given twice; None when it is none of these."""
+    here = lines[line - 1] if line <= len(lines) else ""
+    key = KEY_LINE.match(here)
+    if message == "Invalid value" or message.startswith("Expected newline"):
+        start = key.end() if key and message.startswith("Expected") else col - 1
+        word = re.match(r"[A-Za-z0-9_.:/@+-]+(?=[\s,\]\}#]|$)", here[start:])
+        if word is None:
+            return None
+        token = word.group()
+        if token in WORDS:
+            return start + 1, (f"{token} is not a TOML value: write {WORDS[token]} (booleans"
+                               " are true or false, in lower case)")
+        if message.startswith("Expected") and re.fullmatch(r"[-+]?[0-9_]+(\.[0-9_]+)?", token):
+            return None  # a number followed by something else
+        if key and key.end() == start:
+            return start + 1, f"strings need quotes: {key.group(1)} = \"{token}\""
+        return start + 1, f"strings need quotes: \"{token}\""
+    if message == "Cannot overwrite a value" and key:
+        name = key.group(1)
+        for back in range(line - 2, -1, -1):
+            if lines[back].lstrip().startswith("["):
+                break
+            earlier = KEY_LINE.match(lines[back])
+            if earlier and earlier.group(1) == name:
+                return here.index(name) + 1, (f"key {name!r} is set twice in one table: on line"
+                                              f" {back + 1} and on line {line}; keep one")
+        return here.index(name) + 1, f"key {name!r} is set a second time here; keep one"
+    twice = re.match(r"Cannot declare \((.*)\) twice", message)
+    if twice:
+        name = ".".join(part.strip(" '\"") for part in twice.group(1).split(",") if part.strip())
+        first = next((i + 1 for i, text in enumerate(lines[:line - 1])
+                      if text.strip() == f"[{name}]"), None)
+        since = f" (first on line {first})" if first else ""
+        return 1, f"table [{name}] is declared twice{since}: put its keys under one [{name}]"
+    return None
 
 
 def _dotted(path: Path) -> str:
@@ -337,6 +392,36 @@ class _Validator:
             self._positions = locate(self.text)
         return self._positions
 
+    def written(self, path: Path, value: int) -> str:
+        """The integer at ``path`` as the file writes it (``0xFFFF``, ``1_000``), cut when
+        long; its value in decimal when no literal is found there."""
+        line, col = self.positions.of(path)
+        lines = self.text.split("\n")
+        m = re.match(r"[-+]?[0-9][0-9A-Za-z_]*", lines[line - 1][col - 1:] if line <= len(lines)
+                     else "")
+        if m is None or "=" in m.group():
+            return _int_text(value)
+        text = m.group()
+        return text if len(text) <= 50 else f"{text[:20]}… ({len(text)} characters)"
+
+    def name_problem(self, name: str, path: Path) -> str:
+        """Why ``name`` (the string at ``path``) is no domain name, with the column of
+        an invisible or control character in it."""
+        if not name:
+            return "it is empty"
+        if "/" in name:
+            return "a domain name has no '/'"
+        import unicodedata
+
+        index, char = next((i, c) for i, c in enumerate(name) if not c.isprintable())
+        line, col = self.positions.of(path)
+        raw = self.text.split("\n")[line - 1][col:] if line else ""
+        at = raw.find(char)  # the character as written (not as an escape): its column
+        where = f" at column {col + 1 + at}" if at >= 0 else f" (character {index + 1} of the name)"
+        what = unicodedata.name(char, "control character").lower()
+        return (f"invisible character U+{ord(char):04X} ({what}){where}; retype the name as"
+                " `virsh list --all --name` prints it")
+
     def where(self, path: Path) -> Where:
         return Where(self.file, _dotted(path))
 
@@ -349,13 +434,15 @@ class _Validator:
         self.errors.append((pos, f"{self.file}:{pos[0]}:{pos[1]}: {_dotted(path)}: {message}"))
 
     def warn(self, path: Path, message: str) -> None:
-        self.warnings.append(f"{self.location(path)}: warning: {_dotted(path)}: {message}")
+        """A warning at ``path``; once, however many ports share what it is about."""
+        line = f"{self.location(path)}: warning: {_dotted(path)}: {message}"
+        if line not in self.warnings:
+            self.warnings.append(line)
 
     def unknown_keys(self, table: Dict[str, Any], allowed: Sequence[str], path: Path) -> None:
         for key in table:
             if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.7)
-                hint = f"did you mean {close[0]!r}? " if close else ""
+                hint = did_you_mean(key, allowed, cutoff=0.7)
                 if path[:1] == ("forward",) and len(path) == 2 and key in OPTION_KEYS:
                     hint = (f"{key!r} is a key of [options], and every key below a [[forward]]"
                             " header belongs to that forward: move it above the first"
@@ -367,7 +454,9 @@ class _Validator:
     def expect(self, value: Any, kind: type, path: Path, what: str) -> bool:
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if not ok:
-            self.error(path, f"expected {what}, got {_describe(value)}")
+            shown = (f"an integer ({self.written(path, value)})" if type(value) is int
+                     else _describe(value))
+            self.error(path, f"expected {what}, got {shown}")
         return ok
 
     def listen_list(self, value: Any, path: Path) -> Optional[Tuple[Listen, ...]]:
@@ -558,8 +647,10 @@ class _Validator:
         if "interface" in raw:
             interface = self.mac(raw["interface"], path + ("interface",))
         listen = options.listen
+        listen_at = "options.listen" if listen else None
         if "listen" in raw:
             listen = self.listen_list(raw["listen"], path + ("listen",)) or ()
+            listen_at = _dotted(path + ("listen",))
         localhost = self.flag(raw, "localhost", path, options.localhost)
         sources: Tuple[IPNetwork, ...] = ()
         if "from" in raw:
@@ -572,7 +663,7 @@ class _Validator:
             if not raw_ports:
                 self.error(path + ("ports",), "empty: list at least one port spec such as \"8080:80\"")
             for j, item in enumerate(raw_ports):
-                pf = self.port(item, path + ("ports", j), listen, sources, localhost)
+                pf = self.port(item, path + ("ports", j), listen, sources, localhost, listen_at)
                 if pf is not None:
                     ports.append(pf)
         if len(self.errors) > start:
@@ -602,7 +693,8 @@ class _Validator:
             self.error(path + ("uuid",), "set guest or uuid, not both", at_key=True)
         if guest is not None and self.expect(guest, str, path + ("guest",), "a domain name string"):
             if not guest or "/" in guest or not guest.isprintable():
-                self.error(path + ("guest",), f"{guest!r} is not a libvirt domain name")
+                self.error(path + ("guest",), f"{guest!r} is not a libvirt domain name:"
+                                              f" {self.name_problem(guest, path + ('guest',))}")
         if uuid is not None and self.expect(uuid, str, path + ("uuid",), "a UUID string"):
             try:
                 uuid = str(uuidlib.UUID(uuid))
@@ -613,14 +705,15 @@ class _Validator:
                 uuid if isinstance(uuid, str) else None)
 
     def port(self, item: Any, path: Path, listen: Tuple[Listen, ...],
-             sources: Tuple[IPNetwork, ...], localhost: bool) -> Optional[PortForward]:
+             sources: Tuple[IPNetwork, ...], localhost: bool,
+             listen_at: Optional[str] = None) -> Optional[PortForward]:
         try:
             if isinstance(item, str):
                 rng = portspec.parse(item)
             elif isinstance(item, int) and not isinstance(item, bool):
-                rng = portspec.parse(_port_text(item))
+                rng = portspec.parse(_port_text(item, self.written(path, item)))
             elif isinstance(item, dict):
-                return self.port_table(item, path, listen, sources, localhost)
+                return self.port_table(item, path, listen, sources, localhost, listen_at)
             else:
                 self.error(path, f"expected a port spec string, a port number or a table,"
                                  f" got {_describe(item)}")
@@ -628,10 +721,11 @@ class _Validator:
         except portspec.PortSpecError as e:
             self.error(path, str(e))
             return None
-        return PortForward(rng, listen, sources, self.where(path), localhost)
+        return PortForward(rng, listen, sources, self.where(path), localhost, listen_at)
 
     def port_table(self, item: Dict[str, Any], path: Path, listen: Tuple[Listen, ...],
-                   sources: Tuple[IPNetwork, ...], localhost: bool) -> Optional[PortForward]:
+                   sources: Tuple[IPNetwork, ...], localhost: bool,
+                   listen_at: Optional[str]) -> Optional[PortForward]:
         start = len(self.errors)
         self.unknown_keys(item, PORT_KEYS, path)
         if "guest" not in item:
@@ -643,7 +737,8 @@ class _Validator:
             here = path + (key,)
             try:
                 if isinstance(value, int) and not isinstance(value, bool):
-                    spans[key] = portspec.parse_span(_port_text(value), _port_text(value))
+                    text = _port_text(value, self.written(here, value))
+                    spans[key] = portspec.parse_span(text, text)
                 elif isinstance(value, str):
                     spans[key] = portspec.parse_span(value, value)
                 else:
@@ -658,6 +753,7 @@ class _Validator:
                 self.error(path + ("proto",), str(e))
         if "listen" in item:
             listen = self.listen_list(item["listen"], path + ("listen",)) or ()
+            listen_at = _dotted(path + ("listen",))
         if "from" in item:
             sources = self.network_list(item["from"], path + ("from",)) or ()
         if len(self.errors) > start:
@@ -668,7 +764,7 @@ class _Validator:
         except portspec.PortSpecError as e:
             self.error(path, str(e))
             return None
-        return PortForward(rng, listen, sources, self.where(path), localhost)
+        return PortForward(rng, listen, sources, self.where(path), localhost, listen_at)
 
     def unused_listen(self, fwd: Forward) -> None:
         for pf in fwd.ports:
@@ -676,17 +772,19 @@ class _Validator:
             if pf.localhost and fwd.target(4) is None:
                 self.warn(here, "localhost = true is unused: 127.0.0.1 is forwarded to an ipv4"
                                 " guest address, and this forward has none")
-            for addr in pf.listen:
+            at = _parse_path(pf.listen_at) if pf.listen_at else here
+            for i, addr in enumerate(pf.listen):
                 if not isinstance(addr, str) and fwd.target(addr.version) is None:
-                    self.warn(here, f"listen address {addr} is unused: this forward has no"
-                                    f" ipv{addr.version} guest address")
+                    self.warn(at + (i,), f"listen address {addr} is unused by {fwd.where.path}"
+                                         f" ({fwd.label}): it has no ipv{addr.version} guest"
+                                         " address")
             for family in (4, 6):
                 if fwd.target(family) is None:
                     continue
                 if pf.listen and not any(isinstance(a, str) or a.version == family
                                          for a in pf.listen):
-                    self.warn(here, f"no IPv{family} listen address: the ipv{family} guest address"
-                                    " is not forwarded")
+                    self.warn(at, f"no IPv{family} listen address: the ipv{family} guest address"
+                                  f" of {fwd.where.path} ({fwd.label}) is not forwarded")
                 elif pf.sources and not any(n.version == family for n in pf.sources):
                     self.warn(here, f"from lists no IPv{family} network: no IPv{family} source"
                                     " may use this forward")
@@ -728,20 +826,26 @@ def _describe(value: Any) -> str:
              list: "a list", dict: "a table"}
     if isinstance(value, (list, dict)):
         return names[type(value)]
-    shown = _int_text(value) if isinstance(value, int) else repr(value)
+    if isinstance(value, bool):
+        shown = "true" if value else "false"  # as TOML writes it
+    else:
+        shown = _int_text(value) if isinstance(value, int) else repr(value)
     return f"{names.get(type(value), type(value).__name__)} ({shown})"
 
 
-def _port_text(value: int) -> str:
-    """A port number as text for portspec (PortSpecError if absurdly large)."""
-    if value.bit_length() > 64:
-        raise portspec.PortSpecError(f"port {_int_text(value)} not in 1..65535")
+def _port_text(value: int, written: str) -> str:
+    """A port number as text for portspec; PortSpecError naming it as ``written`` (its
+    TOML literal) when it is no port."""
+    if not 1 <= value <= 65535:
+        raise portspec.PortSpecError(f"port {written} not in 1..65535")
     return str(value)
 
 
 def _int_text(value: int) -> str:
-    """An integer as text; one too long for Python to print in decimal (a TOML hex,
-    octal or binary literal may be) as the start of its hex form."""
-    if value.bit_length() <= 64:
-        return str(value)
-    return f"{hex(value)[:18]}…"
+    """An integer as text: in decimal, a long one cut (Python prints no more than
+    4300 digits; TOML's hex, octal and binary literals may be longer)."""
+    try:
+        text = str(value)
+    except ValueError:
+        return "a number of more than 4300 digits"
+    return text if len(text) <= 50 else f"{text[:20]}… ({len(text.lstrip('-'))} digits)"

@@ -104,16 +104,31 @@ def group_conflicts(pairs: Sequence[Tuple[Claim, Claim]]) -> List[Tuple[Claim, L
 
 def crowd_message(claims: Sequence[Claim], where: str, label: str,
                   others: Sequence[Tuple[str, str, str]]) -> str:
-    """The text of three or more ``claims`` of one port: the message is located at
-    the one of ``label``; ``others``: (location, key path, label) of the rest."""
+    """The text of three or more ``claims`` of one port: ``claims[0]`` the earliest,
+    which every later one overlaps, ``claims[1]`` the one of ``label`` the message
+    is located at; ``others``: (location, key path, label) of ``claims[0]`` and
+    ``claims[2:]``. Names the ports that collide, and at most a few of the others."""
+    from .suggest import some
+
     low, high = max(c.first for c in claims), min(c.last for c in claims)
-    if low > high:  # ranges that overlap in a chain: name the first one's ports
-        low, high = claims[0].first, claims[0].last
-    ports = str(low) if low == high else f"{low}-{high}"
-    there = ", ".join(f"at {loc} ({path}) for {other}" for loc, path, other in others)
-    return (f"host port {ports}/{claims[0].proto} on {where} is claimed by {len(claims)}"
-            f" forwards: here for {label}, {there}; give each its own host port or listen"
-            " address")
+    if low <= high:  # one port (or range) every claim holds
+        there = [f"at {loc} ({path}) for {other}" for loc, path, other in others]
+        return (f"host port {_span(low, high)}/{claims[0].proto} on {where} is claimed by"
+                f" {len(claims)} forwards: here for {label}, {some(there)}; give each its own"
+                " host port or listen address")
+    first = claims[0]
+    loc, path, other = others[0]
+    rest = [f"{_span(max(c.first, first.first), min(c.last, first.last))} at {loc2} ({path2})"
+            f" for {other2}" for c, (loc2, path2, other2) in zip(claims[2:], others[1:])]
+    here = claims[1]
+    return (f"host ports {_span(first.first, first.last)}/{first.proto} on {where} of {other} at"
+            f" {loc} ({path}) are claimed again by {len(claims) - 1} forwards: here"
+            f" {_span(max(here.first, first.first), min(here.last, first.last))} for {label},"
+            f" {some(rest)}; give each its own host ports or listen address")
+
+
+def _span(low: int, high: int) -> str:
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def claimed_where(first: Claim, second: Claim) -> str:

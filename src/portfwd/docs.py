@@ -317,6 +317,7 @@ def config_page() -> str:
 # -- bash completion ---------------------------------------------------------------
 
 _FILE_WORDS = ("PATH", "FILE", "JSON", "CONFIG", "OUTPUT")
+GUEST = "GUEST"  # a positional completed with guest names
 
 
 def _value_completion(action: argparse.Action) -> str:
@@ -346,6 +347,8 @@ def _case_body(command: Command) -> List[str]:
     words = " ".join(c.path[-1] for c in command.children)
     if command.children:
         body.append(f"words={shlex.quote(words)}")
+    elif command.positionals and command.positionals[0].metavar == GUEST:
+        body.append("guests=1")  # the configured guests' names, from `show --names`
     elif command.positionals:
         values = _value_completion(command.positionals[0]) or "-f"
         body.append(f"values={shlex.quote(values)}")
@@ -353,7 +356,8 @@ def _case_body(command: Command) -> List[str]:
 
 
 def bash_completion(parser: argparse.ArgumentParser) -> str:
-    """A bash completion script: subcommands, their options, and file or choice values."""
+    """A bash completion script: subcommands, their options, and file, choice or guest
+    values (the guests that ``show --names`` lists, with the line's -c)."""
     top = Command((parser.prog,), parser, "")
     func = "_" + re.sub(r"\W", "_", parser.prog)
     nodes = list(top.walk())
@@ -362,9 +366,10 @@ def bash_completion(parser: argparse.ArgumentParser) -> str:
              " `python3 -m portfwd.docs bash-completion`: do not edit",
              f"{func}()", "{",
              "    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}",
-             "    local cmd='' opts='' words='' values='' i",
+             "    local cmd='' opts='' words='' values='' guests='' config=() i",
              "    COMPREPLY=()",
              "    for ((i = 1; i < COMP_CWORD; i++)); do",
+             "        case ${COMP_WORDS[i-1]} in -c|--config) config=(-c \"${COMP_WORDS[i]}\") ;; esac",
              "        case ${cmd:+$cmd }${COMP_WORDS[i]} in"]
     commands = [path for path in by_path if path]
     if commands:
@@ -378,6 +383,9 @@ def bash_completion(parser: argparse.ArgumentParser) -> str:
     lines += ["    esac",
               '    if [[ $cur == -* ]]; then',
               '        COMPREPLY=($(compgen -W "$opts" -- "$cur"))',
+              "    elif [[ -n $guests ]]; then",
+              f'        COMPREPLY=($(compgen -W "$("${{COMP_WORDS[0]}}" "${{config[@]}}" show --names'
+              f' 2>/dev/null)" -- "$cur"))',
               "    elif [[ -n $words ]]; then",
               '        COMPREPLY=($(compgen -W "$words" -- "$cur"))',
               "    elif [[ -n $values ]]; then",

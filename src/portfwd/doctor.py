@@ -5,8 +5,9 @@ links, neighbours, the domain XML, the live rule set, listening sockets): no I/O
 so each layer can be tested by breaking exactly that layer. The walk follows the
 packet: whether libvirt may run the hooks at all (AppArmor), host forwarding and
 IPv6, then per guest: running, bridge, tap, MAC, IPv6 on the bridge, address,
-neighbour, table, filter, listener, hairpin. It stops at the first broken layer,
-which it names with its fix.
+neighbour, table, filter, listener, hairpin, and whether the guest's service
+accepts a connection. It stops at the first broken layer, which it names with its
+fix.
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ EXIT_BROKEN = 5  # a layer failed (cli.py's codes 0-4 mean other things)
 class Check:
     """One layer's verdict: ``ok``, what was seen (``detail``) and, if not ok, ``fix``."""
 
-    __slots__ = ("layer", "ok", "detail", "fix", "guest")
+    __slots__ = ("layer", "ok", "detail", "fix", "guest", "skipped")
 
     def __init__(self, layer: str, ok: bool, detail: str, fix: str = "",
-                 guest: Optional[str] = None) -> None:
+                 guest: Optional[str] = None, skipped: bool = False) -> None:
         self.layer = layer
         self.ok = ok
         self.detail = detail
         self.fix = fix
         self.guest = guest
+        self.skipped = skipped  # not broken, but not checked either: ``detail`` says why
 
     def to_json(self) -> Dict[str, object]:
         return {"layer": self.layer, "guest": self.guest, "ok": self.ok, "detail": self.detail,
-                "fix": self.fix}
+                "fix": self.fix, "skipped": self.skipped}
 
 
 class ForwardFacts:
@@ -90,14 +92,15 @@ class GuestFacts:
     """Everything doctor knows about one guest with forwards."""
 
     __slots__ = ("name", "running", "running_from", "nics", "links", "bridge_ipv6_off",
-                 "forwards", "neighbours", "blocked", "listeners", "macs_on_bridge")
+                 "forwards", "neighbours", "blocked", "listeners", "macs_on_bridge", "services")
 
     def __init__(self, name: str, running: Optional[bool], running_from: str = "libvirt",
                  nics: Sequence[Nic] = (), links: Optional[Dict[str, Optional[Link]]] = None,
                  bridge_ipv6_off: Optional[Dict[str, str]] = None,
                  forwards: Sequence[ForwardFacts] = (), neighbours: Optional[Dict[str, str]] = None,
                  blocked: Sequence[str] = (), listeners: Sequence[str] = (),
-                 macs_on_bridge: Optional[Dict[Tuple[str, str], List[str]]] = None) -> None:
+                 macs_on_bridge: Optional[Dict[Tuple[str, str], List[str]]] = None,
+                 services: Optional[Dict[Tuple[str, int], str]] = None) -> None:
         self.name = name
         self.running = running  # None: could not be told
         self.running_from = running_from  # where that came from
@@ -109,6 +112,8 @@ class GuestFacts:
         self.blocked = list(blocked)  # what drops forwarded traffic, table and chain named
         self.listeners = list(listeners)  # host sockets on a forwarded port
         self.macs_on_bridge = macs_on_bridge or {}  # (bridge, mac) → running guests with it
+        # (address, port) → what a TCP connection from the host got: open, refused, timeout…
+        self.services = services or {}
 
 
 # -- host layers ----------------------------------------------------------------
@@ -267,7 +272,8 @@ def _addresses(g: GuestFacts) -> Check:
     return Check("address", True, ", ".join(found))
 
 
-GOOD_NEIGHBOUR = ("REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP")
+# states after doctor asked again (PROBE: still no answer)
+GOOD_NEIGHBOUR = ("REACHABLE", "STALE", "DELAY", "PERMANENT", "NOARP")
 
 
 def _neighbours(g: GuestFacts) -> Check:
@@ -276,7 +282,8 @@ def _neighbours(g: GuestFacts) -> Check:
         if state.split(",")[0] not in GOOD_NEIGHBOUR:
             seen = f"neighbour entry {state}" if state else "no neighbour entry"
             return Check("neighbour", False,
-                         f"{address} does not answer on the bridge ({seen}): the guest is down,"
+                         f"guest {address} does not answer on the bridge (asked again; {seen}):"
+                         " the guest is down,"
                          " has another address, or its network inside is not up",
                          f"check the guest's address (virsh console {g.name}; ip addr), or the"
                          " address in forward.toml / its DHCP lease")
@@ -352,13 +359,37 @@ def _hairpin(g: GuestFacts, host: HostFacts) -> Check:
     return Check("hairpin", True, "br_netfilter on, hairpin mode on")
 
 
+def _service(g: GuestFacts) -> Check:
+    """Whether the guest itself accepts a connection to each TCP forward's port."""
+    for (address, port), got in sorted(g.services.items()):
+        if got == "refused":
+            return Check("service", False, f"nothing listens on port {port} in the guest"
+                         f" {address} (connection refused)",
+                         f"start the service in {g.name}, or make it listen on {address}"
+                         " (not only on 127.0.0.1), or fix the guest port in forward.toml")
+        if got != "open":
+            why = "no answer within the time limit" if got == "timeout" else got
+            return Check("service", False, f"guest {address} does not answer on port {port}"
+                         f" ({why}): the guest's network is down, or its firewall drops the"
+                         " connection", f"look inside the guest (virsh console {g.name}):"
+                         f" ip link, and its firewall for port {port}")
+    udp = sorted({f"{t.guest_ports}/{t.proto}" for t in g.forwards if t.proto != "tcp"})
+    unprobed = (f"{', '.join(udp)} not probed: {'only ' if not g.services else ''}TCP answers"
+                " a connection; a UDP service may stay silent") if udp else ""
+    if not g.services:
+        return Check("service", True, unprobed, skipped=True)
+    opened = ", ".join(f"{a}:{p}" if ":" not in a else f"[{a}]:{p}" for a, p in sorted(g.services))
+    return Check("service", True, f"{opened}/tcp accept connections from the host"
+                 + (f"; {unprobed}" if unprobed else ""))
+
+
 def guest_checks(g: GuestFacts, host: HostFacts) -> List[Check]:
     """The guest's layers in the packet's order, up to and including the first failure."""
     out: List[Check] = []
     steps: List[Callable[[], List[Check]]] = [
         lambda: [_running(g)], lambda: _bridges(g), lambda: [_addresses(g)],
         lambda: [_neighbours(g)], lambda: [_table(g)], lambda: [_filter(g)],
-        lambda: [_listeners(g)], lambda: [_hairpin(g, host)]]
+        lambda: [_listeners(g)], lambda: [_hairpin(g, host)], lambda: [_service(g)]]
     for step in steps:
         for check in step():
             check.guest = g.name
@@ -387,7 +418,8 @@ def render(checks: Sequence[Check]) -> List[str]:
     lines = []
     for c in checks:
         who = f"{c.guest}: " if c.guest else ""
-        lines.append(f"{'ok  ' if c.ok else 'FAIL'} {who}{c.layer}: {c.detail}")
+        mark = "skip" if c.skipped else "ok  " if c.ok else "FAIL"
+        lines.append(f"{mark} {who}{c.layer}: {c.detail}")
         if not c.ok and c.fix:
             lines.append(f"     fix: {c.fix}")
     return lines

@@ -8,21 +8,21 @@ The running guests come from libvirt, asked in a thread that doctor stops
 waiting for after ``LIBVIRT_TIMEOUT`` seconds (a hung libvirtd must not hang the
 command that diagnoses it), else from libvirt's status files (``status_dir``:
 ``/run/libvirt/qemu/NAME.xml``, which holds the live domain XML). The only packet
-doctor sends is one empty UDP datagram to port 9 of a guest address the host has
-no neighbour entry for, so that the kernel asks who has it.
+doctor sends are neighbour probes (an ARP request or neighbour solicitation: a
+cached entry may be stale) and one TCP connection to the guest's address and
+port of each TCP forward, bounded by ``CONNECT_WAIT`` seconds.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from . import (apparmor, compat, domainxml, hookchain, hostnet, installpaths, libvirtapi,
-               listening, plan, proc)
+from . import (apparmor, compat, domainxml, evidence, hookchain, hostnet, installpaths,
+               libvirtapi, listening, plan, proc)
 from .constants import MARK
 from .doctor import (Check, Confinement, ForwardFacts, GuestFacts, HostFacts, Packet,
                      chain_verdict)
@@ -36,6 +36,7 @@ from .values import Reason
 
 LIBVIRT_TIMEOUT = 10.0
 NEIGHBOUR_WAIT = 2.0
+CONNECT_WAIT = 1.5
 
 
 APPARMOR_ENABLED = "/sys/module/apparmor/parameters/enabled"
@@ -102,46 +103,85 @@ def domains_from_libvirt(uri: str, timeout: float = LIBVIRT_TIMEOUT
     return None, f"libvirt at {uri} did not answer within {timeout:g} s"
 
 
+def running_domains(uri: str, status_dir: Optional[str] = None
+                    ) -> Tuple[Optional[Dict[str, bytes]], str]:
+    """Name → live domain XML of every running domain and where that came from: the
+    status files in ``status_dir`` when given, else libvirt (bounded wait), else
+    libvirt's status files; None when none of them could tell."""
+    if status_dir is not None:
+        return domainxml.status_files(status_dir), f"status files in {status_dir}"
+    domains, source = domains_from_libvirt(uri)
+    if domains is None:
+        fallback = domainxml.status_dir()
+        domains = domainxml.status_files(fallback)
+        source = f"{source}; {'from' if domains is not None else 'no'} status files in" \
+                 f" {fallback}"
+    return domains, source
+
+
+def running_names(domains: Dict[str, bytes]) -> Set[str]:
+    """The names and (lower-case) UUIDs of ``domains``."""
+    out = set(domains)
+    for xml in domains.values():
+        uuid = domainxml.parse(xml).uuid
+        if uuid:
+            out.add(uuid.lower())
+    return out
+
+
 # -- neighbours, sockets ------------------------------------------------------------
 
 def neighbour_state(address: str, dev: Optional[str]) -> str:
     """The neighbour entry's state of ``address`` ("" when there is none)."""
-    argv = ["ip", "-j", "neigh", "show", "to", address] + (["dev", dev] if dev else [])
-    # ip prints interface names as the kernel holds them: bytes, maybe not UTF-8 (proc.run
-    # keeps them with surrogateescape)
-    try:
-        r = proc.run(argv, 10.0, package="iproute2")
-    except HostError:
-        return ""
-    try:
-        entries = json.loads(r.stdout or "[]")
-    except ValueError:
-        return ""
-    for entry in entries:
-        if entry.get("dst") == address:
-            return ",".join(str(s) for s in entry.get("state", [])) or "NOARP"
+    for interface, dst, _, state in evidence.read_neighbours():
+        if dst == address and (dev is None or interface == dev):
+            return evidence.state_name(state)
     return ""
 
 
 def neighbour(address: str, dev: Optional[str], wait: float = NEIGHBOUR_WAIT) -> str:
-    """The neighbour state of ``address``; with no entry, one empty datagram to its
-    port 9 makes the kernel ask, and the answer is awaited up to ``wait`` seconds."""
+    """The neighbour state of ``address`` after asking it again: an entry is put into
+    PROBE (a REACHABLE one may be a second old news), none is solicited; the answer
+    is awaited up to ``wait`` seconds. What the cache says without ``dev``."""
     state = neighbour_state(address, dev)
-    if state:
+    if dev is None or state in ("PERMANENT", "NOARP"):
         return state
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.sendto(b"", (address, 9))
-    except OSError:
-        return ""
+    if not (state and evidence.solicit(address, dev, recheck=True)):
+        evidence.solicit(address, dev)
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
+    while True:
         state = neighbour_state(address, dev)
-        if state and not state.startswith("INCOMPLETE"):
+        if state in ("REACHABLE", "FAILED") or time.monotonic() >= deadline:
             return state
-    return state
+        time.sleep(0.05)
+
+
+def connect(address: str, port: int, wait: float = CONNECT_WAIT) -> str:
+    """One TCP connection from the host to the guest's ``address:port``, at most
+    ``wait`` seconds: "open", "refused", "timeout", or what the kernel said."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(wait)
+        try:
+            s.connect((address, port))
+        except ConnectionRefusedError:
+            return "refused"
+        except socket.timeout:
+            return "timeout"
+        except OSError as e:
+            return e.strerror or str(e)
+    return "open"
+
+
+def services(forwards: Sequence[ForwardFacts]) -> Dict[Tuple[str, int], str]:
+    """(guest address, first guest port) → what a connection to it got, per TCP forward."""
+    out: Dict[Tuple[str, int], str] = {}
+    for f in forwards:
+        if f.proto == "tcp" and f.address is not None:
+            key = (f.address, int(f.guest_ports.partition("-")[0]))
+            if key not in out:
+                out[key] = connect(*key)
+    return out
 
 
 def listeners(forwards: Sequence[ForwardFacts]) -> List[str]:
@@ -266,11 +306,13 @@ def gather(engine: Engine, config: Optional[Config], names: Iterable[str],
                 wanted[t.family].add(bridge_of[t.address])
         blocked = compat.blockers(fw, wanted) + own_drops(engine, forwards, bridge_of, table)
         neighbours = {}
+        answers: Dict[Tuple[str, int], str] = {}
         if running:
             for address in sorted(bridge_of):
                 neighbours[address] = neighbour(address, bridge_of[address] or None)
+            answers = services(forwards)
         out.append(GuestFacts(name, running, domains_from, nics, links, ipv6_off, forwards,
-                              neighbours, blocked, listeners(forwards), macs))
+                              neighbours, blocked, listeners(forwards), macs, answers))
     return out
 
 
@@ -290,14 +332,10 @@ def diagnose(config_path: str, guest: Optional[str], uri: str,
         for line in e.lines:
             log.warning(line)
         log.warning("configuration invalid: looking at the applied forwards only")
-    if status_dir is not None:
-        domains, source = domainxml.status_files(status_dir), f"status files in {status_dir}"
-    else:
-        domains, source = domains_from_libvirt(uri)
-        if domains is None:
-            fallback = domainxml.status_dir()
-            domains = domainxml.status_files(fallback)
-            source = f"{source}; from status files in {fallback}"
+    domains, source = running_domains(uri, status_dir)
     engine = Engine(config_path)
     names = [guest] if guest else guest_names(config, engine)
+    if not names:
+        return [doctor.Check("forwards", True, f"no forwards configured in {config_path} and"
+                             " none applied: nothing to check", skipped=True)]
     return doctor.walk(host_facts(), gather(engine, config, names, domains, source))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Sequence
+    from typing import Dict, Optional, Sequence, Union
 
 
 class PortfwdError(Exception):
@@ -25,3 +25,24 @@ class HostError(PortfwdError):
 
 class BugError(PortfwdError):
     """An internal inconsistency: a bug in portfwd."""
+
+
+def diagnostic(line: str, path: str) -> Dict[str, Union[str, int, None]]:
+    """One error or warning line about the file ``path`` (``PATH:LINE:COL: [warning: ]
+    message; hint``) as ``{file, line, column, message, hint}``; line and column are
+    None when the line names no position, hint is "" when it gives none."""
+    import re
+
+    file: Optional[str] = None
+    row = col = None
+    rest = line
+    if line.startswith(path + ":"):
+        file, rest = path, line[len(path) + 1:]
+        m = re.match(r"(\d+):(\d+): ", rest)
+        if m:
+            row, col, rest = int(m.group(1)), int(m.group(2)), rest[m.end():]
+        rest = rest.lstrip()
+    if rest.startswith("warning: "):
+        rest = rest[len("warning: "):]
+    message, _, hint = rest.partition("; ")
+    return {"file": file, "line": row, "column": col, "message": message, "hint": hint}

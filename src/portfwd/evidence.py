@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 NUD_INCOMPLETE, NUD_REACHABLE, NUD_STALE, NUD_DELAY = 0x01, 0x02, 0x04, 0x08
 NUD_PROBE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x10, 0x20, 0x40, 0x80
 USABLE = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT | NUD_NOARP
+STATE_NAMES = ((NUD_INCOMPLETE, "INCOMPLETE"), (NUD_REACHABLE, "REACHABLE"), (NUD_STALE, "STALE"),
+               (NUD_DELAY, "DELAY"), (NUD_PROBE, "PROBE"), (NUD_FAILED, "FAILED"),
+               (NUD_NOARP, "NOARP"), (NUD_PERMANENT, "PERMANENT"))
 NTF_USE = 0x01
 RTM_NEWNEIGH, RTM_GETNEIGH = 28, 30
 NDA_DST, NDA_LLADDR, NDA_MASTER = 1, 2, 9
@@ -175,6 +178,12 @@ def read_neighbours() -> List[Neighbour]:
     return out
 
 
+def state_name(state: int) -> str:
+    """``REACHABLE``, ``FAILED``, ... as ``ip neigh`` names a NUD state ("NONE": 0)."""
+    names = [name for bit, name in STATE_NAMES if state & bit]
+    return ",".join(names) or "NONE"
+
+
 def read_fdb() -> List[FdbEntry]:
     """(bridge, port, MAC, state) of every entry of every Linux bridge's FDB (entries
     a port device keeps of its own, without a bridge, are left out)."""
@@ -193,11 +202,13 @@ def read_fdb() -> List[FdbEntry]:
     return out
 
 
-def solicit(address: str, interface: str) -> bool:
+def solicit(address: str, interface: str, recheck: bool = False) -> bool:
     """Ask the kernel to resolve ``address`` on ``interface`` now, as a packet to it
     would (an ARP request or neighbour solicitation; from a stale entry, a unicast
     probe after the kernel's delay): the answer makes both pieces of evidence if the
-    NIC is there. Waits for nothing; False if the kernel refused."""
+    NIC is there. ``recheck``: put an existing entry into PROBE, so that even one
+    that says REACHABLE is asked again at once (no entry: False). Waits for nothing;
+    False if the kernel refused."""
     import struct
     from _socket import AF_INET, AF_INET6, if_nametoindex, inet_pton
 
@@ -207,9 +218,11 @@ def solicit(address: str, interface: str) -> bool:
     try:
         dst = inet_pton(family, address)
         ifindex = if_nametoindex(interface)
-        request = (struct.pack("=BBHiHBB", family, 0, 0, ifindex, 0, NTF_USE, 0)
+        state, flags = (NUD_PROBE, 0) if recheck else (0, NTF_USE)
+        request = (struct.pack("=BBHiHBB", family, 0, 0, ifindex, state, flags, 0)
                    + struct.pack("=HH", 4 + len(dst), NDA_DST) + dst)
-        return netlink(RTM_NEWNEIGH, NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, request)[1] == 0
+        create = 0 if recheck else NLM_F_CREATE
+        return netlink(RTM_NEWNEIGH, NLM_F_ACK | create | NLM_F_REPLACE, request)[1] == 0
     except OSError:
         return False
 

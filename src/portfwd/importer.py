@@ -197,6 +197,13 @@ class _Reader:
         self.i += 1
         return c
 
+    def trailing_comma(self, closing: str) -> None:
+        """A ``,`` right before ``closing``: JSON allows none there (JavaScript does)."""
+        comma = self.s.rindex(",", 0, self.i)
+        line = self.s.count("\n", 0, comma) + 1
+        raise _SyntaxError(comma, f"trailing comma after line {line}: JSON allows no ',' before"
+                                  f" '{closing}'; remove it")
+
     def object(self, path: Path, depth: int) -> Dict[str, Any]:
         self.i += 1
         out: Dict[str, Any] = {}
@@ -206,6 +213,8 @@ class _Reader:
             return out
         while True:
             self.space()
+            if self.s[self.i:self.i + 1] == "}":
+                self.trailing_comma("}")
             if self.s[self.i:self.i + 1] != '"':
                 raise _SyntaxError(self.i, "expected a key in double quotes")
             key_at = self.i
@@ -224,6 +233,9 @@ class _Reader:
             self.i += 1
             return out
         while True:
+            self.space()
+            if self.s[self.i:self.i + 1] == "]":
+                self.trailing_comma("]")
             out.append(self.value(path + (len(out),), depth + 1))
             if self.expect(",]", "',' or ']'") == "]":
                 return out
@@ -325,6 +337,10 @@ class _Converter:
         self.warnings.append(f"{self.where(path)}: warning: {pointer(path)}: {message}")
 
     def run(self) -> Result:
+        if self.text.startswith("\ufeff"):
+            from .config import byte_order_mark
+
+            return Result("", [byte_order_mark(self.source, "JSON")])
         try:
             data = _Reader(strip_comments(self.text))
             doc = data.document()
@@ -475,7 +491,9 @@ class _Converter:
                        " anything); remove it", key)
             return None
         if proto not in PROTOCOLS:
-            self.error(path, f"unknown protocol {shown(proto)}; use tcp, udp or sctp", key)
+            lower = (f" (lower case: {shown(proto.lower())})"
+                     if isinstance(proto, str) and proto.lower() in PROTOCOLS else "")
+            self.error(path, f"unknown protocol {shown(proto)}; use tcp, udp or sctp{lower}", key)
             return None
         return str(proto)
 
@@ -573,8 +591,11 @@ _LEADING = re.compile(r"\A<converted>:\d+:\d+: " + _ENTRY)
 _AT = re.compile(r"<converted>:\d+:\d+ \(" + _ENTRY + r"\)")
 
 
-def retire_steps(guests: List[str], output: Optional[str], hooks_json: str) -> List[str]:
-    """How to move from the old hook to portfwd without a moment without forwards.
+def retire_steps(guests: List[str], output: Optional[str], hooks_json: str,
+                 packaged: bool = False) -> List[str]:
+    """How to move from the old hook to portfwd without a moment without forwards;
+    ``packaged``: the Debian package installed portfwd (its hooks and units are in
+    place, and its /etc/portfwd/forward.toml exists).
 
     Why this order: portfwd's nat chain (priority dstnat - 5) sees a new
     connection before iptables' nat PREROUTING (dstnat), and the first nat
@@ -586,17 +607,38 @@ def retire_steps(guests: List[str], output: Optional[str], hooks_json: str) -> L
     reads hooks.json beside itself, removes them. Established connections keep
     their conntrack binding when rules go.
     """
-    config = output or "/etc/portfwd/forward.toml"
+    default = "/etc/portfwd/forward.toml"
     hooks = "/etc/libvirt/hooks"
     old = f"{hooks}/qemu.libvirt-hook-qemu.disabled"
     names = " ".join(_shell_word(g) for g in guests) or "GUEST..."
-    check = "portfwd check" + ("" if config == "/etc/portfwd/forward.toml"
-                               else f" --config {_shell_word(config)}")
-    write = "(done)" if output else f"(portfwd import {_shell_word(hooks_json)} -o {config})"
+    src = _shell_word(hooks_json)
+    if not packaged:
+        config = output or default
+        check = "portfwd check" + ("" if config == default else f" --config {_shell_word(config)}")
+        write = "(done)" if output else f"(portfwd import {src} -o {config})"
+        first = [f"  1. write the converted configuration to {config} {write}; {check}",
+                 f"  2. portfwd install   (adds {hooks}/qemu.d/portfwd and the units; leaves"
+                 f" {hooks}/qemu)"]
+    else:  # the package's hooks read /etc/portfwd/forward.toml, which it ships
+        if output in (None, default):
+            write = "(done)" if output else (
+                f"(portfwd import {src} -o {default} --force: it replaces the package's"
+                " example, whose forwards are commented out; merge by hand instead if you"
+                " added forwards there)")
+        else:
+            write = f"(cp {_shell_word(str(output))} {default}: the package's hooks read that file)"
+        first = [f"  1. write the converted configuration to {default} {write}",
+                 f"  2. portfwd check     (the Debian package installed {hooks}/qemu.d/portfwd"
+                 " and the units: nothing to install)"]
+    return [_INTRO, *first, *_rest(hooks, old, names)]
+
+
+_INTRO = "to retire libvirt-hook-qemu without a moment without forwards:"
+
+
+def _rest(hooks: str, old: str, names: str) -> List[str]:
+    """Steps 3 to 6, the same for both kinds of install."""
     return [
-        "to retire libvirt-hook-qemu without a moment without forwards:",
-        f"  1. write the converted configuration to {config} {write}; {check}",
-        f"  2. portfwd install   (adds {hooks}/qemu.d/portfwd and the units; leaves {hooks}/qemu)",
         "  3. portfwd sync      (portfwd forwards the running guests now; its nat chain runs"
         " before iptables' PREROUTING and the first DNAT wins, so the old rules, still there,"
         " no longer see new connections)",

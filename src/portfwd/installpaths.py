@@ -10,6 +10,7 @@ are the same files in both: libvirt looks for them in HOOK_DIR alone.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Dict, List, Optional
 
@@ -32,6 +33,32 @@ DEB_UNIT_DIR = "/lib/systemd/system"
 DEB_HOOK_LIB = "/usr/lib/portfwd/hooks"
 # the commented example configuration, beside the README and docs/ (dh_installdocs)
 DEB_EXAMPLE = "/usr/share/doc/portfwd/examples/forward.toml"
+
+
+DPKG_STATUS = "/var/lib/dpkg/status"
+PACKAGE = "portfwd"
+
+
+def packaged(root: str = "/") -> Optional[str]:
+    """Why the Debian package owns portfwd's installation below ``root`` (dpkg's status
+    says it is installed, or its hooks' directory is there), or None."""
+    from .pathwalk import at
+
+    try:
+        with open(at(root, DPKG_STATUS), encoding="utf-8", errors="replace") as f:
+            stanzas = f.read().split("\n\n")
+    except OSError:
+        stanzas = []
+    for stanza in stanzas:
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line
+                      and not line.startswith(" "))
+        status = fields.get("Status", "").split()
+        if fields.get("Package") == PACKAGE and status[-1:] not in (["not-installed"],
+                                                                     ["config-files"]):
+            return f"the Debian package {PACKAGE} is installed (dpkg: {' '.join(status)})"
+    if os.path.isdir(at(root, DEB_HOOK_LIB)):
+        return f"{DEB_HOOK_LIB} exists (the Debian package's hooks)"
+    return None
 
 
 def hook(kind: str) -> str:

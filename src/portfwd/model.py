@@ -69,6 +69,7 @@ class PortForward:
     sources: Tuple[IPNetwork, ...]  # empty: any source
     where: Where
     localhost: bool = False  # also 127.0.0.1 (IPv4)
+    listen_at: Optional[str] = None  # the key path listen came from (None: none given)
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,7 @@ class Nft:
         if rc != 0:
             if "No such file or directory" in err:
                 return None
-            raise HostError(f"cannot list {what}: {_first_lines(err)}")
+            raise HostError(f"cannot list {_listed(what)}: {_first_lines(err)}")
         return [o for o in out.get("nftables", []) if "metainfo" not in o]
 
 
@@ -184,3 +184,10 @@ def _first_lines(text: str, limit: int = 200) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     first = lines[0] if lines else "(no message)"
     return first if len(first) <= limit else first[:limit] + "..."
+
+
+def _listed(what: Dict[str, Any]) -> str:
+    """``chains``, ``chain inet portfwd prerouting``: a ``list`` command as nft words."""
+    kind, spec = next(iter(what.items()), ("ruleset", {}))
+    words = [str(spec[k]) for k in ("family", "table", "name") if isinstance(spec, dict) and k in spec]
+    return " ".join([kind] + words)

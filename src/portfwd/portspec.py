@@ -18,19 +18,29 @@ class PortSpecError(ValueError):
     """A port spec is malformed; the message says how to write it."""
 
 
+FORMS = ("accepted forms: \"8080:80\", \"80\", \"5000-5010\", \"8000-8010:9000-9010\", each"
+         " with /tcp, /udp or /sctp, or { host = 8080, guest = 80 }")
+
+
 def _port(text: str, spec: str) -> int:
     if not text.isdigit() or not text.isascii():
-        raise PortSpecError(f"{spec!r}: {text!r} is not a port number"
-                            " (write [HOST[-END]:]GUEST[-END][/tcp|udp|sctp])")
+        raise PortSpecError(f"{spec!r}: {text!r} is not a port number; {FORMS}")
     value = int(text)
     if not 1 <= value <= 65535:
-        raise PortSpecError(f"{spec!r}: port {value} not in 1..65535")
+        raise PortSpecError(f"{spec!r}: port {text} not in 1..65535")
     return value
 
 
 def parse_span(text: str, spec: str) -> Tuple[int, int]:
     """``"80"`` → (80, 80); ``"5000-5010"`` → (5000, 5010)."""
     first, sep, last = text.partition("-")
+    if sep and not first:
+        what = (f"a port is 1 to 65535, not {text}" if last.isdigit() and last.isascii()
+                else f"the range {text!r} has no first port")
+        raise PortSpecError(f"{spec!r}: {what}; {FORMS}")
+    if sep and not last:
+        raise PortSpecError(f"{spec!r}: the range {text!r} has no last port (write"
+                            f" {first}-END, or {first} alone); {FORMS}")
     low = _port(first, spec)
     high = _port(last, spec) if sep else low
     if high < low:
@@ -93,5 +103,6 @@ def parse(spec: str) -> PortRange:
     if not colon:
         guest_text = host_text
     if not host_text or not guest_text:
-        raise PortSpecError(f"{spec!r}: empty port (write [HOST[-END]:]GUEST[-END][/tcp|udp|sctp])")
+        side = "host" if colon and not host_text else "guest"
+        raise PortSpecError(f"{spec!r}: no {side} port; {FORMS}")
     return make_range(proto, parse_span(host_text, spec), parse_span(guest_text, spec), spec)

@@ -24,9 +24,12 @@ if TYPE_CHECKING:
     Live = Dict[str, Dict[Tuple[Any, ...], Tuple[Any, Optional[int], Optional[int]]]]
 
 # the states of a forward; those in BAD make `portfwd status` exit non-zero
-ACTIVE, PENDING, INACTIVE, MISSING, DIFFERS, BLOCKED, STOPPED = (
-    "active", "pending", "inactive", "missing", "differs", "blocked", "guest not running")
-BAD = (MISSING, DIFFERS, BLOCKED)
+ACTIVE, PENDING, INACTIVE, MISSING, DIFFERS, BLOCKED, STOPPED, NOT_APPLIED, UNKNOWN = (
+    "active", "pending", "inactive", "missing", "differs", "blocked", "guest not running",
+    "not applied", "unknown")
+BAD = (MISSING, DIFFERS, BLOCKED, NOT_APPLIED)
+HOOK_NOT_RUN = "its hook has not run: restart libvirtd (once after installing), or run" \
+               " `portfwd sync`"
 
 
 class Report:
@@ -48,10 +51,12 @@ class Report:
         return not any(r["state"] in BAD for r in self.rows)
 
 
-def report(engine: Engine, config: Optional[Config]) -> Report:
+def report(engine: Engine, config: Optional[Config], running: Optional[Set[str]] = None,
+           running_from: str = "", guests: Sequence[str] = ()) -> Report:
     """Read the records, the tables they name and the firewall (the caller holds the
-    lock) and compare them."""
-    states = engine.all_states()
+    lock) and compare them; ``running``: the names and UUIDs of the running guests
+    (None: unknown, because of ``running_from``); ``guests``: only these."""
+    states = [st for st in engine.all_states() if not guests or st.guest in guests]
     live = {table: live_elements(engine.nft.list_table(table) or [])
             for table in sorted({st.table for st in states})}
     fw = compat.read(engine.nft)
@@ -62,23 +67,28 @@ def report(engine: Engine, config: Optional[Config]) -> Report:
         bridge = engine.routes.interface_for(b.address)
         return blockers.get((b.family, bridge), []) if bridge else []
 
-    rows = rows_of(states, live, config, blocked_by)
+    rows = rows_of(states, live, config, blocked_by, running, running_from)
+    if guests:
+        rows = [r for r in rows if r["guest"] in guests]
     warnings = [f"guest {st.guest}: {w}" for st in states for w in st.warnings]
     return Report(rows, warnings, compat.seen(fw, wanted), compat.blockers(fw, wanted))
 
 
 def rows_of(states: Sequence[GuestState], live: Dict[str, Live], config: Optional[Config],
-            blocked_by: Callable[[Binding], List[str]] = lambda b: []) -> List[Row]:
+            blocked_by: Callable[[Binding], List[str]] = lambda b: [],
+            running: Optional[Set[str]] = None, running_from: str = "") -> List[Row]:
     """Every recorded binding with its state in the kernel, the bindings waiting for
-    an address, and the configured forwards of guests that are not running; the
-    bindings of one forward that differ only in their source network share a row.
-    ``blocked_by(binding)``: the firewall lines that drop its traffic."""
+    an address, and the configured forwards nothing recorded: of a guest that is not
+    running, that runs (its hook has not run), or of which that is unknown (``running``
+    is None, because of ``running_from``); the bindings of one forward that differ
+    only in their source network share a row. ``blocked_by(binding)``: the firewall
+    lines that drop its traffic."""
     rows: List[Row] = []
-    running: Set[str] = set()
+    recorded: Set[str] = set()
     for st in states:
-        running.add(st.guest)
+        recorded.add(st.guest)
         if st.uuid:
-            running.add(st.uuid)
+            recorded.add(st.uuid)
         maps = live.get(st.table, {})
         for b in st.bindings:
             state, reason, packets, octets = live_state(b, maps)
@@ -92,11 +102,24 @@ def rows_of(states: Sequence[GuestState], live: Dict[str, Live], config: Optiona
             rows.append(row(b, INACTIVE if why.cause == Reason.INACTIVE else PENDING, why.text))
     if config is not None:
         for fwd in config.forwards:
-            if fwd.guest in running or fwd.uuid in running:
+            if fwd.guest in recorded or fwd.uuid in recorded:
                 continue
+            runs = running is not None and (fwd.guest in running
+                                            or (fwd.uuid or "").lower() in running)
+            state, reason = _unrecorded(runs, running is None, running_from)
             for b in plan.forwards_bindings([fwd], fwd.label):
-                rows.append(row(b, STOPPED))
+                rows.append(row(b, state, reason))
     return merge_sources(rows)
+
+
+def _unrecorded(runs: bool, unknown: bool, running_from: str) -> Tuple[str, str]:
+    """The state and reason of a configured forward that nothing records."""
+    if unknown:
+        return UNKNOWN, (f"not applied: guest stopped, or {HOOK_NOT_RUN} (cannot tell"
+                         f" whether it runs: {running_from})")
+    if runs:
+        return NOT_APPLIED, f"the guest runs, but {HOOK_NOT_RUN}"
+    return STOPPED, ""
 
 
 def row(b: Binding, state: str, reason: str = "", address_from: str = "",
@@ -215,9 +238,12 @@ def _normalise(key: Any, kind: str, family: int) -> Tuple[Any, ...]:
     return tuple(norm)
 
 
-def table_lines(rows: Sequence[Row]) -> List[str]:
-    """The rows as an aligned text table."""
-    header = ("GUEST", "PROTO", "LISTEN", "TARGET", "FROM", "CONNS", "STATE")
+SHOWN = 5  # the columns of `portfwd show`: GUEST to FROM
+
+
+def table_lines(rows: Sequence[Row], columns: int = 7) -> List[str]:
+    """The rows as an aligned text table, its first ``columns`` columns."""
+    header = ("GUEST", "PROTO", "LISTEN", "TARGET", "FROM", "CONNS", "STATE")[:columns]
     table = [header]
     for r in rows:
         state = r["state"]
@@ -229,7 +255,7 @@ def table_lines(rows: Sequence[Row]) -> List[str]:
             state += f" ({r['address_from']})"
         table.append((r["guest"], r["proto"], r["listen"], "-> " + r["target"],
                       ",".join(r["sources"]) or "*",
-                      "-" if r["connections"] is None else str(r["connections"]), state))
+                      "-" if r["connections"] is None else str(r["connections"]), state)[:columns])
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
 
