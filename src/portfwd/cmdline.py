@@ -91,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
         prog="portfwd", description="Port forwarding for libvirt guests through one nftables table.",
         epilog="exit codes: 0 ok, 1 invalid configuration, 2 bad command line,"
                " 3 the host refused (nftables, libvirt, files), 4 internal error,"
-               " 5 status: a forward is missing, differs or is blocked; doctor: a layer"
+               " 5 status: a forward is missing, differs, blocked or not applied; doctor: a layer"
                " is broken; trace: the probe was not delivered, 130 interrupted (Ctrl-C)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--version", action="version", version=f"portfwd {__version__}")
@@ -181,7 +181,11 @@ def parser() -> argparse.ArgumentParser:
                        description="Keep the table in step with libvirt's guests, their DHCP"
                                    " leases and the configuration: reconnects to libvirtd,"
                                    " applies a valid edit of the configuration within 2 s,"
-                                   " logs an invalid one and keeps the rules.")
+                                   " logs an invalid one and keeps the rules. A lease change"
+                                   " reconciles at most once per --interval. Between reconciles"
+                                   " it puts back portfwd's table and its drop rule for outside"
+                                   " packets to 127.0.0.0/8 when they are gone, and applies a"
+                                   " discovered address once the kernel shows it is its NIC's.")
     p.add_argument("--connect", metavar="URI", default=libvirtapi.DEFAULT_URI,
                    help=f"libvirt connection URI (default: {libvirtapi.DEFAULT_URI})")
     p.add_argument("--interval", type=_interval, default=0.5, metavar="SECONDS",
@@ -192,10 +196,12 @@ def parser() -> argparse.ArgumentParser:
                        description="Rebuild portfwd's table and its accepts in libvirt's chains"
                                    f" from what {state.DEFAULT_RUN_DIR} records, without asking"
                                    " libvirt and without reading the configuration.")
-    p = sub.add_parser("install", help="install the libvirt hook, example config and units",
-                       description="Install the qemu hook, an example configuration (if none"
-                                   " exists) and the systemd units: the set-up of a pip"
-                                   " install. Refuses where the Debian package portfwd is"
+    p = sub.add_parser("install", help="install the hooks, example config, units, link and"
+                                       " manual pages (pip install)",
+                       description="Install the libvirt hooks (qemu and network), an example"
+                                   " configuration (if none exists), the portfwd link, the"
+                                   " systemd units, the manual pages and the bash completion:"
+                                   " the set-up of a pip install. Refuses where the Debian package portfwd is"
                                    " installed (it has done all this), unless --force.")
     p.add_argument("--root", default="/", metavar="DIR", help="install below DIR (default: /)")
     p.add_argument("-c", "--config", metavar="PATH", default=argparse.SUPPRESS,
