@@ -49,15 +49,8 @@ class Request:
         self.protos = list(protos)
 
     def port_specs(self) -> List[str]:
-        """The specs as the ``ports`` key will hold them: a spec without ``/PROTO``
-        once per ``--proto`` given (tcp, written without suffix, by default)."""
-        out: List[str] = []
-        for spec in self.ports:
-            if "/" in spec or not self.protos:
-                out.append(spec)
-            else:
-                out += [spec if p == "tcp" else f"{spec}/{p}" for p in self.protos]
-        return list(dict.fromkeys(out))
+        """The specs as the ``ports`` key will hold them (``--proto``: ``with_protos``)."""
+        return portspec.with_protos(self.ports, self.protos)
 
     def table(self) -> Dict[str, Any]:
         """The new ``[[forward]]`` as data, keys in the order they are written."""

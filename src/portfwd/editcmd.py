@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable, List, Optional
 
-from . import libvirtapi, state, status
+from . import domainforwards, libvirtapi, plan, state, status
 from .configedit import PROTOS, Edit, Request, add, remove
 from .editfile import edit
 from .errors import HostError
@@ -97,6 +97,8 @@ def apply(path: str, name: str, uuid: Optional[str], uri: str) -> List[str]:
         if found is not None:
             guest, resolver = found
             table, _, templates = engine.guest_config(guest.name, guest.uuid)
+            templates += plan.templates(domainforwards.forwards(
+                resolver.forwards, guest.name, guest.uuid, config)[0])
             engine.taps[guest.name] = resolver.taps
             engine.apply_guest(guest.name, guest.uuid, table, bind(templates, guest.name),
                                resolver)

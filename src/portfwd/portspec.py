@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
 from .model import PortRange
 from .constants import PROTOCOLS
@@ -95,3 +95,15 @@ def parse(spec: str) -> PortRange:
     if not host_text or not guest_text:
         raise PortSpecError(f"{spec!r}: empty port (write [HOST[-END]:]GUEST[-END][/tcp|udp|sctp])")
     return make_range(proto, parse_span(host_text, spec), parse_span(guest_text, spec), spec)
+
+
+def with_protos(specs: Sequence[str], protos: Sequence[str]) -> List[str]:
+    """``specs`` with each one written without ``/PROTO`` once per protocol of
+    ``protos`` (none: as written, tcp); duplicates once."""
+    out: List[str] = []
+    for spec in specs:
+        if "/" in spec or not protos:
+            out.append(spec)
+        else:
+            out += [spec if p == "tcp" else f"{spec}/{p}" for p in protos]
+    return list(dict.fromkeys(out))

@@ -63,6 +63,10 @@ def report(engine: Engine, config: Optional[Config]) -> Report:
         return blockers.get((b.family, bridge), []) if bridge else []
 
     rows = rows_of(states, live, config, blocked_by)
+    if config is not None and config.options.domain_forwards:
+        from .domainforwards import refused_rows
+
+        rows += refused_rows(config)
     warnings = [f"guest {st.guest}: {w}" for st in states for w in st.warnings]
     return Report(rows, warnings, compat.seen(fw, wanted), compat.blockers(fw, wanted))
 

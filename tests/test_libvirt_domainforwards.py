@@ -1,0 +1,98 @@
+"""Forwards declared in a domain's <metadata>, with a real libvirtd, its hooks and QEMU:
+applied by the hook at start (from the XML on stdin), gone at stop, a forward outside
+[options] domain_ports refused and shown in status, `virsh metadata` on a running
+guest taken up by `portfwd sync`."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator, List
+
+import pytest
+
+from libvirtlab import LibvirtLab, domain_xml
+from netlab import CLIENT4, HOST4
+from test_libvirt import Servers, elements, portfwd, probe
+
+pytestmark = pytest.mark.kernel
+
+IP = "192.168.122.10"
+NAME, MAC = "pf-meta", "52:54:00:70:66:21"
+CONFIG = '[options]\ndomain_forwards = true\ndomain_ports = ["10000-19999"]\n'
+METADATA = f"""<metadata>
+    <pf:forwards xmlns:pf="urn:portfwd:forwards:1">
+      <pf:forward ports="18080:80" ipv4="{IP}"/>
+      <pf:forward ports="8080:80 5353:53/udp" ipv4="{IP}"/>
+    </pf:forwards>
+  </metadata>
+  """
+DOMAIN = domain_xml(NAME, "default", MAC).replace("<devices>", METADATA + "<devices>", 1)
+
+
+@pytest.fixture(scope="module")
+def mlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtLab]:
+    lab = LibvirtLab(str(tmp_path_factory.mktemp("libvirt")))
+    servers = Servers()
+    try:
+        lab.write_config(CONFIG)
+        lab.ensure_network("default")
+        standin = lab.standin("virbr0", IP, "192.168.122.1")
+        servers.start(standin)
+        path = os.path.join(lab.base, f"{NAME}.xml")
+        with open(path, "w") as f:
+            f.write(DOMAIN)
+        lab.virsh("define", path)
+        lab.domains.append(NAME)
+        yield lab
+    finally:
+        servers.stop()
+        lab.close()
+    assert lab.pids() == {}, "processes left behind"
+
+
+def rows(lab: LibvirtLab) -> List[List[str]]:
+    r = portfwd(lab, "status", "--json")
+    return sorted([row["guest"], row["listen"], row["state"], row["reason"]]
+                  for row in json.loads(r.stdout)["forwards"])
+
+
+def test_a_forward_only_in_the_metadata_follows_the_guest(mlab: LibvirtLab) -> None:
+    assert probe(mlab, "tcp", HOST4, 18080, tries=1) is None
+    mlab.virsh("start", NAME)
+    try:
+        assert probe(mlab, "tcp", HOST4, 18080) == f"tcp 80 {CLIENT4}"
+        assert probe(mlab, "tcp", HOST4, 8080, tries=1) is None  # outside domain_ports
+        assert rows(mlab) == [
+            [NAME, "*:18080", "active", ""],
+            [NAME, "-", "refused", "forward[1].ports[0]: refused: host port(s) 8080-8080/tcp"
+                                   " lie outside [options] domain_ports (10000-19999) of"
+                                   f" {mlab.config}"],
+            [NAME, "-", "refused", "forward[1].ports[1]: refused: host port(s) 5353-5353/udp"
+                                   " lie outside [options] domain_ports (10000-19999) of"
+                                   f" {mlab.config}"]]
+        # sync reads the metadata from libvirt's XML of the running domain: nothing changes
+        r = portfwd(mlab, "sync")
+        assert r.returncode == 0, r.stderr
+        assert probe(mlab, "tcp", HOST4, 18080) == f"tcp 80 {CLIENT4}"
+        # the README's recipe: set the metadata of the running guest, then sync
+        mlab.virsh("metadata", NAME, "--uri", "urn:portfwd:forwards:1", "--key", "pf", "--set",
+                   f'<forwards><forward ports="18081:80" ipv4="{IP}"/></forwards>', "--live",
+                   "--config")
+        r = portfwd(mlab, "sync")
+        assert r.returncode == 0, r.stderr
+        assert probe(mlab, "tcp", HOST4, 18081) == f"tcp 80 {CLIENT4}"
+        assert probe(mlab, "tcp", HOST4, 18080, tries=1) is None
+        mlab.virsh("metadata", NAME, "--uri", "urn:portfwd:forwards:1", "--live", "--config",
+                   "--remove")
+        assert portfwd(mlab, "sync").returncode == 0
+        assert probe(mlab, "tcp", HOST4, 18081, tries=1) is None
+        assert elements(mlab) == 0
+        mlab.virsh("metadata", NAME, "--uri", "urn:portfwd:forwards:1", "--key", "pf", "--set",
+                   f'<forwards><forward ports="18081:80" ipv4="{IP}"/></forwards>', "--live")
+        assert portfwd(mlab, "sync").returncode == 0
+    finally:
+        mlab.virsh("destroy", NAME)
+    assert probe(mlab, "tcp", HOST4, 18081, tries=1) is None
+    assert elements(mlab) == 0
+    assert [row for row in rows(mlab) if row[0] == NAME] == []
