@@ -96,3 +96,33 @@ def test_a_forward_only_in_the_metadata_follows_the_guest(mlab: LibvirtLab) -> N
     assert probe(mlab, "tcp", HOST4, 18081, tries=1) is None
     assert elements(mlab) == 0
     assert [row for row in rows(mlab) if row[0] == NAME] == []
+
+
+def test_add_and_remove_domain_write_the_metadata_through_libvirt(mlab: LibvirtLab) -> None:
+    portfwd(mlab, "remove", "--domain", NAME, "--no-apply")  # whatever an earlier test left
+    r = portfwd(mlab, "add", "--domain", NAME, "19080:80", "--ipv4", IP)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().splitlines()[0] == f"{NAME} <metadata>: forward[0]: added: ports 19080:80"
+    assert r.stdout.decode().splitlines()[-1] == \
+        f"guest {NAME} is not running: its forwards apply when it starts"
+    mlab.virsh("start", NAME)
+    try:
+        assert probe(mlab, "tcp", HOST4, 19080) == f"tcp 80 {CLIENT4}"
+        r = portfwd(mlab, "add", "--domain", NAME, "19082:80", "--ipv4", IP)  # live and config
+        assert r.returncode == 0, r.stderr
+        assert probe(mlab, "tcp", HOST4, 19082) == f"tcp 80 {CLIENT4}"
+        r = portfwd(mlab, "add", "--domain", NAME, "8081:80", "--ipv4", IP)
+        assert (r.returncode, r.stderr.decode().splitlines()) == (1, [
+            f"{NAME} <metadata>: forward[2].ports[0]: refused: host port(s) 8081-8081/tcp lie"
+            f" outside [options] domain_ports (10000-19999) of {mlab.config}",
+            f"{NAME} <metadata>: not changed"])
+        r = portfwd(mlab, "remove", "--domain", NAME, "19082")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode().splitlines()[0] == f"{NAME} <metadata>: forward[1]: removed"
+        assert probe(mlab, "tcp", HOST4, 19082, tries=1) is None
+        assert probe(mlab, "tcp", HOST4, 19080) == f"tcp 80 {CLIENT4}"
+    finally:
+        mlab.virsh("destroy", NAME)
+    persistent = mlab.virsh("dumpxml", "--inactive", NAME).stdout.decode()
+    assert 'ports="19080:80"' in persistent and "19082" not in persistent
+    assert elements(mlab) == 0

@@ -120,9 +120,9 @@ def remove(text: str, path: str, guest: str, uuid: Optional[str],
     if not specs:
         drop = {k: list(range(len(_ports(forwards[k])))) for k in mine}
     for spec in specs:
-        wanted = _parse_spec(spec, path)
+        wanted = parse_spec(spec, path)
         hits = [(k, j) for k in mine for j, item in enumerate(_ports(forwards[k]))
-                if _matches(item, wanted, ":" in spec.partition("/")[0])]
+                if matches(item, wanted, ":" in spec.partition("/")[0])]
         if not hits:
             have = ", ".join(_spec_text(p) for k in mine for p in _ports(forwards[k]))
             raise ConfigError([f"{path}: guest {guest} forwards no port {spec}; it forwards"
@@ -301,7 +301,7 @@ def _ports(table: Dict[str, Any]) -> List[Any]:
     return ports if isinstance(ports, list) else []
 
 
-def _parse_spec(spec: str, path: str) -> PortRange:
+def parse_spec(spec: str, path: str) -> PortRange:
     try:
         return portspec.parse(spec)
     except portspec.PortSpecError as e:
@@ -333,7 +333,7 @@ def _spec_text(item: Any) -> str:
     return str(found) if found is not None else "(an invalid port)"
 
 
-def _matches(item: Any, wanted: PortRange, exact: bool) -> bool:
+def matches(item: Any, wanted: PortRange, exact: bool) -> bool:
     """Whether a ``ports`` element is the one asked for: the same range; a spec
     without ``HOST:`` names the host side alone (``8080`` matches ``8080:80``)."""
     have = _range_of(item)

@@ -13,7 +13,7 @@ from .configedit import PROTOS, Edit, Request, add, remove
 from .editfile import edit
 from .errors import HostError
 
-EXIT_OK, EXIT_HOST = 0, 3
+EXIT_OK, EXIT_USAGE, EXIT_HOST = 0, 2, 3
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -27,7 +27,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="[HOST[-END]:]GUEST[-END][/tcp|udp|sctp], as in the ports key")
     p.add_argument("--ipv4", metavar="ADDR", help="the guest's IPv4 address (default: found)")
     p.add_argument("--ipv6", metavar="ADDR", help="the guest's IPv6 address or ::SUFFIX")
-    p.add_argument("--uuid", metavar="UUID", help="name the guest by UUID in the file instead")
+    p.add_argument("--uuid", metavar="UUID", help="name the guest by UUID in the file instead"
+                                                  " (not with --domain)")
     p.add_argument("--from", dest="sources", metavar="CIDR", nargs="+", action="extend",
                    default=[], help="only these source networks may use the forward")
     p.add_argument("--listen", metavar="ADDR", nargs="+", action="extend", default=[],
@@ -45,6 +46,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("ports", metavar="PORTSPEC", nargs="*", help="only these ports")
     p.add_argument("--uuid", metavar="UUID", help="also the [[forward]] tables naming this UUID")
     for p in (add, p):
+        p.add_argument("--domain", action="store_true",
+                       help="edit the forwards in the guest's own <metadata> (through libvirt)"
+                            " instead of the configuration; needs [options] domain_forwards")
         p.add_argument("--no-apply", action="store_true",
                        help="only edit the configuration; apply nothing now")
         p.add_argument("--connect", metavar="URI", default=libvirtapi.DEFAULT_URI,
@@ -52,27 +56,44 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, say: Callable[..., None]) -> int:
-    """Edit the configuration, then apply the guest unless --no-apply."""
+    """Edit the configuration (or with --domain the guest's <metadata>), then apply the
+    guest unless --no-apply."""
     path = state.config_path(args.config)
-    if args.command == "add":
-        request = Request(args.guest, args.ports, args.uuid, args.ipv4, args.ipv6,
-                          args.sources, args.listen, args.proto)
-        done = edit(path, lambda text: add(text, path, request), _text)
-    else:
-        done = edit(path, lambda text: remove(text, path, args.guest, args.uuid, args.ports),
-                    _text)
-    say(*done.changes)
+    if args.domain and args.uuid:
+        say("portfwd: error: --uuid: a domain's own forwards name no guest; leave it out",
+            err=True)
+        return EXIT_USAGE
+    say(*(_edit_domain(args, path) if args.domain else _edit_file(args, path)))
     if args.no_apply:
-        say(f"not applied (--no-apply): portfwd sync, the daemon or the guest's next start"
-            f" apply it")
+        say("not applied (--no-apply): portfwd sync, the daemon or the guest's next start"
+            " apply it")
         return EXIT_OK
     try:
         lines = apply(path, args.guest, args.uuid, args.connect)
     except HostError as e:
-        say(f"{path} was changed, but not applied: {e}", err=True)
+        changed = f"guest {args.guest}'s <metadata>" if args.domain else path
+        say(f"{changed} was changed, but not applied: {e}", err=True)
         return EXIT_HOST
     say(*lines)
     return EXIT_OK
+
+
+def _edit_file(args: argparse.Namespace, path: str) -> List[str]:
+    if args.command == "add":
+        request = Request(args.guest, args.ports, args.uuid, args.ipv4, args.ipv6,
+                          args.sources, args.listen, args.proto)
+        return edit(path, lambda text: add(text, path, request), _text).changes
+    return edit(path, lambda text: remove(text, path, args.guest, args.uuid, args.ports),
+                _text).changes
+
+
+def _edit_domain(args: argparse.Namespace, path: str) -> List[str]:
+    from . import domainedit
+
+    if args.command == "remove":
+        return domainedit.edit(args.connect, path, args.guest, None, args.ports)
+    return domainedit.edit(args.connect, path, args.guest, domainedit.attributes(
+        args.ports, args.proto, args.ipv4, args.ipv6, args.sources, args.listen), ())
 
 
 def _text(done: Edit) -> str:
