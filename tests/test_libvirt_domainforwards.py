@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from typing import Iterator, List
 
 import pytest
@@ -126,3 +129,39 @@ def test_add_and_remove_domain_write_the_metadata_through_libvirt(mlab: LibvirtL
     persistent = mlab.virsh("dumpxml", "--inactive", NAME).stdout.decode()
     assert 'ports="19080:80"' in persistent and "19082" not in persistent
     assert elements(mlab) == 0
+
+
+def test_the_daemon_follows_a_change_of_the_metadata(mlab: LibvirtLab) -> None:
+    env = dict(os.environ, PORTFWD_CONFIG=mlab.config, PORTFWD_RUNDIR=mlab.run_dir)
+    path = os.path.join(mlab.base, "daemon.log")
+    mlab.virsh("start", NAME)
+    try:
+        with open(path, "wb") as log:
+            daemon = subprocess.Popen(mlab.argv(mlab.lab, sys.executable, "-m", "portfwd.cli",
+                                                "daemon"), stdout=log, stderr=log, env=env)
+        try:
+            deadline = time.monotonic() + 30
+            while "synced:" not in read(path):  # its first reconcile, at connecting, is done
+                assert daemon.poll() is None and time.monotonic() < deadline, read(path)
+                time.sleep(0.1)
+            # nothing but libvirt's metadata event tells the daemon now
+            mlab.virsh("metadata", NAME, "--uri", "urn:portfwd:forwards:1", "--key", "pf",
+                       "--set", f'<forwards><forward ports="19090:80" ipv4="{IP}"/></forwards>',
+                       "--live")
+            while probe(mlab, "tcp", HOST4, 19090, tries=1) is None:
+                assert time.monotonic() < deadline + 30, "the daemon did not apply the metadata"
+                time.sleep(0.2)
+            mlab.virsh("metadata", NAME, "--uri", "urn:portfwd:forwards:1", "--live", "--remove")
+            while probe(mlab, "tcp", HOST4, 19090, tries=1) is not None:
+                assert time.monotonic() < deadline + 60, "the daemon kept a removed forward"
+                time.sleep(0.2)
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=30)
+    finally:
+        mlab.virsh("destroy", NAME)
+
+
+def read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
