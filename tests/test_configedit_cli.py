@@ -171,3 +171,19 @@ def test_add_applies_the_running_guest_and_remove_takes_it_away(pf: PortfwdHost)
     assert not pf.targets()
     with open(pf.config) as f:
         assert f.read() == BEFORE + '\n[[forward]]\nguest = "web1"\nports = ["18081:81"]\n'
+
+
+def test_a_file_changed_during_the_edit_is_left_alone(etc: str) -> None:
+    from portfwd.editfile import edit
+    from portfwd.errors import ConfigError
+
+    def meanwhile(text: str) -> str:  # an editor saves while portfwd computes
+        with open(etc, "a") as f:
+            f.write("# saved by hand\n")
+        return text + "# portfwd's edit\n"
+
+    with pytest.raises(ConfigError) as e:
+        edit(etc, meanwhile, lambda new: new)
+    assert e.value.lines == [f"{etc}: changed while portfwd edited it; nothing written: run the"
+                             " command again"]
+    assert read(etc) == BEFORE + "# saved by hand\n"
