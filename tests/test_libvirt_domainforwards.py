@@ -14,7 +14,7 @@ from typing import Iterator, List
 
 import pytest
 
-from libvirtlab import LibvirtLab, domain_xml
+from libvirtlab import LibvirtLab
 from netlab import CLIENT4, HOST4
 from test_libvirt import Servers, elements, portfwd, probe
 
@@ -23,14 +23,12 @@ pytestmark = pytest.mark.kernel
 IP = "192.168.122.10"
 NAME, MAC = "pf-meta", "52:54:00:70:66:21"
 CONFIG = '[options]\ndomain_forwards = true\ndomain_ports = ["10000-19999"]\n'
-METADATA = f"""<metadata>
+METADATA = f"""
     <pf:forwards xmlns:pf="urn:portfwd:forwards:1">
       <pf:forward ports="18080:80" ipv4="{IP}"/>
       <pf:forward ports="8080:80 5353:53/udp" ipv4="{IP}"/>
     </pf:forwards>
-  </metadata>
   """
-DOMAIN = domain_xml(NAME, "default", MAC).replace("<devices>", METADATA + "<devices>", 1)
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +40,8 @@ def mlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtLab]:
         lab.ensure_network("default")
         standin = lab.standin("virbr0", IP, "192.168.122.1")
         servers.start(standin)
-        path = os.path.join(lab.base, f"{NAME}.xml")
-        with open(path, "w") as f:
-            f.write(DOMAIN)
-        lab.virsh("define", path)
-        lab.domains.append(NAME)
+        lab.start(NAME, "default", MAC, metadata=METADATA)
+        lab.virsh("destroy", NAME)  # defined; each test starts it
         yield lab
     finally:
         servers.stop()
