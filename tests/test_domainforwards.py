@@ -98,7 +98,7 @@ def test_status_rows_of_refused_forwards() -> None:
     config = parse(ON, "F")
     xmls: Dict[str, bytes] = {"dom1": xml('ports="80" ipv4="192.168.122.20"'),
                               "plain": b"<domain><name>plain</name></domain>"}
-    rows = refused_rows(config, xmls)
+    rows = refused_rows(config, (), xmls)
     assert [(r["guest"], r["state"], r["target"], r["reason"]) for r in rows] == [
         ("dom1", "refused", "dom1 <metadata>", "forward[0].ports[0]: refused: host port(s)"
          " 80-80/tcp lie outside [options] domain_ports (10000-19999, 20053) of F")]

@@ -4,7 +4,8 @@ forwards are not allowed, keeps the hook's fast exit (no nftables, no TOML)."""
 
 from __future__ import annotations
 
-from typing import List
+import os
+from typing import Any, Dict, List
 
 import pytest
 
@@ -57,3 +58,32 @@ def test_otherwise_the_hook_exits_before_importing_nftables(pf: PortfwdHost, con
     assert "portfwd.hook" in imported  # the measurement works
     assert "nftables" not in imported and "tomllib" not in imported
     assert pf.table() is None
+
+
+def test_two_domains_declaring_one_port_the_first_keeps_it(pf: PortfwdHost) -> None:
+    pf.write_config(ON)
+    other = declaring("meta2").replace(GUEST4.encode(), b"192.168.150.12")
+    assert pf.hook("meta1", "started", xml=declaring("meta1")).returncode == 0
+    other = other.replace(b"1b4e28ba", b"2b4e28ba")
+    r = pf.hook("meta2", "started", xml=other)
+    assert r.returncode == 0, r.stderr
+    assert "meta2 <metadata>: forward[1]: refused: guest meta1 holds a host port of it" \
+        in r.stderr.decode()
+    assert sorted((row["guest"], row["listen"], row["state"]) for row in pf_status(pf)
+                  if row["guest"] == "meta1") == [("meta1", "*:18081", "active")]
+    # status shows meta2's as refused, read from libvirt's copy of its live XML
+    os.makedirs(pf.env["PORTFWD_QEMU_STATUS_DIR"])
+    with open(os.path.join(pf.env["PORTFWD_QEMU_STATUS_DIR"], "meta2.xml"), "wb") as f:
+        f.write(b"<domstatus>" + other + b"</domstatus>")
+    refused = [row for row in pf_status(pf) if row["state"] == "refused"]
+    assert [(row["guest"], row["reason"]) for row in refused] == [
+        ("meta2", "forward[0].ports[1]: refused: host port(s) 8080-8080/tcp lie outside"
+                  f" [options] domain_ports (10000-19999) of {pf.config}"),
+        ("meta2", "forward[1]: refused: guest meta1 holds a host port of it")]
+
+
+def pf_status(pf: PortfwdHost) -> List[Dict[str, Any]]:
+    import json
+
+    rows: List[Dict[str, Any]] = json.loads(pf.cli("status", "--json").stdout)["forwards"]
+    return rows

@@ -25,7 +25,8 @@ from . import portspec
 from .config import _dotted, _Validator
 from .conflicts import claims_of, find_conflicts
 from .model import Config, Forward, Where
-from .plan import templates
+from .plan import forwards_bindings, templates
+from .record import GuestState
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -55,9 +56,11 @@ def label(name: str) -> str:
 
 
 def forwards(elements: Sequence[Dict[str, str]], name: str, uuid: Optional[str],
-             config: Config) -> Tuple[List[Forward], List[str]]:
+             config: Config, others: Sequence[GuestState] = ()
+             ) -> Tuple[List[Forward], List[str]]:
     """The forwards the ``<pf:forward>`` attributes ``elements`` of domain ``name``
-    declare that ``config`` lets it have, and why each other one is refused."""
+    declare that ``config`` lets it have, and why each other one is refused
+    (``others``: what other guests hold now; a port one of them holds is theirs)."""
     if not config.options.domain_forwards or not elements:
         return [], []
     accepted: List[Forward] = []
@@ -70,7 +73,8 @@ def forwards(elements: Sequence[Dict[str, str]], name: str, uuid: Optional[str],
         if fwd is not None and not problems:
             fwd = Forward(INDEX_BASE + i, name, uuid, fwd.ipv4, fwd.ipv6, fwd.ports,
                           Where(label(name), f"forward[{i}]"), fwd.interface, fwd.ipv6_suffix)
-            problems = _outside(fwd, config) + _claimed(fwd, config, accepted)
+            problems = (_outside(fwd, config) + _claimed(fwd, config, accepted)
+                        + _held(fwd, name, others))
         if problems:
             refused += problems
         elif fwd is not None:
@@ -78,25 +82,26 @@ def forwards(elements: Sequence[Dict[str, str]], name: str, uuid: Optional[str],
     return accepted, refused
 
 
-def hook_templates(xml: bytes, name: str, uuid: Optional[str], config_path: str
-                   ) -> List[Template]:
+def hook_templates(xml: bytes, name: str, uuid: Optional[str], config_path: str,
+                   others: Sequence[GuestState]) -> List[Template]:
     """The binding templates of the forwards a starting domain's XML declares (the
-    hook's: the XML on stdin is the source, libvirt is never asked); each refused
-    one logged."""
+    hook's: the XML on stdin is the source, libvirt is never asked), less those
+    whose ports the recorded forwards of ``others`` hold; each refused one logged."""
     from . import log
     from .config import load
     from .domainxml import parse
 
-    accepted, refused = forwards(parse(xml).forwards, name, uuid, load(config_path))
+    accepted, refused = forwards(parse(xml).forwards, name, uuid, load(config_path), others)
     for line in refused:
         log.warning(line)
     return templates(accepted)
 
 
-def refused_rows(config: Config, xmls: Optional[Dict[str, bytes]] = None
-                 ) -> List[Dict[str, Any]]:
-    """A ``status`` row per refused ``<pf:forward>`` of a running domain (``xmls``:
-    name → live XML; default: the copies libvirt keeps in its status files)."""
+def refused_rows(config: Config, others: Sequence[GuestState] = (),
+                 xmls: Optional[Dict[str, bytes]] = None) -> List[Dict[str, Any]]:
+    """A ``status`` row per refused ``<pf:forward>`` of a running domain (``others``:
+    the guests' records; ``xmls``: name → live XML, default: the copies libvirt keeps
+    in its status files)."""
     from .domainxml import FORWARDS_MARK, parse, status_files
 
     out: List[Dict[str, Any]] = []
@@ -105,7 +110,8 @@ def refused_rows(config: Config, xmls: Optional[Dict[str, bytes]] = None
         if FORWARDS_MARK not in xml:
             continue
         domain = parse(xml)
-        for reason in forwards(domain.forwards, domain.name or name, domain.uuid, config)[1]:
+        for reason in forwards(domain.forwards, domain.name or name, domain.uuid, config,
+                               others)[1]:
             where, _, why = reason.partition(": ")
             out.append({"guest": domain.name or name, "family": None, "proto": "-",
                         "listen": "-", "listen_address": None, "host_ports": None,
@@ -150,6 +156,22 @@ def _outside(fwd: Forward, config: Config) -> List[str]:
                        f" {rng.host_first}-{rng.host_last}/{rng.proto} lie outside [options]"
                        f" domain_ports ({allowed}) of {config.path}")
     return out
+
+
+def _held(fwd: Forward, name: str, others: Sequence[GuestState]) -> List[str]:
+    """A port another guest's applied forwards hold (the guest that has it keeps it)."""
+    from .claims import Claims
+
+    held = Claims()
+    for st in others:
+        if st.guest != name:
+            for b in st.bindings:
+                held.add(b, st.guest)
+    holders = sorted({h for b in forwards_bindings([fwd], name) for h in [held.holder(b)] if h})
+    if not holders:
+        return []
+    return [f"{fwd.where.file}: {fwd.where.path}: refused: guest {', '.join(holders)} holds a"
+            " host port of it"]
 
 
 def _claimed(fwd: Forward, config: Config, accepted: List[Forward]) -> List[str]:

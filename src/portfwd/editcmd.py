@@ -119,7 +119,7 @@ def apply(path: str, name: str, uuid: Optional[str], uri: str) -> List[str]:
             guest, resolver = found
             table, _, templates = engine.guest_config(guest.name, guest.uuid)
             templates += plan.templates(domainforwards.forwards(
-                resolver.forwards, guest.name, guest.uuid, config)[0])
+                resolver.forwards, guest.name, guest.uuid, config, engine.all_states())[0])
             engine.taps[guest.name] = resolver.taps
             engine.apply_guest(guest.name, guest.uuid, table, bind(templates, guest.name),
                                resolver)

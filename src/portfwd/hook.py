@@ -153,7 +153,8 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) 
         if FORWARDS_MARK in xml and state.cached_domain_forwards():
             from .domainforwards import hook_templates
 
-            templates = templates + hook_templates(xml, name, uuid, config_path)
+            templates = templates + hook_templates(xml, name, uuid, config_path,
+                                                   engine.all_states())
         if op in CHECK:
             return 0
         from .plan import bind

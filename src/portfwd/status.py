@@ -66,7 +66,7 @@ def report(engine: Engine, config: Optional[Config]) -> Report:
     if config is not None and config.options.domain_forwards:
         from .domainforwards import refused_rows
 
-        rows += refused_rows(config)
+        rows += refused_rows(config, states)
     warnings = [f"guest {st.guest}: {w}" for st in states for w in st.warnings]
     return Report(rows, warnings, compat.seen(fw, wanted), compat.blockers(fw, wanted))
 
