@@ -74,9 +74,11 @@ NET6_XML = """<network>
 """
 
 
-def domain_xml(name: str, network: str, mac: str, boot: Optional[Boot] = None) -> str:
+def domain_xml(name: str, network: str, mac: str, boot: Optional[Boot] = None,
+               metadata: str = "") -> str:
     """A diskless domain; with ``boot`` (kernel, initramfs, command line) it runs that
-    kernel, its serial console written to CONSOLE_LOG (in the lab's mount namespace)."""
+    kernel, its serial console written to CONSOLE_LOG (in the lab's mount namespace);
+    ``metadata``: the children of its ``<metadata>``."""
     kernel, memory, console = "", 64, ""
     if boot is not None:
         kernel = (f"<kernel>{boot[0]}</kernel><initrd>{boot[1]}</initrd>"
@@ -88,7 +90,8 @@ def domain_xml(name: str, network: str, mac: str, boot: Optional[Boot] = None) -
   <name>{name}</name>
   <memory unit='MiB'>{memory}</memory>
   <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type>{kernel}</os>
+  <os><type arch='x86_64' machine='pc'>hvm</type>{kernel}</os>{
+      f"<metadata>{metadata}</metadata>" if metadata else ""}
   <devices>{console}
     <interface type='network'>
       <source network='{network}'/>
@@ -350,12 +353,13 @@ class LibvirtLab:
         self.ports[ns] = take_tap(self.ns, self.lab, self.ports[ns],
                                   self.virsh("dumpxml", name).stdout)
 
-    def start(self, name: str, network: str, mac: str, boot: Optional[Boot] = None) -> None:
+    def start(self, name: str, network: str, mac: str, boot: Optional[Boot] = None,
+              metadata: str = "") -> None:
         """Define the domain (once) and start it."""
         if name not in self.domains:
             path = os.path.join(self.base, f"{name}.xml")
             with open(path, "w") as f:
-                f.write(domain_xml(name, network, mac, boot))
+                f.write(domain_xml(name, network, mac, boot, metadata))
             self.virsh("define", path)
             self.domains.append(name)
         self.virsh("start", name)

@@ -55,14 +55,14 @@ Sample = Tuple[float, float, bool, bool]  # poll began, poll ended (wall clock),
 class Fleet:
     """Two hosts on one LAN, each with the fleet's network and forward.toml."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, config: str = CONFIG) -> None:
         self.lan = Lan()
         self.hosts: List[LibvirtLab] = []
         try:
             for n, host in ((1, "a"), (3, "b")):
                 lab = LibvirtLab(os.path.join(base, host), self.lan, n, record_hooks=True)
                 self.hosts.append(lab)
-                lab.write_config(CONFIG)
+                lab.write_config(config)
                 lab.ensure_network("fleet", NETWORK_XML)
         except BaseException:
             self.close()
@@ -76,12 +76,18 @@ class Fleet:
 
 @pytest.fixture
 def fleet(tmp_path: "os.PathLike[str]") -> Iterator[Fleet]:
+    yield from running_fleet(str(tmp_path))
+
+
+def running_fleet(base: str, config: str = CONFIG, metadata: str = "") -> Iterator[Fleet]:
+    """A fleet whose host A runs the guest (``metadata``: in its <metadata>)."""
     kernel, initrd = boot_files()
-    fleet = Fleet(str(tmp_path))
+    fleet = Fleet(base, config)
     try:
         a = fleet.hosts[0]
         a.start(GUEST, "fleet", MAC,
-                (kernel, initrd, f"console=ttyS0 quiet pfaddr={GUEST4}/24 pfgw=192.168.152.1"))
+                (kernel, initrd, f"console=ttyS0 quiet pfaddr={GUEST4}/24 pfgw=192.168.152.1"),
+                metadata)
         yield fleet
     finally:
         fleet.close()

@@ -530,11 +530,18 @@ def _commented_out_forwards(example: str) -> str:
     return head + "\n" + "\n".join(("# " + line) if line else line for line in lines) + "\n"
 
 
+def cmd_edit(args: argparse.Namespace) -> int:
+    from . import editcmd
+
+    return editcmd.run(args, say)
+
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "check": cmd_check, "sync": cmd_sync, "status": cmd_status, "show": cmd_show,
     "doctor": cmd_doctor,
     "trace": cmd_trace, "flush": cmd_flush, "daemon": cmd_daemon, "reapply": cmd_reapply,
-    "install": cmd_install, "uninstall": cmd_uninstall, "import": cmd_import}
+    "install": cmd_install, "uninstall": cmd_uninstall, "import": cmd_import,
+    "add": cmd_edit, "remove": cmd_edit}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -172,6 +172,9 @@ def parser() -> argparse.ArgumentParser:
                    help="probe the IPv6 forward (default IPv4)")
     p.add_argument("--timeout", type=_probe_timeout, default=2.0, metavar="SECONDS",
                    help="how long to follow the probe (default 2)")
+    from .editcmd import add_parsers
+
+    add_parsers(sub, common)
     p = sub.add_parser("flush", parents=[common], help="remove everything portfwd installed",
                        description="Remove portfwd's nftables tables, its accepts in"
                                    " libvirt's chains (iptables and nftables backends) and its"

@@ -604,9 +604,34 @@ class _Validator:
         elif not isinstance(table, str):
             table = DEFAULT_TABLE
         listen = self.listen_list(raw.get("listen", []), path + ("listen",)) or ()
+        domain = self.flag(raw, "domain_forwards", path, False)
         return Options(table, listen, self.flag(raw, "strict", path, False),
                        self.flag(raw, "localhost", path, False),
-                       self.discover(raw.get("discover"), path + ("discover",)))
+                       self.discover(raw.get("discover"), path + ("discover",)), domain,
+                       self.domain_ports(raw.get("domain_ports"), path, domain))
+
+    def domain_ports(self, value: Any, path: Path, enabled: bool) -> Tuple[Tuple[int, int], ...]:
+        """``[options] domain_ports``: the host ports forwards in the domains' <metadata>
+        may claim; required with ``domain_forwards = true``."""
+        if value is None:
+            if enabled:
+                self.error(path + ("domain_forwards",), "domain_forwards = true needs"
+                           " domain_ports, the host ports domains may claim: add e.g."
+                           ' domain_ports = ["10000-19999"] to [options]', at_key=True)
+            return ()
+        here = path + ("domain_ports",)
+        if not self.expect(value, list, here, 'a list of port ranges such as ["10000-19999"]'):
+            return ()
+        out = []
+        for i, item in enumerate(value):
+            text = str(item) if isinstance(item, int) and not isinstance(item, bool) else item
+            if not self.expect(text, str, here + (i,), 'a port or "FIRST-LAST"'):
+                continue
+            try:
+                out.append(portspec.parse_span(text, text))
+            except portspec.PortSpecError as e:
+                self.error(here + (i,), str(e))
+        return tuple(out)
 
     def discover(self, value: Any, path: Path) -> Tuple[str, ...]:
         """``[options] discover``: which address sources portfwd may use (it always asks them

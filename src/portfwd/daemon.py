@@ -106,8 +106,9 @@ class Daemon:
             log.warning(f"libvirt at {self.uri} not reachable ({e.get_error_message()});"
                         " retrying")
             return False
-        conn.domainEventRegisterAny(None, self.libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                    lambda *_: self.wake.set(), None)
+        for event in (self.libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                      self.libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE):  # <pf:forwards>
+            conn.domainEventRegisterAny(None, event, lambda *_: self.wake.set(), None)
         conn.registerCloseCallback(lambda *_: self.wake.set(), None)
         self.conn = conn
         self.seen = None  # everything may have changed while we were away

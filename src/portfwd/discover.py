@@ -258,6 +258,7 @@ class Resolver:
         domain = parse(xml) if xml else Domain()
         self.nics = list(domain.nics)
         self.taps = domain.taps  # for hairpin mode (bridgeport)
+        self.forwards = domain.forwards  # its <metadata> forwards (domainforwards)
         self.lookup = lookup
         self.lease_dir = lease_dir
         self.network_dirs = network_dirs

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 STATUS_DIR = "/run/libvirt/qemu"  # libvirt's NAME.xml of each running domain
 ENV_STATUS_DIR = "PORTFWD_QEMU_STATUS_DIR"  # for tests: another folder
 IFNAMSIZ = 16  # the kernel's buffer for an interface name, its NUL included
+# the namespace of portfwd's element in a domain's <metadata> (domainforwards)
+FORWARDS_NS = "urn:portfwd:forwards:1"
+FORWARDS_MARK = b"urn:portfwd"  # a domain XML without it holds no forwards: one byte search
 
 
 class Nic:
@@ -43,13 +46,15 @@ class Nic:
 class Domain:
     """What portfwd reads of one domain XML; empty when the XML is not well formed."""
 
-    __slots__ = ("name", "uuid", "nics")
+    __slots__ = ("name", "uuid", "nics", "forwards")
 
     def __init__(self, name: Optional[str] = None, uuid: Optional[str] = None,
-                 nics: Sequence[Nic] = ()) -> None:
+                 nics: Sequence[Nic] = (), forwards: Sequence[Dict[str, str]] = ()) -> None:
         self.name = name
         self.uuid = uuid  # lower case
         self.nics = tuple(nics)
+        # the attributes of each <pf:forward> in <metadata><pf:forwards xmlns:pf=FORWARDS_NS>
+        self.forwards = tuple(forwards)
 
     @property
     def taps(self) -> List[str]:
@@ -85,7 +90,13 @@ def parse(xml: bytes) -> Domain:
                         source.get("network") if source is not None else None,
                         source.get("bridge") if source is not None else None,
                         _interface_name(target.get("dev") if target is not None else None)))
-    domain = Domain(_text(element, "name"), (_text(element, "uuid") or "").lower() or None, nics)
+    forwards: List[Dict[str, str]] = []
+    if FORWARDS_MARK in xml:
+        ns = "{" + FORWARDS_NS + "}"
+        for found in element.findall(f"metadata/{ns}forwards/{ns}forward"):
+            forwards.append({str(k): str(v) for k, v in found.attrib.items()})
+    domain = Domain(_text(element, "name"), (_text(element, "uuid") or "").lower() or None, nics,
+                    forwards)
     _last = (xml, domain)
     return domain
 

@@ -87,7 +87,8 @@ class Engine:
         self.store.write_compiled({key: plan.templates(forwards)
                                    for key, forwards in by_guest.items()},
                                   (config.options.table, config.options.strict,
-                                   list(config.options.discover)), signature)
+                                   list(config.options.discover)), signature,
+                                  config.options.domain_forwards)
 
     def cached(self, name: str, uuid: Optional[str]) -> Optional[Tuple[str, bool, List[plan.Template]]]:
         """(table, strict, binding templates) of a guest from the cache; None if stale."""
@@ -668,6 +669,11 @@ class Engine:
         planned: Dict[str, List[Binding]] = {}
         for guest in guests:
             forwards = by_name.get(guest.name, []) + by_uuid.get((guest.uuid or "").lower(), [])
+            declaring = (resolvers or {}).get(guest.name)
+            if config.options.domain_forwards and declaring is not None:
+                from .domainforwards import forwards as declared
+
+                forwards += declared(declaring.forwards, guest.name, guest.uuid, config)[0]
             planned[guest.name] = plan.forwards_bindings(sorted(forwards, key=lambda f: f.index),
                                                          guest.name)
         # addresses the configuration gives are the admin's word: no guest may discover them

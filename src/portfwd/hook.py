@@ -15,7 +15,7 @@ import os
 import sys
 
 from . import state
-from .domainxml import domain_uuid
+from .domainxml import FORWARDS_MARK, domain_uuid
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -85,7 +85,8 @@ def qemu_hook(args: List[str], xml: bytes) -> int:
             if op not in REMOVE and state.cached_signature() == state.config_signature(config):
                 if op in CHECK:
                     return 0  # the cached configuration is valid
-                if not known and not state.cached_guest_files(name, uuid):
+                if not known and not state.cached_guest_files(name, uuid) and not (
+                        FORWARDS_MARK in xml and state.cached_domain_forwards()):
                     return 0
             return _run(name, uuid, op, config, xml)
     except OSError as e:  # the run directory itself is unusable
@@ -149,6 +150,11 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) 
             return 0
         had_state = state.has_guest_state(name)
         table, strict, templates = engine.guest_config(name, uuid)
+        if FORWARDS_MARK in xml and state.cached_domain_forwards():
+            from .domainforwards import hook_templates
+
+            templates = templates + hook_templates(xml, name, uuid, config_path,
+                                                   engine.all_states())
         if op in CHECK:
             return 0
         from .plan import bind

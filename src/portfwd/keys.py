@@ -66,6 +66,14 @@ KEYS = (
         + ", ".join(f'"{s}"' for s in DISCOVER_SOURCES) + ". The guest itself answers"
         ' "agent" and "arp": list them only for guests you trust (used by sync and the'
         " daemon only)."),
+    Key("options", "domain_forwards", "boolean", "false", "true",
+        "true: forwards written in a domain's own XML (<metadata>, namespace"
+        " urn:portfwd:forwards:1) count too, within domain_ports; forward.toml wins any"
+        " conflict. false: domains' <metadata> is ignored."),
+    Key("options", "domain_ports", "list of strings", "[]", '["10000-19999"]',
+        "required with domain_forwards = true: the host ports (a port or \"FIRST-LAST\")"
+        " that forwards in a domain's <metadata> may claim; anyone who can define a domain"
+        " can claim only these."),
     Key("forward", "guest", "string", "", '"web1"',
         "the libvirt domain name (or uuid instead)."),
     Key("forward", "uuid", "string", "", '"5b0e1e4c-3f55-4c3b-9a0c-2f7c3b1c9d10"',

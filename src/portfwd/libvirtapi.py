@@ -50,20 +50,42 @@ def running_guests(conn: Any, discovering: Optional[Config] = None
     try:
         domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         for dom in domains:
-            guest = Guest(dom.name(), dom.UUIDString().lower())
+            guest, resolver = _running(libvirt, dom, discovering)
             guests.append(guest)
-            try:
-                xml = dom.XMLDesc(0).encode()
-            except libvirt.libvirtError:
-                xml = b""
-            lookup = None
-            if discovering is not None and any(
-                    f.discover for f in discovering.forwards_for(guest.name, guest.uuid)):
-                lookup = _lookup(libvirt, dom, discovering.options.discover)
-            resolvers[guest.name] = Resolver(guest.name, xml, lookup)
+            resolvers[guest.name] = resolver
     except libvirt.libvirtError as e:
         raise HostError(f"libvirt could not list domains: {e.get_error_message()}") from None
     return sorted(guests, key=lambda g: g.name), resolvers
+
+
+def running_guest(conn: Any, name: str, uuid: Optional[str],
+                  discovering: Optional[Config] = None) -> Optional[Tuple[Guest, Resolver]]:
+    """One domain, by name (else by ``uuid``), as ``running_guests`` sees it; None
+    when libvirt knows no such domain or it is not running."""
+    libvirt = bindings()
+    for find, key in ((conn.lookupByName, name), (conn.lookupByUUIDString, uuid)):
+        if key is None:
+            continue
+        try:
+            dom = find(key)
+            return _running(libvirt, dom, discovering) if dom.isActive() else None
+        except libvirt.libvirtError:
+            continue  # no such domain (or it went away): try the UUID
+    return None
+
+
+def _running(libvirt: Any, dom: Any, discovering: Optional[Config]) -> Tuple[Guest, Resolver]:
+    """A running domain and the resolver of its discovered addresses."""
+    guest = Guest(dom.name(), dom.UUIDString().lower())
+    try:
+        xml = dom.XMLDesc(0).encode()
+    except libvirt.libvirtError:
+        xml = b""
+    lookup = None
+    if discovering is not None and any(
+            f.discover for f in discovering.forwards_for(guest.name, guest.uuid)):
+        lookup = _lookup(libvirt, dom, discovering.options.discover)
+    return guest, Resolver(guest.name, xml, lookup)
 
 
 def _lookup(libvirt: Any, dom: Any, allowed: Sequence[str]) -> Lookup:

@@ -141,6 +141,8 @@ class Options:
     strict: bool = False
     localhost: bool = False
     discover: Tuple[str, ...] = DEFAULT_DISCOVER
+    domain_forwards: bool = False  # forwards in the domains' <metadata> (domainforwards)
+    domain_ports: Tuple[Tuple[int, int], ...] = ()  # the host port spans they may claim
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
 from .model import PortRange
 from .constants import PROTOCOLS
@@ -106,3 +106,15 @@ def parse(spec: str) -> PortRange:
         side = "host" if colon and not host_text else "guest"
         raise PortSpecError(f"{spec!r}: no {side} port; {FORMS}")
     return make_range(proto, parse_span(host_text, spec), parse_span(guest_text, spec), spec)
+
+
+def with_protos(specs: Sequence[str], protos: Sequence[str]) -> List[str]:
+    """``specs`` with each one written without ``/PROTO`` once per protocol of
+    ``protos`` (none: as written, tcp); duplicates once."""
+    out: List[str] = []
+    for spec in specs:
+        if "/" in spec or not protos:
+            out.append(spec)
+        else:
+            out += [spec if p == "tcp" else f"{spec}/{p}" for p in protos]
+    return list(dict.fromkeys(out))

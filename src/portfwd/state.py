@@ -4,6 +4,7 @@ format and its atomic write live here (``Store``, and the lock ``locked``).
     lock                  flock: one portfwd run at a time (``locked``)
     compiled -> compiled.PID.RANDOM/   the parsed configuration the hook reads (marshal):
         signature         CACHE_FORMAT, Python version, stat of forward.toml
+        domain_forwards   present (empty) when [options] domain_forwards = true
         options           (table, strict, [discover sources])
         name/NAME         the binding templates (``plan.Template``) of guest NAME
         uuid/UUID         … of a guest named by UUID
@@ -78,6 +79,7 @@ _HASHED_PREFIX = 64
 # write_atomic, the compiled link before its rename, compiled folders
 TMP_MARK = ".tmp."
 COMPILED = "compiled"
+DOMAIN_FORWARDS = "domain_forwards"  # in compiled/: [options] domain_forwards = true
 NEW_LINK = "compiled.new."
 
 
@@ -340,6 +342,11 @@ def config_signature(path: str) -> str:
             f" {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}")
 
 
+def cached_domain_forwards(root: Optional[str] = None) -> bool:
+    """``[options] domain_forwards`` as last compiled: one stat, for the hook."""
+    return os.path.exists(os.path.join(compiled_dir(root), DOMAIN_FORWARDS))
+
+
 def compiled_dir(root: Optional[str] = None) -> str:
     return os.path.join(root or run_dir(), "compiled")
 
@@ -385,9 +392,11 @@ class Store:
 
     # -- compiled/ -------------------------------------------------------------
     def write_compiled(self, groups: Dict[Tuple[str, str], List[Template]],
-                       options: Tuple[str, bool, List[str]], signature: str) -> None:
+                       options: Tuple[str, bool, List[str]], signature: str,
+                       domain_forwards: bool = False) -> None:
         """A new ``compiled.PID.RANDOM`` folder, then the ``compiled`` symlink swapped
-        to it in one rename: the hook sees the old cache or the new one, never a mix."""
+        to it in one rename: the hook sees the old cache or the new one, never a mix.
+        ``domain_forwards``: an empty file DOMAIN_FORWARDS says so (``cached_domain_forwards``)."""
         import marshal
         import shutil
 
@@ -402,6 +411,8 @@ class Store:
             marshal.dump(options, f)
         with open(os.path.join(target, "signature"), "x", encoding="utf-8") as f:
             f.write(signature)
+        if domain_forwards:
+            open(os.path.join(target, DOMAIN_FORWARDS), "xb").close()
         link = compiled_dir(self.root)
         tmp_link = self._path(f"{NEW_LINK}{os.getpid()}.{os.urandom(4).hex()}")
         os.symlink(os.path.basename(target), tmp_link)

@@ -68,6 +68,10 @@ def report(engine: Engine, config: Optional[Config], running: Optional[Set[str]]
         return blockers.get((b.family, bridge), []) if bridge else []
 
     rows = rows_of(states, live, config, blocked_by, running, running_from)
+    if config is not None and config.options.domain_forwards:
+        from .domainforwards import refused_rows
+
+        rows += refused_rows(config, states)
     if guests:
         rows = [r for r in rows if r["guest"] in guests]
     warnings = [f"guest {st.guest}: {w}" for st in states for w in st.warnings]
