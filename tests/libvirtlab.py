@@ -35,8 +35,8 @@ import time
 import uuid
 from typing import Dict, List, Optional, Tuple
 
-from netlab import (CLIENT4, CLIENT6, HOST4, HOST6, plug_and_wait, run, standin_namespace,
-                    take_tap)
+from netlab import (CLIENT4, CLIENT6, HOST4, HOST6, default_route, plug_and_wait, run,
+                    standin_namespace, take_tap)
 
 # inside the lab's mount namespace (so never a running libvirtd's of the host)
 LIBVIRTD_PID, VIRTLOGD_PID = "/run/libvirt/pf-libvirtd.pid", "/run/libvirt/pf-virtlogd.pid"
@@ -257,8 +257,8 @@ class LibvirtLab:
             self.ns(self.client, "ip", "addr", "add", f"{CLIENT4}/24", "dev", "eth0")
             self.ns(self.client, "ip", "addr", "add", f"{CLIENT6}/64", "dev", "eth0")
             self.ns(self.client, "ip", "link", "set", "eth0", "up")
-            self.ns(self.client, "ip", "route", "add", "default", "via", HOST4)
-            self.ns(self.client, "ip", "-6", "route", "add", "default", "via", HOST6)
+            default_route(self.ns, self.client, "-4", HOST4)
+            default_route(self.ns, self.client, "-6", HOST6)
         # portfwd installed the way users install it, with the test's config and state paths
         os.makedirs(os.path.dirname(self.config), mode=0o755)
         with open(self.config, "w") as f:
@@ -326,23 +326,10 @@ class LibvirtLab:
         if plug:
             self.plug(peer, bridge)
         if addr4 and gw4:
-            self._default_route(ns, "-4", gw4)
+            default_route(self.ns, ns, "-4", gw4)
         if addr6 and gw6:
-            self._default_route(ns, "-6", gw6)
+            default_route(self.ns, ns, "-6", gw6)
         return ns
-
-    def _default_route(self, ns: str, family: str, gateway: str) -> None:
-        """The stand-in's default route, once the kernel has the route to ``gateway``
-        (the prefix route of a new address can lag behind its link coming up: "Network
-        is unreachable")."""
-        deadline = time.monotonic() + 20
-        while True:
-            r = self.ns(ns, "ip", family, "route", "replace", "default", "via", gateway,
-                        check=False)
-            if r.returncode == 0:
-                return
-            assert time.monotonic() < deadline, r.stderr.decode()
-            time.sleep(0.1)
 
     def plug(self, peer: str, bridge: str) -> None:
         plug_and_wait(self.ns, self.lab, peer, bridge)

@@ -64,6 +64,19 @@ def standin_namespace(run_in: RunIn, host: str, ns: str, peer: str, mac: Optiona
     run_in(ns, "ip", "link", "set", "eth0", "up")
 
 
+def default_route(run_in: RunIn, ns: str, family: str, gateway: str) -> None:
+    """Namespace ``ns``'s default route via ``gateway``, once the kernel has the route
+    to it (the prefix route of a new address can lag behind its link coming up:
+    "Network is unreachable", exit 2)."""
+    deadline = time.monotonic() + 20
+    while True:
+        r = run_in(ns, "ip", family, "route", "replace", "default", "via", gateway, check=False)
+        if r.returncode == 0:
+            return
+        assert time.monotonic() < deadline, r.stderr.decode()
+        time.sleep(0.1)
+
+
 def plug_and_wait(run_in: RunIn, host: str, peer: str, bridge: str) -> None:
     """Attach veth ``peer`` to ``bridge`` and wait until the port forwards (libvirt's
     bridges run STP: a new port listens and learns for a few seconds)."""
@@ -130,8 +143,8 @@ class Lab:
         self.ns(g, "ip", "addr", "add", f"{GUEST4}/24", "dev", "eth0")
         self.ns(g, "ip", "addr", "add", f"{GUEST6}/64", "dev", "eth0", "nodad")
         self.ns(g, "ip", "link", "set", "eth0", "up")
-        self.ns(g, "ip", "route", "add", "default", "via", BRIDGE4)
-        self.ns(g, "ip", "-6", "route", "add", "default", "via", BRIDGE6)
+        default_route(self.ns, g, "-4", BRIDGE4)
+        default_route(self.ns, g, "-6", BRIDGE6)
         # client
         self.ns(h, "ip", "link", "add", "uplink", "type", "veth", "peer", "name", "eth0", "netns", c)
         self.ns(h, "ip", "addr", "add", f"{HOST4}/24", "dev", "uplink")
@@ -140,8 +153,8 @@ class Lab:
         self.ns(c, "ip", "addr", "add", f"{CLIENT4}/24", "dev", "eth0")
         self.ns(c, "ip", "addr", "add", f"{CLIENT6}/64", "dev", "eth0", "nodad")
         self.ns(c, "ip", "link", "set", "eth0", "up")
-        self.ns(c, "ip", "route", "add", "default", "via", HOST4)
-        self.ns(c, "ip", "-6", "route", "add", "default", "via", HOST6)
+        default_route(self.ns, c, "-4", HOST4)
+        default_route(self.ns, c, "-6", HOST6)
 
     def ns(self, ns: str, *cmd: str, check: bool = True, input: Optional[bytes] = None,
            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess[bytes]:

@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from netlab import (CLIENT4, CLIENT6, HOST4, HOST6, TRAFFIC, plug_and_wait, run,
+from netlab import (CLIENT4, CLIENT6, HOST4, HOST6, TRAFFIC, default_route, plug_and_wait, run,
                     standin_namespace, stop_processes, take_tap)
 
 ROOT_PACKAGES = ["libvirt-daemon-system", "qemu-system-x86", "dnsmasq-base", "nftables",
@@ -305,9 +305,9 @@ class TrixieLab(RootLab):
         self.plug(peer, bridge)
         self.ports[ns] = peer
         if gw4:
-            self.ns(ns, "ip", "route", "add", "default", "via", gw4)
+            default_route(self.ns, ns, "-4", gw4)
         if gw6:
-            self.ns(ns, "ip", "-6", "route", "add", "default", "via", gw6)
+            default_route(self.ns, ns, "-6", gw6)
         for proto, port in (("tcp", "80"), ("udp", "53")):
             p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, TRAFFIC, "serve",
                                   proto, port], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
