@@ -53,7 +53,7 @@ def test_sync_dry_run_changes_nothing(pf: PortfwdHost) -> None:
     r = pf.cli("sync", "--connect", TEST_URI, "--dry-run")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.decode().splitlines()
-    assert lines[0].startswith("# table inet portfwd, 1 running guest(s): dry run, nothing applied")
+    assert lines[0].startswith("# table inet portfwd, 1 running guest: dry run, nothing applied")
     assert any(line.startswith("+ test\ttcp\t*:8080 -> 192.168.150.10:80") for line in lines)
     assert any(line.startswith("+ test\ttcp\t*:2222 -> 192.168.150.10:22") for line in lines)
     assert not any("9999" in line for line in lines)
@@ -101,7 +101,7 @@ def test_sync_status_flush(pf: PortfwdHost) -> None:
 
     r = pf.cli("sync", "--connect", TEST_URI)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.decode().strip() == "synced: 3 binding(s) for 1 guest(s) in table inet portfwd"
+    assert r.stdout.decode().strip() == "synced: 3 forwards for 1 guest in table inet portfwd"
     assert status(pf) == [
         ("stopped-guest", "tcp", "*:9999", "192.168.150.99:9999", "guest not running"),
         ("test", "tcp", "*:2222", "192.168.150.10:22", "active"),

@@ -170,7 +170,7 @@ def test_libvirt_rebuild_is_repaired_by_reconnect_network_hook_and_reapply(
                    for line in status["firewall"]["blocked"])
         r = repair()
         assert r.returncode == 0, r.stderr
-        assert r.stdout == b"" or r.stdout.startswith(b"reapplied: 4 binding(s)")
+        assert r.stdout == b"" or r.stdout.startswith(b"reapplied: 4 forwards")
         assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
         assert lab.ns(lab.host, "iptables", "-S", "LIBVIRT_FWI").stdout.decode().count(
             "PORTFWD_FWI") == 1
@@ -253,7 +253,7 @@ def test_nft_flush_ruleset_then_reapply(lab: Lab, pf: PortfwdHost) -> None:
     libvirt_iptables(lab)  # libvirt puts its rules back (network restart)
     r = pf.cli("reapply")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.decode().strip().startswith("reapplied: 4 binding(s) for 1 guest(s)")
+    assert r.stdout.decode().strip().startswith("reapplied: 4 forwards for 1 guest")
     assert pf.table() == before
     assert lab.reach("tcp", HOST4, 8080) == f"tcp 80 {CLIENT4}"
 

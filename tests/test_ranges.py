@@ -109,7 +109,7 @@ def test_sync_dry_run_and_sync_keep_ranges_whole(pf: PortfwdHost) -> None:
     r = pf.cli("sync", "--connect", "test:///default", "--dry-run")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.decode().splitlines()
-    assert lines[0].startswith("# table inet portfwd, 1 running guest(s): dry run")
+    assert lines[0].startswith("# table inet portfwd, 1 running guest: dry run")
     assert f"+ test\tudp\t[*]:1024-65535 -> [{GUEST6}]:1024-65535\tfrom *" in "\n".join(lines)
     assert lines[-1] == "added 4, removed 0, unchanged 0"
     assert pf.table() is None

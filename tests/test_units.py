@@ -246,5 +246,5 @@ def test_hardened_units_still_do_their_job(container: Container) -> None:
     r = box.inside("systemctl", "start", "portfwd-sync-proof.service", check=False)
     assert r.returncode == 0, box.journal("portfwd-sync-proof.service")
     assert "9090" not in box.netns("nft", "list", "map", "inet", "portfwd", "any4_ip").stdout
-    assert "synced: 2 binding(s) for 1 guest(s) in table inet portfwd" in \
+    assert "synced: 2 forwards for 1 guest in table inet portfwd" in \
         box.journal("portfwd-sync-proof.service")

@@ -21,6 +21,7 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import escape, libvirtapi, log, state
+from .suggest import count
 from .cmdline import parser
 from .config import load
 from .discover import status_files_tell
@@ -144,7 +145,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(json.dumps({"table": config.options.table, "bindings": len(bindings),
                           "guests": len(owners), "pending": len(engine.pending)}, indent=2))
     else:
-        say(f"synced: {len(bindings)} binding(s) for {len(owners)} guest(s)"
+        say(f"synced: {count(len(bindings), 'forward')} for {count(len(owners), 'guest')}"
             f" in table inet {config.options.table}")
     return EXIT_OK
 
@@ -164,7 +165,7 @@ def _print_dry_run(config: Config, running: int, before: List[Binding], after: L
                           "pending": [syncdiff.to_json(i) for i in waiting]}, indent=2))
         return EXIT_OK
     counts = diff.counts()
-    say(f"# table inet {config.options.table}, {running} running guest(s): dry run, nothing"
+    say(f"# table inet {config.options.table}, {count(running, 'running guest')}: dry run, nothing"
         " applied (nftables accepted the batch)")
     for mark, items in (("+", diff.added), ("-", diff.removed), ("=", diff.unchanged)):
         for item in items:
@@ -318,7 +319,8 @@ def cmd_reapply(args: argparse.Namespace) -> int:
     with state.locked():
         bindings = Engine(state.config_path(args.config)).reapply()
     owners = {b.guest for b in bindings}
-    say(f"reapplied: {len(bindings)} binding(s) for {len(owners)} guest(s) from {state.run_dir()}")
+    say(f"reapplied: {count(len(bindings), 'forward')} for {count(len(owners), 'guest')}"
+        f" from {state.run_dir()}")
     return EXIT_OK
 
 
@@ -504,7 +506,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         except OSError as e:
             raise HostError(f"{args.output}: cannot write: {e.strerror or e}") from None
-        say(f"wrote {args.output}: {len(result.guests)} guest(s)", err=True)
+        say(f"wrote {args.output}: {count(len(result.guests), 'guest')}", err=True)
     from .installpaths import packaged
 
     for step in importer.retire_steps(result.guests, args.output, args.hooks_json,

@@ -15,9 +15,10 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .apparmor import Profile, Verdict, refusal
-from .hookchain import Step
 from .domainxml import Nic, mac_problem
+from .hookchain import Step
 from .hostnet import Link
+from .suggest import count
 
 EXIT_BROKEN = 5  # a layer failed (cli.py's codes 0-4 mean other things)
 
@@ -306,7 +307,7 @@ def _table(g: GuestFacts) -> Check:
         else:
             fix = "portfwd sync"
         return Check("table", False, f"{t.text}: {t.state}", fix)
-    return Check("table", True, f"{len(g.forwards)} forward(s) active in the kernel")
+    return Check("table", True, f"{count(len(g.forwards), 'forward')} active in the kernel")
 
 
 def blocker_fix(line: str) -> str:

@@ -9,6 +9,7 @@ import argparse
 from typing import Any, Callable, List, Optional
 
 from . import domainforwards, libvirtapi, plan, state, status
+from .suggest import count
 from .configedit import PROTOS, Edit, Request, add, remove
 from .editfile import edit
 from .errors import HostError
@@ -131,6 +132,6 @@ def apply(path: str, name: str, uuid: Optional[str], uri: str) -> List[str]:
         out.append(f"guest {name} is not running: its forwards apply when it starts")
     waiting = [r for r in rows if r["state"] in (status.PENDING, status.INACTIVE)]
     if waiting:
-        out.append(f"{len(waiting)} forward(s) wait: the daemon, or portfwd sync once the"
+        out.append(f"{count(len(waiting), 'forward')} {'waits' if len(waiting) == 1 else 'wait'}: the daemon, or portfwd sync once the"
                    " guest has its address, applies them")
     return out
