@@ -6,7 +6,8 @@ Never calls libvirt (libvirt waits for us: deadlock), never writes to stdout
 (the hook's sh lines turn that status alone into libvirt's failure): whatever goes
 wrong otherwise, also a bug, ends in a message and exit 0. Never waits more than
 LOCK_WAIT seconds for a lock that one other portfwd run keeps. A guest with no
-forwards and no state leaves before anything heavy is imported.
+forwards and no state leaves before anything heavy is imported; once the hook
+index is current (``hookindex``), the hook's sh lines answer it without Python.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import state
+from . import hookindex, state
 from .domainxml import domain_uuid
 
 TYPE_CHECKING = False
@@ -83,9 +84,9 @@ def qemu_hook(args: List[str], xml: bytes) -> int:
             if op in REMOVE and not known:
                 return 0
             if op not in REMOVE and state.cached_signature() == state.config_signature(config):
-                if op in CHECK:
-                    return 0  # the cached configuration is valid
-                if not known and not state.cached_guest_files(name, uuid):
+                if op in CHECK or (not known and not state.cached_guest_files(name, uuid)):
+                    # CHECK: the cached configuration is valid; else: nothing for this guest
+                    hookindex.refresh(state.run_dir(), config)  # so that sh answers next time
                     return 0
             return _run(name, uuid, op, config, xml)
     except OSError as e:  # the run directory itself is unusable

@@ -22,6 +22,8 @@ format and its atomic write live here (``Store``, and the lock ``locked``).
                           the last sync left waiting for evidence (``evidence``)
     layout.TABLE          the ``constants.LAYOUT`` TABLE was last built with, and its
                           variant (``engine.layout_id``: "7", "7+concat")
+    hookindex -> hookindex.PID.RANDOM/   what the hook's sh lines read (``hookindex``
+                          owns it: its format, its writer and its cleaning)
 
 Every file is replaced by a rename (``write_atomic``; the cache by swapping the
 ``compiled`` symlink), so a reader sees the old or the new content. What a run
