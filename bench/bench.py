@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -148,6 +149,38 @@ class Site(common.Site):
         self.hook(NOBODY, "started", "begin")
         if not hookindex.trusted(self.rundir, self.config):
             raise RuntimeError(f"{self.rundir}: the hook index is not current")
+
+    def through_daemon(self, forwards: int) -> Dict[str, List[float]]:
+        """``stopped``/``started`` of the subject while ``portfwd daemon`` runs here
+        (libvirt's test driver says the subject runs), with floor (a) between them."""
+        from portfwd import hooksocket
+
+        self.write_config(forwards, others=False)
+        node = os.path.join(os.path.dirname(self.config), "node.xml")
+        with open(node, "w", encoding="utf-8") as f:
+            f.write(f"<node><domain type='test'><name>{SUBJECT}</name><memory>65536</memory>"
+                    "<os><type>hvm</type></os></domain></node>\n")
+        daemon = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-m",
+                                   "portfwd.cli", "daemon", "--connect", f"test://{node}"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env=self.env, start_new_session=True)
+        out: Dict[str, List[float]] = {"started": [], "stopped": [], "floor": []}
+        try:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(hooksocket.socket_path(self.rundir)):
+                if time.monotonic() > deadline or daemon.poll() is not None:
+                    raise RuntimeError("portfwd daemon: no hook.sock within 60 s")
+                time.sleep(0.05)
+            self.restart(SUBJECT)  # warm
+            for _ in range(REPEATS[forwards]):
+                out["stopped"].append(self.hook(SUBJECT, "stopped", "end"))
+                out["started"].append(self.hook(SUBJECT, "started", "begin"))
+                out["floor"].append(self.floor_pass())
+            self.check_forwards(forwards)
+        finally:
+            os.killpg(daemon.pid, signal.SIGTERM)
+            daemon.wait(60)
+        return out
 
     def floor_pass(self) -> float:
         """Floor (a): a bare interpreter start; its wall time in ms."""
@@ -331,6 +364,9 @@ def measure(alone: Site, loaded: Site) -> List[Row]:
                                   stdin=big_xml(guest))
             reconnect[kind].append((time.perf_counter() - t0) * 1e3)
 
+    # 4c: started/stopped of the subject (10 fwd, alone) handed to `portfwd daemon`
+    with_daemon = alone.through_daemon(10)
+
     # 5: sync of 1,000 guests x 10 forwards
     loaded.sync(others)  # warm
     syncs = [loaded.sync(others) for _ in range(SYNC_REPEATS)]
@@ -384,6 +420,11 @@ def measure(alone: Site, loaded: Site) -> List[Row]:
     for kind, ms in reconnect.items():
         rows.append(Row(f"libvirtd restart: {RECONNECTS} x reconnect, unmanaged, {kind}",
                         med(ms), None, None, "-", None))
+    floor_a = med(with_daemon["floor"])
+    for op in ("started", "stopped"):
+        ms = med(with_daemon[op])
+        rows.append(Row(f"hook {op}, 10 fwd, through the daemon", ms, floor_a, ms / floor_a,
+                        "<=1.3x floor (a)", ms / floor_a <= 1.3))
     sync_ms = med(r["sync_ms"] for r in syncs)
     rows.append(Row("sync 10k fwd: Engine.sync() in-process", sync_ms, None, None, "<1000 ms",
                     sync_ms < 1000))
