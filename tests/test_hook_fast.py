@@ -194,7 +194,8 @@ def test_which_calls_reach_python(pf: PortfwdHost, tmp_path: "os.PathLike[str]")
         return len(_lines(marker)) > len(before)
 
     # nothing to do: no Python
-    for guest in ("nobody", "g9", "no.body", "*", "-n", ' "; x', " spaced  name ", "日本"):
+    for guest in ("nobody", "g9", "no.body", "*", "-n", ' "; x', " spaced  name ", "日本",
+                  "é" * 31):
         for op, sub in (("started", "begin"), ("reconnect", "begin"), ("stopped", "end"),
                         ("release", "end"), ("prepare", "begin")):
             assert not reaches_python(guest, op, sub), (guest, op)
@@ -205,7 +206,8 @@ def test_which_calls_reach_python(pf: PortfwdHost, tmp_path: "os.PathLike[str]")
     for guest, op, sub in (("g0", "started", "begin"), ("g1", "reconnect", "begin"),
                            ("g0", "stopped", "end"), ("web.one", "started", "begin"),
                            (leaving, "stopped", "end"), (leaving, "release", "end"),
-                           ("x" * 300, "started", "begin"), (".", "started", "begin"),
+                           ("x" * 300, "started", "begin"), ("é" * 32, "started", "begin"),
+                           (".", "started", "begin"),
                            ("", "started", "begin"), ("a/b", "started", "begin")):
         assert reaches_python(guest, op, sub), (guest, op)
     # a forward by UUID: any guest may be managed; starts reach Python

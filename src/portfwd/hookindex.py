@@ -56,7 +56,8 @@ INDEX = "hookindex"
 FORMAT = "v1"
 MARGIN_NS = 2_000_000_000  # the coarsest file system time granularity trusted (FAT: 2 s)
 RETIRED_NS = 60_000_000_000  # a replaced index folder stays this long (a slow reader)
-NAME_MAX = 255  # bytes; longer names are not looked up (the sh lines ask Python)
+NAME_MAX = 255  # bytes; longer names are not listed (the sh lines look up 63 characters
+# at most: 255 bytes whether a shell counts bytes or characters)
 SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
