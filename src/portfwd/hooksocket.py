@@ -67,8 +67,11 @@ def ask(root: str, config: str, kind: str, args: List[str], xml: bytes,
     if not trusted(root):
         return None
     deadline = time.monotonic() + wait
-    fields = [MAGIC, os.fsencode(config), kind.encode(), str(len(args)).encode()]
-    request = b"\0".join(fields + [os.fsencode(a) for a in args]) + b"\0" + xml
+    try:
+        fields = [MAGIC, _encode(config), _encode(kind), str(len(args)).encode()]
+        request = b"\0".join(fields + [_encode(a) for a in args]) + b"\0" + xml
+    except UnicodeError:  # not from an argv: nothing to hand over
+        return None
     chunks: List[bytes] = []
     s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
@@ -114,8 +117,18 @@ def parse(request: bytes) -> Optional[Tuple[str, str, List[str], bytes]]:
     rest = head[4].split(b"\0", count)
     if len(rest) != count + 1:
         return None
-    return (os.fsdecode(head[1]), head[2].decode("ascii", "replace"),
-            [os.fsdecode(a) for a in rest[:count]], rest[count])
+    return (_decode(head[1]), head[2].decode("ascii", "replace"),
+            [_decode(a) for a in rest[:count]], rest[count])
+
+
+# argv as the hook's Python has it (libvirt runs hooks with LC_ALL=C: UTF-8 mode),
+# whatever the daemon's locale: a guest name is the same str on both sides
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
 
 
 def answer(status: int, text: str) -> bytes:
