@@ -147,3 +147,20 @@ def test_a_socket_not_roots_alone_is_refused(pf: PortfwdHost, flaw: str) -> None
     finally:
         fake.close()
         os.chmod(pf.run_dir, 0o700)
+
+
+def test_any_name_reaches_the_daemon_as_the_hook_has_it(pf: PortfwdHost) -> None:
+    pf.write_config(WEB1)
+    assert pf.hook("web1", "stopped", "end").returncode == 0  # makes the run directory
+    fake = FakeDaemon(sock(pf))
+    names = ['q"\'; flush ruleset;', " spaced  name ", "日本語" * 30, "-n", "a\tb"]
+    try:
+        for name in names:
+            assert pf.hook(name, "reconnect").returncode == 0
+        calls = [hooksocket.parse(c) for c in fake.calls]
+    finally:
+        fake.close()
+    assert [(c[1], c[2][:2]) if c else None for c in calls] == [
+        ("qemu", [name, "reconnect"]) for name in names]
+    assert all(c is not None and c[0] == pf.config and c[3] == domain_xml(n)
+               for c, n in zip(calls, names))
