@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,8 @@ NOBODY = "nosuchguest"
 SIZES = (1, 10, 100, 1000)
 REPEATS = {1: 25, 10: 25, 100: 25, 1000: 11}
 PASS_REPEATS = 31
+SH_REPEATS = 51
+RECONNECTS = 100
 SYNC_REPEATS = 9
 OTHERS = 1000
 OTHER_FORWARDS = 10
@@ -119,6 +122,66 @@ class Site(common.Site):
         self.run(["nft", "delete", "table", "inet", FLOOR_TABLE], check=False)
         return self.run([sys.executable, "-I", FLOOR_NFT, str(count), FLOOR_TABLE])
 
+    def direct(self, cmd: Sequence[str], stdin: bytes = b"") -> float:
+        """Run ``cmd`` outside the namespace (the sh lines touch no network); its wall
+        time in ms. Fails on a non-zero exit or any output."""
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, input=stdin, capture_output=True, env=self.env, timeout=TIMEOUT)
+        elapsed = (time.perf_counter() - t0) * 1e3
+        if p.returncode != 0 or p.stdout or p.stderr:
+            raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.decode()}")
+        return elapsed
+
+    def sh_hook(self, hook: str, guest: str, op: str, sub: str) -> float:
+        """One call of the hook's sh lines (``hook``: hook/qemu run by /bin/sh, or the
+        file libvirt runs from /etc) with a domain XML of libvirt's size (5 kB)."""
+        cmd = [hook] if os.access(hook, os.X_OK) else ["/bin/sh", hook]
+        return self.direct([*cmd, guest, op, sub, "-"], stdin=big_xml(guest))
+
+    def age_config(self) -> None:
+        """forward.toml and its folder as if edited a minute ago, then a Python run
+        (which compiles it again): the hook index is current, its sh lines trust it."""
+        from portfwd import hookindex
+
+        past = time.time_ns() - 60 * 10**9
+        for path in (self.config, os.path.dirname(self.config)):
+            os.utime(path, ns=(past, past))
+        self.hook(NOBODY, "started", "begin")
+        if not hookindex.trusted(self.rundir, self.config):
+            raise RuntimeError(f"{self.rundir}: the hook index is not current")
+
+    def through_daemon(self, forwards: int) -> Dict[str, List[float]]:
+        """``stopped``/``started`` of the subject while ``portfwd daemon`` runs here
+        (libvirt's test driver says the subject runs), with floor (a) between them."""
+        from portfwd import hooksocket
+
+        self.write_config(forwards, others=False)
+        node = os.path.join(os.path.dirname(self.config), "node.xml")
+        with open(node, "w", encoding="utf-8") as f:
+            f.write(f"<node><domain type='test'><name>{SUBJECT}</name><memory>65536</memory>"
+                    "<os><type>hvm</type></os></domain></node>\n")
+        daemon = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-m",
+                                   "portfwd.cli", "daemon", "--connect", f"test://{node}"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env=self.env, start_new_session=True)
+        out: Dict[str, List[float]] = {"started": [], "stopped": [], "floor": []}
+        try:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(hooksocket.socket_path(self.rundir)):
+                if time.monotonic() > deadline or daemon.poll() is not None:
+                    raise RuntimeError("portfwd daemon: no hook.sock within 60 s")
+                time.sleep(0.05)
+            self.restart(SUBJECT)  # warm
+            for _ in range(REPEATS[forwards]):
+                out["stopped"].append(self.hook(SUBJECT, "stopped", "end"))
+                out["started"].append(self.hook(SUBJECT, "started", "begin"))
+                out["floor"].append(self.floor_pass())
+            self.check_forwards(forwards)
+        finally:
+            os.killpg(daemon.pid, signal.SIGTERM)
+            daemon.wait(60)
+        return out
+
     def floor_pass(self) -> float:
         """Floor (a): a bare interpreter start; its wall time in ms."""
         return self.run([sys.executable, "-I", "-c", "pass"])
@@ -168,6 +231,23 @@ def uuid_of(guest: str) -> str:
     """A stable made-up UUID per guest name."""
     n = sum(ord(c) << (8 * (i % 6)) for i, c in enumerate(guest)) & 0xFFFFFFFFFFFF
     return f"6b1f0c2e-0000-4000-8000-{n:012x}"
+
+
+def big_xml(guest: str) -> bytes:
+    """A domain XML about the size libvirt writes (5 kB)."""
+    return (f"<domain><name>{guest}</name><uuid>{uuid_of(guest)}</uuid><!--"
+            + "x" * 5000 + "--></domain>\n").encode()
+
+
+def etc_hook(tmp: str) -> str:
+    """debian/libvirt-hook as the package installs it in /etc, naming hook/qemu."""
+    with open(os.path.join(os.path.dirname(HERE), "debian", "libvirt-hook"), encoding="utf-8") as f:
+        text = f.read().replace("@HOOK@", HOOK).replace("@KIND@", "qemu")
+    path = os.path.join(tmp, "etc-hook-qemu")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    return path
 
 
 def other_name(g: int) -> str:
@@ -257,6 +337,36 @@ def measure(alone: Site, loaded: Site) -> List[Row]:
         nobody.append(loaded.hook(NOBODY, "started", "begin"))
         passes.append(loaded.floor_pass())
 
+    # 4b: the sh lines with a current index (beside the 1,000 others), against /bin/true
+    loaded.age_config()
+    wrapper = etc_hook(os.path.dirname(loaded.rundir))  # not beside forward.toml: its
+    # folder's mtime would make the index stale
+    sh_rows: Dict[str, List[float]] = {k: [] for k in ("sh", "sh via /etc", "sh prepare",
+                                                      "sh stopped", "true")}
+    for _ in range(SH_REPEATS):
+        sh_rows["sh"].append(loaded.sh_hook(HOOK, NOBODY, "started", "begin"))
+        sh_rows["sh via /etc"].append(loaded.sh_hook(wrapper, NOBODY, "started", "begin"))
+        sh_rows["sh prepare"].append(loaded.sh_hook(HOOK, SUBJECT, "prepare", "begin"))
+        sh_rows["sh stopped"].append(loaded.sh_hook(HOOK, NOBODY, "stopped", "end"))
+        sh_rows["true"].append(loaded.direct(["/bin/true"], stdin=big_xml(NOBODY)))
+    # libvirtd restarting: one `reconnect` per running guest, RECONNECTS of them, none
+    # of them managed: through the sh lines, and through Python (as before the index)
+    reconnect: Dict[str, List[float]] = {"sh": [], "python": []}
+    for kind in reconnect:
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for g in range(RECONNECTS):
+                guest = f"running{g}"
+                if kind == "sh":
+                    loaded.sh_hook(HOOK, guest, "reconnect", "begin")
+                else:
+                    loaded.direct([sys.executable, "-I", HOOK, guest, "reconnect", "begin", "-"],
+                                  stdin=big_xml(guest))
+            reconnect[kind].append((time.perf_counter() - t0) * 1e3)
+
+    # 4c: started/stopped of the subject (10 fwd, alone) handed to `portfwd daemon`
+    with_daemon = alone.through_daemon(10)
+
     # 5: sync of 1,000 guests x 10 forwards
     loaded.sync(others)  # warm
     syncs = [loaded.sync(others) for _ in range(SYNC_REPEATS)]
@@ -299,6 +409,22 @@ def measure(alone: Site, loaded: Site) -> List[Row]:
                         None, None, "0", not c["subprocesses"]))
         rows.append(Row(f"hook {op}, 10 fwd, +10k: run-dir writes", len(c["writes"]), None,
                         None, "<=2", len(c["writes"]) <= 2))
+    true_ms = med(sh_rows["true"])
+    rows.append(Row("floor (c) /bin/true", true_ms, None, None, "-", None))
+    for key, what in (("sh", "hook started, guest not in config, sh lines"),
+                      ("sh via /etc", "  same, through the hook file in /etc"),
+                      ("sh prepare", "hook prepare, managed guest, sh lines"),
+                      ("sh stopped", "hook stopped, guest without state, sh lines")):
+        ms = med(sh_rows[key])
+        rows.append(Row(what, ms, true_ms, ms / true_ms, "<=2 ms", ms <= 2.0))
+    for kind, ms in reconnect.items():
+        rows.append(Row(f"libvirtd restart: {RECONNECTS} x reconnect, unmanaged, {kind}",
+                        med(ms), None, None, "-", None))
+    floor_a = med(with_daemon["floor"])
+    for op in ("started", "stopped"):
+        ms = med(with_daemon[op])
+        rows.append(Row(f"hook {op}, 10 fwd, through the daemon", ms, floor_a, ms / floor_a,
+                        "<=1.3x floor (a)", ms / floor_a <= 1.3))
     sync_ms = med(r["sync_ms"] for r in syncs)
     rows.append(Row("sync 10k fwd: Engine.sync() in-process", sync_ms, None, None, "<1000 ms",
                     sync_ms < 1000))
@@ -318,7 +444,12 @@ start of the same N); floors also run under `ip netns exec`.
 '+10k others': ratio is to the same N without others (row 2, measured interleaved);
 its floor column is floor (b) measured in that loaded namespace.
 'guest not in config': floor is floor (a). Subprocess sync = interpreter start +
-imports + load() + sync() (load() also shown on its own)."""
+imports + load() + sync() (load() also shown on its own).
+'sh lines' rows: /bin/sh hook/qemu (or the file in /etc that execs it), run without
+`ip netns exec` (nothing there touches the network), 5 kB of XML on stdin, the hook
+index current (forward.toml aged a minute, then compiled); floor (c): /bin/true fed
+the same XML. 'libvirtd restart': that many `reconnect` calls one after the other
+(direct invocation, no libvirtd), total ms, median of 3."""
 
 
 def run(tmp: str) -> List[Row]:

@@ -55,8 +55,12 @@ def etc(tmp_path: "os.PathLike[str]") -> str:
 
 
 @pytest.fixture
-def pf(lab: Lab, tmp_path: "os.PathLike[str]") -> PortfwdHost:
-    return PortfwdHost(lab, str(tmp_path))
+def pf(lab: Lab, tmp_path: "os.PathLike[str]", request: pytest.FixtureRequest) -> PortfwdHost:
+    """portfwd in the lab; ``parametrize("pf", ["sh"], indirect=True)``: its hook run
+    through the hook's sh lines (``PortfwdHost.via_sh``)."""
+    host = PortfwdHost(lab, str(tmp_path))
+    host.via_sh = getattr(request, "param", "python") == "sh"
+    return host
 
 
 @pytest.fixture(scope="session")

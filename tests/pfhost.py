@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from netlab import Lab
@@ -90,6 +91,7 @@ class PortfwdHost:
                     "PORTFWD_CONFIG": self.config, "PORTFWD_RUNDIR": self.run_dir,
                     # these guests are not libvirt's: never judge them by its status files
                     "PORTFWD_QEMU_STATUS_DIR": os.path.join(base, "no-libvirt")}
+        self.via_sh = False  # hook() runs the hook's sh lines (/bin/sh HOOK), else Python
 
     def write_config(self, text: str) -> None:
         tmp = self.config + ".tmp"
@@ -97,18 +99,49 @@ class PortfwdHost:
             f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, self.config)
+        if self.via_sh:
+            self.age_config()
+
+    def age_config(self, seconds: float = 10.0) -> None:
+        """The configuration as if written ``seconds`` ago and the hook index gone, as
+        after an edit: the next Python run writes an index the sh lines trust at once
+        (a configuration edited less than hookindex.MARGIN_NS ago gets one that they
+        do not trust yet)."""
+        from portfwd import hookindex
+
+        past = time.time_ns() - int(seconds * 1e9)
+        for path in (self.config, self.etc):
+            os.utime(path, ns=(past, past))
+        hookindex.remove(self.run_dir)
 
     def hook(self, guest: str, op: str, sub: str = "begin", extra: str = "-",
              xml: Optional[bytes] = None, python_flags: List[str] = []) -> subprocess.CompletedProcess[bytes]:
-        """Run the hook exactly as libvirt does: argv, XML on stdin, minimal environment."""
-        return self.lab.ns(self.lab.host, sys.executable, "-I", *python_flags, HOOK, guest, op, sub,
-                           extra, input=domain_xml(guest) if xml is None else xml, env=self.env,
+        """Run the hook exactly as libvirt does: argv, XML on stdin, minimal environment;
+        with ``via_sh``, through its sh lines (whose exit status 1, what they make of
+        hook.STRICT_FAILURE, is reported as STRICT_FAILURE: one code to compare)."""
+        if not self.via_sh:
+            return self.lab.ns(self.lab.host, sys.executable, "-I", *python_flags, HOOK, guest,
+                               op, sub, extra, input=domain_xml(guest) if xml is None else xml,
+                               env=self.env, check=False)
+        assert not python_flags
+        r = self.sh_hook(HOOK, guest, op, sub, extra, xml=domain_xml(guest) if xml is None else xml)
+        if r.returncode == 1:
+            from portfwd.hook import STRICT_FAILURE
+
+            r.returncode = STRICT_FAILURE
+        return r
+
+    def sh_hook(self, path: str, *args: str, xml: bytes) -> subprocess.CompletedProcess[bytes]:
+        """The hook file ``path`` run by /bin/sh, as libvirt's hook in /etc runs it."""
+        return self.lab.ns(self.lab.host, "/bin/sh", path, *args, input=xml, env=self.env,
                            check=False)
 
     def network_hook(self, network: str, op: str) -> "Callable[[], subprocess.CompletedProcess[bytes]]":
         """A deferred run of the network hook as libvirt runs it."""
         xml = (f"<hookData><network><name>{network}</name><bridge name='br0'/></network>"
                "</hookData>").encode()
+        if self.via_sh:
+            return lambda: self.sh_hook(NETWORK_HOOK, network, op, "begin", "-", xml=xml)
         return lambda: self.lab.ns(self.lab.host, sys.executable, "-I", NETWORK_HOOK, network, op,
                                    "begin", "-", input=xml, env=self.env, check=False)
 

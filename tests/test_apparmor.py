@@ -272,6 +272,10 @@ def test_the_sh_lines_run_nothing_but_the_tools_hook_chain_checks(
     nothing else on PATH, both of their error paths run them and nothing else."""
     tmp = str(tmp_path)
     env = shell_tools_only(tmp)
+    # a guest with a record: the network hook's sh lines hand the call to Python
+    env["PORTFWD_RUNDIR"] = os.path.join(tmp, "run")
+    os.makedirs(os.path.join(tmp, "run", "guests"), mode=0o700)
+    open(os.path.join(tmp, "run", "guests", "web1.json"), "w").close()
     py = os.path.join(tmp, "python")
     if python == "fails":
         with open(py, "w") as f:

@@ -14,6 +14,8 @@ from pfhost import DNAT_RULES, HOOK, PortfwdHost, domain_xml, run_reading_all, w
 from portfwd.hook import STRICT_FAILURE
 
 pytestmark = pytest.mark.kernel
+# through Python (as before) and through the hook's sh lines, index current
+BOTH = pytest.mark.parametrize("pf", ["python", "sh"], indirect=True)
 
 WEB1 = web1_config("8080:80", "5000-5002/udp")
 WEB2 = """
@@ -38,6 +40,7 @@ def keys(pf: PortfwdHost, name: str) -> List[Tuple[Any, ...]]:
     return sorted(out, key=repr)
 
 
+@BOTH
 def test_started_applies_and_stopped_removes(pf: PortfwdHost) -> None:
     pf.write_config(WEB1)
     r = pf.hook("web1", "started")
@@ -57,6 +60,7 @@ def test_started_applies_and_stopped_removes(pf: PortfwdHost) -> None:
     assert not os.listdir(os.path.join(pf.run_dir, "guests"))
 
 
+@BOTH
 @pytest.mark.parametrize("again", ["started", "reconnect", "attach", "restore", "migrate"])
 def test_twice_is_once(pf: PortfwdHost, again: str) -> None:
     pf.write_config(WEB1)
@@ -69,6 +73,7 @@ def test_twice_is_once(pf: PortfwdHost, again: str) -> None:
     assert pf.table() == before
 
 
+@BOTH
 @pytest.mark.parametrize("op", ["migrate", "restore"])
 def test_migrate_and_restore_apply_and_keep_stdout_empty(pf: PortfwdHost, op: str) -> None:
     pf.write_config(WEB1)
@@ -78,6 +83,7 @@ def test_migrate_and_restore_apply_and_keep_stdout_empty(pf: PortfwdHost, op: st
     assert count(pf) == 6
 
 
+@BOTH
 @pytest.mark.parametrize("op, sub", [("stopped", "end"), ("release", "end")])
 def test_removal_also_after_the_guest_left_the_config(pf: PortfwdHost, op: str, sub: str) -> None:
     pf.write_config(WEB1 + WEB2)
@@ -89,6 +95,7 @@ def test_removal_also_after_the_guest_left_the_config(pf: PortfwdHost, op: str, 
     assert keys(pf, "any4_ip") == [("tcp", 9090)]
 
 
+@BOTH
 def test_config_change_moves_a_running_guest_on_restart_event(pf: PortfwdHost) -> None:
     pf.write_config(WEB1)
     assert pf.hook("web1", "started").returncode == 0
@@ -99,6 +106,7 @@ def test_config_change_moves_a_running_guest_on_restart_event(pf: PortfwdHost) -
     assert count(pf) == 6
 
 
+@BOTH
 def test_other_phases_do_nothing(pf: PortfwdHost) -> None:
     pf.write_config(WEB1)
     for op, sub in [("prepare", "begin"), ("start", "begin"), ("shutdown", "end"),
@@ -122,6 +130,7 @@ def test_unmanaged_guest_exits_before_importing_nftables(pf: PortfwdHost) -> Non
     assert stopped.returncode == 0 and "nftables" not in stopped.stderr.decode()
 
 
+@BOTH
 def test_guest_matched_by_uuid(pf: PortfwdHost) -> None:
     uuid = "6f1c1e36-4a61-4d2a-9d5f-3b8c6d1e2f70"
     pf.write_config(f'[[forward]]\nuuid = "{uuid.upper()}"\nipv4 = "{GUEST4}"\nports = [22]\n')
@@ -134,6 +143,7 @@ def test_guest_matched_by_uuid(pf: PortfwdHost) -> None:
 BROKEN = '[[forward]]\nguest = "web2"\nipv4 = "192.168.150.11"\nports = ["99999"]\n'
 
 
+@BOTH
 def test_broken_config_keeps_rules_and_exits_zero(pf: PortfwdHost) -> None:
     pf.write_config(WEB1)
     assert pf.hook("web1", "started").returncode == 0
@@ -152,6 +162,7 @@ def test_broken_config_keeps_rules_and_exits_zero(pf: PortfwdHost) -> None:
     assert pf.table() == before
 
 
+@BOTH
 def test_strict_fails_start_phases_only(pf: PortfwdHost) -> None:
     pf.write_config(WEB1)
     assert pf.hook("web1", "started").returncode == 0
@@ -167,6 +178,7 @@ def test_strict_fails_start_phases_only(pf: PortfwdHost) -> None:
     assert count(pf) == 0  # removal needs no configuration
 
 
+@BOTH
 def test_strict_with_unreadable_toml_uses_last_valid_setting(pf: PortfwdHost) -> None:
     pf.write_config("[options]\nstrict = true\n" + WEB1)
     assert pf.hook("web1", "started").returncode == 0
@@ -174,6 +186,7 @@ def test_strict_with_unreadable_toml_uses_last_valid_setting(pf: PortfwdHost) ->
     assert pf.hook("web1", "prepare").returncode == STRICT_FAILURE
 
 
+@BOTH
 def test_nftables_refusal_fails_started_only_when_strict(pf: PortfwdHost) -> None:
     # a foreign map of another type where ours belongs: nftables refuses our batch
     pf.lab.ns(pf.lab.host, "nft", "add table inet portfwd { comment \"portfwd: made by portfwd\"; };"

@@ -346,6 +346,8 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
+    import shlex
+
     from . import installpaths
     from .pathwalk import at
 
@@ -362,13 +364,19 @@ def cmd_install(args: argparse.Namespace) -> int:
     # libvirt runs hooks with an empty environment: a non-default path goes into the hook
     settings = "".join(f"import os; os.environ[{name!r}] = {value!r}\n" for name, value in (
         (state.ENV_CONFIG, args.config), (state.ENV_RUN_DIR, args.run_dir)) if value)
+    # … and into its sh lines, which look at the same files (the hook index)
+    for value in (args.config, args.run_dir):
+        if value and ("\\" in value or "'''" in value or "\n" in value):
+            raise HostError(f"cannot name {value!r} in the hook: choose a path without"
+                            " backslashes, newlines or '''")
+    exports = "".join(f"{name}={shlex.quote(value)}; export {name}\n" for name, value in (
+        (state.ENV_CONFIG, args.config), (state.ENV_RUN_DIR, args.run_dir)) if value)
     # the hook is `#!/bin/sh` starting `py=INTERPRETER` on itself (a missing interpreter
     # must not fail the guest); sh's lines sit in a Python string: no backslash there
     python = sys.executable
     if not python or "\\" in python or "\n" in python:
         raise HostError(f"cannot name the interpreter {python!r} in the hook: install portfwd"
                         " for a Python with a plain path")
-    import shlex
     import site
 
     from . import codetrust
@@ -388,7 +396,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         head, sep, body = template.partition("\n'''\n")  # the end of the sh lines
         if not sep or "\npy=/usr/bin/python3\n" not in head:
             raise BugError(f"{f.name}: no `py=/usr/bin/python3` line before the closing '''")
-        head = head.replace("\npy=/usr/bin/python3\n", f"\npy={shlex.quote(python)}\n", 1)
+        head = head.replace("\npy=/usr/bin/python3\n", f"\npy={shlex.quote(python)}\n{exports}", 1)
         os.makedirs(os.path.dirname(hook_dst), mode=0o755, exist_ok=True)
         state.write_atomic(hook_dst, f"{head}{sep}{settings}{body}".encode(), mode=0o755)
         done.append(f"hook {hook_dst}")

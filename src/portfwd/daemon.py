@@ -18,22 +18,28 @@ checks that portfwd's tables and their drop rule for outside packets to
 they are gone, and turns ``route_localnet`` off when it cannot.
 
 The loop is a list of duties (``duties``), each run once per turn.
+
+Hook calls: a thread answers the calls the hooks hand over on RUN_DIR/hook.sock
+(``hooksocket``) with ``hook.answer``, one at a time, with one nftables context
+kept for them; no fork happens meanwhile (``FORK_LOCK``).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import hostnet, libvirtapi, log, state
+from . import hook, hooksocket, hostnet, libvirtapi, log, state
 from .discover import LEASE_DIR, Resolver, status_files_tell
 from .engine import Engine
 from .errors import ConfigError, HostError
 from .evidence import Recheck
 from .model import Config, Guest
+from .nft import Nft
 
 RECONCILE_LIMIT = 120.0  # seconds a reconcile or repair may run before its child is killed
 LOCK_WAIT = 30.0  # seconds the daemon waits for portfwd's lock while one other run holds it
@@ -81,6 +87,9 @@ class Daemon:
         # what one turn of the loop does, in order
         self.duties: List[Callable[[], None]] = [self.keep_guard, self.recheck_evidence,
                                                  self.follow_changes]
+        self.listener: Optional[socket.socket] = None  # hook.sock (``serve_hooks``)
+        self.listening: Optional[int] = None  # its inode, to remove only ours
+        self.hook_nft: Optional[Nft] = None  # the hook calls' nftables context, kept warm
 
     # -- libvirt -----------------------------------------------------------
     def start_event_loop(self) -> None:
@@ -122,6 +131,13 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         signal.signal(signal.SIGHUP, self._reload)
+        self.serve_hooks()
+        try:
+            return self._loop()
+        finally:
+            self.stop_serving()
+
+    def _loop(self) -> int:
         while not self.stopping:
             connected = self.connect()
             try:
@@ -141,6 +157,81 @@ class Daemon:
         log.info(f"stopped after {c['reconciles']} reconcile(s), {c['rebuilds']} of them sent"
                  f" to nftables, and {c['repairs']} rebuild(s) of a vanished table")
         return 0
+
+    # -- hook calls handed over (hooksocket) -----------------------------------
+    def serve_hooks(self) -> None:
+        """Answer the hooks' calls on RUN_DIR/hook.sock, in a thread of its own."""
+        path = hooksocket.socket_path(self.engine.root)
+        try:
+            state.ensure_dir(self.engine.root)
+            self.listener = hooksocket.listen(self.engine.root)
+        except OSError as e:
+            log.warning(f"{path}: {e}; the hooks do their work themselves")
+            return
+        if self.listener is None:
+            log.warning(f"{path}: another daemon answers there, or {self.engine.root} is not"
+                        " root's alone (mode 0700); the hooks do their work themselves")
+            return
+        self.listening = os.lstat(path).st_ino
+        threading.Thread(target=self._answer_hooks, args=(self.listener,), name="hooks",
+                         daemon=True).start()
+
+    def _answer_hooks(self, listener: socket.socket) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                if self.stopping or listener.fileno() < 0:
+                    return
+                time.sleep(0.1)
+                continue
+            with conn:
+                request = hooksocket.read_request(conn)
+                call = hooksocket.parse(request) if request is not None else None
+                if call is None:
+                    continue  # closed without an answer: the hook does the work itself
+                status, text = self.hook_call(*call)
+                try:
+                    conn.sendall(hooksocket.answer(status, text))
+                except OSError:
+                    pass
+
+    def hook_call(self, config: str, kind: str, args: List[str], xml: bytes) -> Tuple[int, str]:
+        """What the hook would do, done here; DECLINED (before anything is done) for
+        another configuration, or when a fork keeps FORK_LOCK longer than BUSY_WAIT."""
+        if config != self.engine.config_path or state.config_path() != config:
+            return hooksocket.DECLINED, ""
+        if not FORK_LOCK.acquire(timeout=hooksocket.BUSY_WAIT):
+            return hooksocket.DECLINED, ""
+        try:
+            if self.hook_nft is None:
+                self.hook_nft = Nft()
+            return hook.answer(kind, args, xml, self.hook_nft)
+        except HostError as e:  # no nftables bindings: the hook says so itself
+            log.warning(f"hook call {' '.join(args[:2])}: {e}")
+            return hooksocket.DECLINED, ""
+        finally:
+            FORK_LOCK.release()
+
+    def stop_serving(self) -> None:
+        listener, self.listener = self.listener, None
+        if listener is None:
+            return
+        path = hooksocket.socket_path(self.engine.root)
+        try:
+            mine = os.lstat(path).st_ino == self.listening
+        except OSError:
+            mine = False
+        try:
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the thread in accept()
+        except OSError:
+            pass
+        listener.close()
+        if mine:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def follow_changes(self) -> None:
         """Reconcile at once when libvirt, SIGHUP or an edit of the configuration asks;
@@ -283,6 +374,10 @@ class Daemon:
 
 
 REBUILT, UNCHANGED = "rebuilt", "unchanged"  # what a child's work reports
+# held by a hook call being answered (``Daemon.hook_call``), and around each fork: a
+# child must not inherit the descriptor of portfwd's lock that a hook call holds (it
+# would keep the lock, and wait for it itself)
+FORK_LOCK = threading.Lock()
 
 
 def in_child(work: Callable[[], str], limit: float, what: str = "reconcile") -> str:
@@ -299,7 +394,8 @@ def in_child(work: Callable[[], str], limit: float, what: str = "reconcile") -> 
     import traceback
 
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    with FORK_LOCK:
+        pid = os.fork()
     if pid == 0:  # the child
         status = 0
         try:

@@ -70,11 +70,14 @@ class Engine:
     def compile(self) -> Config:
         """Parse the configuration (ConfigError if invalid or missing: an editor's
         save-by-rename must not read as "no forwards") and cache it per guest."""
+        from . import hookindex
         from .config import load
 
         signature = state.config_signature(self.config_path)
+        seen = hookindex.snapshot(self.config_path)
         config = load(self.config_path)
         self._write_cache(config, signature)
+        hookindex.after_compile(self.root, self.config_path, config, seen)
         return config
 
     def _write_cache(self, config: Config, signature: str) -> None:

@@ -6,7 +6,10 @@ Never calls libvirt (libvirt waits for us: deadlock), never writes to stdout
 (the hook's sh lines turn that status alone into libvirt's failure): whatever goes
 wrong otherwise, also a bug, ends in a message and exit 0. Never waits more than
 LOCK_WAIT seconds for a lock that one other portfwd run keeps. A guest with no
-forwards and no state leaves before anything heavy is imported.
+forwards and no state leaves before anything heavy is imported; once the hook
+index is current (``hookindex``), the hook's sh lines answer it without Python.
+A call that may change something goes to ``portfwd daemon`` when it runs
+(``hooksocket``), which answers it with ``answer``: the same ``run``.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from __future__ import annotations
 import os
 import sys
 
-from . import state
+from . import hookindex, state
 from .domainxml import FORWARDS_MARK, domain_uuid
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import List, Optional
+    from typing import List, Optional, Tuple
+
+    from .nft import NftLike
 
 APPLY = frozenset({"started", "reconnect", "restore", "attach", "migrate"})
 REMOVE = frozenset({"stopped", "release"})
@@ -45,13 +50,53 @@ def main(kind: str = "qemu", argv: Optional[List[str]] = None) -> int:
         os.dup2(2, 1)  # nothing we or a library print may reach libvirt's stdout
     except OSError:  # no stderr either
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    if _may_work(kind, args):  # the daemon, when it runs, has everything imported
+        from . import hooksocket
+
+        said = hooksocket.ask(state.run_dir(), state.config_path(), kind, args, xml)
+        if said is not None:
+            try:
+                os.write(2, said[1])
+            except OSError:
+                pass
+            return said[0]
+    return run(kind, args, xml)
+
+
+def _may_work(kind: str, args: List[str]) -> bool:
+    """Whether the call may change forwards or accepts (else it is cheap here)."""
+    if len(args) < 3:
+        return False
+    if kind == "network":
+        return args[1] in NETWORK_REASSERT and args[2] == "begin"
+    return kind == "qemu" and args[2] == ("end" if args[1] in REMOVE else "begin") and (
+        args[1] in APPLY or args[1] in REMOVE)
+
+
+def answer(kind: str, args: List[str], xml: bytes, nft: Optional[NftLike] = None
+           ) -> Tuple[int, str]:
+    """``run`` for a hook that handed its call over (``portfwd daemon``, with its
+    nftables context ``nft``): the exit status and what the hook would have written
+    to stderr."""
+    from . import log
+
+    lines = log.capture()
+    try:
+        status = run(kind, args, xml, nft)
+    finally:
+        log.end_capture()
+    return status, "".join(lines)
+
+
+def run(kind: str, args: List[str], xml: bytes, nft: Optional[NftLike] = None) -> int:
+    """The hook call: its exit status (only STRICT_FAILURE fails anything)."""
     what = f"{'network' if kind == 'network' else 'guest'} {' '.join(args[:2])}"
     try:
         if kind == "network":
-            return network_hook(args)
+            return network_hook(args, nft)
         if kind != "qemu":
             return 0
-        return qemu_hook(args, xml)
+        return qemu_hook(args, xml, nft)
     except state.LockTimeout as e:
         holder = f" (pid {e.holder})" if e.holder else ""
         _report(f"{what}: lock held by another portfwd run{holder} for {e.waited:g} s;"
@@ -65,7 +110,7 @@ def main(kind: str = "qemu", argv: Optional[List[str]] = None) -> int:
         return 0
 
 
-def qemu_hook(args: List[str], xml: bytes) -> int:
+def qemu_hook(args: List[str], xml: bytes, nft: Optional[NftLike] = None) -> int:
     """``GUEST OP SUBOP EXTRA``: apply, remove or check the guest's forwards."""
     if len(args) < 2:
         return 0
@@ -83,18 +128,18 @@ def qemu_hook(args: List[str], xml: bytes) -> int:
             if op in REMOVE and not known:
                 return 0
             if op not in REMOVE and state.cached_signature() == state.config_signature(config):
-                if op in CHECK:
-                    return 0  # the cached configuration is valid
-                if not known and not state.cached_guest_files(name, uuid) and not (
-                        FORWARDS_MARK in xml and state.cached_domain_forwards()):
+                if op in CHECK or (not known and not state.cached_guest_files(name, uuid) and not (
+                        FORWARDS_MARK in xml and state.cached_domain_forwards())):
+                    # CHECK: the cached configuration is valid; else: nothing for this guest
+                    hookindex.refresh(state.run_dir(), config)  # so that sh answers next time
                     return 0
-            return _run(name, uuid, op, config, xml)
+            return _run(name, uuid, op, config, xml, nft)
     except OSError as e:  # the run directory itself is unusable
         _report(f"guest {name} {op}: {e}")
         return 0
 
 
-def network_hook(args: List[str]) -> int:
+def network_hook(args: List[str], nft: Optional[NftLike] = None) -> int:
     """``NET started|updated|port-created begin -``: re-assert portfwd's accepts in
     libvirt's chains, which libvirt has just rebuilt. Never fails the network."""
     if len(args) < 3 or args[1] not in NETWORK_REASSERT or args[2] != "begin":
@@ -108,7 +153,7 @@ def network_hook(args: List[str]) -> int:
 
             log.use_syslog()
             try:
-                engine = Engine(state.config_path())
+                engine = Engine(state.config_path(), nft=nft)
                 # a (re)started or updated network may have a new bridge: ask the routes
                 # again; a new port (every guest start) changes no bridge
                 engine.ensure_compat(engine.wanted_bridges(recompute=args[1] != "port-created"))
@@ -134,14 +179,15 @@ def _report(message: str, error: bool = True) -> None:
         pass
 
 
-def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) -> int:
+def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes,
+         nft: Optional[NftLike] = None) -> int:
     """The managed path: plan and apply; decide the exit code."""
     from . import log
     from .engine import Engine
     from .errors import ConfigError, PortfwdError
 
     log.use_syslog()
-    engine = Engine(config_path)
+    engine = Engine(config_path, nft=nft)
     strict = False
     try:
         if op in REMOVE:

@@ -10,13 +10,32 @@ meets a character it cannot encode.
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
 
 from .escape import printable
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, List
+
 _syslog = False
 _journal = False
+# thread → the lines it writes as a hook would, for the hook that handed it its call
+_captured: Dict[int, List[str]] = {}
+
+
+def capture() -> List[str]:
+    """From now on this thread's messages also go, as the hook writes them, to the
+    list returned (``portfwd daemon`` answering a hook), until ``end_capture``."""
+    lines: List[str] = []
+    _captured[_thread.get_ident()] = lines
+    return lines
+
+
+def end_capture() -> None:
+    _captured.pop(_thread.get_ident(), None)
 
 
 def use_syslog() -> None:
@@ -44,6 +63,8 @@ def stderr_is_journal() -> bool:
 
 def _emit(level: str, priority: int, message: str) -> None:
     line = printable(message)
+    if _captured and _thread.get_ident() in _captured:
+        _captured[_thread.get_ident()].append(f"portfwd: {level}{line}\n")
     if _journal:
         sys.stderr.write(f"<{priority}>{level}{line}\n")
     else:

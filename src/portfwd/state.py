@@ -23,6 +23,10 @@ format and its atomic write live here (``Store``, and the lock ``locked``).
                           the last sync left waiting for evidence (``evidence``)
     layout.TABLE          the ``constants.LAYOUT`` TABLE was last built with, and its
                           variant (``engine.layout_id``: "7", "7+concat")
+    hookindex -> hookindex.PID.RANDOM/   what the hook's sh lines read (``hookindex``
+                          owns it: its format, its writer and its cleaning)
+    hook.sock             where ``portfwd daemon`` answers the hooks' calls
+                          (``hooksocket``: the format; the daemon makes and removes it)
 
 Every file is replaced by a rename (``write_atomic``; the cache by swapping the
 ``compiled`` symlink), so a reader sees the old or the new content. What a run
