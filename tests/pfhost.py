@@ -18,6 +18,17 @@ DNAT_RULES = 12
 NETWORK_HOOK = os.path.join(ROOT, "hook", "network")
 
 
+def installed(kind: str, python: str, dst: str) -> str:
+    """The hook as `portfwd install` writes it, naming ``python`` as its interpreter."""
+    with open(os.path.join(ROOT, "hook", kind), encoding="utf-8") as f:
+        text = f.read()
+    assert "\npy=/usr/bin/python3\n" in text
+    with open(dst, "w", encoding="utf-8") as f:
+        f.write(text.replace("\npy=/usr/bin/python3\n", f"\npy={python}\n", 1))
+    os.chmod(dst, 0o755)
+    return dst
+
+
 def web1_config(*ports: str) -> str:
     """A forward.toml forwarding ``ports`` to the lab's guest "web1", both families."""
     from netlab import GUEST4, GUEST6
@@ -82,6 +93,7 @@ class PortfwdHost:
 
     def __init__(self, lab: Lab, base: str) -> None:
         self.lab = lab
+        self.base = base
         self.etc = os.path.join(base, "etc")
         os.makedirs(self.etc, mode=0o755, exist_ok=True)
         self.config = os.path.join(self.etc, "forward.toml")
@@ -132,7 +144,14 @@ class PortfwdHost:
         return r
 
     def sh_hook(self, path: str, *args: str, xml: bytes) -> subprocess.CompletedProcess[bytes]:
-        """The hook file ``path`` run by /bin/sh, as libvirt's hook in /etc runs it."""
+        """The hook file ``path`` run by /bin/sh, as libvirt's hook in /etc runs it; this
+        checkout's hooks with this interpreter (as `portfwd install` writes them), not the
+        system python3, which would import whatever portfwd the system has installed."""
+        if path in (HOOK, NETWORK_HOOK):
+            kind = os.path.basename(path)
+            path = os.path.join(self.base, f"{kind}-hook")
+            if not os.path.exists(path):
+                installed(kind, sys.executable, path)
         return self.lab.ns(self.lab.host, "/bin/sh", path, *args, input=xml, env=self.env,
                            check=False)
 

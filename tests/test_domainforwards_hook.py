@@ -10,7 +10,8 @@ from typing import Any, Dict, List
 import pytest
 
 from netlab import GUEST4
-from pfhost import PortfwdHost, domain_xml
+from pfhost import HOOK, PortfwdHost, domain_xml
+from portfwd import hookindex
 
 pytestmark = pytest.mark.kernel
 
@@ -87,3 +88,18 @@ def pf_status(pf: PortfwdHost) -> List[Dict[str, Any]]:
 
     rows: List[Dict[str, Any]] = json.loads(pf.cli("status", "--json").stdout)["forwards"]
     return rows
+
+
+def test_the_sh_lines_never_skip_a_domain_that_may_declare_forwards(pf: PortfwdHost) -> None:
+    """The hook index names no guest of forward.toml here, yet with domain_forwards on
+    the sh lines hand every apply to Python: only the XML can tell."""
+    pf.write_config(ON)
+    pf.age_config()
+    r = pf.hook("nobody", "started")  # compiles the configuration and writes the index
+    assert (r.returncode, r.stderr) == (0, b"")
+    assert hookindex.trusted(pf.run_dir, pf.config)
+    r = pf.sh_hook(HOOK, "meta2", "started", "begin", "-", xml=declaring("meta2"))
+    assert (r.returncode, r.stdout) == (0, b""), r.stderr
+    assert ports(pf) == [18081]
+    r = pf.sh_hook(HOOK, "meta2", "stopped", "end", "-", xml=declaring("meta2"))
+    assert r.returncode == 0 and ports(pf) == []

@@ -13,9 +13,9 @@ from typing import Callable, Dict, List
 
 import pytest
 
-from pfhost import HOOK, PortfwdHost, domain_xml, run_reading_all
+from pfhost import HOOK, PortfwdHost, domain_xml, installed, run_reading_all
 from portfwd import hookindex
-from test_hook_safety import fake_python, host_ports, installed
+from test_hook_safety import fake_python, host_ports
 
 pytestmark = pytest.mark.kernel
 

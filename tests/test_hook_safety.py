@@ -14,7 +14,7 @@ from typing import Dict, List
 import pytest
 
 from pfhost import (HOOK, NETWORK_HOOK, ROOT, LockHolder, PortfwdHost, domain_xml,
-                    run_reading_all, web1_config)
+                    installed, run_reading_all, web1_config)
 from portfwd import hook, state
 
 QEMU_OPS = [("reconnect", "begin"), ("started", "begin"), ("stopped", "end"),
@@ -45,17 +45,6 @@ def one_line(r: subprocess.CompletedProcess[bytes]) -> str:
     lines = r.stderr.decode().splitlines()
     assert len(lines) == 1, lines
     return lines[0]
-
-
-def installed(kind: str, python: str, dst: str) -> str:
-    """The hook as `portfwd install` writes it, naming ``python`` as its interpreter."""
-    with open(os.path.join(ROOT, "hook", kind), encoding="utf-8") as f:
-        text = f.read()
-    assert "\npy=/usr/bin/python3\n" in text
-    with open(dst, "w", encoding="utf-8") as f:
-        f.write(text.replace("\npy=/usr/bin/python3\n", f"\npy={python}\n", 1))
-    os.chmod(dst, 0o755)
-    return dst
 
 
 def host_ports(pf: PortfwdHost) -> List[int]:
