@@ -34,6 +34,7 @@ from pfhost import domain_xml
 from portfwd import (bridgeport, compat, config, constants, domainxml, guard, hook, hostnet, proc,
                      rules, state)
 from portfwd.discover import Resolver
+from portfwd import guestpass, wholehost
 from portfwd.engine import Engine
 from portfwd.plan import bind
 from portfwd.values import Reason, Selector
@@ -223,17 +224,16 @@ def guest_event(host: EngineHost, name: str, op: str, xml: Optional[bytes] = Non
     with state.locked(host.run_dir):
         engine = Engine(host.config, root=host.run_dir, nft=nft)
         if op in hook.REMOVE:
-            engine.remove_guest(name)
+            guestpass.remove_guest(engine, name)
             return nft
         uuid = domainxml.domain_uuid(xml)
-        table, _, templates = engine.guest_config(name, uuid)
+        config = engine.guest_config(name, uuid)
         if op in hook.CHECK:
             return nft
-        planned = bind(templates, name)
+        planned = bind(config.templates, name)
         resolver = (Resolver(name, xml) if any(isinstance(b.target, Selector) for b in planned)
                     else None)
-        engine.taps[name] = domainxml.taps(xml)
-        engine.apply_guest(name, uuid, table, planned, resolver)
+        guestpass.apply_guest(engine, name, uuid, config, planned, resolver, domainxml.taps(xml))
     return nft
 
 
@@ -241,7 +241,7 @@ def reapply(host: EngineHost) -> FakeNft:
     """``portfwd reapply`` (cli.cmd_reapply); returns the run's FakeNft."""
     nft = host.process()
     with state.locked(host.run_dir):
-        Engine(host.config, root=host.run_dir, nft=nft).reapply()
+        wholehost.reapply(Engine(host.config, root=host.run_dir, nft=nft))
     return nft
 
 

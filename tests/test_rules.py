@@ -18,7 +18,7 @@ from typing import Any, Dict, List
 import pytest
 
 from portfwd import constants, rules
-from portfwd.engine import layout_id
+from portfwd.tables import layout_id
 from portfwd.plan import Binding
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden")
@@ -91,7 +91,7 @@ def test_skeleton_without_ipv6_is_golden() -> None:
 
 @VARIANTS
 def test_skeleton_change_needs_a_layout_bump(variant: str) -> None:
-    """Layout ids: engine.layout_id (LAYOUT, "+concat" for that variant)."""
+    """Layout ids: tables.layout_id (LAYOUT, "+concat" for that variant)."""
     digest = _digest(rules.skeleton("portfwd", variant=variant))
     layout = layout_id(variant)
     assert layout.startswith(constants.LAYOUT)

@@ -20,7 +20,7 @@ import shutil
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import escape, libvirtapi, log, state
+from . import bridgeupkeep, escape, libvirtapi, log, state, tables, wholehost
 from .cmdline import parser
 from .config import load
 from .discover import status_files_tell
@@ -71,7 +71,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         engine = Engine(config.path)
         table = config.options.table
         try:
-            foreign = engine.table_owner(table) is False
+            foreign = tables.table_owner(engine, table) is False
         except HostError:
             foreign = False  # not root: the firewall inspection below says so
         if foreign:
@@ -90,7 +90,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     targets = {str(a) for f in config.forwards for a in (f.ipv4, f.ipv6) if a is not None}
     blocked: List[str] = []
     try:
-        blocked = engine.firewall(targets)[1]
+        blocked = bridgeupkeep.firewall(engine, targets)[1]
     except HostError as e:
         warnings.append(f"{path}: warning: could not inspect the host's firewall ({e}); run"
                         " check as root to see whether anything blocks forwarded traffic")
@@ -123,16 +123,17 @@ def cmd_sync(args: argparse.Namespace) -> int:
     with state.locked():
         engine = Engine(config.path)
         before = [b for st in engine.all_states() for b in st.bindings]
-        bindings = engine.sync(config, guests, dry_run=args.dry_run, resolvers=resolvers,
-                               settle=status_files_tell(args.connect))
+        synced = wholehost.sync(engine, config, guests, dry_run=args.dry_run,
+                                resolvers=resolvers, settle=status_files_tell(args.connect))
         if not args.dry_run:
             engine.compile()
+    bindings = synced.applied
     if args.dry_run:
-        return _print_dry_run(config, len(guests), before, bindings, engine.pending, args.json)
+        return _print_dry_run(config, len(guests), before, bindings, synced.pending, args.json)
     owners = {b.guest for b in bindings}
     if args.json:
         print(json.dumps({"table": config.options.table, "bindings": len(bindings),
-                          "guests": len(owners), "pending": len(engine.pending)}, indent=2))
+                          "guests": len(owners), "pending": len(synced.pending)}, indent=2))
     else:
         say(f"synced: {len(bindings)} binding(s) for {len(owners)} guest(s)"
             f" in table inet {config.options.table}")
@@ -237,7 +238,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 def cmd_reapply(args: argparse.Namespace) -> int:
     with state.locked():
-        bindings = Engine(state.config_path(args.config)).reapply()
+        bindings = wholehost.reapply(Engine(state.config_path(args.config)))
     owners = {b.guest for b in bindings}
     say(f"reapplied: {len(bindings)} binding(s) for {len(owners)} guest(s) from {state.run_dir()}")
     return EXIT_OK
@@ -252,7 +253,7 @@ def _flush(path: str) -> List[str]:
     except ConfigError:
         pass  # the configured table name is all it is asked for
     with state.locked():
-        removed, foreign = Engine(path).flush(table)
+        removed, foreign = wholehost.flush(Engine(path), table)
     for t in foreign:
         log.warning(f"table inet {t} left alone: portfwd did not make it")
     return removed

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import hostnet, libvirtapi, log, state
+from . import bridgeupkeep, hostnet, libvirtapi, log, state, wholehost
 from .discover import LEASE_DIR, Resolver, status_files_tell
 from .engine import Engine
 from .errors import ConfigError, HostError
@@ -205,11 +205,11 @@ class Daemon:
     def _sync(self, config: Config, guests: List[Guest], resolvers: Dict[str, Resolver],
               full: bool) -> str:
         with self.locked():
-            bindings = self.engine.sync(config, guests, resolvers=resolvers,
-                                        settle=status_files_tell(self.uri), rebuild=full)
-            pending = self.engine.waiting
-        if not self.engine.rebuilt:
+            synced = wholehost.sync(self.engine, config, guests, resolvers=resolvers,
+                                    settle=status_files_tell(self.uri), rebuild=full)
+        if not synced.rebuilt:
             return UNCHANGED
+        bindings, pending = synced.applied, len(synced.pending)
         log.info(f"synced: {len(bindings)} forward(s) for {len({b.guest for b in bindings})}"
                  f" guest(s)" + (f", {pending} waiting for an address" if pending else ""))
         return REBUILT
@@ -222,7 +222,7 @@ class Daemon:
         from 127.0.0.1 are gone with the table anyway), then the tables are rebuilt
         from the records, which turns it on again. When the rebuild fails, it stays
         off, recorded so, and the rebuild is tried again REPAIR_RETRY later."""
-        missing = self.engine.unguarded()
+        missing = bridgeupkeep.unguarded(self.engine)
         if not missing or time.monotonic() < self.repair_at:
             return
         tables = ", ".join(f"table inet {t}" for t in missing)
@@ -239,7 +239,7 @@ class Daemon:
                             " rule is back (forwards from 127.0.0.1 stop meanwhile)")
             try:
                 with self.locked():
-                    self.engine.localnet_off()  # records it (the sysctls are off already)
+                    bridgeupkeep.localnet_off(self.engine)  # records it (the sysctls are off already)
             except state.LockTimeout:
                 pass  # the next run that finds the guard turns it on again; the record says so
             return
@@ -249,7 +249,7 @@ class Daemon:
     def _reapply(self) -> str:
         with self.locked():
             self.engine.forget_owned_tables()
-            bindings = self.engine.reapply()
+            bindings = wholehost.reapply(self.engine)
         log.info(f"rebuilt: {len(bindings)} forward(s) from the records")
         return REBUILT
 

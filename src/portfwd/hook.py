@@ -102,7 +102,7 @@ def network_hook(args: List[str]) -> int:
         with state.locked(timeout=LOCK_WAIT):
             if not state.has_forwards():
                 return 0
-            from . import log
+            from . import bridgeupkeep, log
             from .engine import Engine
 
             log.use_syslog()
@@ -110,7 +110,8 @@ def network_hook(args: List[str]) -> int:
                 engine = Engine(state.config_path())
                 # a (re)started or updated network may have a new bridge: ask the routes
                 # again; a new port (every guest start) changes no bridge
-                engine.ensure_compat(engine.wanted_bridges(recompute=args[1] != "port-created"))
+                bridgeupkeep.ensure_compat(engine, bridgeupkeep.wanted_bridges(
+                    engine, recompute=args[1] != "port-created"))
             except Exception as e:  # the network must come up whatever happens here
                 log.error(f"network {args[0]} {args[1]}: {type(e).__name__}: {e}")
     except OSError as e:
@@ -135,7 +136,7 @@ def _report(message: str, error: bool = True) -> None:
 
 def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) -> int:
     """The managed path: plan and apply; decide the exit code."""
-    from . import log
+    from . import guestpass, log
     from .engine import Engine
     from .errors import ConfigError, PortfwdError
 
@@ -144,17 +145,18 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) 
     strict = False
     try:
         if op in REMOVE:
-            count = engine.remove_guest(name)
+            count = guestpass.remove_guest(engine, name)
             log.info(f"guest {name} {op}: removed {count} forward(s)")
             return 0
         had_state = state.has_guest_state(name)
-        table, strict, templates = engine.guest_config(name, uuid)
+        config = engine.guest_config(name, uuid)
+        strict = config.strict
         if op in CHECK:
             return 0
         from .plan import bind
         from .values import Selector
 
-        planned = bind(templates, name)
+        planned = bind(config.templates, name)
         resolver = None
         if any(isinstance(b.target, Selector) for b in planned):  # addresses to discover
             from .discover import Resolver
@@ -162,13 +164,12 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes) 
             resolver = Resolver(name, xml)
         from .domainxml import taps
 
-        engine.taps[name] = taps(xml)  # their hairpin mode (ensure_compat)
-        applied = engine.apply_guest(name, uuid, table, planned, resolver,
-                                     look=op == "reconnect")
+        applied = guestpass.apply_guest(engine, name, uuid, config, planned, resolver,
+                                        taps(xml), look=op == "reconnect")
         if not applied.empty or had_state:
             waiting = f", {len(applied.pending)} waiting for an address" if applied.pending else ""
             log.info(f"guest {name} {op}: {len(applied.bindings)} forward(s) in table inet"
-                     f" {table}{waiting}")
+                     f" {config.table}{waiting}")
         for _, why in applied.pending[:1]:
             log.info(f"guest {name}: pending: {why}")
         return 0

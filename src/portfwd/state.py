@@ -21,7 +21,7 @@ format and its atomic write live here (``Store``, and the lock ``locked``).
     awaiting.json         [guest, address, MAC, bridge, tap] of each discovered address
                           the last sync left waiting for evidence (``evidence``)
     layout.TABLE          the ``constants.LAYOUT`` TABLE was last built with, and its
-                          variant (``engine.layout_id``: "7", "7+concat")
+                          variant (``tables.layout_id``: "7", "7+concat")
 
 Every file is replaced by a rename (``write_atomic``; the cache by swapping the
 ``compiled`` symlink), so a reader sees the old or the new content. What a run

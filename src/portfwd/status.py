@@ -7,7 +7,7 @@ is pure. A row is plain JSON data; the CLI prints it as a table or as JSON.
 
 from __future__ import annotations
 
-from . import compat, display, plan, rules
+from . import bridgeupkeep, compat, display, plan, rules
 from .plan import Binding
 from .values import Reason, Selector
 
@@ -55,7 +55,7 @@ def report(engine: Engine, config: Optional[Config]) -> Report:
     live = {table: live_elements(engine.nft.list_table(table) or [])
             for table in sorted({st.table for st in states})}
     fw = compat.read(engine.nft)
-    wanted = engine.wanted_bridges()
+    wanted = bridgeupkeep.wanted_bridges(engine)
     blockers = compat.blocked_bridges(fw, wanted)
 
     def blocked_by(b: Binding) -> List[str]:
