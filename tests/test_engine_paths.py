@@ -34,7 +34,7 @@ from pfhost import domain_xml
 from portfwd import (bridgeport, compat, config, constants, domainxml, guard, hook, hostnet, proc,
                      rules, state)
 from portfwd.discover import Resolver
-from portfwd import guestpass, wholehost
+from portfwd import atomicfile, guestpass, run_compiled, wholehost
 from portfwd.engine import Engine
 from portfwd.plan import bind
 from portfwd.values import Reason, Selector
@@ -132,18 +132,18 @@ class EngineHost:
         mp.setattr(guard, "present", lambda table: self.nft.guarded(table))
         mp.setattr(compat, "_legacy_rules", lambda fam, deadline: None)
         mp.setattr(proc, "run", _no_subprocess)
-        write_atomic, write_compiled = state.write_atomic, state.Store.write_compiled
+        write_atomic, write_compiled = atomicfile.write_atomic, run_compiled.write
 
         def recorded_write(path: str, data: bytes, *args: Any, **kwargs: Any) -> None:
             self.writes.append(os.path.relpath(path, self.run_dir))
             write_atomic(path, data, *args, **kwargs)
 
-        def recorded_compile(store: state.Store, *args: Any) -> None:
+        def recorded_compile(root: str, *args: Any) -> None:
             self.writes.append("compiled/")
-            write_compiled(store, *args)
+            write_compiled(root, *args)
 
-        mp.setattr(state, "write_atomic", recorded_write)
-        mp.setattr(state.Store, "write_compiled", recorded_compile)
+        mp.setattr(atomicfile, "write_atomic", recorded_write)
+        mp.setattr(run_compiled, "write", recorded_compile)
 
     def _set_route_localnet(self, bridge: str, on: bool) -> bool:
         value = "1" if on else "0"

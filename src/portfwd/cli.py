@@ -20,7 +20,7 @@ import shutil
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import bridgeupkeep, escape, libvirtapi, log, state, tables, wholehost
+from . import atomicfile, bridgeupkeep, escape, libvirtapi, log, state, tables, wholehost
 from .cmdline import parser
 from .config import load
 from .discover import status_files_tell
@@ -302,7 +302,7 @@ def cmd_install(args: argparse.Namespace) -> int:
             raise BugError(f"{f.name}: no `py=/usr/bin/python3` line before the closing '''")
         head = head.replace("\npy=/usr/bin/python3\n", f"\npy={shlex.quote(python)}\n", 1)
         os.makedirs(os.path.dirname(hook_dst), mode=0o755, exist_ok=True)
-        state.write_atomic(hook_dst, f"{head}{sep}{settings}{body}".encode(), mode=0o755)
+        atomicfile.write_atomic(hook_dst, f"{head}{sep}{settings}{body}".encode(), mode=0o755)
         done.append(f"hook {hook_dst}")
 
     config_dst = at(root, args.config or state.DEFAULT_CONFIG)
@@ -310,7 +310,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     if not os.path.exists(config_dst):
         with open(os.path.join(DATA_DIR, "forward.toml"), encoding="utf-8") as f:
             example = f.read()
-        state.write_atomic(config_dst, _commented_out_forwards(example).encode())
+        atomicfile.write_atomic(config_dst, _commented_out_forwards(example).encode())
         os.chmod(config_dst, 0o644)
         done.append(f"example configuration {config_dst} (its forwards commented out)")
     else:
@@ -338,14 +338,14 @@ def cmd_install(args: argparse.Namespace) -> int:
         with open(os.path.join(DATA_DIR, unit), encoding="utf-8") as f:
             text = f.read().replace("@PORTFWD@", link)
         os.makedirs(unit_dir, exist_ok=True)
-        state.write_atomic(os.path.join(unit_dir, unit), text.encode())
+        atomicfile.write_atomic(os.path.join(unit_dir, unit), text.encode())
         done.append(f"unit {os.path.join(unit_dir, unit)}")
     from . import docs
 
     for path, text in ((at(root, installpaths.MAN_PAGE), docs.man_page(parser())),
                        (at(root, installpaths.COMPLETION), docs.bash_completion(parser()))):
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        state.write_atomic(path, text.encode(), mode=0o644)
+        atomicfile.write_atomic(path, text.encode(), mode=0o644)
         done.append(f"{'manual page' if path.endswith('.8') else 'bash completion'} {path}")
     for line in done:
         say(f"installed: {line}")
@@ -409,7 +409,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     else:
         try:  # a new file beside the output, renamed (--force) or linked into place
-            state.write_atomic(args.output, data, mode=0o644, replace=args.force, durable=True)
+            atomicfile.write_atomic(args.output, data, mode=0o644, replace=args.force, durable=True)
         except FileExistsError:
             say(f"{args.output}: exists; not overwritten (use --force to replace it)", err=True)
             return EXIT_USAGE

@@ -21,7 +21,7 @@ only when the configuration changed.
 
 from __future__ import annotations
 
-from . import hostnet, plan, state
+from . import hostnet, plan, run_compiled, state
 from .nft import Nft
 from .values import Bridges
 
@@ -91,15 +91,15 @@ class Engine:
         for fwd in config.forwards:
             key = ("name", fwd.guest) if fwd.guest is not None else ("uuid", str(fwd.uuid))
             by_guest.setdefault(key, []).append(fwd)
-        self.store.write_compiled({key: plan.templates(forwards)
-                                   for key, forwards in by_guest.items()},
-                                  (config.options.table, config.options.strict,
-                                   list(config.options.discover)), signature)
+        run_compiled.write(self.root, {key: plan.templates(forwards)
+                                       for key, forwards in by_guest.items()},
+                           (config.options.table, config.options.strict,
+                            list(config.options.discover)), signature)
         return config
 
     def cached(self, name: str, uuid: Optional[str]) -> Optional[GuestConfig]:
         """One guest's configuration from the cache; None if stale."""
-        hit = self.store.read_compiled(name, uuid, self.config_path)
+        hit = run_compiled.read(self.root, name, uuid, self.config_path)
         if hit is None:
             return None
         table, strict, discover, templates = hit

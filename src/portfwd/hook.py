@@ -200,6 +200,8 @@ def _strict_despite_error(path: str) -> bool:
     except Exception:
         pass
     try:
-        return state.Store().compiled_strict()
+        from . import run_compiled
+
+        return run_compiled.strict()
     except Exception:
         return False
