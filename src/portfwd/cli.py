@@ -90,7 +90,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     targets = {str(a) for f in config.forwards for a in (f.ipv4, f.ipv6) if a is not None}
     blocked: List[str] = []
     try:
-        blocked = bridgeupkeep.firewall(engine, targets)[1]
+        blocked = [str(b) for b in bridgeupkeep.firewall(engine, targets)[1]]
     except HostError as e:
         warnings.append(f"{path}: warning: could not inspect the host's firewall ({e}); run"
                         " check as root to see whether anything blocks forwarded traffic")

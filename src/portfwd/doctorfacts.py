@@ -164,12 +164,12 @@ SKIPPED_TABLES = {("ip", "filter"), ("ip6", "filter"), ("ip", "libvirt_network")
 
 
 def own_drops(engine: Engine, forwards: Sequence[ForwardFacts], bridge_of: Dict[str, str],
-              table: str) -> List[str]:
+              table: str) -> List[compat.Blocker]:
     """Drops and rejects in forward base chains of the host's own tables (not
     libvirt's, firewalld's or portfwd's, which compat.py judges) that surely hit a
     forwarded connection to one of ``forwards``; each names table, chain and rule."""
     chains = [c["chain"] for c in engine.nft.list({"chains": {}}) or [] if "chain" in c]
-    out: List[str] = []
+    out: List[compat.Blocker] = []
     for c in chains:
         where = (c["family"], c["table"])
         if c.get("hook") != "forward" or where in SKIPPED_TABLES or where == ("inet", table):
@@ -184,8 +184,13 @@ def own_drops(engine: Engine, forwards: Sequence[ForwardFacts], bridge_of: Dict[
             packet = Packet(t.family, bridge_of.get(t.address, ""), t.address, t.proto, first)
             hit = chain_verdict(rules, packet, MARK)
             if hit and hit[0] in ("drop", "reject"):
-                out.append(f"table {c['family']} {c['table']} chain {c['name']}: rule handle"
-                           f" {hit[1].get('handle', '?')} {hit[0]}s {t.address}:{first}/{t.proto}")
+                handle = hit[1].get("handle")
+                out.append(compat.Blocker(
+                    compat.BlockerKind.RULE, c["family"], c["table"], c["name"],
+                    f"table {c['family']} {c['table']} chain {c['name']}: rule handle"
+                    f" {'?' if handle is None else handle} {hit[0]}s"
+                    f" {t.address}:{first}/{t.proto}",
+                    handle=handle if isinstance(handle, int) else None))
                 break
     return out
 

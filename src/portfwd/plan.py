@@ -33,7 +33,8 @@ class Binding(Value):
     """One host port of one forward, or one range of host ports forwarded to the
     same guest ports (the key ends with ``"FIRST-LAST"``, ``guest_port`` is FIRST):
     a key and its DNAT target. ``entry`` names the configuration entry it comes from
-    (``forward[0].ports[2]``; "" in state recorded by earlier versions).
+    (``forward[0].ports[2]``; "" in state recorded by earlier versions); it counts in
+    equality, as in the record (``record.Recorded.same``).
 
     A plain class, not a dataclass: the hook imports this module on every
     guest start, and ``dataclasses`` alone costs more than the start itself.
@@ -54,8 +55,7 @@ class Binding(Value):
 
     def _fields(self) -> Tuple[Any, ...]:
         return (self.kind, self.family, self.key, self.target, self.guest_port, self.guest,
-                self.comment)
-
+                self.comment, self.entry)
 
     @property
     def address(self) -> str:

@@ -64,7 +64,8 @@ def report(engine: Engine, config: Optional[Config]) -> Report:
 
     rows = rows_of(states, live, config, blocked_by)
     warnings = [f"guest {st.guest}: {w}" for st in states for w in st.warnings]
-    return Report(rows, warnings, compat.seen(fw, wanted), compat.blockers(fw, wanted))
+    return Report(rows, warnings, compat.seen(fw, wanted),
+                  [str(b) for b in compat.blockers(fw, wanted)])
 
 
 def rows_of(states: Sequence[GuestState], live: Dict[str, Live], config: Optional[Config],
