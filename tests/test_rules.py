@@ -20,6 +20,7 @@ import pytest
 from portfwd import constants, rules
 from portfwd.tables import layout_id
 from portfwd.plan import Binding
+from portfwd.values import PortSpan
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden")
 
@@ -55,7 +56,9 @@ def _golden(name: str, cmds: List[Any]) -> None:
 
 def _b(kind: str, family: int, key: Any, target: str, port: int, guest: str = "web1",
        comment: str = "web1 forward[0].ports[0] 8080:80/tcp") -> Binding:
-    return Binding(kind, family, tuple(key), target, port, guest, comment)
+    """``key`` ends with the host port(s) as the record writes them (8080, "5000-5010")."""
+    return Binding(kind, family, tuple(key[:-1]) + (PortSpan.from_json(key[-1]),), target, port,
+                   guest, comment)
 
 
 OLD = [

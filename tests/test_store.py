@@ -12,7 +12,7 @@ import pytest
 from portfwd import atomicfile, run_compiled, run_host, state
 from portfwd.plan import Binding
 from portfwd.record import GuestState
-from portfwd.values import Bridges
+from portfwd.values import Bridges, PortSpan
 
 
 def _bridges(st: GuestState) -> Bridges:
@@ -21,7 +21,7 @@ def _bridges(st: GuestState) -> Bridges:
 
 def test_guests_and_summary_round_trip(tmp_path: "os.PathLike[str]") -> None:
     store = state.Store(str(tmp_path))
-    b = Binding("fwd", 4, ("127.0.0.1", "tcp", 8080), "192.168.122.10", 80, "web1", "c",
+    b = Binding("fwd", 4, ("127.0.0.1", "tcp", PortSpan(8080)), "192.168.122.10", 80, "web1", "c",
                 "forward[0].ports[0]")
     store.write_guests([GuestState("web1", None, "portfwd", [b]),
                         GuestState("db 1", None, "other", [b])], _bridges)

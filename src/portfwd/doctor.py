@@ -17,6 +17,7 @@ from .apparmor import Profile, Step, Verdict, refusal
 from .compat import Blocker, BlockerKind
 from .domainxml import Nic, mac_problem
 from .hostnet import Link
+from .values import PortSpan
 
 EXIT_BROKEN = 5  # a layer failed (cli.py's codes 0-4 mean other things)
 
@@ -44,12 +45,12 @@ class ForwardFacts:
 
     __slots__ = ("family", "proto", "listen", "host_ports", "address", "guest_ports", "state")
 
-    def __init__(self, family: int, proto: str, listen: str, host_ports: str,
-                 address: Optional[str], guest_ports: str, state: str) -> None:
+    def __init__(self, family: int, proto: str, listen: str, host_ports: PortSpan,
+                 address: Optional[str], guest_ports: PortSpan, state: str) -> None:
         self.family = family
         self.proto = proto
         self.listen = listen  # "*" or an address
-        self.host_ports = host_ports  # "8080" or "5000-5010"
+        self.host_ports = host_ports
         self.address = address  # None: no address yet (pending)
         self.guest_ports = guest_ports
         self.state = state  # as `portfwd status` says: active, missing, pending: …

@@ -149,8 +149,7 @@ def listeners(forwards: Sequence[ForwardFacts]) -> List[str]:
     out = []
     for s in listening.sockets():
         for f in forwards:
-            first, _, last = f.host_ports.partition("-")
-            if (f.proto == s.proto and int(first) <= s.port <= int(last or first)
+            if (f.proto == s.proto and s.port in f.host_ports
                     and (s.wildcard or f.listen in ("*", s.address))):
                 out.append(f"{s.process or 'a process'} listens on {s.endpoint}/{s.proto}")
                 break
@@ -180,7 +179,7 @@ def own_drops(engine: Engine, forwards: Sequence[ForwardFacts], bridge_of: Dict[
         for t in forwards:
             if t.address is None or t.family not in _families(c["family"]):
                 continue
-            first = int(t.guest_ports.partition("-")[0])
+            first = t.guest_ports.first
             packet = Packet(t.family, bridge_of.get(t.address, ""), t.address, t.proto, first)
             hit = chain_verdict(rules, packet, MARK)
             if hit and hit[0] in ("drop", "reject"):

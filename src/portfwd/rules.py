@@ -287,19 +287,18 @@ def _range_rule(kind: str, family: int) -> List[Dict[str, Any]]:
 
 
 def _key_json(b: Binding) -> Dict[str, Any]:
-    if b.kind != "src" and isinstance(b.key[-1], int):  # addresses, protocol, port as they are
-        return {"concat": list(b.key)}
+    ports = b.host_ports
+    port: Any = {"range": [ports.first, ports.last]} if ports.is_range else ports.first
+    if b.kind != "src" and not ports.is_range:  # addresses, protocol, port as they are
+        return {"concat": list(b.key[:-1]) + [port]}
     parts: List[Any] = []
-    for i, part in enumerate(b.key):
+    for i, part in enumerate(b.key[:-1]):
         if b.kind == "src" and i < 2:
             addr, _, length = str(part).partition("/")
             parts.append({"prefix": {"addr": addr, "len": int(length)}})
-        elif isinstance(part, str) and i == len(b.key) - 1:  # "FIRST-LAST"
-            first, last = b.span()
-            parts.append({"range": [first, last]})
         else:
             parts.append(part)
-    return {"concat": parts}
+    return {"concat": parts + [port]}
 
 
 def _elements(table: str, bindings: Iterable[Binding], op: str, variant: str) -> List[Command]:

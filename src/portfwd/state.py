@@ -70,8 +70,9 @@ DEFAULT_CONFIG = "/etc/portfwd/forward.toml"
 ENV_CONFIG = "PORTFWD_CONFIG"
 DEFAULT_RUN_DIR = "/run/portfwd"
 ENV_RUN_DIR = "PORTFWD_RUNDIR"
-CACHE_FORMAT = "4"  # 3: long guest names map to hashed file names; a range is one template;
-# 4: a template names its configuration entry
+CACHE_FORMAT = "5"  # 3: long guest names map to hashed file names; a range is one template;
+# 4: a template names its configuration entry; 5: a template is a dict, its host ports
+# [first, last]
 AWAITING = "awaiting.json"
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 # longest per-guest file name kept as is: with ".json.tmp.PID.RANDOM" it stays below

@@ -106,9 +106,9 @@ def row(b: Binding, state: str, reason: str = "", address_from: str = "",
     address = b.target.describe(b.family) if isinstance(b.target, Selector) else b.target
     return {"guest": b.guest, "family": b.family, "proto": b.proto,
             "listen": display.listen_text(b), "listen_address": b.listen,
-            "host_ports": b.host_ports,
+            "host_ports": str(b.host_ports),
             "target": display.target_text(b.target, b.family, b.guest_ports),
-            "guest_address": address, "guest_ports": b.guest_ports,
+            "guest_address": address, "guest_ports": str(b.guest_ports),
             "sources": [] if b.sources == "*" else [b.sources], "state": state,
             "reason": reason, "address_from": address_from, "entry": b.entry,
             "comment": b.comment, "connections": packets, "bytes": octets}

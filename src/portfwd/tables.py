@@ -188,10 +188,8 @@ def _still_claims(engine: Engine, guest: str, b: Binding) -> bool:
     hit = engine.cached(guest, st.uuid if st else None)
     if hit is None:
         return True  # cannot tell: the holder keeps what it has
-    first, last = b.span()
     for c in plan.bind(hit.templates, guest):
-        lo, hi = c.span()
         if (c.kind == b.kind and c.family == b.family and c.proto == b.proto
-                and lo <= last and first <= hi):
+                and c.host_ports.overlaps(b.host_ports)):
             return True
     return False

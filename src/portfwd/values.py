@@ -102,6 +102,44 @@ class ListenIface(Value):
 
 
 
+class PortSpan(Value):
+    """One host port (``first == last``) or a range of them kept as one element of
+    the maps: ``str`` gives ``"80"`` or ``"5000-5010"``, as the records and people
+    read it; ``to_json`` the record's form (a range as that text, a port as a
+    number), ``from_json`` reads either back."""
+
+    __slots__ = ("first", "last")
+
+    def __init__(self, first: int, last: Optional[int] = None) -> None:
+        self.first = first
+        self.last = first if last is None else last
+
+    @property
+    def is_range(self) -> bool:
+        return self.last != self.first
+
+    def overlaps(self, other: "PortSpan") -> bool:
+        return self.first <= other.last and other.first <= self.last
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.first <= port <= self.last
+
+    def __str__(self) -> str:
+        return f"{self.first}-{self.last}" if self.is_range else str(self.first)
+
+    def to_json(self) -> Union[int, str]:
+        return str(self) if self.is_range else self.first
+
+    @classmethod
+    def from_json(cls, raw: Union[int, str]) -> "PortSpan":
+        """``80``, ``"80"`` or ``"5000-5010"`` (ValueError otherwise)."""
+        first, _, last = str(raw).partition("-")
+        return cls(int(first), int(last) if last else None)
+
+    def _fields(self) -> Tuple[int, int]:
+        return (self.first, self.last)
+
+
 def key_part_from_text(part: Any) -> Any:
     """A key part as written on disk: an interface placeholder starts with ``@``."""
     return ListenIface.from_text(part) if isinstance(part, str) and part.startswith("@") else part
