@@ -17,7 +17,7 @@ from portfwd.evidence import (NUD_DELAY, NUD_FAILED, NUD_INCOMPLETE, NUD_NOARP, 
                               NUD_PROBE, NUD_REACHABLE, NUD_STALE, Evidence)
 from portfwd.claims import refuse_shared_discoveries
 from portfwd.plan import Binding
-from portfwd.values import PortSpan, Reason, Selector
+from portfwd.values import Cause, PortSpan, Reason, Selector
 from portfwd.record import GuestState
 from test_discover import DOMAIN, HOST, KNOWN, ROUTES, V6_NETWORK, lay_out
 
@@ -313,7 +313,7 @@ def test_a_neighbour_entry_in_a_usable_state_is_evidence(files: "tuple[str, str]
                      f" {VICTIM} is): set ipv4/ipv6 in forward.toml"),
 ])
 def test_missing_or_contrary_evidence(files: "tuple[str, str]", neighbours: Any, fdb: Any,
-                                      cause: str, why: str) -> None:
+                                      cause: Cause, why: str) -> None:
     got, text, r = with_kernel(files, neighbours, fdb)
     what = "refused" if cause == Reason.REFUSED else "unconfirmed"
     assert got is None and text == f"{what} 192.168.150.10 from lease on virbr6: {why}"

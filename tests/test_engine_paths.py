@@ -37,7 +37,7 @@ from portfwd.discover import Resolver
 from portfwd import atomicfile, guestpass, run_compiled, wholehost
 from portfwd.engine import Engine
 from portfwd.plan import bind
-from portfwd.values import Reason, Selector
+from portfwd.values import Selector
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden", "engine")
 LAYOUT4 = os.path.join(os.path.dirname(GOLDEN), "skeleton-layout4.json")
@@ -301,7 +301,7 @@ def held_port(host: EngineHost) -> FakeNft:
     assert [c.refused for c in nft.calls if c.refused] == ["Could not process rule: File exists"] * 2
     assert [v for _, v in _map(host, "fwd4_ip")] == [WEB1]
     pending = host.records()["guests/db1.json"]["pending"]
-    assert [p[-1][0] for p in pending] == [Reason.HELD]
+    assert [p[-1][0] for p in pending] == ["held"]  # Cause.HELD as recorded
     return nft
 
 

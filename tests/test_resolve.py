@@ -128,8 +128,8 @@ def test_recorded_state_of_earlier_versions_loads() -> None:
     again = st.to_json()
     assert [p[:7] for p in again["pending"]] == [p[:7] for p in raw["pending"]]
     assert [p[8] for p in again["pending"]] == [  # written with the cause now
-        [Reason.WAITING, "no usable IPv4 address on listen interface eth0"],
-        [Reason.INACTIVE, "IPv6 is disabled on this host"]]
+        ["waiting", "no usable IPv4 address on listen interface eth0"],
+        ["inactive", "IPv6 is disabled on this host"]]
     assert GuestState.from_json(again).to_json() == again
 
 

@@ -1,6 +1,7 @@
 """Small typed values that cross module lines, instead of strings that the next
-module would parse again. Plain ``__slots__`` classes: the hook imports this
-module on every guest start, and they cost nothing to import.
+module would parse again. Plain ``__slots__`` classes and one ``Enum`` (``enum``
+comes with ``json``, which a guest start loads anyway): the hook imports this
+module on every guest start with forwards, and they cost nothing to import.
 
 On disk (the compiled configuration, the recorded guest state) some of them are
 still written as text (``?mac=…&suffix=…``, ``@eth0``; a pending reason as
@@ -10,9 +11,11 @@ here is the only place that reads that text.
 
 from __future__ import annotations
 
+from enum import Enum
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Iterable, List, Optional, Set, Tuple, Union
+    from typing import Any, FrozenSet, Iterable, List, Optional, Set, Tuple, Union
 
     # a binding's DNAT target: a guest address, or a selector until it is discovered
     Target = Union[str, "Selector"]
@@ -145,19 +148,42 @@ def key_part_from_text(part: Any) -> Any:
     return ListenIface.from_text(part) if isinstance(part, str) and part.startswith("@") else part
 
 
-class Reason(Value):
-    """Why a binding is pending. ``cause``: WAITING (for an address: the daemon or the
-    next sync may find it), INACTIVE (IPv6 off: no address will cure it), REFUSED (a
-    discovered address portfwd does not trust), HELD (another guest holds the port)."""
+class Cause(Enum):
+    """Why a binding is pending, in short (``Reason.cause``); the value is how the
+    record writes it."""
 
-    WAITING, INACTIVE, REFUSED, HELD = "waiting", "inactive", "refused", "held"
+    WAITING = "waiting"  # for an address: the daemon or the next sync may find it
+    INACTIVE = "inactive"  # IPv6 off: no address will cure it
+    REFUSED = "refused"  # a discovered address portfwd does not trust
+    HELD = "held"  # another guest holds the port
+
+
+class Reason(Value):
+    """Why a binding is pending: its ``Cause`` and the text people read."""
+
+    WAITING, INACTIVE, REFUSED, HELD = Cause.WAITING, Cause.INACTIVE, Cause.REFUSED, Cause.HELD
     _PREFIX = "inactive: "  # how an INACTIVE reason is written on disk
 
     __slots__ = ("cause", "text")
 
-    def __init__(self, cause: str, text: str) -> None:
+    def __init__(self, cause: Cause, text: str) -> None:
         self.cause = cause
         self.text = text
+
+    def to_json(self) -> List[str]:
+        """As the record writes it: ``[cause, text]``."""
+        return [self.cause.value, self.text]
+
+    @classmethod
+    def from_json(cls, raw: Any) -> "Reason":
+        """As recorded: ``[cause, text]``, or the text alone (earlier versions did not
+        write the cause); an unknown cause is read from the text."""
+        if isinstance(raw, list) and len(raw) == 2:
+            try:
+                return cls(Cause(str(raw[0])), str(raw[1]))
+            except ValueError:
+                return cls.from_text(str(raw[1]))
+        return cls.from_text(str(raw))
 
     @classmethod
     def from_text(cls, text: str) -> "Reason":
@@ -174,48 +200,51 @@ class Reason(Value):
         """The text written on disk and shown: ``inactive: …`` for INACTIVE."""
         return self._PREFIX + self.text if self.cause == self.INACTIVE else self.text
 
-    def _fields(self) -> Tuple[str, str]:
+    def _fields(self) -> Tuple[Cause, str]:
         return (self.cause, self.text)
 
 
 
-class Bridges:
-    """Where one guest's forwards lead, as the bridges summary records it: the table,
-    the interfaces the kernel routes the guest addresses to (per family), and those
-    of forwards from 127.0.0.1 (which need ``route_localnet``).
+class Bridges(Value):
+    """Where one guest's forwards lead, as host.json records it: the table, the
+    interfaces the kernel routes the guest addresses to (family, interface), and
+    those of forwards from 127.0.0.1 (which need ``route_localnet``). Text only on
+    disk: the entries ``["4:virbr0", "L:virbr0", "T:portfwd"]`` (``to_json``,
+    ``from_json``)."""
 
-    Kept as the entries the summary has always held (``["4:virbr0", "L:virbr0",
-    "T:portfwd"]``) and read on demand: every guest change rewrites the summary of
-    all guests, which must stay cheap with thousands of them."""
+    __slots__ = ("table", "routed", "localnet")
 
-    __slots__ = ("entries", "default_table")
-
-    def __init__(self, entries: List[str], default_table: str = "") -> None:
-        self.entries = entries
-        self.default_table = default_table
+    def __init__(self, table: str, routed: FrozenSet[Tuple[int, str]] = frozenset(),
+                 localnet: FrozenSet[str] = frozenset()) -> None:
+        self.table = table
+        self.routed = routed  # (family, interface) of every guest address with a route
+        self.localnet = localnet
 
     @classmethod
     def of(cls, table: str, routed: Iterable[Tuple[int, str]] = (),
            localnet: Iterable[str] = ()) -> "Bridges":
-        return cls(sorted({f"T:{table}"} | {f"{f}:{i}" for f, i in routed}
-                          | {f"L:{i}" for i in localnet}))
+        return cls(table, frozenset(routed), frozenset(localnet))
 
-    @property
-    def table(self) -> str:
-        return next((e[2:] for e in self.entries if e.startswith("T:")), self.default_table)
-
-    @property
-    def routed(self) -> Set[Tuple[int, str]]:
-        """(family, interface) of every guest address with a route."""
-        return {(int(e[0]), e[2:]) for e in self.entries if e[:2] in ("4:", "6:")}
-
-    @property
-    def localnet(self) -> Set[str]:
-        return {e[2:] for e in self.entries if e.startswith("L:")}
+    def _fields(self) -> Tuple[Any, ...]:
+        return (self.table, self.routed, self.localnet)
 
     def to_json(self) -> List[str]:
-        return self.entries
+        return sorted({f"T:{self.table}"} | {f"{f}:{i}" for f, i in self.routed}
+                      | {f"L:{i}" for i in self.localnet})
 
     @classmethod
     def from_json(cls, entries: List[str], default_table: str) -> "Bridges":
-        return cls([str(e) for e in entries], default_table)
+        """The entries as recorded (a record without "T:" is of ``default_table``);
+        TypeError or AttributeError if they are not a list of texts."""
+        table = default_table
+        routed: Set[Tuple[int, str]] = set()
+        localnet: Set[str] = set()
+        for e in entries:
+            kind, name = e[:2], e[2:]
+            if kind == "T:":
+                table = name
+            elif kind in ("4:", "6:"):
+                routed.add((int(e[0]), name))
+            elif kind == "L:":
+                localnet.add(name)
+        return cls(table, frozenset(routed), frozenset(localnet))
