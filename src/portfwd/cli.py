@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from . import atomicfile, bridgeupkeep, escape, libvirtapi, log, state, tables, wholehost
 from .cmdline import parser
 from .config import load
-from .discover import status_files_tell
+from .domainxml import status_files_tell
 from .engine import Engine
 from .errors import BugError, ConfigError, HostError
 from .model import Config, Where

@@ -29,7 +29,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import bridgeupkeep, hostnet, libvirtapi, log, state, wholehost
-from .discover import LEASE_DIR, Resolver, status_files_tell
+from .discover import LEASE_DIR, Resolver
+from .domainxml import status_files_tell
 from .engine import Engine
 from .errors import ConfigError, HostError
 from .evidence import Recheck

@@ -29,7 +29,7 @@ import os
 import time
 
 from .constants import DEFAULT_DISCOVER
-from .domainxml import ENV_STATUS_DIR, Domain, mac_addresses, parse, status_dir, status_files
+from .domainxml import Domain, mac_addresses, parse, status_files
 from .values import Reason
 
 TYPE_CHECKING = False
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 LEASE_DIR = "/var/lib/libvirt/dnsmasq"
 NETWORK_DIRS = ("/run/libvirt/network", "/etc/libvirt/qemu/networks")
-DEFAULT_SOURCES = DEFAULT_DISCOVER
 
 
 class Found:
@@ -75,22 +74,6 @@ class Network:
         self.prefix6: Optional[Tuple[int, int]] = None  # (network as int, length)
         self.families: Set[int] = set()  # address families the network has a range of
         self.subnets: List[Tuple[int, int, int]] = []  # (family, network as int, length)
-
-
-def status_files_tell(uri: str) -> bool:
-    """Whether libvirt's QEMU status files describe the guests of connection ``uri``
-    (the system driver, which runs the hooks; or the folder tests point to)."""
-    return bool(os.environ.get(ENV_STATUS_DIR)) or uri.split("?")[0] in (
-        "qemu:///system", "qemu+unix:///system")
-
-
-def running_domain(name: str) -> Optional[bool]:
-    """Whether libvirt's QEMU driver runs domain ``name``, from the status file it keeps
-    (no libvirt call); None when that cannot be told (no such folder on this host)."""
-    folder = status_dir()
-    if not os.path.isdir(folder):
-        return None
-    return os.path.exists(os.path.join(folder, f"{name}.xml"))
 
 
 def _network_element(root: Element) -> Optional[Element]:
@@ -263,7 +246,7 @@ class Resolver:
                  lease_dir: str = LEASE_DIR, network_dirs: Tuple[str, ...] = NETWORK_DIRS,
                  now: Optional[float] = None, routes: Optional[Routes] = None,
                  local: Optional[Set[str]] = None,
-                 discover: Sequence[str] = DEFAULT_SOURCES,
+                 discover: Sequence[str] = DEFAULT_DISCOVER,
                  evidence: Optional[Evidence] = None) -> None:
         self.guest = guest
         domain = parse(xml) if xml else Domain()

@@ -11,7 +11,8 @@ from __future__ import annotations
 from . import bridgeupkeep, log, plan, rules, tables
 from .claims import refuse_shared_discoveries, refuse_shared_keys
 from .constants import DEFAULT_TABLE
-from .discover import canonical_keys, running_domain
+from .discover import canonical_keys
+from .domainxml import running_domain
 from .errors import HostError
 from .evidence import Evidence, solicit
 from .record import GuestState
