@@ -36,8 +36,8 @@ SKELETON_DIGESTS = {
 VARIANTS = pytest.mark.parametrize("variant", rules.VARIANTS)
 
 
-def _suffix(variant: str) -> str:
-    return "" if variant == rules.SPLIT else f"-{variant}"
+def _suffix(variant: rules.Variant) -> str:
+    return "" if variant is rules.SPLIT else f"-{variant.value}"
 
 
 def _digest(cmds: List[Any]) -> str:
@@ -84,7 +84,7 @@ OTHER = [_b("fwd", 4, ("127.0.0.1", "tcp", 9000), "192.168.122.11", 90, guest="d
 
 
 @VARIANTS
-def test_skeleton_is_golden(variant: str) -> None:
+def test_skeleton_is_golden(variant: rules.Variant) -> None:
     _golden(f"skeleton{_suffix(variant)}.json", rules.skeleton("portfwd", variant=variant))
 
 
@@ -93,7 +93,7 @@ def test_skeleton_without_ipv6_is_golden() -> None:
 
 
 @VARIANTS
-def test_skeleton_change_needs_a_layout_bump(variant: str) -> None:
+def test_skeleton_change_needs_a_layout_bump(variant: rules.Variant) -> None:
     """Layout ids: tables.layout_id (LAYOUT, "+concat" for that variant)."""
     digest = _digest(rules.skeleton("portfwd", variant=variant))
     layout = layout_id(variant)
@@ -106,7 +106,7 @@ def test_skeleton_change_needs_a_layout_bump(variant: str) -> None:
 
 
 @VARIANTS
-def test_guest_update_is_golden(variant: str) -> None:
+def test_guest_update_is_golden(variant: rules.Variant) -> None:
     _golden(f"guest-update{_suffix(variant)}.json",
             rules.guest_update("portfwd", OLD, NEW, variant))
 
@@ -117,13 +117,13 @@ def test_guest_update_of_nothing_changes_nothing() -> None:
 
 
 @VARIANTS
-def test_full_rebuild_is_golden(variant: str) -> None:
+def test_full_rebuild_is_golden(variant: rules.Variant) -> None:
     _golden(f"full-rebuild{_suffix(variant)}.json",
             rules.full_rebuild("portfwd", NEW + OTHER, variant))
 
 
 @VARIANTS
-def test_full_rebuild_starts_with_the_skeleton_and_flushes_every_map(variant: str) -> None:
+def test_full_rebuild_starts_with_the_skeleton_and_flushes_every_map(variant: rules.Variant) -> None:
     cmds = rules.full_rebuild("portfwd", [], variant)
     skeleton = rules.skeleton("portfwd", variant=variant)
     assert cmds[:len(skeleton)] == skeleton

@@ -145,7 +145,7 @@ def one_pass(engine: Engine, after: GuestState, old: List[Binding], new: List[Bi
             accepts_changed = bool(commands or argvs)
     built = [known]  # False once the table is (re)built below
 
-    def batch(variant: str) -> List[rules.Command]:
+    def batch(variant: rules.Variant) -> List[rules.Command]:
         cmds = rules.guest_update(table, old, new, variant) + extra
         if hairpin_changed or not built[-1]:  # a rebuilt table's hairpin set is empty
             cmds += rules.hairpin(table, want)

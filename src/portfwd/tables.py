@@ -22,14 +22,14 @@ if TYPE_CHECKING:
     from .plan import Binding
 
 
-def layout_id(variant: str) -> str:
+def layout_id(variant: rules.Variant) -> str:
     """What layout.TABLE records for a table of this layout and ``variant``:
     ``constants.LAYOUT`` alone for ``rules.SPLIT`` (as before the variants), with
     the variant's name after a "+" for the others."""
-    return LAYOUT if variant == rules.SPLIT else f"{LAYOUT}+{variant}"
+    return LAYOUT if variant is rules.SPLIT else f"{LAYOUT}+{variant.value}"
 
 
-def recorded_variant(engine: Engine, table: str) -> Optional[str]:
+def recorded_variant(engine: Engine, table: str) -> Optional[rules.Variant]:
     """The variant (``rules.VARIANTS``) ``table`` was built with in this layout."""
     recorded = engine.store.layout(table)
     for variant in rules.VARIANTS:
@@ -44,7 +44,7 @@ def layout_known(engine: Engine, table: str) -> bool:
     return recorded_variant(engine, table) is not None
 
 
-def variant(engine: Engine) -> str:
+def variant(engine: Engine) -> rules.Variant:
     """The variant a table (re)built now gets: ``rules.CONCAT`` where nftables
     can declare its maps (probed once per process, on this path alone: a
     guest change uses the variant its table was built with)."""
@@ -95,13 +95,13 @@ def own_table(engine: Engine, table: str, create: bool = True) -> None:
         engine.owned.add(table)
 
 
-def built(engine: Engine, table: str, variant: str) -> None:
+def built(engine: Engine, table: str, variant: rules.Variant) -> None:
     """Record that ``table`` was (re)built with this layout: its hairpin set is empty."""
     engine.store.remember_layout(table, layout_id(variant))
     engine.store.forget_hairpin(table)
 
 
-def migration(engine: Engine, table: str, variant: str) -> List[rules.Command]:
+def migration(engine: Engine, table: str, variant: rules.Variant) -> List[rules.Command]:
     """What must go before ``table`` is rebuilt as ``variant``, if an earlier
     portfwd built it (its record names another layout or variant) with maps
     that this one declares otherwise or not at all (``rules.migration``); asks
@@ -113,7 +113,7 @@ def migration(engine: Engine, table: str, variant: str) -> List[rules.Command]:
 
 
 def apply_with_layout(engine: Engine, table: str,
-                      build: Callable[[str], List[rules.Command]]) -> None:
+                      build: Callable[[rules.Variant], List[rules.Command]]) -> None:
     """Apply ``build(variant)`` to ``table``; (re)create the table's layout first if
     it is not known to be there, or if the change fails without it (a flushed
     rule set). A table of another layout or variant (nftables upgraded since it

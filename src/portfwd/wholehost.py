@@ -155,7 +155,7 @@ def _await_evidence(engine: Engine, awaited: List[Awaited]) -> None:
 
 
 def _apply_each(engine: Engine, table: str, wanted: Dict[str, GuestState],
-                variant: str) -> List[Binding]:
+                variant: rules.Variant) -> List[Binding]:
     """Add each guest's bindings in a transaction of its own; a guest that nftables
     refuses keeps its forwards pending with what nftables said (in ``wanted``)."""
     applied: List[Binding] = []
