@@ -15,6 +15,7 @@ from portfwd import compat
 from portfwd.constants import MARK
 from portfwd.errors import HostError
 from portfwd.nft import Nft
+from portfwd.values import BlockerKind
 
 Json = Dict[str, Any]
 
@@ -147,7 +148,7 @@ def test_drop_policy_elsewhere_is_a_blocker_never_a_change() -> None:
     assert len(lines) == 1 and str(lines[0]).startswith(
         "table inet filter chain forward: policy drop")
     assert (lines[0].kind, lines[0].family, lines[0].table, lines[0].chain) == (
-        compat.BlockerKind.POLICY, "inet", "filter", "forward")
+        BlockerKind.POLICY, "inet", "filter", "forward")
     assert compat.blockers(fw, {4: set(), 6: set()}) == []
 
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from typing import Dict, Iterable, List, Optional, Set, Tuple
 
     from .engine import Engine
-    from .values import Bridges
+    from .values import Blocker, Bridges
 
     Wanted = Dict[int, Set[str]]
     Taps = Dict[str, List[str]]  # guest → the taps of its live domain XML
@@ -48,7 +48,7 @@ def wanted_bridges(engine: Engine, recompute: bool = False) -> Wanted:
 
 
 def ensure_compat(engine: Engine, wanted: Optional[Wanted] = None,
-                  taps: Optional[Taps] = None) -> List[compat.Blocker]:
+                  taps: Optional[Taps] = None) -> List[Blocker]:
     """Put portfwd's narrow accepts where libvirt would reject forwarded traffic
     (and remove them where no forward needs them), the hairpin sets, route_localnet
     and the taps' hairpin mode (``taps``: of the guests whose live XML this run
@@ -184,7 +184,7 @@ def ensure_hairpin_ports(engine: Engine, taps: Taps, only: Optional[str] = None)
 
 
 def firewall(engine: Engine, addresses: Optional[Iterable[str]] = None
-             ) -> Tuple[List[str], List[compat.Blocker]]:
+             ) -> Tuple[List[str], List[Blocker]]:
     """(how the host filters forwarded traffic, what blocks portfwd's forwards),
     for the bridges behind ``addresses`` (default: the applied forwards)."""
     if addresses is None:
@@ -199,6 +199,6 @@ def firewall(engine: Engine, addresses: Optional[Iterable[str]] = None
     return compat.seen(fw, wanted), compat.blockers(fw, wanted)
 
 
-def report(blockers: List[compat.Blocker]) -> None:
+def report(blockers: List[Blocker]) -> None:
     for line in blockers:
         log.warning(f"forwarded traffic blocked: {line}")

@@ -18,14 +18,14 @@ tagged with the comment ``portfwd``.
 from __future__ import annotations
 
 import os
-from enum import Enum
 
 from .errors import HostError
 from .constants import MARK
+from .values import Blocker, BlockerKind
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+    from typing import Any, Dict, List, Optional, Set, Tuple
 
     import subprocess
 
@@ -381,41 +381,6 @@ def seen(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[str]:
                if fw.firewalld_strict else "lets DNATed connections through")
         out.append(f"firewalld: table inet firewalld, {how}")
     return out
-
-
-class BlockerKind(Enum):
-    """What drops forwarded connections (and so what fixes it)."""
-
-    ORDER = "order"  # libvirt's reject before portfwd's accept: ``portfwd reapply``
-    POLICY = "policy"  # a forward base chain's policy drop
-    RULE = "rule"  # a drop or reject rule in another forward base chain
-    FIREWALLD = "firewalld"  # firewalld's StrictForwardPorts=yes
-
-
-class Blocker:
-    """One place that drops forwarded connections to bridges with forwards, where
-    portfwd does not, or must not, change that: its kind, the table and chain
-    (``handle``: the rule's, for a RULE), the (family, bridge) pairs it concerns,
-    and the line people read (``str``)."""
-
-    __slots__ = ("kind", "family", "table", "chain", "handle", "concerned", "text")
-
-    def __init__(self, kind: BlockerKind, family: str, table: str, chain: str, text: str,
-                 concerned: Sequence[Tuple[int, str]] = (), handle: Optional[int] = None
-                 ) -> None:
-        self.kind = kind
-        self.family = family  # "ip", "ip6" or "inet"
-        self.table = table
-        self.chain = chain
-        self.handle = handle
-        self.concerned = list(concerned)
-        self.text = text
-
-    def __str__(self) -> str:
-        return self.text
-
-    def __repr__(self) -> str:
-        return f"Blocker({self.kind.name}, {self.text!r})"
 
 
 def blockers(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[Blocker]:

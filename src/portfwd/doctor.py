@@ -14,10 +14,9 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .apparmor import Profile, Step, Verdict, refusal
-from .compat import Blocker, BlockerKind
 from .domainxml import Nic, mac_problem
 from .hostnet import Link
-from .values import PortSpan
+from .values import Blocker, BlockerKind, PortSpan
 
 EXIT_BROKEN = 5  # a layer failed (cli.py's codes 0-4 mean other things)
 

@@ -32,7 +32,7 @@ from .hostnet import Link
 from .model import Config
 from .pathwalk import at
 from .status import live_elements, live_state
-from .values import Reason
+from .values import Blocker, BlockerKind, Reason
 
 LIBVIRT_TIMEOUT = 10.0
 NEIGHBOUR_WAIT = 2.0
@@ -163,12 +163,12 @@ SKIPPED_TABLES = {("ip", "filter"), ("ip6", "filter"), ("ip", "libvirt_network")
 
 
 def own_drops(engine: Engine, forwards: Sequence[ForwardFacts], bridge_of: Dict[str, str],
-              table: str) -> List[compat.Blocker]:
+              table: str) -> List[Blocker]:
     """Drops and rejects in forward base chains of the host's own tables (not
     libvirt's, firewalld's or portfwd's, which compat.py judges) that surely hit a
     forwarded connection to one of ``forwards``; each names table, chain and rule."""
     chains = [c["chain"] for c in engine.nft.list({"chains": {}}) or [] if "chain" in c]
-    out: List[compat.Blocker] = []
+    out: List[Blocker] = []
     for c in chains:
         where = (c["family"], c["table"])
         if c.get("hook") != "forward" or where in SKIPPED_TABLES or where == ("inet", table):
@@ -184,8 +184,8 @@ def own_drops(engine: Engine, forwards: Sequence[ForwardFacts], bridge_of: Dict[
             hit = chain_verdict(rules, packet, MARK)
             if hit and hit[0] in ("drop", "reject"):
                 handle = hit[1].get("handle")
-                out.append(compat.Blocker(
-                    compat.BlockerKind.RULE, c["family"], c["table"], c["name"],
+                out.append(Blocker(
+                    BlockerKind.RULE, c["family"], c["table"], c["name"],
                     f"table {c['family']} {c['table']} chain {c['name']}: rule handle"
                     f" {'?' if handle is None else handle} {hit[0]}s"
                     f" {t.address}:{first}/{t.proto}",

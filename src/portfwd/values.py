@@ -1,5 +1,5 @@
 """Small typed values that cross module lines, instead of strings that the next
-module would parse again. Plain ``__slots__`` classes and one ``Enum`` (``enum``
+module would parse again. Plain ``__slots__`` classes and ``Enum``s (``enum``
 comes with ``json``, which a guest start loads anyway): the hook imports this
 module on every guest start with forwards, and they cost nothing to import.
 
@@ -15,7 +15,7 @@ from enum import Enum
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, FrozenSet, Iterable, List, Optional, Set, Tuple, Union
+    from typing import Any, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
     # a binding's DNAT target: a guest address, or a selector until it is discovered
     Target = Union[str, "Selector"]
@@ -248,3 +248,39 @@ class Bridges(Value):
             elif kind == "L:":
                 localnet.add(name)
         return cls(table, frozenset(routed), frozenset(localnet))
+
+
+class BlockerKind(Enum):
+    """What drops forwarded connections (and so what fixes it): ``compat.blockers``,
+    ``doctorfacts.own_drops``."""
+
+    ORDER = "order"  # libvirt's reject before portfwd's accept: ``portfwd reapply``
+    POLICY = "policy"  # a forward base chain's policy drop
+    RULE = "rule"  # a drop or reject rule in another forward base chain
+    FIREWALLD = "firewalld"  # firewalld's StrictForwardPorts=yes
+
+
+class Blocker:
+    """One place that drops forwarded connections to bridges with forwards, where
+    portfwd does not, or must not, change that: its kind, the table and chain
+    (``handle``: the rule's, for a RULE), the (family, bridge) pairs it concerns,
+    and the line people read (``str``)."""
+
+    __slots__ = ("kind", "family", "table", "chain", "handle", "concerned", "text")
+
+    def __init__(self, kind: BlockerKind, family: str, table: str, chain: str, text: str,
+                 concerned: Sequence[Tuple[int, str]] = (), handle: Optional[int] = None
+                 ) -> None:
+        self.kind = kind
+        self.family = family  # "ip", "ip6" or "inet"
+        self.table = table
+        self.chain = chain
+        self.handle = handle
+        self.concerned = list(concerned)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"Blocker({self.kind.name}, {self.text!r})"
