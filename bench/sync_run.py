@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from portfwd import state
+from portfwd import state, wholehost
 from portfwd.config import load
 from portfwd.engine import Engine
 from portfwd.model import Guest
@@ -25,7 +25,7 @@ def main() -> int:
     t1 = time.perf_counter()
     with state.locked(rundir):
         t2, c2 = time.perf_counter(), time.process_time()
-        bindings = Engine(path, rundir).sync(config, [Guest(n) for n in names])
+        bindings = wholehost.sync(Engine(path, rundir), config, [Guest(n) for n in names]).applied
         t3, c3 = time.perf_counter(), time.process_time()
     print(json.dumps({"load_ms": (t1 - t0) * 1e3, "sync_ms": (t3 - t2) * 1e3,
                       "sync_cpu_ms": (c3 - c2) * 1e3, "bindings": len(bindings)}))

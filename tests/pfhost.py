@@ -144,16 +144,21 @@ class PortfwdHost:
         return r
 
     def sh_hook(self, path: str, *args: str, xml: bytes) -> subprocess.CompletedProcess[bytes]:
-        """The hook file ``path`` run by /bin/sh, as libvirt's hook in /etc runs it; this
-        checkout's hooks with this interpreter (as `portfwd install` writes them), not the
-        system python3, which would import whatever portfwd the system has installed."""
-        if path in (HOOK, NETWORK_HOOK):
-            kind = os.path.basename(path)
-            path = os.path.join(self.base, f"{kind}-hook")
-            if not os.path.exists(path):
-                installed(kind, sys.executable, path)
-        return self.lab.ns(self.lab.host, "/bin/sh", path, *args, input=xml, env=self.env,
-                           check=False)
+        """The hook file ``path`` run by /bin/sh, as libvirt's hook in /etc runs it."""
+        return self.lab.ns(self.lab.host, "/bin/sh", self.hook_file(path), *args, input=xml,
+                           env=self.env, check=False)
+
+    def hook_file(self, path: str) -> str:
+        """For this checkout's HOOK or NETWORK_HOOK, the same hook naming this interpreter
+        (as `portfwd install` writes it), not the system python3, which would import
+        whatever portfwd the system has installed; any other path as it is."""
+        if path not in (HOOK, NETWORK_HOOK):
+            return path
+        kind = os.path.basename(path)
+        copy = os.path.join(self.base, f"{kind}-hook")
+        if not os.path.exists(copy):
+            installed(kind, sys.executable, copy)
+        return copy
 
     def network_hook(self, network: str, op: str) -> "Callable[[], subprocess.CompletedProcess[bytes]]":
         """A deferred run of the network hook as libvirt runs it."""

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from portfwd.claims import Claims
 from portfwd.plan import Binding
+from portfwd.values import PortSpan
 
 
 def _b(port: "int | str", listen: str = "203.0.113.5", proto: str = "tcp") -> Binding:
-    first = int(str(port).partition("-")[0])
-    return Binding("fwd", 4, (listen, proto, port), "192.168.122.10", first, "g", "c")
+    ports = PortSpan.from_json(port)
+    return Binding("fwd", 4, (listen, proto, ports), "192.168.122.10", ports.first, "g", "c")
 
 
 def test_single_ports_and_ranges_overlap_both_ways() -> None:
@@ -28,5 +29,5 @@ def test_other_slots_do_not_compete() -> None:
     held.add(_b(8080), "web1")
     assert held.holder(_b(8080, proto="udp")) is None
     assert held.holder(_b(8080, listen="203.0.113.6")) is None
-    every = Binding("any", 4, ("tcp", 8080), "192.168.122.10", 8080, "g", "c")
+    every = Binding("any", 4, ("tcp", PortSpan(8080)), "192.168.122.10", 8080, "g", "c")
     assert held.holder(every) is None  # every address vs one address: the planner's call

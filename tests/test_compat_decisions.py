@@ -15,6 +15,7 @@ from portfwd import compat
 from portfwd.constants import MARK
 from portfwd.errors import HostError
 from portfwd.nft import Nft
+from portfwd.values import BlockerKind
 
 Json = Dict[str, Any]
 
@@ -144,7 +145,10 @@ def test_drop_policy_elsewhere_is_a_blocker_never_a_change() -> None:
     fw = _read([], extra=[policy])
     assert compat.changes(fw, {4: {"virbr0"}, 6: {"virbr0"}}) == ([], [])
     lines = compat.blockers(fw, {4: {"virbr0"}, 6: set()})
-    assert len(lines) == 1 and lines[0].startswith("table inet filter chain forward: policy drop")
+    assert len(lines) == 1 and str(lines[0]).startswith(
+        "table inet filter chain forward: policy drop")
+    assert (lines[0].kind, lines[0].family, lines[0].table, lines[0].chain) == (
+        BlockerKind.POLICY, "inet", "filter", "forward")
     assert compat.blockers(fw, {4: set(), 6: set()}) == []
 
 

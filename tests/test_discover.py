@@ -14,7 +14,7 @@ from portfwd.evidence import NUD_REACHABLE, Evidence
 from portfwd.hostnet import RouteTable
 from portfwd.resolve import resolve
 from portfwd.plan import Binding
-from portfwd.values import Reason, Selector
+from portfwd.values import PortSpan, Reason, Selector
 
 # the routes of a host with these networks up: virbr0 192.168.122.0/24, virbr6
 # 192.168.150.0/24 and fd00:150::/64 (as /proc/net/route and /proc/net/ipv6_route print them)
@@ -200,11 +200,11 @@ def test_libvirt_lookup_is_the_last_source(files: "tuple[str, str]") -> None:
 def test_resolve_splits_known_and_pending(files: "tuple[str, str]") -> None:
     nets, leases = files
     r = resolver(files)
-    known = Binding("any", 4, ("tcp", 8080), Selector(), 80, "web1", "c")
-    waiting = Binding("any", 4, ("tcp", 8081), Selector("52:54:00:aa:00:02"), 80, "web1", "c")
-    fixed = Binding("any", 4, ("tcp", 8082), "192.0.2.1", 80, "web1", "c")
+    known = Binding("any", 4, ("tcp", PortSpan(8080)), Selector(), 80, "web1", "c")
+    waiting = Binding("any", 4, ("tcp", PortSpan(8081)), Selector("52:54:00:aa:00:02"), 80, "web1", "c")
+    fixed = Binding("any", 4, ("tcp", PortSpan(8082)), "192.0.2.1", 80, "web1", "c")
     st = resolve([known, waiting, fixed], r)
     assert [b.target for b in st.bindings] == ["192.168.122.50", "192.0.2.1"]
     assert [(b.key, str(why)) for b, why in st.pending] == [
-        (("tcp", 8081), "no IPv4 address yet for NIC 52:54:00:aa:00:02 on network v6net")]
+        (("tcp", PortSpan(8081)), "no IPv4 address yet for NIC 52:54:00:aa:00:02 on network v6net")]
     assert st.address_from == {"192.168.122.50": "reservation on network default"}

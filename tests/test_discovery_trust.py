@@ -17,7 +17,7 @@ from portfwd.evidence import (NUD_DELAY, NUD_FAILED, NUD_INCOMPLETE, NUD_NOARP, 
                               NUD_PROBE, NUD_REACHABLE, NUD_STALE, Evidence)
 from portfwd.claims import refuse_shared_discoveries
 from portfwd.plan import Binding
-from portfwd.values import Reason, Selector
+from portfwd.values import Cause, PortSpan, Reason, Selector
 from portfwd.record import GuestState
 from test_discover import DOMAIN, HOST, KNOWN, ROUTES, V6_NETWORK, lay_out
 
@@ -174,7 +174,7 @@ def test_a_newer_lease_of_another_client_on_the_same_address_wins(
 
 def test_two_running_guests_discovering_one_address_get_neither() -> None:
     def state(guest: str, target: str, discovered: bool) -> GuestState:
-        b = Binding("any", 4, ("tcp", 80 if guest == "a" else 81), target, 80, guest, guest)
+        b = Binding("any", 4, ("tcp", PortSpan(80 if guest == "a" else 81)), target, 80, guest, guest)
         return GuestState(guest, None, "portfwd", [b], [],
                           {target: "lease on virbr6"} if discovered else {})
 
@@ -232,7 +232,7 @@ def test_a_host_port_two_running_guests_claim_stays_with_the_first() -> None:
     from portfwd.claims import refuse_shared_keys
 
     def state(guest: str) -> GuestState:
-        b = Binding("fwd", 4, ("203.0.113.1", "tcp", 8080), "192.168.150.10", 80, guest, guest)
+        b = Binding("fwd", 4, ("203.0.113.1", "tcp", PortSpan(8080)), "192.168.150.10", 80, guest, guest)
         return GuestState(guest, None, "portfwd", [b])
 
     wanted = {"web2": state("web2"), "web1": state("web1")}
@@ -246,8 +246,9 @@ def test_a_range_and_a_port_inside_it_claimed_at_run_time_stay_with_one_guest() 
     from portfwd.claims import refuse_shared_keys
 
     def state(guest: str, port: "int | str") -> GuestState:
-        b = Binding("fwd", 4, ("203.0.113.1", "tcp", port), "192.168.150.10",
-                    int(str(port).split("-")[0]), guest, guest)
+        ports = PortSpan.from_json(port)
+        b = Binding("fwd", 4, ("203.0.113.1", "tcp", ports), "192.168.150.10", ports.first,
+                    guest, guest)
         return GuestState(guest, None, "portfwd", [b])
 
     wanted = {"a": state("a", "5000-5010"), "b": state("b", 5005), "c": state("c", 5011)}
@@ -312,7 +313,7 @@ def test_a_neighbour_entry_in_a_usable_state_is_evidence(files: "tuple[str, str]
                      f" {VICTIM} is): set ipv4/ipv6 in forward.toml"),
 ])
 def test_missing_or_contrary_evidence(files: "tuple[str, str]", neighbours: Any, fdb: Any,
-                                      cause: str, why: str) -> None:
+                                      cause: Cause, why: str) -> None:
     got, text, r = with_kernel(files, neighbours, fdb)
     what = "refused" if cause == Reason.REFUSED else "unconfirmed"
     assert got is None and text == f"{what} 192.168.150.10 from lease on virbr6: {why}"

@@ -34,9 +34,10 @@ from pfhost import domain_xml
 from portfwd import (bridgeport, compat, config, constants, domainxml, guard, hook, hostnet, proc,
                      rules, state)
 from portfwd.discover import Resolver
+from portfwd import atomicfile, guestpass, hookindex, run_compiled, wholehost
 from portfwd.engine import Engine
 from portfwd.plan import bind
-from portfwd.values import Reason, Selector
+from portfwd.values import Selector
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden", "engine")
 LAYOUT4 = os.path.join(os.path.dirname(GOLDEN), "skeleton-layout4.json")
@@ -131,18 +132,18 @@ class EngineHost:
         mp.setattr(guard, "present", lambda table: self.nft.guarded(table))
         mp.setattr(compat, "_legacy_rules", lambda fam, deadline: None)
         mp.setattr(proc, "run", _no_subprocess)
-        write_atomic, write_compiled = state.write_atomic, state.Store.write_compiled
+        write_atomic, write_compiled = atomicfile.write_atomic, run_compiled.write
 
         def recorded_write(path: str, data: bytes, *args: Any, **kwargs: Any) -> None:
             self.writes.append(os.path.relpath(path, self.run_dir))
             write_atomic(path, data, *args, **kwargs)
 
-        def recorded_compile(store: state.Store, *args: Any) -> None:
+        def recorded_compile(root: str, *args: Any) -> None:
             self.writes.append("compiled/")
-            write_compiled(store, *args)
+            write_compiled(root, *args)
 
-        mp.setattr(state, "write_atomic", recorded_write)
-        mp.setattr(state.Store, "write_compiled", recorded_compile)
+        mp.setattr(atomicfile, "write_atomic", recorded_write)
+        mp.setattr(run_compiled, "write", recorded_compile)
 
     def _set_route_localnet(self, bridge: str, on: bool) -> bool:
         value = "1" if on else "0"
@@ -182,13 +183,15 @@ class EngineHost:
                 f.write(XML[guest])
 
     def records(self) -> Dict[str, Any]:
-        """Every file under the run directory but the lock and the compiled cache."""
+        """Every file under the run directory but the lock and the caches (the compiled
+        configuration, the hook index)."""
         out: Dict[str, Any] = {}
+        caches = (state.COMPILED, hookindex.INDEX)
         for folder, dirs, files in os.walk(self.run_dir):  # nothing when there is no folder
-            dirs[:] = [d for d in dirs if not d.startswith(state.COMPILED)]
+            dirs[:] = [d for d in dirs if not d.startswith(caches)]
             for name in files:
                 rel = os.path.relpath(os.path.join(folder, name), self.run_dir)
-                if rel == "lock" or rel.startswith(state.COMPILED):
+                if rel == "lock" or rel.startswith(caches):
                     continue
                 with open(os.path.join(folder, name), encoding="utf-8") as f:
                     text = f.read()
@@ -223,17 +226,16 @@ def guest_event(host: EngineHost, name: str, op: str, xml: Optional[bytes] = Non
     with state.locked(host.run_dir):
         engine = Engine(host.config, root=host.run_dir, nft=nft)
         if op in hook.REMOVE:
-            engine.remove_guest(name)
+            guestpass.remove_guest(engine, name)
             return nft
         uuid = domainxml.domain_uuid(xml)
-        table, _, templates = engine.guest_config(name, uuid)
+        config = engine.guest_config(name, uuid)
         if op in hook.CHECK:
             return nft
-        planned = bind(templates, name)
+        planned = bind(config.templates, name)
         resolver = (Resolver(name, xml) if any(isinstance(b.target, Selector) for b in planned)
                     else None)
-        engine.taps[name] = domainxml.taps(xml)
-        engine.apply_guest(name, uuid, table, planned, resolver)
+        guestpass.apply_guest(engine, name, uuid, config, planned, resolver, domainxml.taps(xml))
     return nft
 
 
@@ -241,7 +243,7 @@ def reapply(host: EngineHost) -> FakeNft:
     """``portfwd reapply`` (cli.cmd_reapply); returns the run's FakeNft."""
     nft = host.process()
     with state.locked(host.run_dir):
-        Engine(host.config, root=host.run_dir, nft=nft).reapply()
+        wholehost.reapply(Engine(host.config, root=host.run_dir, nft=nft))
     return nft
 
 
@@ -301,7 +303,7 @@ def held_port(host: EngineHost) -> FakeNft:
     assert [c.refused for c in nft.calls if c.refused] == ["Could not process rule: File exists"] * 2
     assert [v for _, v in _map(host, "fwd4_ip")] == [WEB1]
     pending = host.records()["guests/db1.json"]["pending"]
-    assert [p[-1][0] for p in pending] == [Reason.HELD]
+    assert [p[-1][0] for p in pending] == ["held"]  # Cause.HELD as recorded
     return nft
 
 

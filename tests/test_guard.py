@@ -14,7 +14,7 @@ import pytest
 
 from netlab import BRIDGE4, CLIENT4, HOST4, Lab
 from pfhost import PortfwdHost, RunningDaemon, driver_uri, web1_config
-from portfwd import constants, hostnet, state
+from portfwd import constants, hostnet, state, wholehost
 from portfwd.engine import Engine
 
 CONFIG = "[options]\nlocalhost = true\n" + web1_config("8080:80")
@@ -182,10 +182,10 @@ def test_flush_turns_route_localnet_off_before_the_guard_goes(
     monkeypatch.setattr("portfwd.compat._legacy_rules", lambda fam, deadline: None)
     run_dir = os.path.join(str(tmp_path), "run")
     os.mkdir(run_dir)
-    engine = Engine(os.path.join(str(tmp_path), "forward.toml"), run_dir)
-    engine._nft = Recording(events)  # type: ignore[assignment]
+    engine = Engine(os.path.join(str(tmp_path), "forward.toml"), run_dir,
+                    nft=Recording(events))  # type: ignore[arg-type]
     engine.store.write_localnet(["br0", "br1"])
-    engine.flush(None)
+    wholehost.flush(engine, None)
     assert events == ["route_localnet br0 0", "route_localnet br1 0", "nft add delete"]
     assert engine.store.localnet() == []
 

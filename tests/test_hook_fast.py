@@ -143,7 +143,7 @@ def test_an_index_of_another_configuration_is_ignored(pf: PortfwdHost) -> None:
     past = time.time_ns() - 60 * 10**9
     for path in (other, pf.etc):  # older than the index: only its path differs
         os.utime(path, ns=(past, past))
-    r = pf.lab.ns(pf.lab.host, "/bin/sh", HOOK, "g1", "started", "begin", "-",
+    r = pf.lab.ns(pf.lab.host, "/bin/sh", pf.hook_file(HOOK), "g1", "started", "begin", "-",
                   input=domain_xml("g1"), env=dict(pf.env, PORTFWD_CONFIG=other), check=False)
     assert (r.returncode, r.stdout) == (0, b""), r.stderr
     assert host_ports(pf) == [7001]
@@ -162,8 +162,8 @@ def test_no_index_in_a_run_directory_others_may_write(pf: PortfwdHost) -> None:
 def test_the_sh_lines_read_all_of_stdin(pf: PortfwdHost) -> None:
     pf.write_config(guests_toml(1))
     settle(pf)
-    r = run_reading_all(["ip", "netns", "exec", pf.lab.host, "/bin/sh", HOOK, "other",
-                         "started", "begin", "-"], pf.env, "other")
+    r = run_reading_all(["ip", "netns", "exec", pf.lab.host, "/bin/sh", pf.hook_file(HOOK),
+                         "other", "started", "begin", "-"], pf.env, "other")
     assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
 
 

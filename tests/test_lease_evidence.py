@@ -32,14 +32,14 @@ MOUNT = ('mount --bind "$1" /etc/libvirt/qemu/networks && mount --bind "$2" /var
          ' && shift 2 && exec "$@"')
 # what `portfwd sync` does once libvirt has listed the running guests (NAME XMLFILE ...)
 SYNC = """import sys
-from portfwd import state
+from portfwd import state, wholehost
 from portfwd.discover import Resolver
 from portfwd.engine import Engine
 from portfwd.model import Guest
 listed = [(n, open(p, "rb").read()) for n, p in zip(sys.argv[1::2], sys.argv[2::2])]
 with state.locked():
     engine = Engine(state.config_path())
-    engine.sync(engine.compile(), [Guest(n) for n, _ in listed],
+    wholehost.sync(engine, engine.compile(), [Guest(n) for n, _ in listed],
                 resolvers={n: Resolver(n, x) for n, x in listed})
 """
 

@@ -10,7 +10,7 @@ from portfwd import hostnet
 from portfwd.discover import Resolver
 from portfwd.plan import Binding
 from portfwd.resolve import resolve
-from portfwd.values import ListenIface, Reason, Selector
+from portfwd.values import ListenIface, PortSpan, Reason, Selector
 
 C = "web1 forward[0].ports[0] 8080:80/tcp"
 
@@ -53,17 +53,17 @@ def host(monkeypatch: pytest.MonkeyPatch) -> Dict[str, Optional[str]]:
 
 
 def test_explicit_targets_pass_through(host: Dict[str, Optional[str]]) -> None:
-    b = Binding("any", 4, ("tcp", 8080), "192.168.122.10", 80, "web1", C)
+    b = Binding("any", 4, ("tcp", PortSpan(8080)), "192.168.122.10", 80, "web1", C)
     out = resolve([b], None, cast(hostnet.RouteTable, FakeRoutes({})))
     assert out.bindings == [b] and out.pending == [] and out.address_from == {}
 
 
 def test_listen_interface_becomes_each_address(host: Dict[str, Optional[str]]) -> None:
-    b4 = Binding("fwd", 4, (ListenIface("eth0"), "tcp", 8080), "192.168.122.10", 80, "web1", C)
-    b6 = Binding("fwd", 6, (ListenIface("eth0"), "tcp", 8080), "fd00::10", 80, "web1", C)
+    b4 = Binding("fwd", 4, (ListenIface("eth0"), "tcp", PortSpan(8080)), "192.168.122.10", 80, "web1", C)
+    b6 = Binding("fwd", 6, (ListenIface("eth0"), "tcp", PortSpan(8080)), "fd00::10", 80, "web1", C)
     out = resolve([b4, b6], None, cast(hostnet.RouteTable, FakeRoutes({})))
-    assert [b.key for b in out.bindings] == [("203.0.113.5", "tcp", 8080),
-                                             ("203.0.113.6", "tcp", 8080)]
+    assert [b.key for b in out.bindings] == [("203.0.113.5", "tcp", PortSpan(8080)),
+                                             ("203.0.113.6", "tcp", PortSpan(8080))]
     assert out.pending == [(b6, Reason(Reason.WAITING,
                                        "no usable IPv6 address on listen interface eth0"))]
     assert out.warnings == ["2001:db8::5 is tentative: skipped"]
@@ -71,7 +71,7 @@ def test_listen_interface_becomes_each_address(host: Dict[str, Optional[str]]) -
 
 def test_selector_resolved_once_and_recorded(host: Dict[str, Optional[str]]) -> None:
     sel = Selector("52:54:00:00:00:01")
-    bs = [Binding("any", 4, ("tcp", p), sel, p, "web1", C) for p in (80, 443)]
+    bs = [Binding("any", 4, ("tcp", PortSpan(p)), sel, p, "web1", C) for p in (80, 443)]
     fake = FakeResolver({(sel, 4): ("192.168.122.10", "lease")})
     out = resolve(bs, cast(Resolver, fake), cast(hostnet.RouteTable, FakeRoutes({})))
     assert [b.target for b in out.bindings] == ["192.168.122.10"] * 2
@@ -82,8 +82,8 @@ def test_selector_resolved_once_and_recorded(host: Dict[str, Optional[str]]) -> 
 def test_unresolved_selector_waits_and_inapplicable_family_is_skipped(
         host: Dict[str, Optional[str]]) -> None:
     sel = Selector()
-    b4 = Binding("any", 4, ("tcp", 80), sel, 80, "web1", C)
-    b6 = Binding("any", 6, ("tcp", 80), sel, 80, "web1", C)
+    b4 = Binding("any", 4, ("tcp", PortSpan(80)), sel, 80, "web1", C)
+    b6 = Binding("any", 6, ("tcp", PortSpan(80)), sel, 80, "web1", C)
     out = resolve([b4, b6], cast(Resolver, FakeResolver({}, families=(4,))),
                   cast(hostnet.RouteTable, FakeRoutes({})))
     assert out.bindings == [] and out.pending == [(b4, Reason(Reason.WAITING, "no lease yet"))]
@@ -94,9 +94,9 @@ def test_unresolved_selector_waits_and_inapplicable_family_is_skipped(
 def test_ipv6_off_on_the_bridge_found_through_the_ipv4_sibling(
         host: Dict[str, Optional[str]]) -> None:
     host["virbr0"] = "IPv6 is disabled on virbr0"
-    b4 = Binding("any", 4, ("tcp", 80), "192.168.122.10", 80, "web1", C, "forward[0].ports[0]")
-    b6 = Binding("any", 6, ("tcp", 80), "fd00::10", 80, "web1", C, "forward[0].ports[0]")
-    other = Binding("any", 4, ("tcp", 81), "192.168.122.10", 81, "web1", C, "forward[0].ports[1]")
+    b4 = Binding("any", 4, ("tcp", PortSpan(80)), "192.168.122.10", 80, "web1", C, "forward[0].ports[0]")
+    b6 = Binding("any", 6, ("tcp", PortSpan(80)), "fd00::10", 80, "web1", C, "forward[0].ports[0]")
+    other = Binding("any", 4, ("tcp", PortSpan(81)), "192.168.122.10", 81, "web1", C, "forward[0].ports[1]")
     routes = cast(hostnet.RouteTable, FakeRoutes({"192.168.122.10": "virbr0"}))
     out = resolve([b4, b6], None, routes)
     assert out.bindings == [b4]
@@ -128,8 +128,8 @@ def test_recorded_state_of_earlier_versions_loads() -> None:
     again = st.to_json()
     assert [p[:7] for p in again["pending"]] == [p[:7] for p in raw["pending"]]
     assert [p[8] for p in again["pending"]] == [  # written with the cause now
-        [Reason.WAITING, "no usable IPv4 address on listen interface eth0"],
-        [Reason.INACTIVE, "IPv6 is disabled on this host"]]
+        ["waiting", "no usable IPv4 address on listen interface eth0"],
+        ["inactive", "IPv6 is disabled on this host"]]
     assert GuestState.from_json(again).to_json() == again
 
 
@@ -137,7 +137,7 @@ def test_a_refusal_keeps_its_cause(host: Dict[str, Optional[str]]) -> None:
     """A refused discovered address waits as REFUSED (logged once), not as WAITING."""
     sel = Selector("52:54:00:00:00:01")
     refused = Reason(Reason.REFUSED, "refused 10.0.0.9 from lease on virbr0: outside the prefix")
-    b = Binding("any", 4, ("tcp", 80), sel, 80, "web1", C)
+    b = Binding("any", 4, ("tcp", PortSpan(80)), sel, 80, "web1", C)
     out = resolve([b], cast(Resolver, FakeResolver({(sel, 4): refused})),
                   cast(hostnet.RouteTable, FakeRoutes({})))
     assert out.bindings == [] and out.pending == [(b, refused)]
@@ -147,7 +147,7 @@ def test_a_removal_in_progress_is_recorded_and_read_back() -> None:
     """Bindings being removed stay on record (not as applied) until the removal ends."""
     from portfwd.record import GuestState
 
-    b = Binding("any", 4, ("tcp", 8080), "192.168.122.10", 80, "web1", C, "forward[0].ports[0]")
+    b = Binding("any", 4, ("tcp", PortSpan(8080)), "192.168.122.10", 80, "web1", C, "forward[0].ports[0]")
     st = GuestState("web1", None, "portfwd", [], removing=[b])
     assert not st.empty and st.bindings == []
     again = GuestState.from_json(st.to_json())

@@ -18,8 +18,9 @@ from typing import Any, Dict, List
 import pytest
 
 from portfwd import constants, rules
-from portfwd.engine import layout_id
+from portfwd.tables import layout_id
 from portfwd.plan import Binding
+from portfwd.values import PortSpan
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden")
 
@@ -35,8 +36,8 @@ SKELETON_DIGESTS = {
 VARIANTS = pytest.mark.parametrize("variant", rules.VARIANTS)
 
 
-def _suffix(variant: str) -> str:
-    return "" if variant == rules.SPLIT else f"-{variant}"
+def _suffix(variant: rules.Variant) -> str:
+    return "" if variant is rules.SPLIT else f"-{variant.value}"
 
 
 def _digest(cmds: List[Any]) -> str:
@@ -55,7 +56,9 @@ def _golden(name: str, cmds: List[Any]) -> None:
 
 def _b(kind: str, family: int, key: Any, target: str, port: int, guest: str = "web1",
        comment: str = "web1 forward[0].ports[0] 8080:80/tcp") -> Binding:
-    return Binding(kind, family, tuple(key), target, port, guest, comment)
+    """``key`` ends with the host port(s) as the record writes them (8080, "5000-5010")."""
+    return Binding(kind, family, tuple(key[:-1]) + (PortSpan.from_json(key[-1]),), target, port,
+                   guest, comment)
 
 
 OLD = [
@@ -81,7 +84,7 @@ OTHER = [_b("fwd", 4, ("127.0.0.1", "tcp", 9000), "192.168.122.11", 90, guest="d
 
 
 @VARIANTS
-def test_skeleton_is_golden(variant: str) -> None:
+def test_skeleton_is_golden(variant: rules.Variant) -> None:
     _golden(f"skeleton{_suffix(variant)}.json", rules.skeleton("portfwd", variant=variant))
 
 
@@ -90,8 +93,8 @@ def test_skeleton_without_ipv6_is_golden() -> None:
 
 
 @VARIANTS
-def test_skeleton_change_needs_a_layout_bump(variant: str) -> None:
-    """Layout ids: engine.layout_id (LAYOUT, "+concat" for that variant)."""
+def test_skeleton_change_needs_a_layout_bump(variant: rules.Variant) -> None:
+    """Layout ids: tables.layout_id (LAYOUT, "+concat" for that variant)."""
     digest = _digest(rules.skeleton("portfwd", variant=variant))
     layout = layout_id(variant)
     assert layout.startswith(constants.LAYOUT)
@@ -103,7 +106,7 @@ def test_skeleton_change_needs_a_layout_bump(variant: str) -> None:
 
 
 @VARIANTS
-def test_guest_update_is_golden(variant: str) -> None:
+def test_guest_update_is_golden(variant: rules.Variant) -> None:
     _golden(f"guest-update{_suffix(variant)}.json",
             rules.guest_update("portfwd", OLD, NEW, variant))
 
@@ -114,13 +117,13 @@ def test_guest_update_of_nothing_changes_nothing() -> None:
 
 
 @VARIANTS
-def test_full_rebuild_is_golden(variant: str) -> None:
+def test_full_rebuild_is_golden(variant: rules.Variant) -> None:
     _golden(f"full-rebuild{_suffix(variant)}.json",
             rules.full_rebuild("portfwd", NEW + OTHER, variant))
 
 
 @VARIANTS
-def test_full_rebuild_starts_with_the_skeleton_and_flushes_every_map(variant: str) -> None:
+def test_full_rebuild_starts_with_the_skeleton_and_flushes_every_map(variant: rules.Variant) -> None:
     cmds = rules.full_rebuild("portfwd", [], variant)
     skeleton = rules.skeleton("portfwd", variant=variant)
     assert cmds[:len(skeleton)] == skeleton

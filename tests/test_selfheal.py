@@ -10,7 +10,7 @@ from typing import Any, List
 import pytest
 
 from pfhost import PortfwdHost, web1_config
-from portfwd import constants
+from portfwd import constants, guestpass
 from portfwd.engine import Engine
 
 pytestmark = pytest.mark.kernel
@@ -63,10 +63,9 @@ def test_stopped_killed_midway_leaves_nothing_to_resurrect(pf: PortfwdHost) -> N
     pf.write_config(web1_config("8080:80") + WEB2)
     assert pf.hook("web1", "started").returncode == 0
     assert pf.hook("web2", "started").returncode == 0
-    engine = Engine(pf.config, pf.run_dir)
-    engine._nft = DiesOnApply()  # type: ignore[assignment]
+    engine = Engine(pf.config, pf.run_dir, nft=DiesOnApply())  # type: ignore[arg-type]
     with pytest.raises(Killed):
-        engine.remove_guest("web1")  # the `stopped` hook, killed at the kernel step
+        guestpass.remove_guest(engine, "web1")  # the `stopped` hook, killed at the kernel step
     assert "192.168.150.10" in targets(pf)  # the kernel still has it ...
     r = pf.cli("reapply")  # ... and the next rebuild drops it rather than restoring it
     assert r.returncode == 0, r.stderr

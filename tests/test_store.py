@@ -9,10 +9,10 @@ from typing import Any, List
 
 import pytest
 
-from portfwd import state
+from portfwd import atomicfile, run_compiled, run_host, state
 from portfwd.plan import Binding
 from portfwd.record import GuestState
-from portfwd.values import Bridges
+from portfwd.values import Bridges, PortSpan
 
 
 def _bridges(st: GuestState) -> Bridges:
@@ -21,14 +21,14 @@ def _bridges(st: GuestState) -> Bridges:
 
 def test_guests_and_summary_round_trip(tmp_path: "os.PathLike[str]") -> None:
     store = state.Store(str(tmp_path))
-    b = Binding("fwd", 4, ("127.0.0.1", "tcp", 8080), "192.168.122.10", 80, "web1", "c",
+    b = Binding("fwd", 4, ("127.0.0.1", "tcp", PortSpan(8080)), "192.168.122.10", 80, "web1", "c",
                 "forward[0].ports[0]")
     store.write_guests([GuestState("web1", None, "portfwd", [b]),
                         GuestState("db 1", None, "other", [b])], _bridges)
     assert sorted(st.guest for st in store.all_guests()) == ["db 1", "web1"]
     assert store.read_guest("web1") is not None and store.read_guest("nobody") is None
     assert store.commit() and not store.commit()  # written once, then nothing changed
-    with open(os.path.join(str(tmp_path), state.HOST), encoding="utf-8") as f:
+    with open(os.path.join(str(tmp_path), run_host.HOST), encoding="utf-8") as f:
         assert json.load(f)["guests"] == {"db 1": ["4:virbr0", "T:other"],
                                           "web1": ["4:virbr0", "L:virbr0", "T:portfwd"]}
     summary = store.read_summary(_bridges)
@@ -62,7 +62,7 @@ def test_unreadable_hairpin_ports_read_as_none(tmp_path: "os.PathLike[str]") -> 
             f.write(text)
         assert state.Store(str(tmp_path)).hairpin_ports() == {}
     for text in ('{"ports": {"web1": 3}}', "{", "[]"):
-        with open(os.path.join(str(tmp_path), state.HOST), "w") as f:
+        with open(os.path.join(str(tmp_path), run_host.HOST), "w") as f:
             f.write(text)
         assert state.Store(str(tmp_path)).hairpin_ports() == {}
 
@@ -78,8 +78,8 @@ def test_host_record_is_one_file_written_once(tmp_path: "os.PathLike[str]") -> N
     store.write_localnet(["virbr0"])
     store.write_hairpin_ports({"web1": {"vnet0": (7, "0")}})
     store.write_accepts({4: ["virbr0"], 6: []})
-    assert not os.path.exists(os.path.join(root, state.HOST))
-    assert store.commit() and os.listdir(root) == [state.HOST]
+    assert not os.path.exists(os.path.join(root, run_host.HOST))
+    assert store.commit() and os.listdir(root) == [run_host.HOST]
     later = state.Store(root)
     assert later.hairpin() == {"portfwd": ["virbr0"]} and later.localnet() == ["virbr0"]
     assert later.hairpin_ports() == {"web1": {"vnet0": (7, "0")}}
@@ -105,7 +105,7 @@ def test_files_of_earlier_versions_fold_into_the_host_record(
     assert store.hairpin_ports() == {"web1": {"vnet0": (7, "0")}}
     assert list(store.read_summary(_bridges)) == ["web1"]
     assert store.commit()
-    assert os.listdir(root) == [state.HOST]  # the old files went with the first write
+    assert os.listdir(root) == [run_host.HOST]  # the old files went with the first write
     assert state.Store(root).hairpin() == {"portfwd": ["virbr0"]}
 
 
@@ -130,7 +130,6 @@ def _killed_at(root: str, step: int) -> bool:
     before its ``step``-th file-system call; True if it finished first."""
     import signal
 
-    store = state.Store(root)
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         calls = 0
@@ -145,8 +144,8 @@ def _killed_at(root: str, step: int) -> bool:
         try:
             sys.setprofile(profile)
             with state.locked(root):
-                store.write_compiled({("name", "web1"): [], ("uuid", "u1"): []},
-                                     ("portfwd", True, []), "new")
+                run_compiled.write(root, {("name", "web1"): [], ("uuid", "u1"): []},
+                                   ("portfwd", True, []), "new")
         finally:
             sys.setprofile(None)
             os._exit(0)
@@ -168,8 +167,7 @@ def test_a_run_killed_anywhere_in_a_compile_leaves_nothing_the_next_run_keeps(
         step += 1
         assert step < 1000, "the run never finished"
         shutil.rmtree(root, ignore_errors=True)
-        store = state.Store(root)
-        store.write_compiled({("name", "web1"): []}, ("portfwd", False, []), "old")
+        run_compiled.write(root, {("name", "web1"): []}, ("portfwd", False, []), "old")
         # what an earlier killed run left, for the sweep in the killed run to meet
         os.mkdir(os.path.join(root, "compiled.999.0badf00d"))
         os.symlink("compiled.999.0badf00d", os.path.join(root, "compiled.new.999.0badf00d"))
@@ -182,7 +180,7 @@ def test_a_run_killed_anywhere_in_a_compile_leaves_nothing_the_next_run_keeps(
         assert leftovers(root) == [], f"killed before call {step}"
         signature = state.cached_signature(root)
         assert signature in ("old", "new"), f"killed before call {step}: {signature!r}"
-        hit = store.read_compiled("web1", "u1" if signature == "new" else None, "/nonexistent")
+        hit = run_compiled.read(root, "web1", "u1" if signature == "new" else None, "/nonexistent")
         assert hit is None  # the signature differs from the file's: stale, but readable
         with open(os.path.join(root, "compiled", "options"), "rb") as f:
             assert marshal.load(f)[1] is (signature == "new")
@@ -196,14 +194,13 @@ def test_a_new_cache_never_reuses_a_folder_name(tmp_path: "os.PathLike[str]",
     """A pid comes round again: the folder name a run picks may be the one the
     ``compiled`` link points to. It is never emptied and reused: another name."""
     root = str(tmp_path)
-    store = state.Store(root)
     # folder and link of the first write; the second's folder: taken, then another
     picks = iter([b"\0" * 4, b"\x09" * 4, b"\0" * 4, b"\1" * 4, b"\x09" * 4])
     monkeypatch.setattr(os, "urandom", lambda n: next(picks))
-    store.write_compiled({("name", "web1"): []}, ("portfwd", False, []), "old")
+    run_compiled.write(root, {("name", "web1"): []}, ("portfwd", False, []), "old")
     first = os.readlink(os.path.join(root, "compiled"))
     assert first.endswith(".00000000")
-    store.write_compiled({("name", "web1"): []}, ("portfwd", False, []), "new")
+    run_compiled.write(root, {("name", "web1"): []}, ("portfwd", False, []), "new")
     assert os.readlink(os.path.join(root, "compiled")).endswith(".01010101")
     assert state.cached_signature(root) == "new"
     assert sorted(os.listdir(root)) == ["compiled", os.readlink(os.path.join(root, "compiled"))]
@@ -224,7 +221,7 @@ def test_write_atomic_never_follows_a_link_planted_at_its_temporary_name(
     monkeypatch.setattr(os, "urandom", lambda n: next(picks))
     os.umask(0o077)
     try:
-        state.write_atomic(out, b"new\n", mode=0o644, durable=True)
+        atomicfile.write_atomic(out, b"new\n", mode=0o644, durable=True)
     finally:
         os.umask(0o022)
     with open(victim) as f:
@@ -243,12 +240,12 @@ def test_write_atomic_without_replace_and_on_errors_leaves_no_temporary_file(
     out = os.path.join(folder, "out")
     os.symlink("/nonexistent", out)  # exists (as a dangling link): not replaced, not followed
     with pytest.raises(FileExistsError):
-        state.write_atomic(out, b"x", replace=False)
+        atomicfile.write_atomic(out, b"x", replace=False)
     assert os.readlink(out) == "/nonexistent" and os.listdir(folder) == ["out"]
     os.unlink(out)
     os.mkdir(out)  # a folder there: the rename fails
     with pytest.raises(OSError):
-        state.write_atomic(out, b"x")
+        atomicfile.write_atomic(out, b"x")
     assert os.listdir(folder) == ["out"]
-    state.write_atomic(os.path.join(folder, "new"), b"x", replace=False)
+    atomicfile.write_atomic(os.path.join(folder, "new"), b"x", replace=False)
     assert sorted(os.listdir(folder)) == ["new", "out"]

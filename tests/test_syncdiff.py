@@ -8,11 +8,12 @@ import sys
 
 from portfwd import syncdiff
 from portfwd.plan import Binding
+from portfwd.values import PortSpan
 
 
 def _b(port: int, guest_port: int, entry: str = "forward[0].ports[0]",
        target: str = "192.168.122.10") -> Binding:
-    return Binding("any", 4, ("tcp", port), target, guest_port, "web1", f"web1 {entry}", entry)
+    return Binding("any", 4, ("tcp", PortSpan(port)), target, guest_port, "web1", f"web1 {entry}", entry)
 
 
 def test_shifted_ports_fold_into_one_item_and_gaps_split_it() -> None:

@@ -68,11 +68,10 @@ CONCAT_MAPS = {"any4_to": ["ipv4_addr", "inet_service"], "any6_to": ["ipv6_addr"
 SPLIT_MAPS = {"any4_ip": "ipv4_addr", "any4_port": "inet_service",
               "any6_ip": "ipv6_addr", "any6_port": "inet_service"}
 # the table rebuilt from the records as the split variant, as nftables 1.0.6 builds it
-REBUILD_SPLIT = ("from portfwd import engine, rules, state\n"
-                 "e = engine.Engine(state.config_path(None))\n"
-                 "e.variant = lambda: rules.SPLIT\n"
+REBUILD_SPLIT = ("from portfwd import engine, rules, state, tables, wholehost\n"
+                 "tables.variant = lambda e: rules.SPLIT\n"
                  "with state.locked():\n"
-                 "    e.reapply()\n")
+                 "    wholehost.reapply(engine.Engine(state.config_path(None)))\n")
 
 
 def value_types(lab: TrixieLab) -> Dict[str, Any]:

@@ -6,7 +6,7 @@ it) a guest's connection to its own forward is DNATed on the bridge and sent
 back out of the port it came in by, which a bridge port refuses unless its
 hairpin mode is on. portfwd turns it on for the taps of guests with forwards,
 on the bridges those forwards lead to, and puts back what it found when the
-forwards go (the record: ``state.Store.hairpin_ports``).
+forwards go (the record: ``run_host.HostRecord.hairpin_ports``).
 
 Cheap to import (only os and hostnet): the hook calls it on every guest start.
 """

@@ -52,7 +52,7 @@ class Claims:
         self._add(slot(b), b, owner)
 
     def _add(self, where: Tuple[Any, ...], b: Binding, owner: str) -> None:
-        first, last = b.span()
+        first, last = b.host_ports.first, b.host_ports.last
         if first == last:
             self.single.setdefault(where, {})[first] = owner
         else:
@@ -73,7 +73,7 @@ class Claims:
         return self._holder(slot(b), b)
 
     def _holder(self, where: Tuple[Any, ...], b: Binding) -> Optional[str]:
-        first, last = b.span()
+        first, last = b.host_ports.first, b.host_ports.last
         singles = self.single.get(where, {})
         if first == last:
             if first in singles:

@@ -20,11 +20,11 @@ import shutil
 import sys
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from . import escape, libvirtapi, log, state
+from . import atomicfile, bridgeupkeep, escape, libvirtapi, log, state, tables, wholehost
 from .suggest import count
 from .cmdline import parser
 from .config import load
-from .discover import status_files_tell
+from .domainxml import status_files_tell
 from .engine import Engine
 from .errors import BugError, ConfigError, HostError
 from .model import Config, Where
@@ -75,7 +75,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         engine = Engine(config.path)
         table = config.options.table
         try:
-            foreign = root and engine.table_owner(table) is False
+            foreign = root and tables.table_owner(engine, table) is False
         except HostError:
             foreign = False  # the firewall inspection below says so
         if foreign:
@@ -102,7 +102,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                         " root to see whether anything blocks forwarded traffic")
     else:
         try:
-            blocked = engine.firewall(targets)[1]
+            blocked = [str(b) for b in bridgeupkeep.firewall(engine, targets)[1]]
         except HostError as e:
             warnings.append(f"{path}: warning: could not inspect the host's firewall: {e}")
     failed = args.strict and bool(warnings or blocked)
@@ -134,16 +134,17 @@ def cmd_sync(args: argparse.Namespace) -> int:
     with state.locked():
         engine = Engine(config.path)
         before = [b for st in engine.all_states() for b in st.bindings]
-        bindings = engine.sync(config, guests, dry_run=args.dry_run, resolvers=resolvers,
-                               settle=status_files_tell(args.connect))
+        synced = wholehost.sync(engine, config, guests, dry_run=args.dry_run,
+                                resolvers=resolvers, settle=status_files_tell(args.connect))
         if not args.dry_run:
             engine.compile()
+    bindings = synced.applied
     if args.dry_run:
-        return _print_dry_run(config, len(guests), before, bindings, engine.pending, args.json)
+        return _print_dry_run(config, len(guests), before, bindings, synced.pending, args.json)
     owners = {b.guest for b in bindings}
     if args.json:
         print(json.dumps({"table": config.options.table, "bindings": len(bindings),
-                          "guests": len(owners), "pending": len(engine.pending)}, indent=2))
+                          "guests": len(owners), "pending": len(synced.pending)}, indent=2))
     else:
         say(f"synced: {count(len(bindings), 'forward')} for {count(len(owners), 'guest')}"
             f" in table inet {config.options.table}")
@@ -317,7 +318,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 def cmd_reapply(args: argparse.Namespace) -> int:
     with state.locked():
-        bindings = Engine(state.config_path(args.config)).reapply()
+        bindings = wholehost.reapply(Engine(state.config_path(args.config)))
     owners = {b.guest for b in bindings}
     say(f"reapplied: {count(len(bindings), 'forward')} for {count(len(owners), 'guest')}"
         f" from {state.run_dir()}")
@@ -333,7 +334,7 @@ def _flush(path: str) -> List[str]:
     except ConfigError:
         pass  # the configured table name is all it is asked for
     with state.locked():
-        removed, foreign = Engine(path).flush(table)
+        removed, foreign = wholehost.flush(Engine(path), table)
     for t in foreign:
         log.warning(f"table inet {t} left alone: portfwd did not make it")
     return removed
@@ -398,7 +399,7 @@ def cmd_install(args: argparse.Namespace) -> int:
             raise BugError(f"{f.name}: no `py=/usr/bin/python3` line before the closing '''")
         head = head.replace("\npy=/usr/bin/python3\n", f"\npy={shlex.quote(python)}\n{exports}", 1)
         os.makedirs(os.path.dirname(hook_dst), mode=0o755, exist_ok=True)
-        state.write_atomic(hook_dst, f"{head}{sep}{settings}{body}".encode(), mode=0o755)
+        atomicfile.write_atomic(hook_dst, f"{head}{sep}{settings}{body}".encode(), mode=0o755)
         done.append(f"hook {hook_dst}")
 
     config_dst = at(root, args.config or state.DEFAULT_CONFIG)
@@ -406,7 +407,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     if not os.path.exists(config_dst):
         with open(os.path.join(DATA_DIR, "forward.toml"), encoding="utf-8") as f:
             example = f.read()
-        state.write_atomic(config_dst, _commented_out_forwards(example).encode())
+        atomicfile.write_atomic(config_dst, _commented_out_forwards(example).encode())
         os.chmod(config_dst, 0o644)
         done.append(f"example configuration {config_dst} (its forwards commented out)")
     else:
@@ -434,7 +435,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         with open(os.path.join(DATA_DIR, unit), encoding="utf-8") as f:
             text = f.read().replace("@PORTFWD@", link)
         os.makedirs(unit_dir, exist_ok=True)
-        state.write_atomic(os.path.join(unit_dir, unit), text.encode())
+        atomicfile.write_atomic(os.path.join(unit_dir, unit), text.encode())
         done.append(f"unit {os.path.join(unit_dir, unit)}")
     from . import docs
 
@@ -444,7 +445,7 @@ def cmd_install(args: argparse.Namespace) -> int:
             ("bash completion", installpaths.COMPLETION, docs.bash_completion(parser()))):
         path = at(root, path)
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        state.write_atomic(path, text.encode(), mode=0o644)
+        atomicfile.write_atomic(path, text.encode(), mode=0o644)
         done.append(f"{what} {path}")
     for line in done:
         say(f"installed: {line}")
@@ -508,7 +509,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     else:
         try:  # a new file beside the output, renamed (--force) or linked into place
-            state.write_atomic(args.output, data, mode=0o644, replace=args.force, durable=True)
+            atomicfile.write_atomic(args.output, data, mode=0o644, replace=args.force, durable=True)
         except FileExistsError:
             say(f"{args.output}: exists; not overwritten (use --force to replace it)", err=True)
             return EXIT_USAGE

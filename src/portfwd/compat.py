@@ -21,6 +21,7 @@ import os
 
 from .errors import HostError
 from .constants import MARK
+from .values import Blocker, BlockerKind
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -382,40 +383,30 @@ def seen(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[str]:
     return out
 
 
-def blockers(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[str]:
+def blockers(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[Blocker]:
     """Where forwarded connections to ``wanted`` bridges are dropped and portfwd
-    does not, or must not, change that; each line names the table and chain."""
-    return [line for line, _ in _blockers(fw, wanted)]
-
-
-def blocked_bridges(fw: Firewall, wanted: Dict[int, Set[str]]) -> Dict[Tuple[int, str], List[str]]:
-    """The lines of ``blockers`` per (family, bridge) they concern."""
-    out: Dict[Tuple[int, str], List[str]] = {}
-    for line, concerned in _blockers(fw, wanted):
-        for key in concerned:
-            out.setdefault(key, []).append(line)
-    return out
-
-
-def _blockers(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[Tuple[str, List[Tuple[int, str]]]]:
-    out: List[Tuple[str, List[Tuple[int, str]]]] = []
+    does not, or must not, change that; each names the table and chain."""
+    out: List[Blocker] = []
     covered: Dict[int, Set[str]] = {}
     for fam in TABLE_FAMILY:
+        family = TABLE_FAMILY[fam]
         rules = fw.fwi.get(fam)
         if rules is not None:
             need = _needed(rules, wanted.get(fam, set()))
             if not _in_place(rules, need):
-                out.append((f"table {TABLE_FAMILY[fam]} filter chain LIBVIRT_FWI: libvirt's reject comes"
-                            f" before portfwd's accept for {', '.join(need)}; run `portfwd reapply`",
-                            [(fam, b) for b in need]))
+                out.append(Blocker(BlockerKind.ORDER, family, "filter", "LIBVIRT_FWI",
+                                   f"table {family} filter chain LIBVIRT_FWI: libvirt's reject"
+                                   f" comes before portfwd's accept for {', '.join(need)}; run"
+                                   " `portfwd reapply`", [(fam, b) for b in need]))
             covered[fam] = set(need)
         grules = fw.guest_input.get(fam)
         if grules is not None:
             need = _needed(grules, wanted.get(fam, set()))
             if not _in_place(grules, need):
-                out.append((f"table {TABLE_FAMILY[fam]} libvirt_network chain guest_input: libvirt's"
-                            f" reject comes before portfwd's accept for {', '.join(need)};"
-                            " run `portfwd reapply`", [(fam, b) for b in need]))
+                out.append(Blocker(BlockerKind.ORDER, family, "libvirt_network", "guest_input",
+                                   f"table {family} libvirt_network chain guest_input: libvirt's"
+                                   f" reject comes before portfwd's accept for {', '.join(need)};"
+                                   " run `portfwd reapply`", [(fam, b) for b in need]))
     for family, table, chain in fw.drop_policies:
         fams = [4] if family == "ip" else [6] if family == "ip6" else [4, 6]
         for fam in fams:
@@ -424,13 +415,27 @@ def _blockers(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[Tuple[str, List
             left = sorted(wanted.get(fam, set()) - (covered.get(fam, set()) if through_libvirt
                                                      else set()))
             if left:
-                out.append((f"table {family} {table} chain {chain}: policy drop drops forwarded"
-                            f" connections to {', '.join(left)} (IPv{fam}); portfwd does not change"
-                            f" that chain: accept `ct mark & {MARK:#010x} == {MARK:#010x}` there",
-                            [(fam, b) for b in left]))
+                out.append(Blocker(BlockerKind.POLICY, family, table, chain,
+                                   f"table {family} {table} chain {chain}: policy drop drops"
+                                   f" forwarded connections to {', '.join(left)} (IPv{fam});"
+                                   " portfwd does not change that chain: accept"
+                                   f" `ct mark & {MARK:#010x} == {MARK:#010x}` there",
+                                   [(fam, b) for b in left]))
     if fw.firewalld_strict and any(wanted.values()):
-        out.append((f"{fw.firewalld_strict}: firewalld (StrictForwardPorts=yes) rejects DNATed"
-                    " connections it was not told about; declare the forwards to firewalld or"
-                    " set StrictForwardPorts=no",
-                    [(fam, b) for fam, bridges in sorted(wanted.items()) for b in sorted(bridges)]))
+        out.append(Blocker(BlockerKind.FIREWALLD, "inet", "firewalld",
+                           fw.firewalld_strict.rpartition(" chain ")[2],
+                           f"{fw.firewalld_strict}: firewalld (StrictForwardPorts=yes) rejects"
+                           " DNATed connections it was not told about; declare the forwards"
+                           " to firewalld or set StrictForwardPorts=no",
+                           [(fam, b) for fam, bridges in sorted(wanted.items())
+                            for b in sorted(bridges)]))
+    return out
+
+
+def blocked_bridges(fw: Firewall, wanted: Dict[int, Set[str]]) -> Dict[Tuple[int, str], List[str]]:
+    """The lines of ``blockers`` per (family, bridge) they concern."""
+    out: Dict[Tuple[int, str], List[str]] = {}
+    for blocker in blockers(fw, wanted):
+        for key in blocker.concerned:
+            out.setdefault(key, []).append(str(blocker))
     return out

@@ -33,8 +33,10 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import hook, hooksocket, hostnet, libvirtapi, log, state
-from .discover import LEASE_DIR, Resolver, status_files_tell
+from . import (bridgeupkeep, hook, hooksocket, hostnet, libvirtapi, log, run_host, state,
+               wholehost)
+from .discover import LEASE_DIR, Resolver
+from .domainxml import status_files_tell
 from .engine import Engine
 from .errors import ConfigError, HostError
 from .evidence import Recheck
@@ -163,7 +165,7 @@ class Daemon:
         """Answer the hooks' calls on RUN_DIR/hook.sock, in a thread of its own."""
         path = hooksocket.socket_path(self.engine.root)
         try:
-            state.ensure_dir(self.engine.root)
+            run_host.ensure_dir(self.engine.root)
             self.listener = hooksocket.listen(self.engine.root)
         except OSError as e:
             log.warning(f"{path}: {e}; the hooks do their work themselves")
@@ -297,11 +299,11 @@ class Daemon:
     def _sync(self, config: Config, guests: List[Guest], resolvers: Dict[str, Resolver],
               full: bool) -> str:
         with self.locked():
-            bindings = self.engine.sync(config, guests, resolvers=resolvers,
-                                        settle=status_files_tell(self.uri), rebuild=full)
-            pending = self.engine.waiting
-        if not self.engine.rebuilt:
+            synced = wholehost.sync(self.engine, config, guests, resolvers=resolvers,
+                                    settle=status_files_tell(self.uri), rebuild=full)
+        if not synced.rebuilt:
             return UNCHANGED
+        bindings, pending = synced.applied, len(synced.pending)
         log.info(f"synced: {len(bindings)} forward(s) for {len({b.guest for b in bindings})}"
                  f" guest(s)" + (f", {pending} waiting for an address" if pending else ""))
         return REBUILT
@@ -314,7 +316,7 @@ class Daemon:
         from 127.0.0.1 are gone with the table anyway), then the tables are rebuilt
         from the records, which turns it on again. When the rebuild fails, it stays
         off, recorded so, and the rebuild is tried again REPAIR_RETRY later."""
-        missing = self.engine.unguarded()
+        missing = bridgeupkeep.unguarded(self.engine)
         if not missing or time.monotonic() < self.repair_at:
             return
         tables = ", ".join(f"table inet {t}" for t in missing)
@@ -331,7 +333,7 @@ class Daemon:
                             " rule is back (forwards from 127.0.0.1 stop meanwhile)")
             try:
                 with self.locked():
-                    self.engine.localnet_off()  # records it (the sysctls are off already)
+                    bridgeupkeep.localnet_off(self.engine)  # records it (the sysctls are off already)
             except state.LockTimeout:
                 pass  # the next run that finds the guard turns it on again; the record says so
             return
@@ -341,7 +343,7 @@ class Daemon:
     def _reapply(self) -> str:
         with self.locked():
             self.engine.forget_owned_tables()
-            bindings = self.engine.reapply()
+            bindings = wholehost.reapply(self.engine)
         log.info(f"rebuilt: {len(bindings)} forward(s) from the records")
         return REBUILT
 

@@ -16,7 +16,7 @@ NIC's libvirt network, routed out of that network's bridge, not the host's own,
 not another running guest's (by reservation, live lease or forward:
 :meth:`Resolver.vet`), and shown to be this NIC's by the host's neighbour table
 and the bridge's forwarding database (``evidence``) unless the admin wrote it (a
-reservation in the network XML, a suffix in forward.toml: ``ADMINS_WORD``). IPv4
+reservation in the network XML, a suffix in forward.toml: ``Found.admins``). IPv4
 leases are matched on the lease's MAC;
 IPv6 leases on the MAC dnsmasq saw, or on a DUID the network XML reserves for
 this guest; a MAC holding live leases under several client-ids is refused.
@@ -29,7 +29,7 @@ import os
 import time
 
 from .constants import DEFAULT_DISCOVER
-from .domainxml import ENV_STATUS_DIR, Domain, mac_addresses, parse, status_dir, status_files
+from .domainxml import Domain, mac_addresses, parse, status_files
 from .values import Reason
 
 TYPE_CHECKING = False
@@ -46,11 +46,21 @@ if TYPE_CHECKING:
     Lookup = Callable[[str, int], Optional[Tuple[str, str]]]
 
 LEASE_DIR = "/var/lib/libvirt/dnsmasq"
-# where an address comes from when the admin wrote it (``Resolver._find``'s answers):
-# taken as an address in forward.toml is, without evidence from the kernel
-ADMINS_WORD = ("reservation on network ", "suffix on network ")
 NETWORK_DIRS = ("/run/libvirt/network", "/etc/libvirt/qemu/networks")
-DEFAULT_SOURCES = DEFAULT_DISCOVER
+
+
+class Found:
+    """An address a source gave for a NIC (``Resolver._find``), where it came from
+    (``"lease on virbr0"``), and whether the admin wrote it (a reservation in the
+    network XML, a suffix in forward.toml): then it is taken as an address in
+    forward.toml is, without evidence from the kernel."""
+
+    __slots__ = ("address", "where", "admins")
+
+    def __init__(self, address: str, where: str, admins: bool = False) -> None:
+        self.address = address
+        self.where = where
+        self.admins = admins
 
 
 class Network:
@@ -64,22 +74,6 @@ class Network:
         self.prefix6: Optional[Tuple[int, int]] = None  # (network as int, length)
         self.families: Set[int] = set()  # address families the network has a range of
         self.subnets: List[Tuple[int, int, int]] = []  # (family, network as int, length)
-
-
-def status_files_tell(uri: str) -> bool:
-    """Whether libvirt's QEMU status files describe the guests of connection ``uri``
-    (the system driver, which runs the hooks; or the folder tests point to)."""
-    return bool(os.environ.get(ENV_STATUS_DIR)) or uri.split("?")[0] in (
-        "qemu:///system", "qemu+unix:///system")
-
-
-def running_domain(name: str) -> Optional[bool]:
-    """Whether libvirt's QEMU driver runs domain ``name``, from the status file it keeps
-    (no libvirt call); None when that cannot be told (no such folder on this host)."""
-    folder = status_dir()
-    if not os.path.isdir(folder):
-        return None
-    return os.path.exists(os.path.join(folder, f"{name}.xml"))
 
 
 def _network_element(root: Element) -> Optional[Element]:
@@ -252,7 +246,7 @@ class Resolver:
                  lease_dir: str = LEASE_DIR, network_dirs: Tuple[str, ...] = NETWORK_DIRS,
                  now: Optional[float] = None, routes: Optional[Routes] = None,
                  local: Optional[Set[str]] = None,
-                 discover: Sequence[str] = DEFAULT_SOURCES,
+                 discover: Sequence[str] = DEFAULT_DISCOVER,
                  evidence: Optional[Evidence] = None) -> None:
         self.guest = guest
         domain = parse(xml) if xml else Domain()
@@ -320,26 +314,24 @@ class Resolver:
         if found is None or isinstance(found, Reason):
             return found or Reason(Reason.WAITING, f"no IPv{family} address yet for NIC"
                                                    f" {nic.mac} on network {network.name}")
-        address = canonical(found[0], family)
+        address = canonical(found.address, family)
         if address is None:
-            return Reason(Reason.REFUSED, f"refused {found[0]} from {found[1]}: not an IPv{family}"
-                                          " address (inet_pton refuses it)")
+            return Reason(Reason.REFUSED, f"refused {found.address} from {found.where}: not an"
+                                          f" IPv{family} address (inet_pton refuses it)")
         problem = self.vet(address, family, nic, network)
         if problem:
-            return Reason(Reason.REFUSED, f"refused {address} from {found[1]}: {problem}")
-        # what the admin wrote (a reservation in the network XML, a suffix in
-        # forward.toml) is the admin's word, as an address in forward.toml is; what the
-        # guest chooses (a lease, its agent, its ARP answers) needs the kernel's evidence
-        admins_word = found[1].startswith(ADMINS_WORD)
-        unproven = None if admins_word else self._unproven(address, nic, network)
+            return Reason(Reason.REFUSED, f"refused {address} from {found.where}: {problem}")
+        # what the admin wrote is the admin's word, as an address in forward.toml is; what
+        # the guest chooses (a lease, its agent, its ARP answers) needs the kernel's evidence
+        unproven = None if found.admins else self._unproven(address, nic, network)
         if unproven is not None:
             what = "refused" if unproven.cause == Reason.REFUSED else "unconfirmed"
-            return Reason(unproven.cause, f"{what} {address} from {found[1]}: {unproven.text}")
-        return address, found[1]
+            return Reason(unproven.cause, f"{what} {address} from {found.where}: {unproven.text}")
+        return address, found.where
 
     def _find(self, nic: Nic, network: Network, family: int, suffix: str
-              ) -> Union[None, Tuple[str, str], Reason]:
-        """(address as found, where), in the order of ``discover``; a Reason when a
+              ) -> Union[None, Found, Reason]:
+        """The address as found, in the order of ``discover``; a Reason when a
         source's answer is refused as a whole."""
         if family == 6 and suffix:
             if network.prefix6 is None:
@@ -348,14 +340,16 @@ class Resolver:
             value = _v6int(suffix)
             if value is None:
                 return Reason(Reason.WAITING, f"{suffix} is not an IPv6 suffix")
-            return _v6str(network.prefix6[0] | value), f"suffix on network {network.name}"
-        found: Union[None, Tuple[str, str], Reason] = None
+            return Found(_v6str(network.prefix6[0] | value), f"suffix on network {network.name}",
+                         admins=True)
+        found: Union[None, Found, Reason] = None
         if "reservation" in self.discover:
             found = self._reserved(nic, network, family)
         if found is None and "lease" in self.discover:
             found = self._leased(nic, network, family)
         if found is None and self.lookup is not None:
-            found = self.lookup(nic.mac, family)
+            answer = self.lookup(nic.mac, family)
+            found = None if answer is None else Found(*answer)
         return found
 
     def vet(self, address: str, family: int, nic: Nic, network: Network) -> Optional[str]:
@@ -469,13 +463,14 @@ class Resolver:
         self.awaiting.append((address, nic.mac, bridge, nic.tap or ""))
         return why
 
-    def _reserved(self, nic: Nic, network: Network, family: int) -> Optional[Tuple[str, str]]:
+    def _reserved(self, nic: Nic, network: Network, family: int) -> Optional[Found]:
+        where = f"reservation on network {network.name}"
         if family == 4 and nic.mac in network.hosts4:
-            return network.hosts4[nic.mac], f"reservation on network {network.name}"
+            return Found(network.hosts4[nic.mac], where, admins=True)
         if family == 6:
             for duid, name, address in network.hosts6:
                 if name == self.guest or (duid and duid_mac(duid) == nic.mac):
-                    return address, f"reservation on network {network.name}"
+                    return Found(address, where, admins=True)
         return None
 
     def _reserved_duids(self, nic: Nic, network: Network) -> Set[str]:
@@ -484,7 +479,7 @@ class Resolver:
                 if duid and (name == self.guest or duid_mac(duid) == nic.mac)}
 
     def _leased(self, nic: Nic, network: Network, family: int
-                ) -> Union[None, Tuple[str, str], Reason]:
+                ) -> Union[None, Found, Reason]:
         bridge = nic.bridge or network.bridge
         if not bridge:
             return None
@@ -517,7 +512,7 @@ class Resolver:
                                           " released)")
         if best is None or others.get(best[1], -1.0) > best[0]:
             return None  # none, or another client holds that address more recently
-        return best[1], f"lease on {bridge}"
+        return Found(best[1], f"lease on {bridge}")
 
 
 def _expiry(lease: Dict[str, object]) -> float:

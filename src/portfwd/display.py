@@ -10,10 +10,10 @@ if TYPE_CHECKING:
     from typing import Union
 
     from .plan import Binding
-    from .values import Target
+    from .values import PortSpan, Target
 
 
-def target_text(target: Target, family: int, port: Union[int, str]) -> str:
+def target_text(target: Target, family: int, port: Union[int, PortSpan]) -> str:
     """``192.0.2.1:80``, ``[2001:db8::1]:80``, or what a discovered address will be."""
     if isinstance(target, Selector):
         return f"<{target.describe(family)}>:{port}"

@@ -19,6 +19,7 @@ from .domainxml import Nic, mac_problem
 from .hookchain import Step
 from .hostnet import Link
 from .suggest import count
+from .values import Blocker, BlockerKind, PortSpan
 
 EXIT_BROKEN = 5  # a layer failed (cli.py's codes 0-4 mean other things)
 
@@ -47,12 +48,12 @@ class ForwardFacts:
 
     __slots__ = ("family", "proto", "listen", "host_ports", "address", "guest_ports", "state")
 
-    def __init__(self, family: int, proto: str, listen: str, host_ports: str,
-                 address: Optional[str], guest_ports: str, state: str) -> None:
+    def __init__(self, family: int, proto: str, listen: str, host_ports: PortSpan,
+                 address: Optional[str], guest_ports: PortSpan, state: str) -> None:
         self.family = family
         self.proto = proto
         self.listen = listen  # "*" or an address
-        self.host_ports = host_ports  # "8080" or "5000-5010"
+        self.host_ports = host_ports
         self.address = address  # None: no address yet (pending)
         self.guest_ports = guest_ports
         self.state = state  # as `portfwd status` says: active, missing, pending: …
@@ -99,7 +100,7 @@ class GuestFacts:
                  nics: Sequence[Nic] = (), links: Optional[Dict[str, Optional[Link]]] = None,
                  bridge_ipv6_off: Optional[Dict[str, str]] = None,
                  forwards: Sequence[ForwardFacts] = (), neighbours: Optional[Dict[str, str]] = None,
-                 blocked: Sequence[str] = (), listeners: Sequence[str] = (),
+                 blocked: Sequence[Blocker] = (), listeners: Sequence[str] = (),
                  macs_on_bridge: Optional[Dict[Tuple[str, str], List[str]]] = None,
                  services: Optional[Dict[Tuple[str, int], str]] = None) -> None:
         self.name = name
@@ -310,30 +311,29 @@ def _table(g: GuestFacts) -> Check:
     return Check("table", True, f"{count(len(g.forwards), 'forward')} active in the kernel")
 
 
-def blocker_fix(line: str) -> str:
-    """The fix for one line of ``compat.blockers`` or ``doctorfacts.own_drops``."""
+def blocker_fix(blocker: Blocker) -> str:
+    """The fix for one of ``compat.blockers`` or ``doctorfacts.own_drops``."""
     from .constants import MARK
 
-    if "portfwd reapply" in line:
+    if blocker.kind is BlockerKind.ORDER:
         return "portfwd reapply (puts portfwd's accept back at the head of libvirt's chain)"
-    if "StrictForwardPorts" in line:
+    if blocker.kind is BlockerKind.FIREWALLD:
         return "declare the forwards to firewalld (firewall-cmd --add-forward-port) or set" \
                " StrictForwardPorts=no in /etc/firewalld/firewalld.conf"
-    where = line.split(":", 1)[0]  # "table FAMILY TABLE chain CHAIN"
-    if "policy drop" in line:
+    where = f"table {blocker.family} {blocker.table} chain {blocker.chain}"
+    if blocker.kind is BlockerKind.POLICY:
         return f"in {where}, accept what portfwd forwarded before the policy applies:" \
                f" ct mark & {MARK:#010x} == {MARK:#010x} accept"
-    if " rule handle " in line:
-        words = where.split()
-        handle = line.split(" rule handle ", 1)[1].split()[0]
-        return f"narrow or delete that rule (nft delete rule {words[1]} {words[2]} {words[4]}" \
-               f" handle {handle}), or accept ct mark & {MARK:#010x} == {MARK:#010x} before it"
-    return "change that table's rule or policy"
+    handle = "?" if blocker.handle is None else blocker.handle
+    return f"narrow or delete that rule (nft delete rule {blocker.family} {blocker.table}" \
+           f" {blocker.chain} handle {handle}), or accept ct mark & {MARK:#010x} ==" \
+           f" {MARK:#010x} before it"
 
 
 def _filter(g: GuestFacts) -> Check:
     if g.blocked:
-        return Check("filter", False, "; ".join(g.blocked), blocker_fix(g.blocked[0]))
+        return Check("filter", False, "; ".join(str(b) for b in g.blocked),
+                     blocker_fix(g.blocked[0]))
     return Check("filter", True, "nothing drops forwarded connections to the guest's bridge")
 
 

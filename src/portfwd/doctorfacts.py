@@ -32,7 +32,7 @@ from .hostnet import Link
 from .model import Config
 from .pathwalk import at
 from .status import live_elements, live_state
-from .values import Reason
+from .values import Blocker, BlockerKind, Reason
 
 LIBVIRT_TIMEOUT = 10.0
 NEIGHBOUR_WAIT = 2.0
@@ -178,7 +178,7 @@ def services(forwards: Sequence[ForwardFacts]) -> Dict[Tuple[str, int], str]:
     out: Dict[Tuple[str, int], str] = {}
     for f in forwards:
         if f.proto == "tcp" and f.address is not None:
-            key = (f.address, int(f.guest_ports.partition("-")[0]))
+            key = (f.address, f.guest_ports.first)
             if key not in out:
                 out[key] = connect(*key)
     return out
@@ -189,8 +189,7 @@ def listeners(forwards: Sequence[ForwardFacts]) -> List[str]:
     out = []
     for s in listening.sockets():
         for f in forwards:
-            first, _, last = f.host_ports.partition("-")
-            if (f.proto == s.proto and int(first) <= s.port <= int(last or first)
+            if (f.proto == s.proto and s.port in f.host_ports
                     and (s.wildcard or f.listen in ("*", s.address))):
                 out.append(f"{s.process or 'a process'} listens on {s.endpoint}/{s.proto}")
                 break
@@ -204,12 +203,12 @@ SKIPPED_TABLES = {("ip", "filter"), ("ip6", "filter"), ("ip", "libvirt_network")
 
 
 def own_drops(engine: Engine, forwards: Sequence[ForwardFacts], bridge_of: Dict[str, str],
-              table: str) -> List[str]:
+              table: str) -> List[Blocker]:
     """Drops and rejects in forward base chains of the host's own tables (not
     libvirt's, firewalld's or portfwd's, which compat.py judges) that surely hit a
     forwarded connection to one of ``forwards``; each names table, chain and rule."""
     chains = [c["chain"] for c in engine.nft.list({"chains": {}}) or [] if "chain" in c]
-    out: List[str] = []
+    out: List[Blocker] = []
     for c in chains:
         where = (c["family"], c["table"])
         if c.get("hook") != "forward" or where in SKIPPED_TABLES or where == ("inet", table):
@@ -220,12 +219,17 @@ def own_drops(engine: Engine, forwards: Sequence[ForwardFacts], bridge_of: Dict[
         for t in forwards:
             if t.address is None or t.family not in _families(c["family"]):
                 continue
-            first = int(t.guest_ports.partition("-")[0])
+            first = t.guest_ports.first
             packet = Packet(t.family, bridge_of.get(t.address, ""), t.address, t.proto, first)
             hit = chain_verdict(rules, packet, MARK)
             if hit and hit[0] in ("drop", "reject"):
-                out.append(f"table {c['family']} {c['table']} chain {c['name']}: rule handle"
-                           f" {hit[1].get('handle', '?')} {hit[0]}s {t.address}:{first}/{t.proto}")
+                handle = hit[1].get("handle")
+                out.append(Blocker(
+                    BlockerKind.RULE, c["family"], c["table"], c["name"],
+                    f"table {c['family']} {c['table']} chain {c['name']}: rule handle"
+                    f" {'?' if handle is None else handle} {hit[0]}s"
+                    f" {t.address}:{first}/{t.proto}",
+                    handle=handle if isinstance(handle, int) else None))
                 break
     return out
 

@@ -5,7 +5,9 @@ NICs with MAC, network, bridge and tap). ``domain_uuid`` and ``mac_addresses``
 find those values by a byte search instead, for paths that must stay light (the
 hook of a guest without forwards imports no XML parser; a check of every running
 guest's MACs reads many status files). ``status_files`` reads the live domain XML
-of every running domain from the status files libvirt's QEMU driver keeps.
+of every running domain from the status files libvirt's QEMU driver keeps;
+``running_domain`` tells from them whether one domain runs, and
+``status_files_tell`` whether they describe the guests of a connection.
 ``mac_problem`` judges a NIC's MAC, read here or given in forward.toml.
 
 Cheap to import (os only); ElementTree is imported by ``parse`` alone.
@@ -182,3 +184,19 @@ def status_files(folder: Optional[str] = None) -> Optional[Dict[str, bytes]]:
             except OSError:
                 continue
     return out
+
+
+def status_files_tell(uri: str) -> bool:
+    """Whether libvirt's QEMU status files describe the guests of connection ``uri``
+    (the system driver, which runs the hooks; or the folder tests point to)."""
+    return bool(os.environ.get(ENV_STATUS_DIR)) or uri.split("?")[0] in (
+        "qemu:///system", "qemu+unix:///system")
+
+
+def running_domain(name: str) -> Optional[bool]:
+    """Whether libvirt's QEMU driver runs domain ``name``, from the status file it keeps
+    (no libvirt call); None when that cannot be told (no such folder on this host)."""
+    folder = status_dir()
+    if not os.path.isdir(folder):
+        return None
+    return os.path.exists(os.path.join(folder, f"{name}.xml"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable, List, Optional
 
-from . import domainforwards, libvirtapi, plan, state, status
+from . import domainforwards, guestpass, libvirtapi, plan, state, status
 from .suggest import count
 from .configedit import PROTOS, Edit, Request, add, remove
 from .editfile import edit
@@ -118,12 +118,11 @@ def apply(path: str, name: str, uuid: Optional[str], uri: str) -> List[str]:
         config = engine.compile()  # what the hook reads from now on
         if found is not None:
             guest, resolver = found
-            table, _, templates = engine.guest_config(guest.name, guest.uuid)
-            templates += plan.templates(domainforwards.forwards(
+            wanted = engine.guest_config(guest.name, guest.uuid)
+            templates = wanted.templates + plan.templates(domainforwards.forwards(
                 resolver.forwards, guest.name, guest.uuid, config, engine.all_states())[0])
-            engine.taps[guest.name] = resolver.taps
-            engine.apply_guest(guest.name, guest.uuid, table, bind(templates, guest.name),
-                               resolver)
+            guestpass.apply_guest(engine, guest.name, guest.uuid, wanted,
+                                  bind(templates, guest.name), resolver, resolver.taps)
         report = status.report(engine, config)
     names = {name} | ({found[0].name} if found else set())
     rows = [r for r in report.rows if r["guest"] in names or r["guest"] == uuid]

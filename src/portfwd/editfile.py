@@ -8,7 +8,7 @@ file portfwd trusts, replaced atomically with the same owner, mode and ACL.
   lock, and nothing holds both.
 - Read: ``config.read``, the trust rule ``portfwd check`` applies (the file and
   every directory on its path writable by root alone; symlinks followed).
-- Write: a new file beside the real file (``state.temp_file``), given the old one's
+- Write: a new file beside the real file (``atomicfile.temp_file``), given the old one's
   owner, group, mode and POSIX access ACL, flushed to disk, renamed over the real
   file (a symlink to it stays a symlink), then the directory is flushed. A file
   changed by someone else since it was read is left alone (the edit is refused).
@@ -20,7 +20,7 @@ import fcntl
 import os
 from typing import Callable, TypeVar
 
-from . import state
+from . import atomicfile, state
 from .config import ACL_ACCESS, read
 from .errors import ConfigError, HostError
 from .pathwalk import walk
@@ -63,7 +63,7 @@ def _replace(real: str, data: bytes) -> None:
         acl = os.getxattr(real, ACL_ACCESS, follow_symlinks=False)
     except OSError:
         acl = b""  # none (ENODATA), or none possible here
-    fd, tmp = state.temp_file(real, 0o600)
+    fd, tmp = atomicfile.temp_file(real, 0o600)
     try:
         os.fchown(fd, st.st_uid, st.st_gid)
         os.fchmod(fd, st.st_mode & 0o7777)

@@ -9,7 +9,9 @@ LOCK_WAIT seconds for a lock that one other portfwd run keeps. A guest with no
 forwards and no state leaves before anything heavy is imported; once the hook
 index is current (``hookindex``), the hook's sh lines answer it without Python.
 A call that may change something goes to ``portfwd daemon`` when it runs
-(``hooksocket``), which answers it with ``answer``: the same ``run``.
+(``hooksocket``), which answers it with ``answer``: the same ``run``. ``exit_now``
+(the qemu hook's entry) ends the process as soon as the records are written and
+the lock released, leaving the release of the nftables socket to a child.
 """
 
 from __future__ import annotations
@@ -40,7 +42,41 @@ LOCK_WAIT = 5.0
 STRICT_FAILURE = 3
 
 
-def main(kind: str = "qemu", argv: Optional[List[str]] = None) -> int:
+def exit_now(kind: str, argv: List[str]) -> None:
+    """``main``, then the process ends at once: libvirt waits for it and for its
+    output, not for the kernel to release the nftables socket it used. After a
+    batch that deleted elements that release takes 5-11 ms (an RCU grace period);
+    a child that holds the socket, with stdin, stdout and stderr on /dev/null and
+    no lock, waits until this process has exited and then releases it."""
+    keep: List[object] = []
+    code = main(kind, argv, keep)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if keep:
+        try:
+            r, w = os.pipe()
+            pid = os.fork()
+        except OSError:
+            pid = -1
+        if pid == 0:  # the child: never returns into Python's shutdown
+            try:
+                os.close(w)
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                os.read(r, 1)  # end of file once the parent has exited
+            finally:
+                os._exit(0)
+    os._exit(code)
+
+
+def main(kind: str = "qemu", argv: Optional[List[str]] = None,
+         keep: Optional[List[object]] = None) -> int:
+    """One hook call; ``keep`` receives what holds the nftables socket (``exit_now``
+    releases it after this process has exited)."""
     args = sys.argv[1:] if argv is None else argv
     try:
         xml = sys.stdin.buffer.read()  # libvirt writes it all; read it all
@@ -60,7 +96,7 @@ def main(kind: str = "qemu", argv: Optional[List[str]] = None) -> int:
             except OSError:
                 pass
             return said[0]
-    return run(kind, args, xml)
+    return run(kind, args, xml, keep=keep)
 
 
 def _may_work(kind: str, args: List[str]) -> bool:
@@ -88,7 +124,8 @@ def answer(kind: str, args: List[str], xml: bytes, nft: Optional[NftLike] = None
     return status, "".join(lines)
 
 
-def run(kind: str, args: List[str], xml: bytes, nft: Optional[NftLike] = None) -> int:
+def run(kind: str, args: List[str], xml: bytes, nft: Optional[NftLike] = None,
+        keep: Optional[List[object]] = None) -> int:
     """The hook call: its exit status (only STRICT_FAILURE fails anything)."""
     what = f"{'network' if kind == 'network' else 'guest'} {' '.join(args[:2])}"
     try:
@@ -96,7 +133,7 @@ def run(kind: str, args: List[str], xml: bytes, nft: Optional[NftLike] = None) -
             return network_hook(args, nft)
         if kind != "qemu":
             return 0
-        return qemu_hook(args, xml, nft)
+        return qemu_hook(args, xml, nft, keep)
     except state.LockTimeout as e:
         holder = f" (pid {e.holder})" if e.holder else ""
         _report(f"{what}: lock held by another portfwd run{holder} for {e.waited:g} s;"
@@ -110,7 +147,8 @@ def run(kind: str, args: List[str], xml: bytes, nft: Optional[NftLike] = None) -
         return 0
 
 
-def qemu_hook(args: List[str], xml: bytes, nft: Optional[NftLike] = None) -> int:
+def qemu_hook(args: List[str], xml: bytes, nft: Optional[NftLike] = None,
+              keep: Optional[List[object]] = None) -> int:
     """``GUEST OP SUBOP EXTRA``: apply, remove or check the guest's forwards."""
     if len(args) < 2:
         return 0
@@ -133,7 +171,7 @@ def qemu_hook(args: List[str], xml: bytes, nft: Optional[NftLike] = None) -> int
                     # CHECK: the cached configuration is valid; else: nothing for this guest
                     hookindex.refresh(state.run_dir(), config)  # so that sh answers next time
                     return 0
-            return _run(name, uuid, op, config, xml, nft)
+            return _run(name, uuid, op, config, xml, nft, keep)
     except OSError as e:  # the run directory itself is unusable
         _report(f"guest {name} {op}: {e}")
         return 0
@@ -148,7 +186,7 @@ def network_hook(args: List[str], nft: Optional[NftLike] = None) -> int:
         with state.locked(timeout=LOCK_WAIT):
             if not state.has_forwards():
                 return 0
-            from . import log
+            from . import bridgeupkeep, log
             from .engine import Engine
 
             log.use_syslog()
@@ -156,7 +194,8 @@ def network_hook(args: List[str], nft: Optional[NftLike] = None) -> int:
                 engine = Engine(state.config_path(), nft=nft)
                 # a (re)started or updated network may have a new bridge: ask the routes
                 # again; a new port (every guest start) changes no bridge
-                engine.ensure_compat(engine.wanted_bridges(recompute=args[1] != "port-created"))
+                bridgeupkeep.ensure_compat(engine, bridgeupkeep.wanted_bridges(
+                    engine, recompute=args[1] != "port-created"))
             except Exception as e:  # the network must come up whatever happens here
                 log.error(f"network {args[0]} {args[1]}: {type(e).__name__}: {e}")
     except OSError as e:
@@ -180,22 +219,26 @@ def _report(message: str, error: bool = True) -> None:
 
 
 def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes,
-         nft: Optional[NftLike] = None) -> int:
-    """The managed path: plan and apply; decide the exit code."""
-    from . import log
+         nft: Optional[NftLike] = None, keep: Optional[List[object]] = None) -> int:
+    """The managed path: plan and apply; decide the exit code (``keep``: see ``main``)."""
+    from . import guestpass, log
     from .engine import Engine
     from .errors import ConfigError, PortfwdError
 
     log.use_syslog()
     engine = Engine(config_path, nft=nft)
+    if keep is not None:
+        keep.append(engine)
     strict = False
     try:
         if op in REMOVE:
-            count = engine.remove_guest(name)
+            count = guestpass.remove_guest(engine, name)
             log.info(f"guest {name} {op}: removed {count} forward(s)")
             return 0
         had_state = state.has_guest_state(name)
-        table, strict, templates = engine.guest_config(name, uuid)
+        config = engine.guest_config(name, uuid)
+        strict = config.strict
+        templates = config.templates
         if FORWARDS_MARK in xml and state.cached_domain_forwards():
             from .domainforwards import hook_templates
 
@@ -214,13 +257,12 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes,
             resolver = Resolver(name, xml)
         from .domainxml import taps
 
-        engine.taps[name] = taps(xml)  # their hairpin mode (ensure_compat)
-        applied = engine.apply_guest(name, uuid, table, planned, resolver,
-                                     look=op == "reconnect")
+        applied = guestpass.apply_guest(engine, name, uuid, config, planned, resolver,
+                                        taps(xml), look=op == "reconnect")
         if not applied.empty or had_state:
             waiting = f", {len(applied.pending)} waiting for an address" if applied.pending else ""
             log.info(f"guest {name} {op}: {len(applied.bindings)} forward(s) in table inet"
-                     f" {table}{waiting}")
+                     f" {config.table}{waiting}")
         for _, why in applied.pending[:1]:
             log.info(f"guest {name}: pending: {why}")
         return 0
@@ -251,6 +293,8 @@ def _strict_despite_error(path: str) -> bool:
     except Exception:
         pass
     try:
-        return state.Store().compiled_strict()
+        from . import run_compiled
+
+        return run_compiled.strict()
     except Exception:
         return False

@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import List, Optional, Tuple, Union
 
 from .constants import DEFAULT_DISCOVER, DEFAULT_TABLE
-from .values import Selector
+from .values import PortSpan, Selector
 
 IPAddress = Union[IPv4Address, IPv6Address]
 Listen = Union[IPv4Address, IPv6Address, str]  # an address, or an interface name
@@ -39,13 +39,9 @@ class PortRange:
         return [(p, p + offset) for p in range(self.host_first, self.host_last + 1)]
 
     def __str__(self) -> str:
-        host = _span(self.host_first, self.host_last)
-        guest = _span(self.guest_first, self.guest_last)
+        host = PortSpan(self.host_first, self.host_last)
+        guest = PortSpan(self.guest_first, self.guest_last)
         return f"{host}:{guest}/{self.proto}"
-
-
-def _span(first: int, last: int) -> str:
-    return str(first) if first == last else f"{first}-{last}"
 
 
 @dataclass(frozen=True)

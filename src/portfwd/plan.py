@@ -16,24 +16,27 @@ if TYPE_CHECKING:
 
     from .values import Target
 
-    # a listen interface stands in a key as a ListenIface until resolve expands it
-    KeyPart = Union[str, int, ListenIface]
+    # a listen interface stands in a key as a ListenIface until resolve expands it;
+    # the key ends with the protocol and the host port(s)
+    KeyPart = Union[str, ListenIface, PortSpan]
     # a binding without its guest, as the compiled configuration stores it (marshal:
-    # plain data): (kind, family, key, target, port, where, entry); the key ends with
-    # the host port, or with "FIRST-LAST" for a range kept as one element; a listen
-    # interface in the key is "@NAME", a target to discover "?mac=…" (see values.py);
-    # where = "forward[0].ports[2] 8080:80/tcp", entry = "forward[0].ports[2]"
-    Template = Tuple[str, int, Tuple[Union[str, int], ...], str, int, str, str]
+    # plain data), one dict per binding: "kind", "family", "match" (the key's parts
+    # before the host ports: a listen interface "@NAME"), "ports" [first, last] (host),
+    # "target" (an address, or "?mac=…" to discover: see values.py), "guest_port"
+    # (the first), "where" ("forward[0].ports[2] 8080:80/tcp") and "entry"
+    # ("forward[0].ports[2]")
+    Template = Dict[str, Any]
 
 from .constants import COMMENT_MAX
-from .values import ListenIface, Selector, Value, key_part_from_text, target_from_text
+from .values import ListenIface, PortSpan, Selector, Value, key_part_from_text, target_from_text
 
 
 class Binding(Value):
     """One host port of one forward, or one range of host ports forwarded to the
-    same guest ports (the key ends with ``"FIRST-LAST"``, ``guest_port`` is FIRST):
-    a key and its DNAT target. ``entry`` names the configuration entry it comes from
-    (``forward[0].ports[2]``; "" in state recorded by earlier versions).
+    same guest ports (the key ends with a ``PortSpan`` that is a range,
+    ``guest_port`` is its first): a key and its DNAT target. ``entry`` names the configuration entry it comes from
+    (``forward[0].ports[2]``; "" in state recorded by earlier versions); it counts in
+    equality, as in the record (``record.Recorded.same``).
 
     A plain class, not a dataclass: the hook imports this module on every
     guest start, and ``dataclasses`` alone costs more than the start itself.
@@ -54,8 +57,7 @@ class Binding(Value):
 
     def _fields(self) -> Tuple[Any, ...]:
         return (self.kind, self.family, self.key, self.target, self.guest_port, self.guest,
-                self.comment)
-
+                self.comment, self.entry)
 
     @property
     def address(self) -> str:
@@ -79,33 +81,29 @@ class Binding(Value):
         return str(self.key[-2])
 
     @property
+    def host_ports(self) -> PortSpan:
+        """The host port, or the range kept as one element (the key's last part)."""
+        ports = self.key[-1]
+        if not isinstance(ports, PortSpan):
+            from .errors import BugError
+
+            raise BugError(f"binding {self!r}: its key does not end with its host ports")
+        return ports
+
+    @property
     def is_range(self) -> bool:
         """One element for a whole range (host port = guest port), in the ``range`` maps."""
-        return isinstance(self.key[-1], str)
+        return self.host_ports.is_range
 
     @property
     def host_port(self) -> int:
         """The (first) host port."""
-        last = self.key[-1]
-        return last if isinstance(last, int) else int(str(last).partition("-")[0])
+        return self.host_ports.first
 
     @property
-    def host_ports(self) -> str:
-        """``"80"`` or ``"1024-65535"``."""
-        return str(self.key[-1])
-
-    @property
-    def guest_ports(self) -> str:
+    def guest_ports(self) -> PortSpan:
         """The guest port(s): a range keeps its ports."""
-        return str(self.key[-1]) if self.is_range else str(self.guest_port)
-
-    def span(self) -> Tuple[int, int]:
-        """(first, last) host port."""
-        port = self.key[-1]
-        if isinstance(port, int):
-            return port, port
-        first, _, last = str(port).partition("-")
-        return int(first), int(last or first)
+        return self.host_ports if self.is_range else PortSpan(self.guest_port)
 
     @property
     def listen(self) -> str:
@@ -129,7 +127,7 @@ class Binding(Value):
 
     def to_json(self) -> List[Any]:
         """As recorded in /run/portfwd (``entry`` last: earlier versions wrote 7 fields)."""
-        key = [str(p) if isinstance(p, ListenIface) else p for p in self.key]
+        key = [p.to_json() if isinstance(p, PortSpan) else str(p) for p in self.key]
         return [self.kind, self.family, key, str(self.target), self.guest_port, self.guest,
                 self.comment, self.entry]
 
@@ -137,8 +135,9 @@ class Binding(Value):
     def from_json(cls, raw: Sequence[Any]) -> "Binding":
         kind, family, key, target, port, guest, comment = raw[:7]
         entry = str(raw[7]) if len(raw) > 7 else ""
-        return cls(str(kind), int(family), tuple(key_part_from_text(p) for p in key),
-                   target_from_text(str(target)), int(port), str(guest), str(comment), entry)
+        parts = tuple(key_part_from_text(p) for p in key[:-1]) + (PortSpan.from_json(key[-1]),)
+        return cls(str(kind), int(family), parts, target_from_text(str(target)), int(port),
+                   str(guest), str(comment), entry)
 
 
 def forwards_bindings(forwards: Iterable[Forward], guest_name: str) -> List[Binding]:
@@ -162,22 +161,25 @@ def templates(forwards: Iterable[Forward]) -> List[Template]:
                 rng = pf.ports
                 if rng.count > 1 and rng.guest_first == rng.host_first:
                     # one interval element; the DNAT leaves the port as it is
-                    pairs: List[Tuple[Union[str, int], int]] = [(f"{rng.host_first}-{rng.host_last}",
-                                                          rng.guest_first)]
+                    pairs = [([rng.host_first, rng.host_last], rng.guest_first)]
                 else:
-                    pairs = list(rng.pairs())
+                    pairs = [([host, host], guest) for host, guest in rng.pairs()]
                 if family == 4 and pf.localhost:
                     if not pf.listen:  # every address: that one needs its own key
-                        for host_port, guest_port in pairs:
-                            for key, kind in _keys(family, ["127.0.0.1"], sources,
-                                                   rng.proto, host_port):
-                                out.append((kind, family, key, target, guest_port, where,
-                                            entry))
+                        for ports, guest_port in pairs:
+                            for match, kind in _matches(family, ["127.0.0.1"], sources,
+                                                        rng.proto):
+                                out.append({"kind": kind, "family": family, "match": match,
+                                            "ports": ports, "target": target,
+                                            "guest_port": guest_port, "where": where,
+                                            "entry": entry})
                     else:
                         listen.append("127.0.0.1")
-                for host_port, guest_port in pairs:
-                    for key, kind in _keys(family, listen, sources, rng.proto, host_port):
-                        out.append((kind, family, key, target, guest_port, where, entry))
+                for ports, guest_port in pairs:
+                    for match, kind in _matches(family, listen, sources, rng.proto):
+                        out.append({"kind": kind, "family": family, "match": match,
+                                    "ports": ports, "target": target, "guest_port": guest_port,
+                                    "where": where, "entry": entry})
     return out
 
 
@@ -186,29 +188,33 @@ def bind(items: Iterable[Template], guest_name: str) -> List[Binding]:
     The text a template carries becomes typed values here (values.py)."""
     comments: Dict[str, str] = {}
     out = []
-    for kind, family, key, target, port, where, entry in items:
+    for t in items:
+        where = t["where"]
         comment = comments.get(where)
         if comment is None:
             comment = comments[where] = _comment(f"{guest_name} {where}")
-        first = key[0]  # only a listen address can be an interface ("@eth0")
+        match = t["match"]
+        first = match[0]  # only a listen address can be an interface ("@eth0")
         parts: Tuple[KeyPart, ...] = (
-            (key_part_from_text(first),) + tuple(key[1:])
-            if isinstance(first, str) and first[:1] == "@" else tuple(key))
-        out.append(Binding(kind, family, parts, target_from_text(target), port, guest_name,
-                           comment, entry))
+            (key_part_from_text(first),) + tuple(match[1:])
+            if first[:1] == "@" else tuple(match))
+        out.append(Binding(t["kind"], t["family"], parts + (PortSpan(*t["ports"]),),
+                           target_from_text(t["target"]), t["guest_port"], guest_name,
+                           comment, t["entry"]))
     return out
 
 
-def _keys(family: int, listen: List[str], sources: List[str], proto: str,
-          port: Union[str, int]) -> List[Tuple[Tuple[Union[str, int], ...], str]]:
+def _matches(family: int, listen: List[str], sources: List[str], proto: str
+             ) -> List[Tuple[List[str], str]]:
+    """The key's parts before the host ports, and the kind of map they go in."""
     if sources:
         host_len = 32 if family == 4 else 128
         everywhere = "0.0.0.0/0" if family == 4 else "::/0"
         daddrs = [f"{a}/{host_len}" for a in listen] or [everywhere]
-        return [((d, s, proto, port), "src") for d in daddrs for s in sources]
+        return [([d, s, proto], "src") for d in daddrs for s in sources]
     if listen:
-        return [((a, proto, port), "fwd") for a in listen]
-    return [((proto, port), "any")]
+        return [([a, proto], "fwd") for a in listen]
+    return [([proto], "any")]
 
 
 def _comment(text: str) -> str:

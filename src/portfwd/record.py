@@ -45,7 +45,7 @@ class GuestState:
     def to_json(self) -> Dict[str, Any]:
         return {"guest": self.guest, "uuid": self.uuid, "table": self.table,
                 "bindings": [b.to_json() for b in self.bindings],
-                "pending": [b.to_json() + [[why.cause, why.text]] for b, why in self.pending],
+                "pending": [b.to_json() + [why.to_json()] for b, why in self.pending],
                 "address_from": self.address_from, "warnings": self.warnings,
                 **({"removing": [b.to_json() for b in self.removing]} if self.removing else {})}
 
@@ -53,19 +53,12 @@ class GuestState:
     def from_json(cls, raw: Dict[str, Any]) -> "GuestState":
         return cls(str(raw["guest"]), raw.get("uuid"), str(raw["table"]),
                    [Binding.from_json(b) for b in raw["bindings"]],
-                   [(Binding.from_json(p[:-1]), _reason(p[-1])) for p in raw.get("pending", [])],
+                   [(Binding.from_json(p[:-1]), Reason.from_json(p[-1]))
+                    for p in raw.get("pending", [])],
                    {str(k): str(v)  # "sources": as earlier versions named it
                     for k, v in raw.get("address_from", raw.get("sources", {})).items()},
                    [str(w) for w in raw.get("warnings", [])],
                    [Binding.from_json(b) for b in raw.get("removing", [])])
-
-
-def _reason(raw: Any) -> Reason:
-    """A pending binding's reason as recorded: ``[cause, text]``, or the text alone
-    (recorded by earlier versions, which did not write the cause)."""
-    if isinstance(raw, list) and len(raw) == 2:
-        return Reason(str(raw[0]), str(raw[1]))
-    return Reason.from_text(str(raw))
 
 
 class Recorded:
@@ -88,7 +81,7 @@ class Recorded:
         return {str(b[3]) for b in self.raw.get("bindings", []) if str(b[3]) in found}
 
     def reasons(self) -> Set[Reason]:
-        return {_reason(p[-1]) for p in self.raw.get("pending", [])}
+        return {Reason.from_json(p[-1]) for p in self.raw.get("pending", [])}
 
     def state(self) -> Optional[GuestState]:
         """The whole record (None if its bindings cannot be read)."""

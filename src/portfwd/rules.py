@@ -41,6 +41,8 @@ host ports is stored port by port (``portspec.SHIFTED_MAX`` ports at most).
 
 from __future__ import annotations
 
+from enum import Enum
+
 from .constants import (GUARD_CHAIN, GUARD_COMMENT, HAIRPIN_MARK, HAIRPIN_SET, KINDS, MARK,
                         MARKER_SET, PRIORITY, PROTOCOLS, TABLE_COMMENT)
 
@@ -61,7 +63,14 @@ def map_name(kind: str, family: int, what: str) -> str:
     return f"{kind}{family}_{what}"
 
 
-SPLIT, CONCAT = "split", "concat"  # the table's variants (see above)
+class Variant(Enum):
+    """The table's variants (see above); the value is how layout.TABLE names one."""
+
+    SPLIT = "split"
+    CONCAT = "concat"
+
+
+SPLIT, CONCAT = Variant.SPLIT, Variant.CONCAT
 VARIANTS = (SPLIT, CONCAT)
 # the maps of single ports per variant, and the key sets (beside "rkeys" of the ranges)
 _SINGLE = {SPLIT: ("ip", "port"), CONCAT: ("to",)}
@@ -76,13 +85,13 @@ COUNTED = ("ip", "range", "to")
 KEY_SETS = {map_name(k, f, w): (k, f, w) for f in (4, 6) for k in KINDS for w in ("keys", "rkeys")}
 
 
-def maps_of(variant: str) -> List[str]:
+def maps_of(variant: Variant) -> List[str]:
     """The names of every map the ``variant`` table holds (both families)."""
     whats = _SINGLE[variant] + ("range",)
     return [name for name, (_, _, w) in MAPS.items() if w in whats]
 
 
-def sets_of(variant: str) -> List[str]:
+def sets_of(variant: Variant) -> List[str]:
     """The names of the key sets the ``variant`` table holds (both families)."""
     return [name for name, (_, _, w) in KEY_SETS.items() if w in _KEY_SETS[variant]]
 
@@ -116,7 +125,7 @@ def _key_exprs(kind: str, family: int) -> List[Dict[str, Any]]:
     return tail
 
 
-def skeleton(table: str, ipv6: bool = True, variant: str = SPLIT) -> List[Command]:
+def skeleton(table: str, ipv6: bool = True, variant: Variant = SPLIT) -> List[Command]:
     """Commands that (re)create the table, maps, chains and rules; safe to rerun.
 
     - ``prerouting`` (nat): DNAT of connections arriving from elsewhere;
@@ -254,7 +263,7 @@ def _in_map(key: Any, name: str) -> Dict[str, Any]:
     return {"match": {"op": "==", "left": key, "right": "@" + name}}
 
 
-def _dnat_rule(kind: str, family: int, variant: str) -> List[Dict[str, Any]]:
+def _dnat_rule(kind: str, family: int, variant: Variant) -> List[Dict[str, Any]]:
     key = _lookup_key(kind, family)
     nat_family = "ip" if family == 4 else "ip6"
     # only connections that hit a map get the mark, which libvirt's chains let through
@@ -270,7 +279,7 @@ def _dnat_rule(kind: str, family: int, variant: str) -> List[Dict[str, Any]]:
                       "port": {"map": {"key": key, "data": "@" + port}}}}]
 
 
-def _lookup_rule(kind: str, family: int, ranges: bool, variant: str) -> List[Dict[str, Any]]:
+def _lookup_rule(kind: str, family: int, ranges: bool, variant: Variant) -> List[Dict[str, Any]]:
     return _range_rule(kind, family) if ranges else _dnat_rule(kind, family, variant)
 
 
@@ -287,22 +296,21 @@ def _range_rule(kind: str, family: int) -> List[Dict[str, Any]]:
 
 
 def _key_json(b: Binding) -> Dict[str, Any]:
-    if b.kind != "src" and isinstance(b.key[-1], int):  # addresses, protocol, port as they are
-        return {"concat": list(b.key)}
+    ports = b.host_ports
+    port: Any = {"range": [ports.first, ports.last]} if ports.is_range else ports.first
+    if b.kind != "src" and not ports.is_range:  # addresses, protocol, port as they are
+        return {"concat": list(b.key[:-1]) + [port]}
     parts: List[Any] = []
-    for i, part in enumerate(b.key):
+    for i, part in enumerate(b.key[:-1]):
         if b.kind == "src" and i < 2:
             addr, _, length = str(part).partition("/")
             parts.append({"prefix": {"addr": addr, "len": int(length)}})
-        elif isinstance(part, str) and i == len(b.key) - 1:  # "FIRST-LAST"
-            first, last = b.span()
-            parts.append({"range": [first, last]})
         else:
             parts.append(part)
-    return {"concat": parts}
+    return {"concat": parts + [port]}
 
 
-def _elements(table: str, bindings: Iterable[Binding], op: str, variant: str) -> List[Command]:
+def _elements(table: str, bindings: Iterable[Binding], op: str, variant: Variant) -> List[Command]:
     """One command per map, carrying all its elements."""
     grouped: Dict[str, List[Any]] = {}
     for b in bindings:
@@ -329,7 +337,7 @@ def _elements(table: str, bindings: Iterable[Binding], op: str, variant: str) ->
 
 
 def guest_update(table: str, old: Sequence[Binding], new: Sequence[Binding],
-                 variant: str = SPLIT) -> List[Command]:
+                 variant: Variant = SPLIT) -> List[Command]:
     """Drop ``old`` bindings no longer wanted, ensure ``new`` (the table's layout,
     of this ``variant``, must exist: prefix ``skeleton(table)`` when unsure).
 
@@ -341,7 +349,7 @@ def guest_update(table: str, old: Sequence[Binding], new: Sequence[Binding],
             + _elements(table, new, "add", variant))
 
 
-def full_rebuild(table: str, bindings: Sequence[Binding], variant: str = SPLIT) -> List[Command]:
+def full_rebuild(table: str, bindings: Sequence[Binding], variant: Variant = SPLIT) -> List[Command]:
     """One transaction: the table holds exactly ``bindings`` afterwards."""
     flushes = [{"flush": {"map": {"family": "inet", "table": table, "name": name}}}
                for name in maps_of(variant)]
@@ -352,7 +360,7 @@ def full_rebuild(table: str, bindings: Sequence[Binding], variant: str = SPLIT) 
 
 
 def migration(table: str, objects: Sequence[Dict[str, Any]],
-              variant: str = SPLIT) -> List[Command]:
+              variant: Variant = SPLIT) -> List[Command]:
     """For a listed table that an earlier layout or another variant built: commands
     that empty its chains and drop the maps and sets it declared otherwise (type,
     flags, counters) than ``skeleton`` does, which nftables refuses to declare

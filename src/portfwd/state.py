@@ -1,15 +1,19 @@
 """What portfwd keeps under /run/portfwd (``$PORTFWD_RUNDIR``): every file, its
-format and its atomic write live here (``Store``, and the lock ``locked``).
+format and its atomic write live here (``Store``, and the lock ``locked``) and in
+the two modules it is built on: ``run_host`` (host.json) and ``run_compiled``
+(the compiled configuration). Nothing else opens these paths.
 
     lock                  flock: one portfwd run at a time (``locked``)
-    compiled -> compiled.PID.RANDOM/   the parsed configuration the hook reads (marshal):
+    compiled -> compiled.PID.RANDOM/   the parsed configuration the hook reads
+                          (``run_compiled``; marshal):
         signature         CACHE_FORMAT, Python version, stat of forward.toml
         domain_forwards   present (empty) when [options] domain_forwards = true
         options           (table, strict, [discover sources])
         name/NAME         the binding templates (``plan.Template``) of guest NAME
         uuid/UUID         … of a guest named by UUID
     guests/NAME.json      what was applied per guest (``record.GuestState.to_json``)
-    host.json             what portfwd keeps host-wide, one file written once per run:
+    host.json             what portfwd keeps host-wide, one file written once per run
+                          (``run_host.HostRecord``):
         guests            guest → ``values.Bridges.to_json()``: where its forwards lead
         hairpin           table → the bridges portfwd last wrote into its hairpin set
         localnet          bridges where portfwd turned route_localnet on
@@ -22,13 +26,13 @@ format and its atomic write live here (``Store``, and the lock ``locked``).
     awaiting.json         [guest, address, MAC, bridge, tap] of each discovered address
                           the last sync left waiting for evidence (``evidence``)
     layout.TABLE          the ``constants.LAYOUT`` TABLE was last built with, and its
-                          variant (``engine.layout_id``: "7", "7+concat")
+                          variant (``tables.layout_id``: "7", "7+concat")
     hookindex -> hookindex.PID.RANDOM/   what the hook's sh lines read (``hookindex``
                           owns it: its format, its writer and its cleaning)
     hook.sock             where ``portfwd daemon`` answers the hooks' calls
                           (``hooksocket``: the format; the daemon makes and removes it)
 
-Every file is replaced by a rename (``write_atomic``; the cache by swapping the
+Every file is replaced by a rename (``atomicfile.write_atomic``; the cache by swapping the
 ``compiled`` symlink), so a reader sees the old or the new content. What a run
 killed midway leaves has one of three name patterns, and every run that takes
 the lock removes them (``sweep``): ``NAME.tmp.PID.RANDOM`` (write_atomic's
@@ -36,8 +40,8 @@ temporary file, here and in guests/), ``compiled.new.PID.RANDOM`` (the link
 before its rename) and ``compiled.PID.RANDOM`` folders ``compiled`` does not
 point to.
 
-Cheap to import (only os, sys, fcntl: not even typing): the hook's fast path
-lives on it, and libvirt runs the hook for every guest and every phase.
+Cheap to import (only os, sys, fcntl, ``run_host`` and ``atomicfile``: not even
+typing): the hook's fast path lives on it, and libvirt runs the hook for every guest and every phase.
 
 Per-guest files (``guests/NAME.json``, ``compiled/name/NAME``) are named by
 ``file_name``, which fits any name libvirt allows into NAME_MAX and gives
@@ -50,6 +54,10 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
+
+from . import atomicfile
+from .atomicfile import TMP_MARK
+from .run_host import LEGACY_HOST_FILES, HostRecord, ensure_dir
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -67,12 +75,9 @@ DEFAULT_CONFIG = "/etc/portfwd/forward.toml"
 ENV_CONFIG = "PORTFWD_CONFIG"
 DEFAULT_RUN_DIR = "/run/portfwd"
 ENV_RUN_DIR = "PORTFWD_RUNDIR"
-CACHE_FORMAT = "4"  # 3: long guest names map to hashed file names; a range is one template;
-# 4: a template names its configuration entry
-HOST = "host.json"  # host-wide records (``Store.host``)
-# the files host.json replaces: read once, folded into it, removed when it is written
-LEGACY_HOST_FILES = {"guests": "bridges.json", "hairpin": "hairpin.json",
-                     "localnet": "localnet.json", "ports": "ports.json"}
+CACHE_FORMAT = "5"  # 3: long guest names map to hashed file names; a range is one template;
+# 4: a template names its configuration entry; 5: a template is a dict, its host ports
+# [first, last]
 AWAITING = "awaiting.json"
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 # longest per-guest file name kept as is: with ".json.tmp.PID.RANDOM" it stays below
@@ -81,7 +86,6 @@ FILE_NAME_MAX = 200
 _HASHED_PREFIX = 64
 # the names of what a killed run may leave (``sweep``): the temporary files of
 # write_atomic, the compiled link before its rename, compiled folders
-TMP_MARK = ".tmp."
 COMPILED = "compiled"
 DOMAIN_FORWARDS = "domain_forwards"  # in compiled/: [options] domain_forwards = true
 NEW_LINK = "compiled.new."
@@ -122,11 +126,6 @@ def file_name(name: str) -> str:
         prefix.append(part)
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return "".join(prefix) + "~" + digest
-
-
-def ensure_dir(path: str) -> None:
-    if not os.path.isdir(path):  # a stat, where makedirs would try mkdir every time
-        os.makedirs(path, mode=0o700, exist_ok=True)
 
 
 class LockTimeout(Exception):
@@ -243,11 +242,6 @@ def _remove(path: str) -> None:
         pass
 
 
-def _stat_key(st: os.stat_result) -> Tuple[int, int, int]:
-    """Tells one version of a file from another (write_atomic renames a new inode in)."""
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
 def lock_holder(fd: int) -> str:
     """The pid holding a ``flock`` on ``fd``'s file, from /proc/locks ("" if unknown)."""
     try:
@@ -261,62 +255,6 @@ def lock_holder(fd: int) -> str:
     except OSError:
         pass
     return ""
-
-
-def write_atomic(path: str, data: bytes, mode: Optional[int] = None, replace: bool = True,
-                 durable: bool = False) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new file.
-
-    The data goes to a new file beside ``path`` (``temp_file``), renamed over
-    ``path``; with ``replace=False`` linked to ``path`` instead, FileExistsError
-    when something (a symlink too) is there. ``mode``: the file's mode whatever the
-    umask (None: 0666 less the umask). ``durable``: on disk (fsync of the file and
-    of its folder) before this returns. The temporary file never outlives an error."""
-    fd, tmp = temp_file(path, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-            os.unlink(tmp)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if durable:
-        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-
-
-def temp_file(path: str, mode: Optional[int] = None) -> Tuple[int, str]:
-    """(descriptor, name) of a new empty file ``PATH.tmp.PID.RANDOM`` beside ``path``:
-    made with O_EXCL (so never an existing file, nor a symlink someone planted at
-    that name), written through the descriptor only, with ``mode`` set on it."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    while True:
-        tmp = f"{path}{TMP_MARK}{os.getpid()}.{os.urandom(4).hex()}"
-        try:
-            fd = os.open(tmp, flags, 0o600 if mode is not None else 0o666)
-        except FileExistsError:
-            continue  # taken (2^-32): another name
-        if mode is not None:
-            try:
-                os.fchmod(fd, mode)
-            except BaseException:
-                os.close(fd)
-                os.unlink(tmp)
-                raise
-        return fd, tmp
 
 
 def guest_state_path(name: str, root: Optional[str] = None) -> str:
@@ -378,92 +316,15 @@ def cached_guest_files(name: str, uuid: Optional[str], root: Optional[str] = Non
 
 
 
-class Store:
-    """Every file under the run directory but the lock: how each is named, its
-    format, and its atomic write. Callers hold ``locked()``. The heavier imports
-    (json, marshal, the typed records) load only when a method needs them: the
+class Store(HostRecord):
+    """The guests' records, host.json (``run_host.HostRecord``), awaiting.json and
+    layout.TABLE: how each is named, its format, and its atomic write (the
+    compiled cache: ``run_compiled``). Callers hold ``locked()``. The heavier
+    imports (json, the typed records) load only when a method needs them: the
     hook's early exit never gets here."""
 
     def __init__(self, root: Optional[str] = None) -> None:
-        self.root = root or run_dir()
-        # host.json as last read (keyed by its stat; None: not on disk) or changed
-        self._record: Optional[Tuple[Optional[Tuple[int, int, int]], Dict[str, Any]]] = None
-        self._dirty = False  # changed since read: ``commit`` writes it
-        self._legacy = False  # read from the files of an earlier version
-
-    def _path(self, name: str) -> str:
-        return os.path.join(self.root, name)
-
-    # -- compiled/ -------------------------------------------------------------
-    def write_compiled(self, groups: Dict[Tuple[str, str], List[Template]],
-                       options: Tuple[str, bool, List[str]], signature: str,
-                       domain_forwards: bool = False) -> None:
-        """A new ``compiled.PID.RANDOM`` folder, then the ``compiled`` symlink swapped
-        to it in one rename: the hook sees the old cache or the new one, never a mix.
-        ``domain_forwards``: an empty file DOMAIN_FORWARDS says so (``cached_domain_forwards``)."""
-        import marshal
-        import shutil
-
-        ensure_dir(self.root)
-        target = self._new_compiled()
-        for sub in ("name", "uuid"):
-            os.mkdir(os.path.join(target, sub))
-        for (sub, ident), templates in groups.items():
-            with open(os.path.join(target, sub, file_name(ident)), "xb") as f:
-                marshal.dump(templates, f)
-        with open(os.path.join(target, "options"), "xb") as f:
-            marshal.dump(options, f)
-        with open(os.path.join(target, "signature"), "x", encoding="utf-8") as f:
-            f.write(signature)
-        if domain_forwards:
-            open(os.path.join(target, DOMAIN_FORWARDS), "xb").close()
-        link = compiled_dir(self.root)
-        tmp_link = self._path(f"{NEW_LINK}{os.getpid()}.{os.urandom(4).hex()}")
-        os.symlink(os.path.basename(target), tmp_link)
-        os.replace(tmp_link, link)
-        for name in os.listdir(self.root):
-            old = self._path(name)
-            if name.startswith(COMPILED + ".") and old != target and not os.path.islink(old):
-                shutil.rmtree(old, ignore_errors=True)
-
-    def _new_compiled(self) -> str:
-        """A new empty folder ``compiled.PID.RANDOM``: never one that exists (the one
-        ``compiled`` points to, made by an earlier process of the same pid)."""
-        while True:
-            target = self._path(f"{COMPILED}.{os.getpid()}.{os.urandom(4).hex()}")
-            try:
-                os.mkdir(target)
-                return target
-            except FileExistsError:
-                continue
-
-    def read_compiled(self, name: str, uuid: Optional[str], config: str
-                      ) -> Optional[Tuple[str, bool, Tuple[str, ...], List[Template]]]:
-        """(table, strict, discover, templates) of a guest; None if stale or unreadable."""
-        import marshal
-
-        if cached_signature(self.root) != config_signature(config):
-            return None
-        try:
-            with open(os.path.join(compiled_dir(self.root), "options"), "rb") as f:
-                table, strict, discover = marshal.load(f)
-            items: List[Template] = []
-            for path in cached_guest_files(name, uuid, self.root):
-                with open(path, "rb") as f:
-                    items.extend(marshal.load(f))
-        except (OSError, EOFError, ValueError, TypeError):
-            return None
-        return str(table), bool(strict), tuple(str(d) for d in discover), items
-
-    def compiled_strict(self) -> bool:
-        """``strict`` as last compiled, whatever the signature (False if unknown)."""
-        import marshal
-
-        try:
-            with open(os.path.join(compiled_dir(self.root), "options"), "rb") as f:
-                return bool(marshal.load(f)[1])
-        except (OSError, EOFError, ValueError, TypeError, IndexError):
-            return False
+        super().__init__(root or run_dir())
 
     # -- guests/NAME.json ----------------------------------------------------------
     def read_guest(self, name: str) -> Optional[GuestState]:
@@ -534,162 +395,16 @@ class Store:
                 continue
             summary[st.guest] = bridges_of(st)
             ensure_dir(os.path.dirname(path))
-            write_atomic(path, json.dumps(st.to_json(), separators=(",", ":")).encode())
+            atomicfile.write_atomic(path, json.dumps(st.to_json(), separators=(",", ":")).encode())
         self.write_summary(summary)
 
-    # -- host.json ----------------------------------------------------------------
-    def _host(self) -> Dict[str, Any]:
-        """The host record as this Store last read or changed it; read once per stat
-        of host.json (a long-running caller sees others' commits). Without host.json,
-        the files of earlier versions are folded in (written by the next ``commit``)."""
-        import json
-
-        from . import log
-
-        path = self._path(HOST)
-        try:
-            with open(path, encoding="utf-8") as f:
-                key = _stat_key(os.fstat(f.fileno()))
-                if self._record is not None and (self._dirty or self._record[0] == key):
-                    return self._record[1]
-                data = json.load(f)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            self._record, self._dirty = (key, data), False
-            return data
-        except FileNotFoundError:
-            if self._record is not None and (self._dirty or self._record[0] is None):
-                return self._record[1]
-        except (OSError, ValueError) as e:
-            if self._record is not None and self._dirty:
-                return self._record[1]
-            log.warning(f"rebuilding unreadable {path}: {e}")
-        data = {section: self._read_json(legacy, None)
-                for section, legacy in LEGACY_HOST_FILES.items()}
-        data = {k: v for k, v in data.items() if v is not None}
-        self._record = (None, data)
-        self._dirty = self._legacy = bool(data)
-        return data
-
-    def _section(self, name: str, default: Any) -> Any:
-        value = self._host().get(name, default)
-        return value if isinstance(value, type(default)) else default
-
-    def _set(self, name: str, value: Any) -> None:
-        """Change one section of the host record (in memory, until ``commit``)."""
-        data = self._host()
-        if data.get(name) != value:
-            data[name] = value
-            self._dirty = True
-
-    def commit(self) -> bool:
-        """Write the host record if this run changed it (one atomic write); the files
-        it replaced go then. Returns whether it wrote."""
-        import json
-
-        if not self._dirty or self._record is None:
-            return False
-        data = self._record[1]
-        path = self._path(HOST)
-        ensure_dir(self.root)
-        write_atomic(path, json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
-        try:
-            self._record = (_stat_key(os.stat(path)), data)
-        except OSError:
-            self._record = None
-        self._dirty = False
-        if self._legacy:  # folded in: the files of earlier versions go
-            self._legacy = False
-            for legacy in LEGACY_HOST_FILES.values():
-                try:
-                    os.unlink(self._path(legacy))
-                except FileNotFoundError:
-                    pass
-        return True
-
     def read_summary(self, bridges_of: Callable[[GuestState], Bridges]) -> Dict[str, Bridges]:
-        """Guest → the bridges its forwards lead to; kept in the host record, so that
-        knowing which bridges need an accept does not read every guest's state.
-        Missing: rebuilt from the states with ``bridges_of``."""
-        from .constants import DEFAULT_TABLE
-        from .values import Bridges
-
-        data = self._host().get("guests")
-        if isinstance(data, dict):
-            try:
-                return {str(k): Bridges.from_json(v, DEFAULT_TABLE) for k, v in data.items()}
-            except (AttributeError, TypeError) as e:
-                from . import log
-
-                log.warning(f"rebuilding the guests' bridges of {self._path(HOST)}: {e}")
-        return {st.guest: bridges_of(st) for st in self.all_guests()}
-
-    def write_summary(self, summary: Dict[str, Bridges]) -> None:
-        self._set("guests", {guest: bridges.to_json() for guest, bridges in sorted(summary.items())})
-
-    def _read_json(self, name: str, default: Any) -> Any:
-        import json
-
-        try:
-            with open(self._path(name), encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return default
-
-    def _write_json(self, name: str, value: Any) -> None:
-        import json
-
-        write_atomic(self._path(name), json.dumps(value).encode())
-
-    def hairpin(self) -> Dict[str, List[str]]:
-        """Table → the bridges portfwd last wrote into its hairpin set."""
-        data = self._section("hairpin", {})
-        return {str(k): [str(b) for b in v] for k, v in data.items() if isinstance(v, list)}
-
-    def write_hairpin(self, written: Dict[str, List[str]]) -> None:
-        self._set("hairpin", {table: list(bridges) for table, bridges in written.items()})
-
-    def forget_hairpin(self, table: str) -> None:
-        """The table was (re)created: its hairpin set is empty, whatever was written."""
-        written = self.hairpin()
-        if written.pop(table, None) is not None:
-            self.write_hairpin(written)
-
-    def localnet(self) -> List[str]:
-        """The bridges where portfwd turned ``route_localnet`` on."""
-        return [str(b) for b in self._section("localnet", [])]
-
-    def write_localnet(self, bridges: List[str]) -> None:
-        self._set("localnet", sorted(bridges))
-
-    def hairpin_ports(self) -> Records:
-        """Guest → tap → (ifindex, hairpin mode before portfwd turned it on)."""
-        data = self._section("ports", {})
-        out: Records = {}
-        try:
-            for guest, taps in data.items():
-                out[str(guest)] = {str(tap): (int(v[0]), str(v[1])) for tap, v in taps.items()}
-        except (AttributeError, TypeError, ValueError, IndexError):
-            return {}
-        return out
-
-    def write_hairpin_ports(self, records: Records) -> None:
-        self._set("ports", {guest: {tap: list(v) for tap, v in taps.items()}
-                            for guest, taps in sorted(records.items()) if taps})
-
-    def accepts(self) -> Dict[int, List[str]]:
-        """Family → the bridges whose accepts the last look at libvirt's chains found
-        in place or put there (empty: not looked, or none wanted)."""
-        data = self._section("accepts", {})
-        try:
-            return {int(k): sorted(str(b) for b in v) for k, v in data.items()}
-        except (TypeError, ValueError):
-            return {}
-
-    def write_accepts(self, wanted: Optional[Dict[int, List[str]]]) -> None:
-        """What a look at libvirt's chains left in place (None: unknown, look next time)."""
-        self._set("accepts", {} if wanted is None else
-                  {str(f): sorted(b) for f, b in sorted(wanted.items()) if b})
+        """Guest → the bridges its forwards lead to (host.json); missing, rebuilt from
+        the guests' records with ``bridges_of``."""
+        summary = self.summary()
+        if summary is None:
+            return {st.guest: bridges_of(st) for st in self.all_guests()}
+        return summary
 
     # -- awaiting.json -------------------------------------------------------------
     def awaiting(self) -> List[Tuple[str, str, str, str, str]]:
@@ -716,7 +431,7 @@ class Store:
             return None
 
     def remember_layout(self, table: str, layout: str) -> None:
-        write_atomic(self._path(f"layout.{table}"), layout.encode())
+        atomicfile.write_atomic(self._path(f"layout.{table}"), layout.encode())
 
     def forget_layout(self, table: str) -> None:
         try:

@@ -7,7 +7,7 @@ is pure. A row is plain JSON data; the CLI prints it as a table or as JSON.
 
 from __future__ import annotations
 
-from . import compat, display, plan, rules
+from . import bridgeupkeep, compat, display, plan, rules
 from .plan import Binding
 from .values import Reason, Selector
 
@@ -60,7 +60,7 @@ def report(engine: Engine, config: Optional[Config], running: Optional[Set[str]]
     live = {table: live_elements(engine.nft.list_table(table) or [])
             for table in sorted({st.table for st in states})}
     fw = compat.read(engine.nft)
-    wanted = engine.wanted_bridges()
+    wanted = bridgeupkeep.wanted_bridges(engine)
     blockers = compat.blocked_bridges(fw, wanted)
 
     def blocked_by(b: Binding) -> List[str]:
@@ -75,7 +75,8 @@ def report(engine: Engine, config: Optional[Config], running: Optional[Set[str]]
     if guests:
         rows = [r for r in rows if r["guest"] in guests]
     warnings = [f"guest {st.guest}: {w}" for st in states for w in st.warnings]
-    return Report(rows, warnings, compat.seen(fw, wanted), compat.blockers(fw, wanted))
+    return Report(rows, warnings, compat.seen(fw, wanted),
+                  [str(b) for b in compat.blockers(fw, wanted)])
 
 
 def rows_of(states: Sequence[GuestState], live: Dict[str, Live], config: Optional[Config],
@@ -132,9 +133,9 @@ def row(b: Binding, state: str, reason: str = "", address_from: str = "",
     address = b.target.describe(b.family) if isinstance(b.target, Selector) else b.target
     return {"guest": b.guest, "family": b.family, "proto": b.proto,
             "listen": display.listen_text(b), "listen_address": b.listen,
-            "host_ports": b.host_ports,
+            "host_ports": str(b.host_ports),
             "target": display.target_text(b.target, b.family, b.guest_ports),
-            "guest_address": address, "guest_ports": b.guest_ports,
+            "guest_address": address, "guest_ports": str(b.guest_ports),
             "sources": [] if b.sources == "*" else [b.sources], "state": state,
             "reason": reason, "address_from": address_from, "entry": b.entry,
             "comment": b.comment, "connections": packets, "bytes": octets}

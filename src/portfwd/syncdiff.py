@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from . import display
 from .plan import Binding
+from .values import PortSpan
 
 Item = Dict[str, Any]
 
@@ -37,7 +38,8 @@ def fold(bindings: Sequence[Binding]) -> List[Item]:
     follow each other, with the same offset to their guest ports, become one."""
     runs: Dict[Tuple[Any, ...], List[List[Binding]]] = {}
     for b in sorted(bindings, key=lambda b: (b.guest, b.family, b.proto, b.listen, b.sources,
-                                             str(b.target), b.comment, b.span())):
+                                             str(b.target), b.comment, b.host_ports.first,
+                                             b.host_ports.last)):
         if b.is_range:
             runs.setdefault(_identity(b) + ("range", b.host_ports), []).append([b])
             continue
@@ -60,18 +62,14 @@ def _item(run: List[Binding]) -> Item:
     if first.is_range:
         host = guest = first.host_ports
     else:
-        host = _span(first.host_port, last.host_port)
-        guest = _span(first.guest_port, last.guest_port)
+        host = PortSpan(first.host_port, last.host_port)
+        guest = PortSpan(first.guest_port, last.guest_port)
     listen = display.listen_text(first).rpartition(":")[0]
     return {"guest": first.guest, "family": first.family, "proto": first.proto,
             "listen": f"{listen}:{host}", "target": display.target_text(first.target,
                                                                          first.family, guest),
             "sources": [] if first.sources == "*" else [first.sources],
             "comment": first.comment, "first": first.host_port, "bindings": len(run)}
-
-
-def _span(first: int, last: int) -> str:
-    return str(first) if first == last else f"{first}-{last}"
 
 
 def line(mark: str, item: Item) -> str:

@@ -271,8 +271,7 @@ def _forward(engine: Engine, guest: str, port: int, proto: str, family: int
     """(listen address or "*", guest address, guest port) of the applied forward."""
     st = engine.read_state(guest)
     for b in st.bindings if st else []:
-        first, last = b.span()
-        if b.proto == proto and b.family == family and first <= port <= last:
+        if b.proto == proto and b.family == family and port in b.host_ports:
             gport = port if b.is_range else b.guest_port
             return b.listen, b.address, gport
     raise ConfigError([f"guest {guest}: no applied IPv{family} forward of host port {port}/{proto}"

@@ -1,6 +1,7 @@
 """Small typed values that cross module lines, instead of strings that the next
-module would parse again. Plain ``__slots__`` classes: the hook imports this
-module on every guest start, and they cost nothing to import.
+module would parse again. Plain ``__slots__`` classes and ``Enum``s (``enum``
+comes with ``json``, which a guest start loads anyway): the hook imports this
+module on every guest start with forwards, and they cost nothing to import.
 
 On disk (the compiled configuration, the recorded guest state) some of them are
 still written as text (``?mac=…&suffix=…``, ``@eth0``; a pending reason as
@@ -10,9 +11,11 @@ here is the only place that reads that text.
 
 from __future__ import annotations
 
+from enum import Enum
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Iterable, List, Optional, Set, Tuple, Union
+    from typing import Any, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
     # a binding's DNAT target: a guest address, or a selector until it is discovered
     Target = Union[str, "Selector"]
@@ -102,24 +105,85 @@ class ListenIface(Value):
 
 
 
+class PortSpan(Value):
+    """One host port (``first == last``) or a range of them kept as one element of
+    the maps: ``str`` gives ``"80"`` or ``"5000-5010"``, as the records and people
+    read it; ``to_json`` the record's form (a range as that text, a port as a
+    number), ``from_json`` reads either back."""
+
+    __slots__ = ("first", "last")
+
+    def __init__(self, first: int, last: Optional[int] = None) -> None:
+        self.first = first
+        self.last = first if last is None else last
+
+    @property
+    def is_range(self) -> bool:
+        return self.last != self.first
+
+    def overlaps(self, other: "PortSpan") -> bool:
+        return self.first <= other.last and other.first <= self.last
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.first <= port <= self.last
+
+    def __str__(self) -> str:
+        return f"{self.first}-{self.last}" if self.is_range else str(self.first)
+
+    def to_json(self) -> Union[int, str]:
+        return str(self) if self.is_range else self.first
+
+    @classmethod
+    def from_json(cls, raw: Union[int, str]) -> "PortSpan":
+        """``80``, ``"80"`` or ``"5000-5010"`` (ValueError otherwise)."""
+        first, _, last = str(raw).partition("-")
+        return cls(int(first), int(last) if last else None)
+
+    def _fields(self) -> Tuple[int, int]:
+        return (self.first, self.last)
+
+
 def key_part_from_text(part: Any) -> Any:
     """A key part as written on disk: an interface placeholder starts with ``@``."""
     return ListenIface.from_text(part) if isinstance(part, str) and part.startswith("@") else part
 
 
-class Reason(Value):
-    """Why a binding is pending. ``cause``: WAITING (for an address: the daemon or the
-    next sync may find it), INACTIVE (IPv6 off: no address will cure it), REFUSED (a
-    discovered address portfwd does not trust), HELD (another guest holds the port)."""
+class Cause(Enum):
+    """Why a binding is pending, in short (``Reason.cause``); the value is how the
+    record writes it."""
 
-    WAITING, INACTIVE, REFUSED, HELD = "waiting", "inactive", "refused", "held"
+    WAITING = "waiting"  # for an address: the daemon or the next sync may find it
+    INACTIVE = "inactive"  # IPv6 off: no address will cure it
+    REFUSED = "refused"  # a discovered address portfwd does not trust
+    HELD = "held"  # another guest holds the port
+
+
+class Reason(Value):
+    """Why a binding is pending: its ``Cause`` and the text people read."""
+
+    WAITING, INACTIVE, REFUSED, HELD = Cause.WAITING, Cause.INACTIVE, Cause.REFUSED, Cause.HELD
     _PREFIX = "inactive: "  # how an INACTIVE reason is written on disk
 
     __slots__ = ("cause", "text")
 
-    def __init__(self, cause: str, text: str) -> None:
+    def __init__(self, cause: Cause, text: str) -> None:
         self.cause = cause
         self.text = text
+
+    def to_json(self) -> List[str]:
+        """As the record writes it: ``[cause, text]``."""
+        return [self.cause.value, self.text]
+
+    @classmethod
+    def from_json(cls, raw: Any) -> "Reason":
+        """As recorded: ``[cause, text]``, or the text alone (earlier versions did not
+        write the cause); an unknown cause is read from the text."""
+        if isinstance(raw, list) and len(raw) == 2:
+            try:
+                return cls(Cause(str(raw[0])), str(raw[1]))
+            except ValueError:
+                return cls.from_text(str(raw[1]))
+        return cls.from_text(str(raw))
 
     @classmethod
     def from_text(cls, text: str) -> "Reason":
@@ -136,48 +200,87 @@ class Reason(Value):
         """The text written on disk and shown: ``inactive: …`` for INACTIVE."""
         return self._PREFIX + self.text if self.cause == self.INACTIVE else self.text
 
-    def _fields(self) -> Tuple[str, str]:
+    def _fields(self) -> Tuple[Cause, str]:
         return (self.cause, self.text)
 
 
 
-class Bridges:
-    """Where one guest's forwards lead, as the bridges summary records it: the table,
-    the interfaces the kernel routes the guest addresses to (per family), and those
-    of forwards from 127.0.0.1 (which need ``route_localnet``).
+class Bridges(Value):
+    """Where one guest's forwards lead, as host.json records it: the table, the
+    interfaces the kernel routes the guest addresses to (family, interface), and
+    those of forwards from 127.0.0.1 (which need ``route_localnet``). Text only on
+    disk: the entries ``["4:virbr0", "L:virbr0", "T:portfwd"]`` (``to_json``,
+    ``from_json``)."""
 
-    Kept as the entries the summary has always held (``["4:virbr0", "L:virbr0",
-    "T:portfwd"]``) and read on demand: every guest change rewrites the summary of
-    all guests, which must stay cheap with thousands of them."""
+    __slots__ = ("table", "routed", "localnet")
 
-    __slots__ = ("entries", "default_table")
-
-    def __init__(self, entries: List[str], default_table: str = "") -> None:
-        self.entries = entries
-        self.default_table = default_table
+    def __init__(self, table: str, routed: FrozenSet[Tuple[int, str]] = frozenset(),
+                 localnet: FrozenSet[str] = frozenset()) -> None:
+        self.table = table
+        self.routed = routed  # (family, interface) of every guest address with a route
+        self.localnet = localnet
 
     @classmethod
     def of(cls, table: str, routed: Iterable[Tuple[int, str]] = (),
            localnet: Iterable[str] = ()) -> "Bridges":
-        return cls(sorted({f"T:{table}"} | {f"{f}:{i}" for f, i in routed}
-                          | {f"L:{i}" for i in localnet}))
+        return cls(table, frozenset(routed), frozenset(localnet))
 
-    @property
-    def table(self) -> str:
-        return next((e[2:] for e in self.entries if e.startswith("T:")), self.default_table)
-
-    @property
-    def routed(self) -> Set[Tuple[int, str]]:
-        """(family, interface) of every guest address with a route."""
-        return {(int(e[0]), e[2:]) for e in self.entries if e[:2] in ("4:", "6:")}
-
-    @property
-    def localnet(self) -> Set[str]:
-        return {e[2:] for e in self.entries if e.startswith("L:")}
+    def _fields(self) -> Tuple[Any, ...]:
+        return (self.table, self.routed, self.localnet)
 
     def to_json(self) -> List[str]:
-        return self.entries
+        return sorted({f"T:{self.table}"} | {f"{f}:{i}" for f, i in self.routed}
+                      | {f"L:{i}" for i in self.localnet})
 
     @classmethod
     def from_json(cls, entries: List[str], default_table: str) -> "Bridges":
-        return cls([str(e) for e in entries], default_table)
+        """The entries as recorded (a record without "T:" is of ``default_table``);
+        TypeError or AttributeError if they are not a list of texts."""
+        table = default_table
+        routed: Set[Tuple[int, str]] = set()
+        localnet: Set[str] = set()
+        for e in entries:
+            kind, name = e[:2], e[2:]
+            if kind == "T:":
+                table = name
+            elif kind in ("4:", "6:"):
+                routed.add((int(e[0]), name))
+            elif kind == "L:":
+                localnet.add(name)
+        return cls(table, frozenset(routed), frozenset(localnet))
+
+
+class BlockerKind(Enum):
+    """What drops forwarded connections (and so what fixes it): ``compat.blockers``,
+    ``doctorfacts.own_drops``."""
+
+    ORDER = "order"  # libvirt's reject before portfwd's accept: ``portfwd reapply``
+    POLICY = "policy"  # a forward base chain's policy drop
+    RULE = "rule"  # a drop or reject rule in another forward base chain
+    FIREWALLD = "firewalld"  # firewalld's StrictForwardPorts=yes
+
+
+class Blocker:
+    """One place that drops forwarded connections to bridges with forwards, where
+    portfwd does not, or must not, change that: its kind, the table and chain
+    (``handle``: the rule's, for a RULE), the (family, bridge) pairs it concerns,
+    and the line people read (``str``)."""
+
+    __slots__ = ("kind", "family", "table", "chain", "handle", "concerned", "text")
+
+    def __init__(self, kind: BlockerKind, family: str, table: str, chain: str, text: str,
+                 concerned: Sequence[Tuple[int, str]] = (), handle: Optional[int] = None
+                 ) -> None:
+        self.kind = kind
+        self.family = family  # "ip", "ip6" or "inet"
+        self.table = table
+        self.chain = chain
+        self.handle = handle
+        self.concerned = list(concerned)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"Blocker({self.kind.name}, {self.text!r})"
