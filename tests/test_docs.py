@@ -14,7 +14,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
-from portfwd import cli, config, docs, doctor, keys, trace
+from portfwd import config, docs, doctor, errors, keys, trace
 from portfwd.cmdline import parser as _parser
 from portfwd.errors import ConfigError
 from portfwd.model import Options
@@ -143,7 +143,7 @@ def test_man_page_parts_the_parser_does_not_hold() -> None:
         top.parse_args(shlex.split(command)[1:])
     status = page.split("\n.SH EXIT STATUS\n")[1].split("\n.SH ")[0]
     codes = {int(c) for c in re.findall(r"\\fB(\d+)\\fR", status)}
-    returned = {v for k, v in vars(cli).items() if k.startswith("EXIT_")}
+    returned = {v for k, v in vars(errors).items() if k.startswith("EXIT_")}
     assert returned | {doctor.EXIT_BROKEN, trace.EXIT_NOT_DELIVERED, 130} == codes
     environment = page.split("\n.SH ENVIRONMENT\n")[1].split("\n.SH ")[0]
     for name in environment_read():

@@ -108,3 +108,13 @@ def test_a_cycle_is_found() -> None:
     skipped = _typing_only(tree)
     kept = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and id(n) not in skipped]
     assert [a.name for n in kept for a in n.names] == ["y"]
+
+
+def test_every_command_has_its_function() -> None:
+    """cli's table names a module and a function for each command ``cmdline`` parses."""
+    from portfwd import cli, cmdline
+
+    sub = next(a for a in cmdline.parser()._actions if a.dest == "command")
+    assert set(cli.COMMANDS) == set(sub.choices or ())
+    for name in cli.COMMANDS:
+        assert callable(cli.command(name)), name

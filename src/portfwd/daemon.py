@@ -26,6 +26,7 @@ kept for them; no fork happens meanwhile (``FORK_LOCK``).
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -462,3 +463,7 @@ def _reap(pid: int, deadline: float) -> Optional[int]:
 def run(config_path: str, uri: str, interval: float = 0.5) -> int:
     log.use_syslog()
     return Daemon(config_path, uri, interval).run()
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    return run(state.config_path(args.config), args.connect, args.interval)

@@ -12,9 +12,7 @@ from . import domainforwards, guestpass, libvirtapi, plan, state, status
 from .suggest import count
 from .configedit import PROTOS, Edit, Request, add, remove
 from .editfile import edit
-from .errors import HostError
-
-EXIT_OK, EXIT_USAGE, EXIT_HOST = 0, 2, 3
+from .errors import EXIT_HOST, EXIT_OK, EXIT_USAGE, HostError
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -134,3 +132,9 @@ def apply(path: str, name: str, uuid: Optional[str], uri: str) -> List[str]:
         out.append(f"{count(len(waiting), 'forward')} {'waits' if len(waiting) == 1 else 'wait'}: the daemon, or portfwd sync once the"
                    " guest has its address, applies them")
     return out
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from .console import say
+
+    return run(args, say)

@@ -1,10 +1,16 @@
-"""Error classes: who is at fault decides the exit code (see cli.py)."""
+"""Error classes and exit codes: who is at fault decides the exit code (cli.py
+maps the first to the second)."""
 
 from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Dict, Optional, Sequence, Union
+
+
+# 0 success; 1 the configuration is invalid; 2 the command line is wrong; 3 the host
+# refused; 4 a bug in portfwd; 5 status: a forward is missing, differs or is blocked
+EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_HOST, EXIT_BUG, EXIT_DEGRADED = 0, 1, 2, 3, 4, 5
 
 
 class PortfwdError(Exception):

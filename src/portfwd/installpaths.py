@@ -14,6 +14,9 @@ import os
 import sys
 from typing import Dict, List, Optional
 
+# the package's own data: the hook templates, the units, the example configuration
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
 HOOK_DIR = "/etc/libvirt/hooks"
 HOOK_KINDS = ("qemu", "network")
 

@@ -25,6 +25,7 @@ The table is deleted in every case (``finally``: errors, Ctrl-C).
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import re
@@ -365,3 +366,20 @@ def run(config_path: str, guest: str, port: int, proto: str, source: Optional[st
                 log.error(f"{e}; remove the trace table by hand: nft delete table inet {table}")
     return Result(probe, how, parse(lines, table), bridge)
 
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from . import state
+    from .console import say, unknown_asked, usage_error
+    from .errors import EXIT_OK, EXIT_USAGE
+
+    if args.source is not None and args.family == 6 and ":" not in args.source:
+        say(f"portfwd trace: error: argument --from: {args.source} is an IPv4 address, and -6"
+            " asks for the IPv6 forward: give an IPv6 address, or leave out -6", err=True)
+        return EXIT_USAGE
+    unknown = unknown_asked([args.guest], None, args.config)
+    if unknown:
+        return usage_error("trace", unknown)
+    result = run(state.config_path(args.config), args.guest, args.port, args.proto,
+                       args.source, args.family, args.timeout)
+    say(*render(result))
+    return EXIT_OK if result.delivered else EXIT_NOT_DELIVERED

@@ -6,6 +6,7 @@ asks for ``--purge``.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
@@ -85,3 +86,26 @@ def remove_run_dir(run_dir: str) -> bool:
     shutil.rmtree(run_dir, ignore_errors=True)
     return not os.path.exists(run_dir)
 
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from . import state
+    from .console import say
+    from .errors import EXIT_OK
+    from .flush import flush
+    from .installpaths import DATA_DIR
+
+    stopped = stop_units(args.root, DATA_DIR)
+    if stopped:
+        say(stopped)
+    for t in flush(state.config_path(args.config)):
+        say(f"removed: table inet {t} and portfwd's accepts in libvirt's chains")
+    removed, kept = remove_files(args.root, DATA_DIR,
+                                           args.config or state.DEFAULT_CONFIG, args.purge)
+    if remove_run_dir(state.run_dir()):
+        removed.append(state.run_dir())
+    for path in removed:
+        say(f"removed: {path}")
+    for path in kept:
+        say(f"kept: {path}")
+    say("next: restart libvirtd once (systemctl restart libvirtd) so that it forgets the hooks")
+    return EXIT_OK
