@@ -8,7 +8,7 @@ Guest events go through ``guest_event`` alone (and whole-host runs through
 ``reapply``): when the engine's entry points change, only those change.
 
 The engine reaches the host itself at these seams, replaced here (``EngineHost``):
-the configuration's trust check (``config.read``: file owners), the routing table
+the configuration's trust check (``configtrust.read``: file owners), the routing table
 (``hostnet.RouteTable``), listen interfaces' addresses (``hostnet.usable_addresses``),
 IPv6 being off (``hostnet.ipv6_off``), route_localnet (``hostnet.route_localnet``,
 ``hostnet.set_route_localnet``), bridge ports' hairpin mode (``bridgeport.port``,
@@ -31,8 +31,8 @@ import pytest
 
 from fakenft import FakeNft, Ruleset, counts, libvirt_network
 from pfhost import domain_xml
-from portfwd import (bridgeport, compat, config, constants, domainxml, guard, hook, hostnet, proc,
-                     rules, state)
+from portfwd import (bridgeport, compat, configtrust, constants, domainxml, guard, hook, hostnet,
+                     proc, rules, state)
 from portfwd.discover import Resolver
 from portfwd import atomicfile, guestpass, hookindex, run_compiled, wholehost
 from portfwd.engine import Engine
@@ -119,7 +119,7 @@ class EngineHost:
 
     def _patch(self, mp: pytest.MonkeyPatch) -> None:
         mp.setenv("PORTFWD_QEMU_STATUS_DIR", self.qemu)
-        mp.setattr(config, "read", _read_untrusted)
+        mp.setattr(configtrust, "read", _read_untrusted)
         mp.setattr(hostnet, "RouteTable", _Routes)
         mp.setattr(hostnet, "usable_addresses",
                    lambda name, family: (ADDRESSES.get((name, family), []), []))
@@ -206,7 +206,7 @@ class _Routes(hostnet.RouteTable):
 
 
 def _read_untrusted(path: str) -> str:
-    """config.read without its trust check (a test's files belong to whoever runs it)."""
+    """configtrust.read without its trust check (a test's files belong to whoever runs it)."""
     with open(path, encoding="utf-8") as f:
         return f.read()
 

@@ -16,7 +16,8 @@ from .model import Where
 
 def cmd_check(args: argparse.Namespace) -> int:
     from . import checks, hostnet
-    from .config import locator, parse, read
+    from .config import locator, parse
+    from .configtrust import read
     from .conflicts import interface_conflicts
     from .errors import diagnostic
     from .suggest import count

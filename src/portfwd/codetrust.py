@@ -1,6 +1,6 @@
 """Whom ``portfwd install`` would hand root: the hooks it writes run a Python interpreter
 and portfwd's package as root in every guest start, so everything on their paths must
-be writable by root alone, by the rule ``config.read`` applies to forward.toml.
+be writable by root alone, by the rule ``configtrust.read`` applies to forward.toml.
 
 Checked, each along its whole path (every directory a name is looked up in, symlinks
 followed): the interpreter the hooks will name (a regular file), its venv's
@@ -16,7 +16,7 @@ import os
 import stat
 from typing import List, Sequence
 
-from .config import _acl, _writers
+from .configtrust import access_acl, writers_of
 from .pathwalk import walk
 
 FIX = ("install portfwd where only root can write, e.g. a venv that root makes in /opt"
@@ -51,7 +51,7 @@ def _path(path: str, what: str, final: bool) -> List[str]:
     for i, (directory, name, entry) in enumerate(lookups):
         last = i == len(lookups) - 1 and not stat.S_ISLNK(entry.st_mode)
         st = os.lstat(directory)
-        writers = _writers(st, _acl(directory))[0]
+        writers = writers_of(st, access_acl(directory))[0]
         if not writers:
             continue
         mode = stat.S_IMODE(st.st_mode)
@@ -74,7 +74,7 @@ def _entry(path: str, what: str) -> List[str]:
         return [f"{path}: cannot look at {what}: {e.strerror}"]
     if stat.S_ISLNK(st.st_mode):
         return []  # a symlink's own mode means nothing; where it leads is walked
-    writers, acl = _writers(st, _acl(path))
+    writers, acl = writers_of(st, access_acl(path))
     if not writers:
         return []
     kind = "directory" if stat.S_ISDIR(st.st_mode) else "file"

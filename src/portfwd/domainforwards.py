@@ -22,7 +22,8 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import portspec
-from .config import _dotted, _Validator
+from .config import Validator
+from .configvalues import dotted
 from .conflicts import claims_of, find_conflicts
 from .model import Config, Forward, Where
 from .plan import forwards_bindings, templates
@@ -38,17 +39,17 @@ REFUSED = "refused"  # the status state of a <pf:forward> portfwd does not apply
 INDEX_BASE = 1 << 20  # after every [[forward]] of forward.toml, in file order
 
 
-class _MetadataValidator(_Validator):
+class _MetadataValidator(Validator):
     """config's validator, its messages located in the domain's <metadata>."""
 
     def error(self, path: Path, message: str, at_key: bool = False) -> None:
-        self.errors.append(((0, 0), f"{self.file}: {_dotted(path)}: {message}"))
+        self.errors.append(((0, 0), f"{self.file}: {dotted(path)}: {message}"))
 
     def warn(self, path: Path, message: str) -> None:
-        self.warnings.append(f"{self.file}: warning: {_dotted(path)}: {message}")
+        self.warnings.append(f"{self.file}: warning: {dotted(path)}: {message}")
 
     def location(self, path: Path) -> str:
-        return f"{self.file} {_dotted(path)}"
+        return f"{self.file} {dotted(path)}"
 
 
 def label(name: str) -> str:
@@ -121,7 +122,7 @@ def refused_rows(config: Config, others: Sequence[GuestState] = (),
     return out
 
 
-def _table(attributes: Dict[str, str], name: str, check: _Validator, i: int) -> Dict[str, Any]:
+def _table(attributes: Dict[str, str], name: str, check: Validator, i: int) -> Dict[str, Any]:
     """The attributes as the [[forward]] table they stand for."""
     raw: Dict[str, Any] = {}
     for key, value in attributes.items():

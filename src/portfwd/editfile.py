@@ -6,7 +6,7 @@ file portfwd trusts, replaced atomically with the same owner, mode and ACL.
   rename, so two of them running at once each see the other's result. It is
   released before the edit is applied: the apply step takes the run directory's
   lock, and nothing holds both.
-- Read: ``config.read``, the trust rule ``portfwd check`` applies (the file and
+- Read: ``configtrust.read``, the trust rule ``portfwd check`` applies (the file and
   every directory on its path writable by root alone; symlinks followed).
 - Write: a new file beside the real file (``atomicfile.temp_file``), given the old one's
   owner, group, mode and POSIX access ACL, flushed to disk, renamed over the real
@@ -21,7 +21,7 @@ import os
 from typing import Callable, TypeVar
 
 from . import atomicfile, state
-from .config import ACL_ACCESS, read
+from .configtrust import ACL_ACCESS, read
 from .errors import ConfigError, HostError
 from .pathwalk import walk
 
