@@ -391,7 +391,7 @@ def test_cli_help() -> None:
 def test_steps_fit_the_install_they_find(tmp_path: "os.PathLike[str]") -> None:
     """With the Debian package, the hooks and units are there and forward.toml exists:
     the printed write needs --force, and nothing is to be installed."""
-    from portfwd.importer import retire_steps
+    from portfwd.importcmd import retire_steps
     from portfwd.installpaths import packaged
 
     pip = retire_steps(["web1"], None, "h.json")

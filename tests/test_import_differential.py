@@ -238,7 +238,7 @@ def compare(twins: Tuple[Twin, Twin], doc: Dict[str, Any]) -> None:
 
 def example_doc(source: Optional[str]) -> Dict[str, Any]:
     """The old project's example with its guests' addresses moved to the lab's guest."""
-    from portfwd.importer import strip_comments
+    from portfwd.hooksjson import strip_comments
 
     with open(EXAMPLE, encoding="utf-8") as f:
         doc: Dict[str, Any] = json.loads(strip_comments(f.read()))

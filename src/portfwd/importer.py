@@ -1,7 +1,8 @@
 """hooks.json of libvirt-hook-qemu (saschpe's hook and its forks) → forward.toml.
 
-Pure: text in, text and messages out; no I/O. The old format, as its README,
-``hooks.schema.json`` and hook document it:
+Pure: text in, text and messages out; no I/O (``hooksjson`` reads the JSON and
+where each value stands; ``importcmd`` reads and writes the files). The old
+format, as its README, ``hooks.schema.json`` and hook document it:
 
 - an object whose keys are libvirt domain names; each value is one entry, or a
   list of entries (one set of iptables chains each);
@@ -24,25 +25,17 @@ refused where it stands, and every value a message quotes is shortened (``shown`
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import ConfigError
+from .hooksjson import JSONSyntaxError, Number, Path, Reader, pointer, shown, strip_comments
 
 PROTOCOLS = ("tcp", "udp", "sctp")
 ENTRY_KEYS = ("private_ip", "public_ip", "source_ip", "interface", "port_map", "port_range")
 RANGE_KEYS = ("init_port", "ports_num", "protocol")
-MAX_DEPTH = 20
-MAX_DIGITS = 18  # a longer integer is no port or count: kept as text (Number)
-SHOWN_MAX = 60  # characters of a value quoted in a message
-NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
-STRING = re.compile(r'"(?:[^"\\\x00-\x1f]|\\.)*"')
-BARE = re.compile(r"[A-Za-z0-9_-]+\Z")
-
-Path = Tuple[Union[str, int], ...]
 
 
 @dataclass
@@ -55,213 +48,7 @@ class Result:
     guests: List[str] = field(default_factory=list)  # converted guests, in order
 
 
-# -- JSON with comments, keeping where every value starts ---------------------
-
-def strip_comments(text: str) -> str:
-    """``text`` with ``//`` and ``/* */`` comments outside strings blanked out
-    (newlines kept), so offsets still point into the original. ConfigError
-    (message without file) on an unterminated comment."""
-    out = list(text)
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == '"':
-            i += 1
-            while i < n and text[i] != '"':
-                i += 2 if text[i] == "\\" else 1
-            i += 1
-        elif text.startswith("//", i):
-            while i < n and text[i] not in "\r\n":
-                out[i] = " "
-                i += 1
-        elif text.startswith("/*", i):
-            end = text.find("*/", i + 2)
-            if end < 0:
-                raise _SyntaxError(i, "comment /* is never closed with */")
-            for j in range(i, end + 2):
-                if out[j] not in "\r\n":
-                    out[j] = " "
-            i = end + 2
-        else:
-            i += 1
-    return "".join(out)
-
-
-class Number:
-    """A JSON number beyond what a port or a count can be and beyond what Python
-    holds as given (more than MAX_DIGITS digits; a float that overflows): its text."""
-
-    __slots__ = ("text", "integer")
-
-    def __init__(self, text: str, integer: bool) -> None:
-        self.text = text
-        self.integer = integer
-
-    def __repr__(self) -> str:
-        digits = sum(c.isdigit() for c in self.text)
-        if len(self.text) <= 24:
-            return self.text
-        return f"{self.text[:12]}...{self.text[-4:]} ({digits} digits)"
-
-    @property
-    def negative(self) -> bool:
-        return self.text.startswith("-")
-
-
-def shown(value: Any) -> str:
-    """A JSON value as a message quotes it: JSON text, a Number as its shortened
-    text, at most SHOWN_MAX characters."""
-    if isinstance(value, Number):
-        text = repr(value)
-    elif isinstance(value, list):
-        text = "[" + ", ".join(shown(v) for v in value[:SHOWN_MAX]) + "]"
-    elif isinstance(value, dict):
-        text = "{" + ", ".join(f"{shown(k)}: {shown(v)}"
-                               for k, v in list(value.items())[:SHOWN_MAX]) + "}"
-    elif isinstance(value, str):
-        text = json.dumps(value[:SHOWN_MAX + 1])
-    else:
-        text = json.dumps(value)
-    return text if len(text) <= SHOWN_MAX else text[:SHOWN_MAX - 3] + "..."
-
-
-class _SyntaxError(Exception):
-    def __init__(self, offset: int, message: str) -> None:
-        super().__init__(message)
-        self.offset = offset
-        self.message = message
-
-
-class _Reader:
-    """A JSON reader that records the offset of every value by its path."""
-
-    def __init__(self, text: str) -> None:
-        self.s = text
-        self.i = 0
-        self.at: Dict[Path, int] = {}
-
-    def document(self) -> Any:
-        value = self.value((), 0)
-        self.space()
-        if self.i < len(self.s):
-            raise _SyntaxError(self.i, "text after the end of the JSON document")
-        return value
-
-    def space(self) -> None:
-        while self.i < len(self.s) and self.s[self.i] in " \t\r\n":
-            self.i += 1
-
-    def value(self, path: Path, depth: int) -> Any:
-        self.space()
-        if depth > MAX_DEPTH:
-            raise _SyntaxError(self.i, f"nested more than {MAX_DEPTH} levels deep")
-        self.at[path] = self.i
-        c = self.s[self.i:self.i + 1]
-        if c == "{":
-            return self.object(path, depth)
-        if c == "[":
-            return self.array(path, depth)
-        if c == '"':
-            return self.string()
-        for word, v in (("true", True), ("false", False), ("null", None)):
-            if self.s.startswith(word, self.i):
-                self.i += len(word)
-                return v
-        m = NUMBER.match(self.s, self.i)
-        if m:
-            self.i = m.end()
-            return number(m.group(), integer=not (m.group(1) or m.group(2)))
-        if not c:
-            raise _SyntaxError(self.i, "the document ends where a value should be")
-        raise _SyntaxError(self.i, f"unexpected {c!r} where a value should be")
-
-    def string(self) -> str:
-        m = STRING.match(self.s, self.i)
-        if not m:
-            raise _SyntaxError(self.i, "unterminated string, or a control character in it")
-        try:
-            text = json.loads(m.group())
-        except ValueError:
-            raise _SyntaxError(self.i, "bad escape in string") from None
-        if any("\ud800" <= c <= "\udfff" for c in text):  # "\ud800" alone: no character
-            raise _SyntaxError(self.i, "a \\u escape of half a surrogate pair names no"
-                                       " character")
-        self.i = m.end()
-        return str(text)
-
-    def expect(self, chars: str, what: str) -> str:
-        self.space()
-        c = self.s[self.i:self.i + 1]
-        if not c or c not in chars:
-            raise _SyntaxError(self.i, f"expected {what}")
-        self.i += 1
-        return c
-
-    def trailing_comma(self, closing: str) -> None:
-        """A ``,`` right before ``closing``: JSON allows none there (JavaScript does)."""
-        comma = self.s.rindex(",", 0, self.i)
-        line = self.s.count("\n", 0, comma) + 1
-        raise _SyntaxError(comma, f"trailing comma after line {line}: JSON allows no ',' before"
-                                  f" '{closing}'; remove it")
-
-    def object(self, path: Path, depth: int) -> Dict[str, Any]:
-        self.i += 1
-        out: Dict[str, Any] = {}
-        self.space()
-        if self.s[self.i:self.i + 1] == "}":
-            self.i += 1
-            return out
-        while True:
-            self.space()
-            if self.s[self.i:self.i + 1] == "}":
-                self.trailing_comma("}")
-            if self.s[self.i:self.i + 1] != '"':
-                raise _SyntaxError(self.i, "expected a key in double quotes")
-            key_at = self.i
-            key = self.string()
-            self.expect(":", "':' after the key")
-            out[key] = self.value(path + (key,), depth + 1)  # a repeated key: the last wins, as in json
-            self.at[path + (key, "<key>")] = key_at
-            if self.expect(",}", "',' or '}'") == "}":
-                return out
-
-    def array(self, path: Path, depth: int) -> List[Any]:
-        self.i += 1
-        out: List[Any] = []
-        self.space()
-        if self.s[self.i:self.i + 1] == "]":
-            self.i += 1
-            return out
-        while True:
-            self.space()
-            if self.s[self.i:self.i + 1] == "]":
-                self.trailing_comma("]")
-            out.append(self.value(path + (len(out),), depth + 1))
-            if self.expect(",]", "',' or ']'") == "]":
-                return out
-
-
-def number(text: str, integer: bool) -> Any:
-    """A JSON number's value: int, float, or a Number when out of every range here."""
-    if integer:
-        return int(text) if len(text.lstrip("-")) <= MAX_DIGITS else Number(text, True)
-    value = float(text)  # float() has no digit limit; too large a value is inf
-    return value if math.isfinite(value) else Number(text, False)
-
-
 # -- conversion ---------------------------------------------------------------
-
-def pointer(path: Path) -> str:
-    """``web1[0].port_map.tcp[1]``; a name that is not a bare word is quoted."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            name = part if BARE.match(part) else json.dumps(part, ensure_ascii=False)
-            out += f".{name}" if out else name
-    return out
-
 
 def toml_string(text: str) -> str:
     """A TOML basic string holding ``text`` exactly."""
@@ -342,9 +129,9 @@ class _Converter:
 
             return Result("", [byte_order_mark(self.source, "JSON")])
         try:
-            data = _Reader(strip_comments(self.text))
+            data = Reader(strip_comments(self.text))
             doc = data.document()
-        except _SyntaxError as e:
+        except JSONSyntaxError as e:
             self.at = {(): e.offset}
             return Result("", [f"{self.where(())}: JSON syntax: {e.message}"])
         self.at = data.at
@@ -589,72 +376,3 @@ CONVERTED = "<converted>"
 _ENTRY = r"forward\[(?P<f>\d+)\](?:\.ports\[(?P<p>\d+)\])?"
 _LEADING = re.compile(r"\A<converted>:\d+:\d+: " + _ENTRY)
 _AT = re.compile(r"<converted>:\d+:\d+ \(" + _ENTRY + r"\)")
-
-
-def retire_steps(guests: List[str], output: Optional[str], hooks_json: str,
-                 packaged: bool = False) -> List[str]:
-    """How to move from the old hook to portfwd without a moment without forwards;
-    ``packaged``: the Debian package installed portfwd (its hooks and units are in
-    place, and its /etc/portfwd/forward.toml exists).
-
-    Why this order: portfwd's nat chain (priority dstnat - 5) sees a new
-    connection before iptables' nat PREROUTING (dstnat), and the first nat
-    chain that binds a connection wins (later nat chains are not consulted for
-    it), so once ``portfwd sync`` has run, portfwd carries every new connection
-    while the old rules are still there, shadowed. libvirt stops calling the old
-    hook only after it is moved aside and libvirtd restarts (one command, so no
-    guest starts in between); its rules then stay until the old hook, which
-    reads hooks.json beside itself, removes them. Established connections keep
-    their conntrack binding when rules go.
-    """
-    default = "/etc/portfwd/forward.toml"
-    hooks = "/etc/libvirt/hooks"
-    old = f"{hooks}/qemu.libvirt-hook-qemu.disabled"
-    names = " ".join(_shell_word(g) for g in guests) or "GUEST..."
-    src = _shell_word(hooks_json)
-    if not packaged:
-        config = output or default
-        check = "portfwd check" + ("" if config == default else f" --config {_shell_word(config)}")
-        write = "(done)" if output else f"(portfwd import {src} -o {config})"
-        first = [f"  1. write the converted configuration to {config} {write}; {check}",
-                 f"  2. portfwd install   (adds {hooks}/qemu.d/portfwd and the units; leaves"
-                 f" {hooks}/qemu)"]
-    else:  # the package's hooks read /etc/portfwd/forward.toml, which it ships
-        if output in (None, default):
-            write = "(done)" if output else (
-                f"(portfwd import {src} -o {default} --force: it replaces the package's"
-                " example, whose forwards are commented out; merge by hand instead if you"
-                " added forwards there)")
-        else:
-            write = f"(cp {_shell_word(str(output))} {default}: the package's hooks read that file)"
-        first = [f"  1. write the converted configuration to {default} {write}",
-                 f"  2. portfwd check     (the Debian package installed {hooks}/qemu.d/portfwd"
-                 " and the units: nothing to install)"]
-    return [_INTRO, *first, *_rest(hooks, old, names)]
-
-
-_INTRO = "to retire libvirt-hook-qemu without a moment without forwards:"
-
-
-def _rest(hooks: str, old: str, names: str) -> List[str]:
-    """Steps 3 to 6, the same for both kinds of install."""
-    return [
-        "  3. portfwd sync      (portfwd forwards the running guests now; its nat chain runs"
-        " before iptables' PREROUTING and the first DNAT wins, so the old rules, still there,"
-        " no longer see new connections)",
-        f"  4. mv {hooks}/qemu {old} && systemctl restart libvirtd   (one command: libvirt looks"
-        " for hooks only when it starts; running guests keep running and get portfwd's"
-        " forwards again on reconnect. If that qemu script does more than forwarding, take"
-        " only its forwarding out instead)",
-        "  5. let the old hook remove its iptables rules, for every guest it knew (a guest"
-        " without rules just makes iptables complain):",
-        f"     for g in {names}; do {old} \"$g\" stopped end - </dev/null; done",
-        "  6. check: portfwd status shows every forward active; iptables -t nat -S and"
-        " iptables -S show no DNAT-*, SNAT-* or FWD-* chains left",
-    ]
-
-
-def _shell_word(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
