@@ -1,5 +1,4 @@
-"""What every command shares: lines for people (``say``), usage errors, the
-configuration loaded with its warnings shown, GUEST arguments checked."""
+"""What the commands share: printing for people, usage errors, config, GUEST arguments."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""``portfwd import``: read an old hooks.json, write ``importer``'s forward.toml and
-say how to retire the old hook."""
+"""``portfwd import``: hooks.json in, forward.toml out, and how to retire the old hook."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""``portfwd install``: put the hooks, units, manual pages, completion and an
-example configuration in place for a pip-installed portfwd."""
+"""``portfwd install``: put hooks, units, manuals and an example config in place (pip)."""
 
 from __future__ import annotations
 

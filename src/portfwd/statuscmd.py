@@ -1,5 +1,4 @@
-"""``portfwd status``: print what ``status.report`` found (the records against the
-kernel), as a table or JSON."""
+"""``portfwd status``: print ``status.report`` (records against the kernel), text or JSON."""
 
 from __future__ import annotations
 

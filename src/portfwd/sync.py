@@ -1,5 +1,4 @@
-"""``portfwd sync``: apply the configuration to every running guest (or show the
-change with --dry-run)."""
+"""``portfwd sync``: apply the configuration to every running guest (or --dry-run)."""
 
 from __future__ import annotations
 
