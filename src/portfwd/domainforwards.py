@@ -32,9 +32,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .plan import Template
 from .tomlpos import Path
+from .values import RowState
 
 LISTS = ("ports", "from", "listen")
-REFUSED = "refused"  # the status state of a <pf:forward> portfwd does not apply
 INDEX_BASE = 1 << 20  # after every [[forward]] of forward.toml, in file order
 
 
@@ -116,7 +116,7 @@ def refused_rows(config: Config, others: Sequence[GuestState] = (),
             out.append({"guest": domain.name or name, "family": None, "proto": "-",
                         "listen": "-", "listen_address": None, "host_ports": None,
                         "target": where, "guest_address": None, "guest_ports": None,
-                        "sources": [], "state": REFUSED, "reason": why, "address_from": "",
+                        "sources": [], "state": RowState.REFUSED, "reason": why, "address_from": "",
                         "entry": where, "comment": "", "connections": None, "bytes": None})
     return out
 
