@@ -19,7 +19,8 @@ from .domainxml import Nic, mac_problem
 from .hookchain import Step
 from .hostnet import Link
 from .suggest import count
-from .values import Blocker, BlockerKind, PortSpan, RowState
+from .status import RowState
+from .values import Blocker, BlockerKind, PortSpan
 
 EXIT_BROKEN = 5  # a layer failed (cli.py's codes 0-4 mean other things)
 

@@ -31,8 +31,8 @@ from .errors import HostError
 from .hostnet import Link
 from .model import Config
 from .pathwalk import at
-from .status import live_elements, live_state
-from .values import Blocker, BlockerKind, Reason, RowState
+from .status import RowState, live_elements, live_state
+from .values import Blocker, BlockerKind, Reason
 
 LIBVIRT_TIMEOUT = 10.0
 NEIGHBOUR_WAIT = 2.0

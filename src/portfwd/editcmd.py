@@ -13,7 +13,6 @@ from .suggest import count
 from .configedit import PROTOS, Edit, Request, add, remove
 from .editfile import edit
 from .errors import HostError
-from .values import RowState
 
 EXIT_OK, EXIT_USAGE, EXIT_HOST = 0, 2, 3
 
@@ -130,7 +129,8 @@ def apply(path: str, name: str, uuid: Optional[str], uri: str) -> List[str]:
     out = status.table_lines(rows) if rows else [f"guest {name}: no forwards"]
     if found is None:
         out.append(f"guest {name} is not running: its forwards apply when it starts")
-    waiting = [r for r in rows if r["state"] in (RowState.PENDING, RowState.INACTIVE)]
+    pending = (status.RowState.PENDING, status.RowState.INACTIVE)
+    waiting = [r for r in rows if r["state"] in pending]
     if waiting:
         out.append(f"{count(len(waiting), 'forward')} {'waits' if len(waiting) == 1 else 'wait'}: the daemon, or portfwd sync once the"
                    " guest has its address, applies them")

@@ -2,15 +2,17 @@
 per forward, with the connections its DNAT counted and whatever blocks it.
 
 ``report`` reads (the records, the table, the firewall); everything below it
-is pure. A row is plain JSON data (its state a ``values.RowState``, a ``str``
+is pure. A row is plain JSON data (its state a ``RowState``, a ``str``
 whose value is the text); the CLI prints it as a table or as JSON.
 """
 
 from __future__ import annotations
 
+from enum import Enum
+
 from . import bridgeupkeep, compat, display, plan, rules
 from .plan import Binding
-from .values import Reason, RowState, Selector
+from .values import Reason, Selector
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -23,6 +25,30 @@ if TYPE_CHECKING:
     Row = Dict[str, Any]
     # map name → {normalised key: (value, packets, bytes)}; counts are None without a counter
     Live = Dict[str, Dict[Tuple[Any, ...], Tuple[Any, Optional[int], Optional[int]]]]
+
+
+class RowState(str, Enum):
+    """The state of a forward in ``portfwd status`` (and of a ``<pf:forward>`` it
+    refuses); the value is the text shown and written by ``--json``. Here, not in
+    ``values``: the hook never needs it."""
+
+    ACTIVE = "active"
+    PENDING = "pending"
+    INACTIVE = "inactive"
+    MISSING = "missing"
+    DIFFERS = "differs"
+    BLOCKED = "blocked"
+    STOPPED = "guest not running"
+    NOT_APPLIED = "not applied"
+    UNKNOWN = "unknown"
+    REFUSED = "refused"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
 
 # the states of a forward that make `portfwd status` exit non-zero
 BAD = frozenset({RowState.MISSING, RowState.DIFFERS, RowState.BLOCKED, RowState.NOT_APPLIED})
@@ -67,9 +93,9 @@ def report(engine: Engine, config: Optional[Config], running: Optional[Set[str]]
 
     rows = rows_of(states, live, config, blocked_by, running, running_from)
     if config is not None and config.options.domain_forwards:
-        from .domainforwards import refused_rows
+        from .domainforwards import refusals
 
-        rows += refused_rows(config, states)
+        rows += [refused_row(*refused) for refused in refusals(config, states)]
     if guests:
         rows = [r for r in rows if r["guest"] in guests]
     warnings = [f"guest {st.guest}: {w}" for st in states for w in st.warnings]
@@ -139,6 +165,15 @@ def row(b: Binding, state: Optional[RowState] = None, reason: str = "", address_
             "sources": [] if b.sources == "*" else [b.sources], "state": state,
             "reason": reason, "address_from": address_from, "entry": b.entry,
             "comment": b.comment, "connections": packets, "bytes": octets}
+
+
+def refused_row(guest: str, where: str, why: str) -> Row:
+    """A ``<pf:forward>`` portfwd does not apply (``where``: the domain's metadata)."""
+    return {"guest": guest, "family": None, "proto": "-", "listen": "-",
+            "listen_address": None, "host_ports": None, "target": where,
+            "guest_address": None, "guest_ports": None, "sources": [],
+            "state": RowState.REFUSED, "reason": why, "address_from": "", "entry": where,
+            "comment": "", "connections": None, "bytes": None}
 
 
 def merge_sources(rows: Iterable[Row]) -> List[Row]:

@@ -177,28 +177,6 @@ class Cause(Enum):
     HELD = "held"  # another guest holds the port
 
 
-class RowState(str, Enum):
-    """The state of a forward in ``portfwd status`` (and of a ``<pf:forward>`` it
-    refuses); the value is the text shown and written by ``--json``."""
-
-    ACTIVE = "active"
-    PENDING = "pending"
-    INACTIVE = "inactive"
-    MISSING = "missing"
-    DIFFERS = "differs"
-    BLOCKED = "blocked"
-    STOPPED = "guest not running"
-    NOT_APPLIED = "not applied"
-    UNKNOWN = "unknown"
-    REFUSED = "refused"
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.value), spec)
-
-
 class Reason(Value):
     """Why a binding is pending: its ``Cause`` and the text people read."""
 
