@@ -26,6 +26,7 @@ from deblab import PACKAGES, DebRoot, apparmor_dir, build
 from netlab import run
 from pfhost import ROOT, domain_xml
 from portfwd import apparmor, compat, doctor, hookchain, doctorfacts, installpaths, pathwalk
+from portfwd.values import FirewallBackend
 from trixielab import SUITE, cached_root
 
 SUITES = ["bookworm", pytest.param(SUITE, marks=pytest.mark.trixie)]
@@ -321,7 +322,8 @@ def test_hook_tools_are_the_iptables_tools_compat_runs(monkeypatch: pytest.Monke
             return f"/usr/sbin/{name}" if found else None
 
         monkeypatch.setattr(compat, "which", which)
-        asked += [compat._tool(fam, legacy) for fam in (4, 6) for legacy in (True, False)]
+        asked += [compat._tool(fam, xt) for fam in (4, 6) for xt in (
+            FirewallBackend.IPTABLES_LEGACY, FirewallBackend.IPTABLES_NFT)]
     assert set(asked) == set(hookchain.HOOK_TOOLS)
 
 

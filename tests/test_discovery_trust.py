@@ -157,8 +157,7 @@ def test_address_reserved_for_another_mac_or_used_by_another_guest(
                          "expiry-time": 3000}])
     nets, leases = files
     r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000,
-                 routes=ROUTES, local=HOST, evidence=KNOWN)
-    r.taken = {"192.168.150.30": "db1"}
+                 routes=ROUTES, local=HOST, evidence=KNOWN, taken={"192.168.150.30": "db1"})
     got, why = outcome(r.resolve(Selector(VICTIM), 4))
     assert got is None and why.endswith("the address of guest db1")
 
@@ -270,8 +269,7 @@ def with_kernel(files: "tuple[str, str]", neighbours: List[Tuple[str, str, str, 
     nets, leases = files
     lease_file(leases, [LEASE])
     r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000,
-                 routes=ROUTES, local=HOST, evidence=Evidence(neighbours, fdb))
-    r.kept = set(kept)
+                 routes=ROUTES, local=HOST, evidence=Evidence(neighbours, fdb), kept=set(kept))
     hit = r.resolve(Selector(VICTIM), 4)
     got, why = (None, hit.text) if isinstance(hit, Reason) else hit
     return got, why, r
@@ -402,8 +400,8 @@ def test_claimed_and_reserved_addresses_compare_canonically(files: "tuple[str, s
                                    "<host id='0:3:0:1:52:54:0:aa:0:2' ip='FD00:150::0077'/>"))
     assert found(files, 6) == ("fd00:150::77", "reservation on network v6net")
     r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000,
-                 routes=ROUTES, local=HOST, evidence=KNOWN)
-    r.taken = canonical_keys({"FD00:150::77": "db1"})
+                 routes=ROUTES, local=HOST, evidence=KNOWN,
+                 taken=canonical_keys({"FD00:150::77": "db1"}))
     assert outcome(r.resolve(Selector(VICTIM), 6)) == (
         None, "refused fd00:150::77 from reservation on network v6net: the address of guest db1")
 
@@ -419,8 +417,7 @@ def test_a_running_guests_lease_or_reservation_is_claimed(files: "tuple[str, str
 
     def resolved(running: Dict[str, str]) -> Tuple[Optional[str], str]:
         r = Resolver("web1", DOMAIN, lease_dir=leases, network_dirs=(nets,), now=1000,
-                     routes=ROUTES, local=HOST, evidence=KNOWN)
-        r.running = running
+                     routes=ROUTES, local=HOST, evidence=KNOWN, running=running)
         return outcome(r.resolve(Selector(VICTIM), 4))
 
     lease_file(leases, [LEASE])

@@ -10,9 +10,10 @@ import pytest
 
 from portfwd import domainxml, plan
 from portfwd.config import parse
-from portfwd.domainforwards import forwards, refused_rows
+from portfwd.domainforwards import forwards, refusals
 from portfwd.errors import ConfigError
 from portfwd.portspec import FORMS
+from portfwd.status import refused_row
 
 ON = '[options]\ndomain_forwards = true\ndomain_ports = ["10000-19999", 20053]\n'
 WEB1 = '\n[[forward]]\nguest = "web1"\nipv4 = "192.168.122.10"\nports = ["10080:80"]\n'
@@ -97,7 +98,7 @@ def test_status_rows_of_refused_forwards() -> None:
     config = parse(ON, "F")
     xmls: Dict[str, bytes] = {"dom1": xml('ports="80" ipv4="192.168.122.20"'),
                               "plain": b"<domain><name>plain</name></domain>"}
-    rows = refused_rows(config, (), xmls)
+    rows = [refused_row(*r) for r in refusals(config, (), xmls)]
     assert [(r["guest"], r["state"], r["target"], r["reason"]) for r in rows] == [
         ("dom1", "refused", "dom1 <metadata>", "forward[0].ports[0]: refused: host port(s)"
          " 80-80/tcp lie outside [options] domain_ports (10000-19999, 20053) of F")]

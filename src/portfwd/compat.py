@@ -21,7 +21,7 @@ import os
 
 from .errors import HostError
 from .constants import MARK
-from .values import Blocker, BlockerKind
+from .values import Blocker, BlockerKind, FirewallBackend, RuleRole
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 CHAIN = "PORTFWD_FWI"
 COMMENT = "portfwd"
 TABLE_FAMILY = {4: "ip", 6: "ip6"}  # address family → the nftables family of its tables
-OURS, REJECT, OTHER, EMPTY = "ours", "reject", "other", "empty"
+
+OURS, REJECT, OTHER, EMPTY = RuleRole.OURS, RuleRole.REJECT, RuleRole.OTHER, RuleRole.EMPTY
 ACCEPT_SPEC = ["-m", "conntrack", "--ctstate", "DNAT", "-m", "connmark", "--mark",
                f"{MARK:#x}/{MARK:#x}", "-m", "comment", "--comment",
                "portfwd: connections portfwd forwarded", "-j", "ACCEPT"]
@@ -45,7 +46,7 @@ class Rule:
 
     __slots__ = ("role", "bridge", "handle")
 
-    def __init__(self, role: str, bridge: Optional[str], handle: int = 0) -> None:
+    def __init__(self, role: RuleRole, bridge: Optional[str], handle: int = 0) -> None:
         self.role = role  # OURS, REJECT or OTHER
         self.bridge = bridge
         self.handle = handle
@@ -55,10 +56,10 @@ class Firewall:
     """What the live ruleset says about forwarded traffic."""
 
     def __init__(self) -> None:
-        self.legacy: Dict[int, bool] = {}  # iptables-legacy holds LIBVIRT_FWI
+        self.xtables: Dict[int, FirewallBackend] = {}  # which iptables holds LIBVIRT_FWI
         self.fwi: Dict[int, List[Rule]] = {}  # LIBVIRT_FWI, iptables backend
         # PORTFWD_FWI: absent (no key), OURS (exactly portfwd's accept), EMPTY or OTHER
-        self.our_chain: Dict[int, str] = {}
+        self.our_chain: Dict[int, RuleRole] = {}
         self.guest_input: Dict[int, List[Rule]] = {}  # nftables backend
         self.drop_policies: List[Tuple[str, str, str]] = []  # (family, table, chain)
         self.firewalld = False  # table inet firewalld exists
@@ -104,7 +105,7 @@ def _is_our_accept(rule: Dict[str, Any]) -> bool:
     return shape == ["bridge", "dnat", "mark", "accept"]
 
 
-def _chain_content(rules: List[Dict[str, Any]]) -> str:
+def _chain_content(rules: List[Dict[str, Any]]) -> RuleRole:
     """PORTFWD_FWI as iptables-nft stores it: EMPTY, OURS (one rule: the conntrack,
     connmark and comment matches and ACCEPT that portfwd writes) or OTHER."""
     if not rules:
@@ -117,7 +118,7 @@ def _chain_content(rules: List[Dict[str, Any]]) -> str:
     return OURS if len(rules) == 1 and names == ours else OTHER
 
 
-def _legacy_chain_content(tool: str, deadline: float) -> Optional[str]:
+def _legacy_chain_content(tool: str, deadline: float) -> Optional[RuleRole]:
     """PORTFWD_FWI as ``iptables-legacy -S`` prints it; None when it does not exist."""
     import shlex
 
@@ -190,16 +191,18 @@ def read(nft: NftLike, deadline: Optional[float] = None) -> Firewall:
     for fam, family in TABLE_FAMILY.items():
         legacy = _legacy_rules(fam, deadline)
         if legacy is not None:
-            fw.legacy[fam] = True
+            fw.xtables[fam] = FirewallBackend.IPTABLES_LEGACY
             fw.fwi[fam] = legacy
-            content = _legacy_chain_content(_tool(fam, True), deadline)
+            content = _legacy_chain_content(_tool(fam, fw.xtables[fam]), deadline)
             if content is not None:
                 fw.our_chain[fam] = content
         elif (family, "filter", "LIBVIRT_FWI") in names:
             rules = _chain_rules(nft, family, "filter", "LIBVIRT_FWI") or []
+            fw.xtables[fam] = FirewallBackend.IPTABLES_NFT
             fw.fwi[fam] = [_classify(r, any(e.get("jump", {}).get("target") == CHAIN
                                             for e in r.get("expr", []))) for r in rules]
-        if fam not in fw.legacy and (family, "filter", CHAIN) in names:
+        if (fw.xtables.get(fam) != FirewallBackend.IPTABLES_LEGACY
+                and (family, "filter", CHAIN) in names):
             fw.our_chain[fam] = _chain_content(_chain_rules(nft, family, "filter", CHAIN) or [])
         if (family, "libvirt_network", "guest_input") in names:
             rules = _chain_rules(nft, family, "libvirt_network", "guest_input") or []
@@ -254,7 +257,7 @@ def changes(fw: Firewall, wanted: Dict[int, Set[str]]) -> Tuple[List[Command], L
 def _iptables_changes(fw: Firewall, fam: int, wanted: Set[str]) -> List[List[str]]:
     rules = fw.fwi.get(fam)
     need = _needed(rules, wanted) if rules is not None else []
-    tool = _tool(fam, fw.legacy.get(fam, False))
+    tool = _tool(fam, fw.xtables.get(fam, FirewallBackend.IPTABLES_NFT))
     content = fw.our_chain.get(fam)  # None: PORTFWD_FWI does not exist
     out: List[List[str]] = []
     if need and content != OURS:  # made, or refilled: its content is checked, not its name
@@ -272,8 +275,9 @@ def _iptables_changes(fw: Firewall, fam: int, wanted: Set[str]) -> List[List[str
     return out
 
 
-def _tool(fam: int, legacy: bool) -> str:
+def _tool(fam: int, backend: FirewallBackend) -> str:
     base = "iptables" if fam == 4 else "ip6tables"
+    legacy = backend == FirewallBackend.IPTABLES_LEGACY
     for name in ((f"{base}-legacy",) if legacy else (f"{base}-nft", base)):
         if which(name):
             return name
@@ -363,13 +367,14 @@ def seen(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[str]:
     out = []
     rejecting: Dict[int, Set[str]] = {4: set(), 6: set()}
     for fam, rules in sorted(fw.fwi.items()):
-        backend = "iptables-legacy" if fw.legacy.get(fam) else "iptables-nft"
+        backend = fw.xtables.get(fam, FirewallBackend.IPTABLES_NFT).value
         rejecting[fam] |= _rejected(rules)
         out.append(f"libvirt {backend} backend: table {TABLE_FAMILY[fam]} filter chain LIBVIRT_FWI"
                    f" rejects {', '.join(sorted(_rejected(rules))) or 'no bridge'}")
     for fam, rules in sorted(fw.guest_input.items()):
         rejecting[fam] |= _rejected(rules)
-        out.append(f"libvirt nftables backend: table {TABLE_FAMILY[fam]} libvirt_network chain"
+        out.append(f"libvirt {FirewallBackend.NFTABLES.value} backend: table"
+                   f" {TABLE_FAMILY[fam]} libvirt_network chain"
                    f" guest_input rejects {', '.join(sorted(_rejected(rules))) or 'no bridge'}")
     for fam in TABLE_FAMILY:
         free = sorted(wanted.get(fam, set()) - rejecting[fam])

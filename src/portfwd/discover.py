@@ -231,9 +231,11 @@ def _unicast_problem(value: int, family: int) -> Optional[str]:
 class Resolver:
     """Finds the address a selector (``?mac=…[&suffix=…]``) stands for, for one guest.
 
-    ``routes`` (interface_for), ``local`` (the host's own addresses) and
-    ``evidence`` (neighbour table and bridge FDBs) are read from the kernel when
-    not given; ``taken`` maps addresses that other guests' forwards use (in
+    The host facts it vets discovered addresses against are constructor arguments
+    (``for_host`` gives the same guest's resolver with others), never set on it
+    afterwards: ``routes`` (interface_for), ``local`` (the host's own addresses)
+    and ``evidence`` (neighbour table and bridge FDBs) are read from the kernel
+    when not given; ``taken`` maps addresses that other guests' forwards use (in
     canonical form) to their names; ``running`` maps the MACs of running guests to
     their names (read from libvirt's status files when needed and not given);
     ``kept`` holds the addresses this guest's forwards were applied to before,
@@ -242,14 +244,17 @@ class Resolver:
     of each address refused or waiting for want of evidence.
     """
 
-    def __init__(self, guest: str, xml: Optional[bytes], lookup: Optional[Lookup] = None,
-                 lease_dir: str = LEASE_DIR, network_dirs: Tuple[str, ...] = NETWORK_DIRS,
-                 now: Optional[float] = None, routes: Optional[Routes] = None,
-                 local: Optional[Set[str]] = None,
+    def __init__(self, guest: str, xml: Union[None, bytes, Domain],
+                 lookup: Optional[Lookup] = None, lease_dir: str = LEASE_DIR,
+                 network_dirs: Tuple[str, ...] = NETWORK_DIRS, now: Optional[float] = None,
+                 routes: Optional[Routes] = None, local: Optional[Set[str]] = None,
                  discover: Sequence[str] = DEFAULT_DISCOVER,
-                 evidence: Optional[Evidence] = None) -> None:
+                 evidence: Optional[Evidence] = None, taken: Optional[Dict[str, str]] = None,
+                 kept: Optional[Set[str]] = None,
+                 running: Optional[Dict[str, str]] = None) -> None:
         self.guest = guest
-        domain = parse(xml) if xml else Domain()
+        domain = xml if isinstance(xml, Domain) else parse(xml) if xml else Domain()
+        self._domain = domain
         self.nics = list(domain.nics)
         self.taps = domain.taps  # for hairpin mode (bridgeport)
         self.forwards = domain.forwards  # its <metadata> forwards (domainforwards)
@@ -257,18 +262,30 @@ class Resolver:
         self.lease_dir = lease_dir
         self.network_dirs = network_dirs
         self.now = time.time() if now is None else now
-        self.routes = routes
-        self.local = local
-        self.evidence = evidence
-        self.taken: Dict[str, str] = {}
-        self.running: Optional[Dict[str, str]] = None
-        self.kept: Set[str] = set()
         self.discover = tuple(discover)
+        self.taken: Dict[str, str] = dict(taken or {})
+        self.kept: Set[str] = set(kept or ())
+        # read from the host when first needed and not given
+        self._routes = routes
+        self._local = local
+        self._evidence = evidence
+        self._running = running
         self.awaiting: List[Tuple[str, str, str, str]] = []
         self._networks: Dict[str, Optional[Network]] = {}
         self._local_canonical: Optional[Set[str]] = None
         self._leases: Dict[str, List[Dict[str, object]]] = {}
         self._holders: Dict[Tuple[str, int], Dict[str, List[Tuple[str, str, str]]]] = {}
+
+    def for_host(self, discover: Sequence[str], routes: Optional[Routes],
+                 taken: Dict[str, str], kept: Set[str],
+                 running: Optional[Dict[str, str]] = None,
+                 evidence: Optional[Evidence] = None) -> Resolver:
+        """This guest's resolver (same domain, lookup, lease and network files, time)
+        vetting against these host facts; this one is left as it is."""
+        return Resolver(self.guest, self._domain, self.lookup, self.lease_dir,
+                        self.network_dirs, self.now, routes, self._local, discover,
+                        evidence if evidence is not None else self._evidence, taken, kept,
+                        running if running is not None else self._running)
 
     def _network(self, name: Optional[str]) -> Optional[Network]:
         if not name:
@@ -372,14 +389,14 @@ class Resolver:
                                                      and host_bits == (1 << (bits - length)) - 1)):
             return f"the network or broadcast address of network {network.name}"
         bridge = nic.bridge or network.bridge
-        if self.routes is None:
+        if self._routes is None:
             from .hostnet import RouteTable
 
-            self.routes = RouteTable()
-        routed = self.routes.interface_for(address)
+            self._routes = RouteTable()
+        routed = self._routes.interface_for(address)
         if bridge and routed != bridge:
             return f"routed out of {routed or 'no interface'}, not bridge {bridge}"
-        if address in self._local():
+        if address in self._local_addresses():
             return "an address of the host itself"
         other = self.taken.get(address)
         if other is not None and other != self.guest:
@@ -392,14 +409,14 @@ class Resolver:
             return f"reserved on network {network.name} for MAC {owner}"
         return None
 
-    def _local(self) -> Set[str]:
+    def _local_addresses(self) -> Set[str]:
         """The host's own addresses, in canonical form (as given, or read once)."""
         if self._local_canonical is None:
-            if self.local is None:
+            if self._local is None:
                 from .hostnet import local_addresses
 
-                self.local = local_addresses()
-            self._local_canonical = {canonical(a, 6 if ":" in a else 4) or a for a in self.local}
+                self._local = local_addresses()
+            self._local_canonical = {canonical(a, 6 if ":" in a else 4) or a for a in self._local}
         return self._local_canonical
 
     def _held_by_other(self, address: str, family: int, nic: Nic,
@@ -409,10 +426,10 @@ class Resolver:
         for mac, name, what in self._address_holders(network, family, nic).get(address, []):
             if mac == nic.mac:
                 continue
-            if self.running is None:
-                self.running = running_macs()
-            guest = self.running.get(mac) if mac else None
-            if guest is None and name and name in self.running.values():
+            if self._running is None:
+                self._running = running_macs()
+            guest = self._running.get(mac) if mac else None
+            if guest is None and name and name in self._running.values():
                 guest = name
             if guest is not None and guest != self.guest:
                 return f"the address of guest {guest} ({what})"
@@ -450,12 +467,12 @@ class Resolver:
         bridge = nic.bridge or network.bridge
         if not bridge:
             return Reason(Reason.WAITING, f"no bridge is known for NIC {nic.mac}")
-        if self.evidence is None:
+        if self._evidence is None:
             from .evidence import Evidence
 
-            self.evidence = Evidence()
+            self._evidence = Evidence()
         try:
-            why = self.evidence.verdict(address, nic.mac, bridge, nic.tap)
+            why = self._evidence.verdict(address, nic.mac, bridge, nic.tap)
         except OSError as e:
             why = Reason(Reason.WAITING, f"the host's neighbour table could not be read: {e}")
         if why is None or (why.cause == Reason.WAITING and address in self.kept):

@@ -19,6 +19,7 @@ from .domainxml import Nic, mac_problem
 from .hookchain import Step
 from .hostnet import Link
 from .suggest import count
+from .status import RowState
 from .values import Blocker, BlockerKind, PortSpan
 
 EXIT_BROKEN = 5  # a layer failed (cli.py's codes 0-4 mean other things)
@@ -46,17 +47,29 @@ class Check:
 class ForwardFacts:
     """One forward of the guest as doctor sees it: where it leads and what the table says."""
 
-    __slots__ = ("family", "proto", "listen", "host_ports", "address", "guest_ports", "state")
+    __slots__ = ("family", "proto", "listen", "host_ports", "address", "guest_ports", "state",
+                 "detail")
 
     def __init__(self, family: int, proto: str, listen: str, host_ports: PortSpan,
-                 address: Optional[str], guest_ports: PortSpan, state: str) -> None:
+                 address: Optional[str], guest_ports: PortSpan, state: RowState,
+                 detail: str = "") -> None:
         self.family = family
         self.proto = proto
         self.listen = listen  # "*" or an address
         self.host_ports = host_ports
         self.address = address  # None: no address yet (pending)
         self.guest_ports = guest_ports
-        self.state = state  # as `portfwd status` says: active, missing, pending: …
+        self.state = state  # as `portfwd status` says
+        self.detail = detail  # why it differs, what it waits for
+
+    @property
+    def said(self) -> str:
+        """The state as doctor says it: ``differs (…)``, ``pending: …``, ``missing``."""
+        if self.state == RowState.DIFFERS:
+            return f"{self.state} ({self.detail})"
+        if self.state in (RowState.PENDING, RowState.INACTIVE):
+            return f"{self.state}: {self.detail}"
+        return str(self.state)
 
     @property
     def text(self) -> str:
@@ -266,7 +279,7 @@ def _addresses(g: GuestFacts) -> Check:
                      "add it to forward.toml, then portfwd sync")
     waiting = [t for t in g.forwards if t.address is None]
     if waiting:
-        why = waiting[0].state
+        why = waiting[0].said
         return Check("address", False, f"{waiting[0].text}: {why}",
                      "give the guest an address (DHCP lease or reservation) or set ipv4/ipv6 in"
                      " forward.toml, then portfwd sync")
@@ -296,18 +309,18 @@ def _neighbours(g: GuestFacts) -> Check:
 
 def _table(g: GuestFacts) -> Check:
     for t in g.forwards:
-        if t.state == "active":
+        if t.state == RowState.ACTIVE:
             continue
-        if t.state == "missing":
+        if t.state == RowState.MISSING:
             fix = "portfwd reapply (the table lost it, e.g. nft flush ruleset)"
-        elif t.state.startswith("differs"):
+        elif t.state == RowState.DIFFERS:
             fix = "portfwd sync"
-        elif t.state == "not applied":
+        elif t.state == RowState.NOT_APPLIED:
             fix = "portfwd sync (the hook did not apply it: was portfwd installed after the guest" \
                   " started, or libvirtd not restarted since?)"
         else:
             fix = "portfwd sync"
-        return Check("table", False, f"{t.text}: {t.state}", fix)
+        return Check("table", False, f"{t.text}: {t.said}", fix)
     return Check("table", True, f"{count(len(g.forwards), 'forward')} active in the kernel")
 
 

@@ -31,7 +31,7 @@ from .errors import HostError
 from .hostnet import Link
 from .model import Config
 from .pathwalk import at
-from .status import live_elements, live_state
+from .status import RowState, live_elements, live_state
 from .values import Blocker, BlockerKind, Reason
 
 LIBVIRT_TIMEOUT = 10.0
@@ -252,18 +252,18 @@ def forwards_of(engine: Engine, config: Optional[Config], name: str, uuid: Optio
         for b in st.bindings:
             state, reason, _, _ = live_state(b, live[st.table])
             out.append(ForwardFacts(b.family, b.proto, b.listen, b.host_ports, b.address,
-                              b.guest_ports, f"{state} ({reason})" if state == "differs"
-                              else state))
+                                    b.guest_ports, state,
+                                    reason if state == RowState.DIFFERS else ""))
         for b, why in st.pending:
-            state = str(why) if why.cause == Reason.INACTIVE else f"pending: {why}"
+            pending = RowState.INACTIVE if why.cause == Reason.INACTIVE else RowState.PENDING
             out.append(ForwardFacts(b.family, b.proto, b.listen, b.host_ports, None, b.guest_ports,
-                              state))
+                                    pending, why.text))
         return out
     if config is not None:
         for b in plan.forwards_bindings(config.forwards_for(name, uuid), name):
             address = b.target if isinstance(b.target, str) else None
             out.append(ForwardFacts(b.family, b.proto, b.listen, b.host_ports, address,
-                              b.guest_ports, "not applied"))
+                              b.guest_ports, RowState.NOT_APPLIED))
     return out
 
 

@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 from .tomlpos import Path
 
 LISTS = ("ports", "from", "listen")
-REFUSED = "refused"  # the status state of a <pf:forward> portfwd does not apply
 INDEX_BASE = 1 << 20  # after every [[forward]] of forward.toml, in file order
 
 
@@ -98,14 +97,14 @@ def hook_templates(xml: bytes, name: str, uuid: Optional[str], config_path: str,
     return templates(accepted)
 
 
-def refused_rows(config: Config, others: Sequence[GuestState] = (),
-                 xmls: Optional[Dict[str, bytes]] = None) -> List[Dict[str, Any]]:
-    """A ``status`` row per refused ``<pf:forward>`` of a running domain (``others``:
-    the guests' records; ``xmls``: name → live XML, default: the copies libvirt keeps
-    in its status files)."""
+def refusals(config: Config, others: Sequence[GuestState] = (),
+             xmls: Optional[Dict[str, bytes]] = None) -> List[Tuple[str, str, str]]:
+    """(guest, where, why) per refused ``<pf:forward>`` of a running domain, for
+    ``status`` (``others``: the guests' records; ``xmls``: name → live XML, default:
+    the copies libvirt keeps in its status files)."""
     from .domainxml import FORWARDS_MARK, parse, status_files
 
-    out: List[Dict[str, Any]] = []
+    out: List[Tuple[str, str, str]] = []
     found = status_files() if xmls is None else xmls
     for name, xml in sorted((found or {}).items()):
         if FORWARDS_MARK not in xml:
@@ -114,11 +113,7 @@ def refused_rows(config: Config, others: Sequence[GuestState] = (),
         for reason in forwards(domain.forwards, domain.name or name, domain.uuid, config,
                                others)[1]:
             where, _, why = reason.partition(": ")
-            out.append({"guest": domain.name or name, "family": None, "proto": "-",
-                        "listen": "-", "listen_address": None, "host_ports": None,
-                        "target": where, "guest_address": None, "guest_ports": None,
-                        "sources": [], "state": REFUSED, "reason": why, "address_from": "",
-                        "entry": where, "comment": "", "connections": None, "bytes": None})
+            out.append((domain.name or name, where, why))
     return out
 
 

@@ -127,7 +127,8 @@ def apply(path: str, name: str, uuid: Optional[str], uri: str) -> List[str]:
     out = status.table_lines(rows) if rows else [f"guest {name}: no forwards"]
     if found is None:
         out.append(f"guest {name} is not running: its forwards apply when it starts")
-    waiting = [r for r in rows if r["state"] in (status.PENDING, status.INACTIVE)]
+    pending = (status.RowState.PENDING, status.RowState.INACTIVE)
+    waiting = [r for r in rows if r["state"] in pending]
     if waiting:
         out.append(f"{count(len(waiting), 'forward')} {'waits' if len(waiting) == 1 else 'wait'}: the daemon, or portfwd sync once the"
                    " guest has its address, applies them")

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
     from .discover import Resolver
     from .engine import Engine, GuestConfig
-    from .evidence import Evidence
     from .plan import Binding
 
 
@@ -37,8 +36,9 @@ def apply_guest(engine: Engine, name: str, uuid: Optional[str], config: GuestCon
     table = config.table
     old_state = engine.read_state(name)
     if resolver is not None:
-        prepare(engine, resolver, config.discover, taken_by_others(engine, name),
-                old_state.discovered() if old_state else set())
+        resolver = resolver.for_host(config.discover, engine.routes,
+                                     taken_by_others(engine, name),
+                                     old_state.discovered() if old_state else set())
     wanted = resolve(list(planned), resolver, engine.routes)
     new = wanted.bindings
     log_refusals(name, {why for _, why in old_state.pending} if old_state else set(), wanted)
@@ -172,24 +172,6 @@ def one_pass(engine: Engine, after: GuestState, old: List[Binding], new: List[Bi
             bridgeupkeep.report(compat.blockers(fw, wanted))
     bridgeupkeep.ensure_localnet_of(engine, summary)
     bridgeupkeep.ensure_hairpin_ports(engine, taps, only=name)
-
-
-def prepare(engine: Engine, resolver: Resolver, discover: Sequence[str],
-            taken: Dict[str, str], kept: Set[str], running: Optional[Dict[str, str]] = None,
-            evidence: Optional[Evidence] = None) -> None:
-    """What a resolver needs to vet discovered addresses against this host:
-    ``taken`` (canonical addresses of others' forwards), ``kept`` (the guest's
-    discovered addresses applied before), ``running`` (MAC → running guest; None:
-    the resolver reads libvirt's status files if it needs to), ``evidence``
-    (shared by the resolvers of one run: the kernel is read once)."""
-    resolver.discover = tuple(discover)
-    resolver.routes = engine.routes
-    resolver.taken = taken
-    resolver.kept = kept
-    if running is not None:
-        resolver.running = running
-    if evidence is not None:
-        resolver.evidence = evidence
 
 
 def taken_by_others(engine: Engine, name: str) -> Dict[str, str]:

@@ -20,7 +20,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if unknown:
         return usage_error("show", unknown)
     forwards = [f for f in config.forwards if not args.guest or f.label in args.guest]
-    rows = status.merge_sources(status.row(b, "") for f in forwards
+    rows = status.merge_sources(status.row(b) for f in forwards
                                 for b in plan.forwards_bindings([f], f.label))
     if args.json:
         keys = ("guest", "family", "proto", "listen", "target", "sources", "entry")

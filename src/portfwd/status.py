@@ -2,10 +2,13 @@
 per forward, with the connections its DNAT counted and whatever blocks it.
 
 ``report`` reads (the records, the table, the firewall); everything below it
-is pure. A row is plain JSON data; the CLI prints it as a table or as JSON.
+is pure. A row is plain JSON data (its state a ``RowState``, a ``str``
+whose value is the text); the CLI prints it as a table or as JSON.
 """
 
 from __future__ import annotations
+
+from enum import Enum
 
 from . import bridgeupkeep, compat, display, plan, rules
 from .plan import Binding
@@ -23,11 +26,32 @@ if TYPE_CHECKING:
     # map name → {normalised key: (value, packets, bytes)}; counts are None without a counter
     Live = Dict[str, Dict[Tuple[Any, ...], Tuple[Any, Optional[int], Optional[int]]]]
 
-# the states of a forward; those in BAD make `portfwd status` exit non-zero
-ACTIVE, PENDING, INACTIVE, MISSING, DIFFERS, BLOCKED, STOPPED, NOT_APPLIED, UNKNOWN = (
-    "active", "pending", "inactive", "missing", "differs", "blocked", "guest not running",
-    "not applied", "unknown")
-BAD = (MISSING, DIFFERS, BLOCKED, NOT_APPLIED)
+
+class RowState(str, Enum):
+    """The state of a forward in ``portfwd status`` (and of a ``<pf:forward>`` it
+    refuses); the value is the text shown and written by ``--json``. Here, not in
+    ``values``: the hook never needs it."""
+
+    ACTIVE = "active"
+    PENDING = "pending"
+    INACTIVE = "inactive"
+    MISSING = "missing"
+    DIFFERS = "differs"
+    BLOCKED = "blocked"
+    STOPPED = "guest not running"
+    NOT_APPLIED = "not applied"
+    UNKNOWN = "unknown"
+    REFUSED = "refused"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+# the states of a forward that make `portfwd status` exit non-zero
+BAD = frozenset({RowState.MISSING, RowState.DIFFERS, RowState.BLOCKED, RowState.NOT_APPLIED})
 HOOK_NOT_RUN = "its hook has not run: restart libvirtd (once after installing), or run" \
                " `portfwd sync`"
 
@@ -69,9 +93,9 @@ def report(engine: Engine, config: Optional[Config], running: Optional[Set[str]]
 
     rows = rows_of(states, live, config, blocked_by, running, running_from)
     if config is not None and config.options.domain_forwards:
-        from .domainforwards import refused_rows
+        from .domainforwards import refusals
 
-        rows += refused_rows(config, states)
+        rows += [refused_row(*refused) for refused in refusals(config, states)]
     if guests:
         rows = [r for r in rows if r["guest"] in guests]
     warnings = [f"guest {st.guest}: {w}" for st in states for w in st.warnings]
@@ -97,14 +121,15 @@ def rows_of(states: Sequence[GuestState], live: Dict[str, Live], config: Optiona
         maps = live.get(st.table, {})
         for b in st.bindings:
             state, reason, packets, octets = live_state(b, maps)
-            if state == ACTIVE:
+            if state == RowState.ACTIVE:
                 blocked = blocked_by(b)
                 if blocked:
-                    state, reason = BLOCKED, "; ".join(blocked)
+                    state, reason = RowState.BLOCKED, "; ".join(blocked)
             rows.append(row(b, state, reason, st.address_from.get(b.address, "config"),
                             packets, octets))
         for b, why in st.pending:
-            rows.append(row(b, INACTIVE if why.cause == Reason.INACTIVE else PENDING, why.text))
+            pending = RowState.INACTIVE if why.cause == Reason.INACTIVE else RowState.PENDING
+            rows.append(row(b, pending, why.text))
     if config is not None:
         for fwd in config.forwards:
             if fwd.guest in recorded or fwd.uuid in recorded:
@@ -117,19 +142,20 @@ def rows_of(states: Sequence[GuestState], live: Dict[str, Live], config: Optiona
     return merge_sources(rows)
 
 
-def _unrecorded(runs: bool, unknown: bool, running_from: str) -> Tuple[str, str]:
+def _unrecorded(runs: bool, unknown: bool, running_from: str) -> Tuple[RowState, str]:
     """The state and reason of a configured forward that nothing records."""
     if unknown:
-        return UNKNOWN, (f"not applied: guest stopped, or {HOOK_NOT_RUN} (cannot tell"
+        return RowState.UNKNOWN, (f"not applied: guest stopped, or {HOOK_NOT_RUN} (cannot tell"
                          f" whether it runs: {running_from})")
     if runs:
-        return NOT_APPLIED, f"the guest runs, but {HOOK_NOT_RUN}"
-    return STOPPED, ""
+        return RowState.NOT_APPLIED, f"the guest runs, but {HOOK_NOT_RUN}"
+    return RowState.STOPPED, ""
 
 
-def row(b: Binding, state: str, reason: str = "", address_from: str = "",
+def row(b: Binding, state: Optional[RowState] = None, reason: str = "", address_from: str = "",
         packets: Optional[int] = None, octets: Optional[int] = None) -> Row:
-    """One binding: a range kept as one element is one row."""
+    """One binding: a range kept as one element is one row (``state`` None: as the
+    configuration says it, for ``portfwd show``)."""
     address = b.target.describe(b.family) if isinstance(b.target, Selector) else b.target
     return {"guest": b.guest, "family": b.family, "proto": b.proto,
             "listen": display.listen_text(b), "listen_address": b.listen,
@@ -139,6 +165,15 @@ def row(b: Binding, state: str, reason: str = "", address_from: str = "",
             "sources": [] if b.sources == "*" else [b.sources], "state": state,
             "reason": reason, "address_from": address_from, "entry": b.entry,
             "comment": b.comment, "connections": packets, "bytes": octets}
+
+
+def refused_row(guest: str, where: str, why: str) -> Row:
+    """A ``<pf:forward>`` portfwd does not apply (``where``: the domain's metadata)."""
+    return {"guest": guest, "family": None, "proto": "-", "listen": "-",
+            "listen_address": None, "host_ports": None, "target": where,
+            "guest_address": None, "guest_ports": None, "sources": [],
+            "state": RowState.REFUSED, "reason": why, "address_from": "", "entry": where,
+            "comment": "", "connections": None, "bytes": None}
 
 
 def merge_sources(rows: Iterable[Row]) -> List[Row]:
@@ -159,7 +194,7 @@ def merge_sources(rows: Iterable[Row]) -> List[Row]:
     return list(merged.values())
 
 
-def live_state(b: Binding, maps: Live) -> Tuple[str, str, Optional[int], Optional[int]]:
+def live_state(b: Binding, maps: Live) -> Tuple[RowState, str, Optional[int], Optional[int]]:
     """(state, reason, connections, bytes) of one binding in the listed table: the
     counters of its ``ip`` or ``range`` element (rules.COUNTED), which the nat chain
     advances on the first packet of each connection it DNATs."""
@@ -167,27 +202,27 @@ def live_state(b: Binding, maps: Live) -> Tuple[str, str, Optional[int], Optiona
     if b.is_range:
         hit = maps.get(rules.map_name(b.kind, b.family, "range"), {}).get(key)
         if hit is None or key not in maps.get(rules.map_name(b.kind, b.family, "rkeys"), {}):
-            return MISSING, "not in the table: run `portfwd reapply`", None, None
+            return RowState.MISSING, "not in the table: run `portfwd reapply`", None, None
         ip, packets, octets = hit
         if str(ip) != b.address:
-            return DIFFERS, f"the table leads to {ip}", packets, octets
-        return ACTIVE, "", packets, octets
+            return RowState.DIFFERS, f"the table leads to {ip}", packets, octets
+        return RowState.ACTIVE, "", packets, octets
     to = maps.get(rules.map_name(b.kind, b.family, "to"), {}).get(key)
     if to is not None:  # the concat variant: address . port, and the key in the key set
         if key not in maps.get(rules.map_name(b.kind, b.family, "keys"), {}):
-            return MISSING, "not in the table: run `portfwd reapply`", None, None
+            return RowState.MISSING, "not in the table: run `portfwd reapply`", None, None
         value, packets, octets = to
         ip, port = value["concat"] if isinstance(value, dict) else (value, None)
     else:  # the split variant: address and port maps side by side
         hit = maps.get(rules.map_name(b.kind, b.family, "ip"), {}).get(key)
         port_hit = maps.get(rules.map_name(b.kind, b.family, "port"), {}).get(key)
         if hit is None or port_hit is None:
-            return MISSING, "not in the table: run `portfwd reapply`", None, None
+            return RowState.MISSING, "not in the table: run `portfwd reapply`", None, None
         ip, packets, octets = hit
         port = port_hit[0]
     if str(ip) != b.address or port is None or int(port) != b.guest_port:
-        return DIFFERS, f"the table leads to {ip}:{port}", packets, octets
-    return ACTIVE, "", packets, octets
+        return RowState.DIFFERS, f"the table leads to {ip}:{port}", packets, octets
+    return RowState.ACTIVE, "", packets, octets
 
 
 def _norm_key(b: Binding) -> Tuple[Any, ...]:
@@ -251,8 +286,8 @@ def table_lines(rows: Sequence[Row], columns: int = 7) -> List[str]:
     header = ("GUEST", "PROTO", "LISTEN", "TARGET", "FROM", "CONNS", "STATE")[:columns]
     table = [header]
     for r in rows:
-        state = r["state"]
-        if state == BLOCKED:  # the lines after the table name what blocks it
+        state = "" if r["state"] is None else str(r["state"])
+        if r["state"] == RowState.BLOCKED:  # the lines after the table name what blocks it
             state += " (see below)"
         elif r["reason"]:
             state += f": {r['reason']}"

@@ -148,6 +148,25 @@ def key_part_from_text(part: Any) -> Any:
     return ListenIface.from_text(part) if isinstance(part, str) and part.startswith("@") else part
 
 
+class FirewallBackend(Enum):
+    """What holds libvirt's inbound chain of a family (``compat``); the value names it in
+    ``portfwd status``."""
+
+    IPTABLES_NFT = "iptables-nft"  # LIBVIRT_FWI in table ip|ip6 filter
+    IPTABLES_LEGACY = "iptables-legacy"  # LIBVIRT_FWI in the kernel's legacy xtables
+    NFTABLES = "nftables"  # guest_input in table ip|ip6 libvirt_network (libvirt >= 10.4)
+
+
+class RuleRole(Enum):
+    """What a rule of libvirt's inbound chain is to portfwd (OURS, REJECT, OTHER), or
+    what PORTFWD_FWI holds (OURS: exactly portfwd's accept, EMPTY, OTHER)."""
+
+    OURS = "ours"
+    REJECT = "reject"
+    OTHER = "other"
+    EMPTY = "empty"
+
+
 class Cause(Enum):
     """Why a binding is pending, in short (``Reason.cause``); the value is how the
     record writes it."""

@@ -17,7 +17,7 @@ from .errors import HostError
 from .evidence import Evidence, solicit
 from .record import GuestState
 from .resolve import resolve
-from .guestpass import log_refusals, prepare
+from .guestpass import log_refusals
 from .values import Reason
 
 TYPE_CHECKING = False
@@ -94,8 +94,8 @@ def sync(engine: Engine, config: Config, guests: Iterable[Guest], dry_run: bool 
         if resolver is not None:
             taps[guest.name] = resolver.taps
             old = before.get(guest.name)
-            prepare(engine, resolver, config.options.discover, explicit,
-                    old.discovered() if old else set(), running, evidence)
+            resolver = resolver.for_host(config.options.discover, engine.routes, explicit,
+                                         old.discovered() if old else set(), running, evidence)
         found = resolve(planned[guest.name], resolver, engine.routes)
         if not found.empty:
             wanted[guest.name] = GuestState(guest.name, guest.uuid, table, found.bindings,
