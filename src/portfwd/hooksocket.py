@@ -13,7 +13,7 @@ than BUSY_WAIT). A daemon that gives up answers "declined" before it has done
 anything, so the hook's own run never races a late one: both take the lock.
 
 Cheap to import (os, stat, struct, and the C module ``_socket``: ``socket``
-itself costs 5 ms, half a Python start-up): the hook imports it for every call
+itself costs 5 ms, half a Python start-up): the hook imports it (through ``hookcall``) for every call
 that may need work. The daemon's side uses ``socket``.
 
     request  MAGIC NUL config NUL kind NUL N NUL arg1 NUL … argN NUL xml
