@@ -3,14 +3,14 @@ to ``portfwd daemon``: which calls may change something (the phases), reading
 the call (the domain XML on stdin; stdout pointed at stderr), asking the daemon
 (``hooksocket``), and ending the process with the daemon's answer.
 
-Imports only os, sys, ``runpaths`` and ``hooksocket`` (os, stat, struct and
+Imports only os, sys, ``runpaths`` and ``hooksocket`` (os, stat and
 ``_socket``): a call the daemon answers imports nothing else of portfwd; the
 hook's own run (``hook``, which imports state, the engine, nftables) only
 follows when the daemon does not answer.
 """
 
-from __future__ import annotations
-
+# no ``from __future__ import annotations`` (0.1 ms): the hooks import this module
+# before every call they hand over; the annotations that name typing are strings
 import os
 import sys
 
@@ -28,7 +28,7 @@ MAY_FAIL = frozenset({"prepare", "start", "started"})
 NETWORK_REASSERT = frozenset({"started", "updated", "port-created"})
 
 
-def may_work(kind: str, args: List[str]) -> bool:
+def may_work(kind: str, args: "List[str]") -> bool:
     """Whether the call may change forwards or accepts (else it is cheap in the hook)."""
     if len(args) < 3:
         return False
@@ -53,7 +53,7 @@ def read_call() -> bytes:
     return xml
 
 
-def handed_over(kind: str, args: List[str], xml: bytes) -> Optional[int]:
+def handed_over(kind: str, args: "List[str]", xml: bytes) -> "Optional[int]":
     """The exit status of the call as ``portfwd daemon`` ran it, its stderr lines
     written here; None: this process runs it (a call that changes nothing, no daemon,
     or any doubt: ``hooksocket.ask``)."""
@@ -72,7 +72,7 @@ def handed_over(kind: str, args: List[str], xml: bytes) -> Optional[int]:
     return said[0]
 
 
-def handover(kind: str, args: List[str]) -> bytes:
+def handover(kind: str, args: "List[str]") -> bytes:
     """The hooks' entry: the call's XML when this process must run the call itself
     (``hook.exit_now``); a call the daemon ran ends the process here, with its status."""
     xml = read_call()
