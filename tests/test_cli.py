@@ -165,12 +165,12 @@ def test_install_puts_a_working_hook_in_qemu_d(pf: PortfwdHost, tmp_path: "os.Pa
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     hook = os.path.join(root, "etc/libvirt/hooks/qemu.d/portfwd")
-    for kind, entry in (("qemu", "exit_now"), ("network", "main")):
+    for kind in ("qemu", "network"):
         path = os.path.join(root, f"etc/libvirt/hooks/{kind}.d/portfwd")
         with open(path) as f:
             assert f.readline() == "#!/bin/sh\n"
             rest = f.read()
-            assert f"\npy={sys.executable}\n" in rest and f'{entry}("{kind}", sys.argv[1:])' in rest
+            assert f"\npy={sys.executable}\n" in rest and f'exit_now("{kind}", sys.argv[1:], xml)' in rest
         assert os.stat(path).st_mode & 0o777 == 0o755
     config = os.path.join(root, "etc/portfwd/forward.toml")
     assert stat.S_IMODE(os.stat(config).st_mode) == 0o644

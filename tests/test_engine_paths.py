@@ -31,10 +31,10 @@ import pytest
 
 from fakenft import FakeNft, Ruleset, counts, libvirt_network
 from pfhost import domain_xml
-from portfwd import (bridgeport, compat, configtrust, constants, domainxml, guard, hook, hostnet,
-                     proc, rules, state)
+from portfwd import (bridgeport, compat, configtrust, constants, domainxml, guard, hostnet, proc,
+                     rules, state)
 from portfwd.discover import Resolver
-from portfwd import atomicfile, guestpass, hookindex, run_compiled, wholehost
+from portfwd import atomicfile, guestpass, hookcall, hookindex, run_compiled, wholehost
 from portfwd.engine import Engine
 from portfwd.plan import bind
 from portfwd.values import Selector
@@ -225,12 +225,12 @@ def guest_event(host: EngineHost, name: str, op: str, xml: Optional[bytes] = Non
     nft = host.process()
     with state.locked(host.run_dir):
         engine = Engine(host.config, root=host.run_dir, nft=nft)
-        if op in hook.REMOVE:
+        if op in hookcall.REMOVE:
             guestpass.remove_guest(engine, name)
             return nft
         uuid = domainxml.domain_uuid(xml)
         config = engine.guest_config(name, uuid)
-        if op in hook.CHECK:
+        if op in hookcall.CHECK:
             return nft
         planned = bind(config.templates, name)
         resolver = (Resolver(name, xml) if any(isinstance(b.target, Selector) for b in planned)

@@ -10,11 +10,12 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Iterator, List
+from typing import Iterator, List, Set
 
 import pytest
 
-from pfhost import HOOK, LockHolder, PortfwdHost, RunningDaemon, domain_xml, driver_uri, web1_config
+from pfhost import (HOOK, NETWORK_HOOK, LockHolder, PortfwdHost, RunningDaemon, domain_xml,
+                    driver_uri, web1_config)
 from portfwd import hook, hooksocket
 from test_hook_safety import host_ports
 
@@ -164,3 +165,41 @@ def test_any_name_reaches_the_daemon_as_the_hook_has_it(pf: PortfwdHost) -> None
         ("qemu", [name, "reconnect"]) for name in names]
     assert all(c is not None and c[0] == pf.config and c[3] == domain_xml(n)
                for c, n in zip(calls, names))
+
+
+# what a hook imports of portfwd before it hands a call over (and, answered, at all)
+HAND_OVER = {"portfwd", "portfwd.hookcall", "portfwd.hooksocket", "portfwd.runpaths"}
+
+
+def imported(run: "subprocess.CompletedProcess[bytes]") -> Set[str]:
+    """portfwd's modules a run under ``python -X importtime`` imported (its stderr)."""
+    names = {line.rpartition("|")[2].strip() for line in run.stderr.decode().splitlines()
+             if line.startswith("import time:")}
+    return {n for n in names if n == "portfwd" or n.startswith("portfwd.")}
+
+
+def test_a_call_the_daemon_answers_imports_only_the_hand_over(pf: PortfwdHost) -> None:
+    """A call the daemon answers imports only the client's modules (not hook, state,
+    the engine); the same call without an answer imports them (the measurement works)."""
+    pf.write_config(WEB1)
+    assert pf.hook("web1", "stopped", "end").returncode == 0  # makes the run directory
+    network_xml = b"<hookData><network><name>default</name></network></hookData>"
+
+    def network() -> "subprocess.CompletedProcess[bytes]":
+        return pf.lab.ns(pf.lab.host, sys.executable, "-I", "-X", "importtime", NETWORK_HOOK,
+                         "default", "port-created", "begin", "-", input=network_xml, env=pf.env,
+                         check=False)
+
+    fake = FakeDaemon(sock(pf))
+    try:
+        answered = [pf.hook("web1", "started", python_flags=["-X", "importtime"]), network()]
+    finally:
+        fake.close()
+    assert len(fake.calls) == 2 and host_ports(pf) == []
+    for r in answered:
+        assert (r.returncode, r.stdout) == (0, b""), r.stderr
+        assert imported(r) == HAND_OVER
+    itself = pf.hook("web1", "started", python_flags=["-X", "importtime"])  # no answer now
+    assert (itself.returncode, itself.stdout) == (0, b""), itself.stderr
+    assert host_ports(pf) == [8080]
+    assert HAND_OVER | {"portfwd.hook", "portfwd.state"} <= imported(itself)

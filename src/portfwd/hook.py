@@ -9,9 +9,10 @@ LOCK_WAIT seconds for a lock that one other portfwd run keeps. A guest with no
 forwards and no state leaves before anything heavy is imported; once the hook
 index is current (``hookindex``), the hook's sh lines answer it without Python.
 A call that may change something goes to ``portfwd daemon`` when it runs
-(``hooksocket``), which answers it with ``answer``: the same ``run``. ``exit_now``
-(the qemu hook's entry) ends the process as soon as the records are written and
-the lock released, leaving the release of the nftables socket to a child.
+(``hookcall``, before this module is imported), which answers it with ``answer``:
+the same ``run``. ``exit_now`` (the hooks' own run, when the daemon did not answer)
+ends the process as soon as the records are written and the lock released,
+leaving the release of the nftables socket to a child.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from __future__ import annotations
 import os
 import sys
 
-from . import hookindex, state
+from . import hookcall, hookindex, state
 from .domainxml import FORWARDS_MARK, domain_uuid
+from .hookcall import APPLY, CHECK, MAY_FAIL, NETWORK_REASSERT, REMOVE
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -28,12 +30,6 @@ if TYPE_CHECKING:
 
     from .nft import NftLike
 
-APPLY = frozenset({"started", "reconnect", "restore", "attach", "migrate"})
-REMOVE = frozenset({"stopped", "release"})
-CHECK = frozenset({"prepare", "start"})  # strict: a bad config stops the start here
-MAY_FAIL = frozenset({"prepare", "start", "started"})
-# a network (re)start or update rebuilds libvirt's rules: put our accepts back
-NETWORK_REASSERT = frozenset({"started", "updated", "port-created"})
 # seconds a hook waits while one other process (sync, the daemon, a hung run) holds the
 # lock; libvirt is blocked meanwhile, and the daemon or the next sync catches up
 LOCK_WAIT = 5.0
@@ -42,14 +38,15 @@ LOCK_WAIT = 5.0
 STRICT_FAILURE = 3
 
 
-def exit_now(kind: str, argv: List[str]) -> None:
-    """``main``, then the process ends at once: libvirt waits for it and for its
-    output, not for the kernel to release the nftables socket it used. After a
-    batch that deleted elements that release takes 5-11 ms (an RCU grace period);
-    a child that holds the socket, with stdin, stdout and stderr on /dev/null and
-    no lock, waits until this process has exited and then releases it."""
+def exit_now(kind: str, args: List[str], xml: bytes) -> None:
+    """``run`` of a call ``hookcall.handover`` has read and not handed over, then the
+    process ends at once: libvirt waits for it and for its output, not for the kernel
+    to release the nftables socket it used. After a batch that deleted elements that
+    release takes 5-11 ms (an RCU grace period); a child that holds the socket, with
+    stdin, stdout and stderr on /dev/null and no lock, waits until this process has
+    exited and then releases it."""
     keep: List[object] = []
-    code = main(kind, argv, keep)
+    code = run(kind, args, xml, keep=keep)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -73,40 +70,13 @@ def exit_now(kind: str, argv: List[str]) -> None:
     os._exit(code)
 
 
-def main(kind: str = "qemu", argv: Optional[List[str]] = None,
-         keep: Optional[List[object]] = None) -> int:
-    """One hook call; ``keep`` receives what holds the nftables socket (``exit_now``
-    releases it after this process has exited)."""
+def main(kind: str = "qemu", argv: Optional[List[str]] = None) -> int:
+    """One hook call in this process (the hooks run ``hookcall.handover`` and
+    ``exit_now`` instead): handed to the daemon when it runs, else ``run``."""
     args = sys.argv[1:] if argv is None else argv
-    try:
-        xml = sys.stdin.buffer.read()  # libvirt writes it all; read it all
-    except (OSError, ValueError):
-        xml = b""
-    try:
-        os.dup2(2, 1)  # nothing we or a library print may reach libvirt's stdout
-    except OSError:  # no stderr either
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    if _may_work(kind, args):  # the daemon, when it runs, has everything imported
-        from . import hooksocket
-
-        said = hooksocket.ask(state.run_dir(), state.config_path(), kind, args, xml)
-        if said is not None:
-            try:
-                os.write(2, said[1])
-            except OSError:
-                pass
-            return said[0]
-    return run(kind, args, xml, keep=keep)
-
-
-def _may_work(kind: str, args: List[str]) -> bool:
-    """Whether the call may change forwards or accepts (else it is cheap here)."""
-    if len(args) < 3:
-        return False
-    if kind == "network":
-        return args[1] in NETWORK_REASSERT and args[2] == "begin"
-    return kind == "qemu" and args[2] == ("end" if args[1] in REMOVE else "begin") and (
-        args[1] in APPLY or args[1] in REMOVE)
+    xml = hookcall.read_call()
+    status = hookcall.handed_over(kind, args, xml)
+    return run(kind, args, xml) if status is None else status
 
 
 def answer(kind: str, args: List[str], xml: bytes, nft: Optional[NftLike] = None
@@ -220,7 +190,7 @@ def _report(message: str, error: bool = True) -> None:
 
 def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes,
          nft: Optional[NftLike] = None, keep: Optional[List[object]] = None) -> int:
-    """The managed path: plan and apply; decide the exit code (``keep``: see ``main``)."""
+    """The managed path: plan and apply; decide the exit code (``keep``: see ``exit_now``)."""
     from . import guestpass, log
     from .engine import Engine
     from .errors import ConfigError, PortfwdError

@@ -12,20 +12,20 @@ or an answer that the daemon declined (another configuration, busy for longer
 than BUSY_WAIT). A daemon that gives up answers "declined" before it has done
 anything, so the hook's own run never races a late one: both take the lock.
 
-Cheap to import (os, stat, struct, and the C module ``_socket``: ``socket``
-itself costs 5 ms, half a Python start-up): the hook imports it for every call
-that may need work. The daemon's side uses ``socket``.
+Cheap to import (os, stat, and the C module ``_socket``: ``socket``
+itself costs 5 ms, half a Python start-up): the hooks import it (``hookcall``)
+for every call that may need work. The daemon's side uses ``socket``.
 
     request  MAGIC NUL config NUL kind NUL N NUL arg1 NUL … argN NUL xml
     answer   MAGIC NUL status NUL stderr      (status DECLINED: do it yourself)
 """
 
-from __future__ import annotations
-
+# no ``from __future__ import annotations`` (0.1 ms): the hooks import this module
+# before every call they hand over; the annotations that name typing are strings
 import _socket
 import os
 import stat
-import struct
+import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -59,8 +59,8 @@ def trusted(root: str) -> bool:
             and sock.st_uid == me and stat.S_IMODE(sock.st_mode) == 0o600)
 
 
-def ask(root: str, config: str, kind: str, args: List[str], xml: bytes,
-        wait: float = CLIENT_WAIT) -> Optional[Tuple[int, bytes]]:
+def ask(root: str, config: str, kind: str, args: "List[str]", xml: bytes,
+        wait: float = CLIENT_WAIT) -> "Optional[Tuple[int, bytes]]":
     """(exit status, stderr) of the call as the daemon ran it; None: run it here."""
     import time
 
@@ -77,9 +77,9 @@ def ask(root: str, config: str, kind: str, args: List[str], xml: bytes,
     try:
         s.settimeout(wait)
         s.connect(socket_path(root))
-        pid, uid, gid = struct.unpack("3i", s.getsockopt(_socket.SOL_SOCKET,
-                                                         _socket.SO_PEERCRED, 12))
-        if uid != os.geteuid():
+        # struct ucred {pid, uid, gid}, 32 bits each in the host's byte order
+        creds = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+        if int.from_bytes(creds[4:8], sys.byteorder) != os.geteuid():
             return None
         s.sendall(request)
         s.shutdown(_socket.SHUT_WR)
@@ -108,7 +108,7 @@ def ask(root: str, config: str, kind: str, args: List[str], xml: bytes,
 
 # -- the daemon's side ------------------------------------------------------------
 
-def parse(request: bytes) -> Optional[Tuple[str, str, List[str], bytes]]:
+def parse(request: bytes) -> "Optional[Tuple[str, str, List[str], bytes]]":
     """(config, kind, args, xml) of a request; None if it is not one."""
     head = request.split(b"\0", 4)
     if len(head) != 5 or head[0] != MAGIC or not head[3].isdigit():
@@ -135,7 +135,7 @@ def answer(status: int, text: str) -> bytes:
     return b"\0".join([MAGIC, str(status).encode(), text.encode("utf-8", "surrogateescape")])
 
 
-def listen(root: str) -> Optional[socket.socket]:
+def listen(root: str) -> "Optional[socket.socket]":
     """The daemon's listening socket (0600, root's, in the run directory); None when
     another live daemon answers there already or the run directory is not root's
     alone. A socket file left by a daemon that died is replaced."""
@@ -173,7 +173,7 @@ def listen(root: str) -> Optional[socket.socket]:
     return s
 
 
-def read_request(conn: socket.socket) -> Optional[bytes]:
+def read_request(conn: "socket.socket") -> "Optional[bytes]":
     """The whole request (the hook shuts its side down after it), within READ_LIMIT."""
     import time
 

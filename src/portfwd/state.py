@@ -40,8 +40,9 @@ temporary file, here and in guests/), ``compiled.new.PID.RANDOM`` (the link
 before its rename) and ``compiled.PID.RANDOM`` folders ``compiled`` does not
 point to.
 
-Cheap to import (only os, sys, fcntl, ``run_host`` and ``atomicfile``: not even
-typing): the hook's fast path lives on it, and libvirt runs the hook for every guest and every phase.
+Cheap to import (only os, sys, fcntl, ``run_host``, ``atomicfile`` and ``runpaths``,
+the default paths: not even typing): a hook that does its call itself lives on it,
+and libvirt runs the hook for every guest and every phase.
 
 Per-guest files (``guests/NAME.json``, ``compiled/name/NAME``) are named by
 ``file_name``, which fits any name libvirt allows into NAME_MAX and gives
@@ -58,6 +59,12 @@ import sys
 from . import atomicfile
 from .atomicfile import TMP_MARK
 from .run_host import LEGACY_HOST_FILES, HostRecord, ensure_dir
+from .runpaths import DEFAULT_CONFIG as DEFAULT_CONFIG
+from .runpaths import DEFAULT_RUN_DIR as DEFAULT_RUN_DIR
+from .runpaths import ENV_CONFIG as ENV_CONFIG
+from .runpaths import ENV_RUN_DIR as ENV_RUN_DIR
+from .runpaths import config_path as config_path
+from .runpaths import run_dir as run_dir
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -71,10 +78,6 @@ if TYPE_CHECKING:
     T = TypeVar("T")
     from .values import Bridges
 
-DEFAULT_CONFIG = "/etc/portfwd/forward.toml"
-ENV_CONFIG = "PORTFWD_CONFIG"
-DEFAULT_RUN_DIR = "/run/portfwd"
-ENV_RUN_DIR = "PORTFWD_RUNDIR"
 CACHE_FORMAT = "5"  # 3: long guest names map to hashed file names; a range is one template;
 # 4: a template names its configuration entry; 5: a template is a dict, its host ports
 # [first, last]
@@ -89,15 +92,6 @@ _HASHED_PREFIX = 64
 COMPILED = "compiled"
 DOMAIN_FORWARDS = "domain_forwards"  # in compiled/: [options] domain_forwards = true
 NEW_LINK = "compiled.new."
-
-
-def config_path(given: Optional[str] = None) -> str:
-    """--config, else $PORTFWD_CONFIG, else /etc/portfwd/forward.toml."""
-    return given or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG
-
-
-def run_dir() -> str:
-    return os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR
 
 
 def file_name(name: str) -> str:
