@@ -20,7 +20,7 @@ from typing import Any, Dict, List
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 
-from portfwd import rules  # noqa: E402
+from portfwd.plan import rules  # noqa: E402
 from portfwd.plan import Binding  # noqa: E402
 
 TAG = f"pfcnt{os.getpid() % 100000}"

@@ -12,10 +12,11 @@ import json
 import sys
 import time
 
-from portfwd import state, wholehost
+from portfwd.rundir import state
+from portfwd.engine import wholehost
 from portfwd.config import load
 from portfwd.engine import Engine
-from portfwd.model import Guest
+from portfwd.config.model import Guest
 
 
 def main() -> int:

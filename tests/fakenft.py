@@ -1,5 +1,5 @@
 """An nftables in memory, for engine tests without root: ``FakeNft`` answers what
-``portfwd.nft.NftLike`` asks from a model of the objects portfwd uses (tables,
+``portfwd.host.nft.NftLike`` asks from a model of the objects portfwd uses (tables,
 sets and maps with their elements, chains and rules), and records every call.
 
 The model (``Ruleset``) outlives one ``FakeNft``, as the kernel outlives a
@@ -50,7 +50,7 @@ from portfwd.constants import GUARD_CHAIN, GUARD_COMMENT
 from portfwd.errors import HostError
 
 if TYPE_CHECKING:
-    from portfwd.nft import Nft, NftLike
+    from portfwd.host.nft import Nft, NftLike
 
 Json = Dict[str, Any]
 Part = Tuple[Any, ...]  # ("i", low, high): a number, address, prefix or range; ("s", text)

@@ -98,7 +98,7 @@ def take_tap(run_in: RunIn, host: str, port: str, xml: bytes) -> str:
     What the domain XML calls the guest's tap (``<target dev>``) then carries the
     stand-in's frames, and the bridge learns the stand-in's MAC where it would learn a
     real guest's. Returns the port's new name."""
-    from portfwd.domainxml import parse
+    from portfwd.libvirt.domainxml import parse
 
     nic = parse(xml).nics[0]
     tap, bridge = nic.tap, nic.bridge

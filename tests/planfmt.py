@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import List
 
-from portfwd import display, plan
-from portfwd.model import Config, Guest
+from portfwd.plan import display
+from portfwd import plan
+from portfwd.config.model import Config, Guest
 from portfwd.plan import Binding
 
 UUID_GUEST_NAME = "vm-by-uuid"

@@ -1,6 +1,6 @@
 """libvirt's AppArmor profile against what portfwd's hooks execute.
 
-First the reader (``portfwd.apparmor``), on cases taken from apparmor.d(5): globs,
+First the reader (``portfwd.host.apparmor``), on cases taken from apparmor.d(5): globs,
 variables, includes, deny and owner rules, child profiles. Then the real thing: the
 profile files of Debian 12's and Debian 13's libvirt (``usr.sbin.libvirtd``, and
 ``usr.sbin.virtqemud``/``usr.sbin.virtnetworkd`` where a root has them), read with
@@ -25,7 +25,8 @@ import pytest
 from deblab import PACKAGES, DebRoot, apparmor_dir, build
 from netlab import run
 from pfhost import ROOT, domain_xml
-from portfwd import apparmor, compat, doctor, hookchain, doctorfacts, installpaths, pathwalk
+from portfwd.host import apparmor, compat, hookchain, pathwalk
+from portfwd.commands import doctor, doctorfacts, installpaths
 from portfwd.values import FirewallBackend
 from trixielab import SUITE, cached_root
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from portfwd.claims import Claims
+from portfwd.plan.claims import Claims
 from portfwd.plan import Binding
 from portfwd.values import PortSpan
 

@@ -11,10 +11,10 @@ from typing import Any, Dict, List, Optional, cast
 
 import pytest
 
-from portfwd import compat
+from portfwd.host import compat
 from portfwd.constants import MARK
 from portfwd.errors import HostError
-from portfwd.nft import Nft
+from portfwd.host.nft import Nft
 from portfwd.values import BlockerKind
 
 Json = Dict[str, Any]
@@ -201,7 +201,7 @@ def test_a_tool_that_hangs_is_killed(tmp_path: "os.PathLike[str]") -> None:
 
 
 def test_a_missing_program_is_a_clear_error() -> None:
-    from portfwd import proc
+    from portfwd.host import proc
 
     with pytest.raises(HostError) as e:
         proc.run(["/nonexistent/iptables-legacy", "-S"], 5.0, package="iptables")

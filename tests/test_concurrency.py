@@ -27,7 +27,7 @@ from typing import Dict, List, Set, Tuple
 
 import pytest
 
-from portfwd import state
+from portfwd.rundir import state
 
 from netlab import run
 from pfhost import HOOK, PortfwdHost, domain_xml

@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from planfmt import plan_text
-from portfwd import config, installpaths, state
+from portfwd import config
+from portfwd.commands import installpaths
+from portfwd.rundir import state
 from portfwd.errors import ConfigError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -119,8 +121,7 @@ def test_missing_file_points_at_the_example(etc: str, monkeypatch: pytest.Monkey
         f.write("")
     for example, named in ((shipped, shipped),
                            (os.path.join(etc, "absent.toml"),
-                            os.path.join(os.path.dirname(config.__file__), "data",
-                                         "forward.toml"))):
+                            os.path.join(installpaths.DATA_DIR, "forward.toml"))):
         monkeypatch.setattr(installpaths, "DEB_EXAMPLE", example)
         with pytest.raises(ConfigError) as e:
             config.load(os.path.join(etc, "nope.toml"))

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portfwd import config, state
+from portfwd import config
+from portfwd.rundir import state
 from portfwd.errors import ConfigError
-from portfwd.tomlpos import deepest, locate
+from portfwd.config.tomlpos import deepest, locate
 
 FWD = '[[forward]]\nguest = "a"\nipv4 = "10.0.0.1"\n'
 DEEP = "arrays or inline tables nested too deeply (forward.toml needs 3 levels at most)"

@@ -12,7 +12,8 @@ from typing import List, Tuple
 
 import pytest
 
-from portfwd import config, state
+from portfwd import config
+from portfwd.rundir import state
 from portfwd.errors import ConfigError
 
 pytestmark = pytest.mark.kernel  # needs root: chown, ACLs for other users
@@ -85,7 +86,7 @@ def test_sticky_shared_directory_on_the_way_needs_root_owned_entries(
         etc: str, tmp_path: str) -> None:
     tmp = directory(os.path.join(str(tmp_path), "tmp"), 0o1777)
     write(os.path.join(etc, "forward.toml"))
-    link = os.path.join(tmp, "portfwd.toml")
+    link = os.path.join(tmp, "portfwd.config.toml")
     os.symlink(os.path.join(etc, "forward.toml"), link)
     assert config.load(link).forwards[0].guest == "a"  # the sticky bit guards root's link
     os.lchown(link, 1000, 1000)  # ... but not a user's

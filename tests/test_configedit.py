@@ -11,10 +11,10 @@ from typing import List
 import pytest
 
 from portfwd.config import parse
-from portfwd.configedit import Request, add, remove
+from portfwd.config.configedit import Request, add, remove
 from portfwd.errors import ConfigError
-from portfwd.portspec import FORMS
-from portfwd.toml import tomllib
+from portfwd.config.portspec import FORMS
+from portfwd.config.toml import tomllib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(HERE, "..", "config", "forward.toml")

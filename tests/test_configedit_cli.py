@@ -174,7 +174,7 @@ def test_add_applies_the_running_guest_and_remove_takes_it_away(pf: PortfwdHost)
 
 
 def test_a_file_changed_during_the_edit_is_left_alone(etc: str) -> None:
-    from portfwd.editfile import edit
+    from portfwd.config.editfile import edit
     from portfwd.errors import ConfigError
 
     def meanwhile(text: str) -> str:  # an editor saves while portfwd computes

@@ -10,9 +10,9 @@ from typing import List, Tuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portfwd.configedit import remove
+from portfwd.config.configedit import remove
 from portfwd.errors import ConfigError
-from portfwd.toml import tomllib
+from portfwd.config.toml import tomllib
 
 PATH = "/etc/portfwd/forward.toml"
 HEAD = '# mine\n[options]\nstrict = false   # kept\n\n[[forward]]\nguest = "web1"\n'

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portfwd.conflicts import Claim, find_conflicts, group_conflicts
+from portfwd.config.conflicts import Claim, find_conflicts, group_conflicts
 from portfwd.errors import ConfigError
 
 addresses = st.sampled_from([None, ip_address("203.0.113.5"), ip_address("203.0.113.6"),
@@ -77,7 +77,7 @@ def test_claims_of_one_owner_never_conflict() -> None:
 from typing import Dict, Sequence, Tuple  # noqa: E402
 
 from portfwd import config  # noqa: E402
-from portfwd.conflicts import interface_conflicts  # noqa: E402
+from portfwd.config.conflicts import interface_conflicts  # noqa: E402
 
 LIVE = '''\
 [[forward]]

@@ -266,7 +266,8 @@ def test_the_rate_limit_holds_back_lease_changes_alone(tmp_path: "os.PathLike[st
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """While the last reconcile is recent, a lease change waits; a libvirt event
     (``wake``), an edit of the configuration and SIGHUP reconcile at once."""
-    from portfwd import daemon, state
+    from portfwd import daemon
+    from portfwd.rundir import state
 
     config = os.path.join(str(tmp_path), "forward.toml")
     with open(config, "w", encoding="utf-8") as f:

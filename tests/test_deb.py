@@ -20,7 +20,7 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
-from portfwd import installpaths
+from portfwd.commands import installpaths
 
 from deblab import APT, CHECKOUT, DebRoot, build, git_status, version
 from netlab import GUEST4, run

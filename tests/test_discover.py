@@ -8,11 +8,11 @@ from typing import Any, Dict, List
 
 import pytest
 
-from portfwd.discover import Resolver, read_network
-from portfwd.domainxml import parse
-from portfwd.evidence import NUD_REACHABLE, Evidence
-from portfwd.hostnet import RouteTable
-from portfwd.resolve import resolve
+from portfwd.libvirt.discover import Resolver, read_network
+from portfwd.libvirt.domainxml import parse
+from portfwd.host.evidence import NUD_REACHABLE, Evidence
+from portfwd.host.hostnet import RouteTable
+from portfwd.plan.resolve import resolve
 from portfwd.plan import Binding
 from portfwd.values import PortSpan, Reason, Selector
 

@@ -11,14 +11,14 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import pytest
 
-from portfwd import libvirtapi
-from portfwd.discover import Resolver, canonical, canonical_keys, duid_mac
-from portfwd.evidence import (NUD_DELAY, NUD_FAILED, NUD_INCOMPLETE, NUD_NOARP, NUD_PERMANENT,
+from portfwd.libvirt import libvirtapi
+from portfwd.libvirt.discover import Resolver, canonical, canonical_keys, duid_mac
+from portfwd.host.evidence import (NUD_DELAY, NUD_FAILED, NUD_INCOMPLETE, NUD_NOARP, NUD_PERMANENT,
                               NUD_PROBE, NUD_REACHABLE, NUD_STALE, Evidence)
-from portfwd.claims import refuse_shared_discoveries
+from portfwd.plan.claims import refuse_shared_discoveries
 from portfwd.plan import Binding
 from portfwd.values import Cause, PortSpan, Reason, Selector
-from portfwd.record import GuestState
+from portfwd.rundir.record import GuestState
 from test_discover import DOMAIN, HOST, KNOWN, ROUTES, V6_NETWORK, lay_out
 
 VICTIM = "52:54:00:aa:00:02"  # web1's NIC on v6net (virbr6: 192.168.150.0/24, fd00:150::/64)
@@ -85,7 +85,7 @@ def test_a_good_lease_is_taken(files: "tuple[str, str]") -> None:
 def test_address_not_routed_out_of_the_bridge_is_refused(files: "tuple[str, str]") -> None:
     """An address inside the network's prefix that the host routes elsewhere (a more
     specific route someone added) is not the guest's."""
-    from portfwd.hostnet import RouteTable
+    from portfwd.host.hostnet import RouteTable
 
     routes = RouteTable(
         "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
@@ -228,7 +228,7 @@ def test_agent_and_arp_are_asked_only_when_listed(allowed: Tuple[str, ...],
 
 
 def test_a_host_port_two_running_guests_claim_stays_with_the_first() -> None:
-    from portfwd.claims import refuse_shared_keys
+    from portfwd.plan.claims import refuse_shared_keys
 
     def state(guest: str) -> GuestState:
         b = Binding("fwd", 4, ("203.0.113.1", "tcp", PortSpan(8080)), "192.168.150.10", 80, guest, guest)
@@ -242,7 +242,7 @@ def test_a_host_port_two_running_guests_claim_stays_with_the_first() -> None:
 
 
 def test_a_range_and_a_port_inside_it_claimed_at_run_time_stay_with_one_guest() -> None:
-    from portfwd.claims import refuse_shared_keys
+    from portfwd.plan.claims import refuse_shared_keys
 
     def state(guest: str, port: "int | str") -> GuestState:
         ports = PortSpan.from_json(port)

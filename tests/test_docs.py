@@ -14,18 +14,20 @@ from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
-from portfwd import config, docs, doctor, errors, keys, trace
+from portfwd import config, errors
+from portfwd.commands import docs, doctor, trace
+from portfwd.config import keys
 from portfwd.cmdline import parser as _parser
 from portfwd.errors import ConfigError
-from portfwd.model import Options
-from portfwd.toml import tomllib
+from portfwd.config.model import Options
+from portfwd.config.toml import tomllib
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "portfwd")
 
 
 def commands(parser: argparse.ArgumentParser,
              path: Tuple[str, ...] = ()) -> Iterator[Tuple[Tuple[str, ...], argparse.ArgumentParser]]:
-    """Every parser level, walked here independently of portfwd.docs."""
+    """Every parser level, walked here independently of portfwd.commands.docs."""
     yield path, parser
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -303,12 +305,12 @@ def test_bash_completes_values() -> None:
 def test_module_prints_each() -> None:
     for what, text in (("man", docs.man_page(_parser())), ("man-config", docs.config_page()),
                        ("bash-completion", docs.bash_completion(_parser()))):
-        r = subprocess.run([sys.executable, "-m", "portfwd.docs", what], capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "portfwd.commands.docs", what], capture_output=True,
                            text=True)
         assert (r.returncode, r.stdout) == (0, text)
-    r = subprocess.run([sys.executable, "-m", "portfwd.docs", "html"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "portfwd.commands.docs", "html"], capture_output=True,
                        text=True)
-    assert r.returncode == 2 and "usage: python3 -m portfwd.docs man|man-config|bash-completion" in r.stderr
+    assert r.returncode == 2 and "usage: python3 -m portfwd.commands.docs man|man-config|bash-completion" in r.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="portfwd install writes files as root")

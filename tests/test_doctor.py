@@ -18,7 +18,8 @@ import pytest
 from netlab import GUEST4, GUEST6, Lab
 from pfhost import PortfwdHost, domain_xml, web1_config
 
-from portfwd import doctor, listening
+from portfwd.commands import doctor
+from portfwd.host import listening
 
 CONFIG = web1_config("8080:80", "5353:53/udp")
 LAYERS = ["ipv4 forwarding", "ipv6 forwarding", "guest", "bridge", "tap", "mac", "address",

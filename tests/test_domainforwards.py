@@ -8,12 +8,13 @@ from typing import Dict, List
 
 import pytest
 
-from portfwd import domainxml, plan
+from portfwd.libvirt import domainxml
+from portfwd import plan
 from portfwd.config import parse
-from portfwd.domainforwards import forwards, refusals
+from portfwd.libvirt.domainforwards import forwards, refusals
 from portfwd.errors import ConfigError
-from portfwd.portspec import FORMS
-from portfwd.status import refused_row
+from portfwd.config.portspec import FORMS
+from portfwd.commands.status import refused_row
 
 ON = '[options]\ndomain_forwards = true\ndomain_ports = ["10000-19999", 20053]\n'
 WEB1 = '\n[[forward]]\nguest = "web1"\nipv4 = "192.168.122.10"\nports = ["10080:80"]\n'

@@ -11,8 +11,8 @@ from typing import Optional
 import pytest
 
 from pfhost import domain_xml
-from portfwd import domainxml
-from portfwd.domainxml import Domain, domain_uuid, mac_addresses, mac_problem, parse, taps
+from portfwd.libvirt import domainxml
+from portfwd.libvirt.domainxml import Domain, domain_uuid, mac_addresses, mac_problem, parse, taps
 
 UUID = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
 
@@ -107,8 +107,8 @@ def test_empty_domain() -> None:
 
 def test_importing_it_imports_no_xml_parser() -> None:
     """The hook imports it for every guest event; ElementTree only when parsing."""
-    code = ("import sys, portfwd.domainxml as d; d.domain_uuid(b'<uuid>x</uuid>');"
-            " print(any('xml' in m for m in sys.modules if m != 'portfwd.domainxml'))")
+    code = ("import sys, portfwd.libvirt.domainxml as d; d.domain_uuid(b'<uuid>x</uuid>');"
+            " print(any('xml' in m for m in sys.modules if m != 'portfwd.libvirt.domainxml'))")
     r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
                        check=True)
     assert r.stdout.strip() == "False"

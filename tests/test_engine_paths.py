@@ -31,10 +31,16 @@ import pytest
 
 from fakenft import FakeNft, Ruleset, counts, libvirt_network
 from pfhost import domain_xml
-from portfwd import (bridgeport, compat, configtrust, constants, domainxml, guard, hostnet, proc,
-                     rules, state)
-from portfwd.discover import Resolver
-from portfwd import atomicfile, guestpass, hookcall, hookindex, run_compiled, wholehost
+from portfwd.host import bridgeport, compat, guard, hostnet, proc
+from portfwd.config import configtrust
+from portfwd import constants
+from portfwd.libvirt import domainxml
+from portfwd.plan import rules
+from portfwd.rundir import state
+from portfwd.libvirt.discover import Resolver
+from portfwd.rundir import atomicfile, run_compiled
+from portfwd.engine import guestpass, wholehost
+from portfwd import hookcall, hookindex
 from portfwd.engine import Engine
 from portfwd.plan import bind
 from portfwd.values import Selector

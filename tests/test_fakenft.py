@@ -17,7 +17,8 @@ import pytest
 
 from fakenft import (EBUSY, EEXIST, ENOENT, NO_INTERVAL, READS, WRITES, Call, FakeNft, Ruleset,
                      libvirt_network, listing, normalised)
-from portfwd import compat, rules
+from portfwd.host import compat
+from portfwd.plan import rules
 from portfwd.constants import MARK, MARKER_SET, TABLE_COMMENT
 from portfwd.errors import HostError
 from test_engine_paths import FAKE_ONLY, SCENARIOS, EngineHost, host  # noqa: F401 (a fixture)
@@ -236,7 +237,7 @@ REPLAY = """
 import json, sys
 from portfwd import guard
 from portfwd.errors import HostError
-from portfwd.nft import Nft
+from portfwd.host.nft import Nft
 
 nft = Nft()
 answers = []

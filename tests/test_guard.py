@@ -14,7 +14,10 @@ import pytest
 
 from netlab import BRIDGE4, CLIENT4, HOST4, Lab
 from pfhost import PortfwdHost, RunningDaemon, driver_uri, web1_config
-from portfwd import constants, hostnet, state, wholehost
+from portfwd import constants
+from portfwd.host import hostnet
+from portfwd.rundir import state
+from portfwd.engine import wholehost
 from portfwd.engine import Engine
 
 CONFIG = "[options]\nlocalhost = true\n" + web1_config("8080:80")
@@ -179,7 +182,7 @@ def test_flush_turns_route_localnet_off_before_the_guard_goes(
         return True
 
     monkeypatch.setattr(hostnet, "set_route_localnet", set_route_localnet)
-    monkeypatch.setattr("portfwd.compat._legacy_rules", lambda fam, deadline: None)
+    monkeypatch.setattr("portfwd.host.compat._legacy_rules", lambda fam, deadline: None)
     run_dir = os.path.join(str(tmp_path), "run")
     os.mkdir(run_dir)
     engine = Engine(os.path.join(str(tmp_path), "forward.toml"), run_dir,
@@ -191,7 +194,7 @@ def test_flush_turns_route_localnet_off_before_the_guard_goes(
 
 
 def test_guard_comment_is_what_the_skeleton_writes() -> None:
-    from portfwd import rules
+    from portfwd.plan import rules
 
     raw = [c["add"]["rule"] for c in rules.skeleton("portfwd")
            if "add" in c and "rule" in c["add"] and c["add"]["rule"]["chain"] == constants.GUARD_CHAIN]

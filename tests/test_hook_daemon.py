@@ -202,4 +202,4 @@ def test_a_call_the_daemon_answers_imports_only_the_hand_over(pf: PortfwdHost) -
     itself = pf.hook("web1", "started", python_flags=["-X", "importtime"])  # no answer now
     assert (itself.returncode, itself.stdout) == (0, b""), itself.stderr
     assert host_ports(pf) == [8080]
-    assert HAND_OVER | {"portfwd.hook", "portfwd.state"} <= imported(itself)
+    assert HAND_OVER | {"portfwd.hook", "portfwd.rundir.state"} <= imported(itself)

@@ -15,7 +15,8 @@ import pytest
 
 from pfhost import (HOOK, NETWORK_HOOK, ROOT, LockHolder, PortfwdHost, domain_xml,
                     installed, run_reading_all, web1_config)
-from portfwd import hook, state
+from portfwd import hook
+from portfwd.rundir import state
 
 QEMU_OPS = [("reconnect", "begin"), ("started", "begin"), ("stopped", "end"),
             ("prepare", "begin"), ("migrate", "begin"), ("restore", "begin")]

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from portfwd.config import parse
-from portfwd.importer import convert
+from portfwd.commands.importer import convert
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data", "import")
@@ -391,8 +391,8 @@ def test_cli_help() -> None:
 def test_steps_fit_the_install_they_find(tmp_path: "os.PathLike[str]") -> None:
     """With the Debian package, the hooks and units are there and forward.toml exists:
     the printed write needs --force, and nothing is to be installed."""
-    from portfwd.importcmd import retire_steps
-    from portfwd.installpaths import packaged
+    from portfwd.commands.importcmd import retire_steps
+    from portfwd.commands.installpaths import packaged
 
     pip = retire_steps(["web1"], None, "h.json")
     assert pip[1] == ("  1. write the converted configuration to /etc/portfwd/forward.toml"
@@ -419,7 +419,7 @@ def test_steps_fit_the_install_they_find(tmp_path: "os.PathLike[str]") -> None:
 
 
 def test_package_is_told_by_dpkg_status_or_its_hooks(tmp_path: "os.PathLike[str]") -> None:
-    from portfwd.installpaths import packaged
+    from portfwd.commands.installpaths import packaged
 
     root = str(tmp_path)
     assert packaged(root) is None

@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 
 from netlab import CLIENT4, GUEST4, HOST4, TRAFFIC, Lab, run
 from pfhost import PortfwdHost
-from portfwd.importer import convert
+from portfwd.commands.importer import convert
 
 pytestmark = pytest.mark.kernel
 
@@ -238,7 +238,7 @@ def compare(twins: Tuple[Twin, Twin], doc: Dict[str, Any]) -> None:
 
 def example_doc(source: Optional[str]) -> Dict[str, Any]:
     """The old project's example with its guests' addresses moved to the lab's guest."""
-    from portfwd.hooksjson import strip_comments
+    from portfwd.commands.hooksjson import strip_comments
 
     with open(EXAMPLE, encoding="utf-8") as f:
         doc: Dict[str, Any] = json.loads(strip_comments(f.read()))

@@ -8,19 +8,19 @@ import re
 import subprocess
 import sys
 
-from portfwd import installpaths
+from portfwd.commands import installpaths
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_make_words() -> None:
-    r = subprocess.run([sys.executable, "-m", "portfwd.installpaths", "make"],
+    r = subprocess.run([sys.executable, "-m", "portfwd.commands.installpaths", "make"],
                        capture_output=True, text=True, check=True)
     words = dict(word.split("=", 1) for word in r.stdout.split())
     assert words == installpaths.package()
     assert words["HOOK_QEMU"] == "/etc/libvirt/hooks/qemu.d/portfwd"
     assert all(value.startswith("/") and " " not in value for value in words.values())
-    r = subprocess.run([sys.executable, "-m", "portfwd.installpaths"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "portfwd.commands.installpaths"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "usage:" in r.stderr
 

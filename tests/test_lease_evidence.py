@@ -33,9 +33,9 @@ MOUNT = ('mount --bind "$1" /etc/libvirt/qemu/networks && mount --bind "$2" /var
 # what `portfwd sync` does once libvirt has listed the running guests (NAME XMLFILE ...)
 SYNC = """import sys
 from portfwd import state, wholehost
-from portfwd.discover import Resolver
+from portfwd.libvirt.discover import Resolver
 from portfwd.engine import Engine
-from portfwd.model import Guest
+from portfwd.config.model import Guest
 listed = [(n, open(p, "rb").read()) for n, p in zip(sys.argv[1::2], sys.argv[2::2])]
 with state.locked():
     engine = Engine(state.config_path())
@@ -280,7 +280,7 @@ def test_an_applied_address_stays_until_something_contradicts_it(host: Host) -> 
 # the daemon's look for evidence (evidence.Recheck), its clock driven by the test: it
 # looks no sooner than due, solicits what is missing, and names an address once proven
 RECHECK = """import sys, time
-from portfwd.evidence import Recheck
+from portfwd.host.evidence import Recheck
 r = Recheck()
 r.arm([("web1", sys.argv[1], sys.argv[2], "br0", "vnet0")], now=0.0)
 assert r.due(now=1.0) is None

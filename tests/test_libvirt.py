@@ -14,7 +14,7 @@ import pytest
 
 from libvirtlab import NET6_XML, LibvirtLab
 from netlab import CLIENT4, CLIENT6, HOST4, HOST6, TRAFFIC
-from portfwd import state
+from portfwd.rundir import state
 
 pytestmark = pytest.mark.kernel
 

@@ -19,8 +19,10 @@ import pytest
 
 from netlab import HOST4, Lab
 from pfhost import PortfwdHost, domain_xml, web1_config
-from portfwd import escape, hostnet, listening, trace
-from portfwd.domainxml import taps
+from portfwd import escape
+from portfwd.host import hostnet, listening
+from portfwd.commands import trace
+from portfwd.libvirt.domainxml import taps
 
 # a UTF-8 name, and one that is no UTF-8 and holds an escape sequence
 TAP_E = b"tap-\xc3\xa9"

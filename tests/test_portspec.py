@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from portfwd import portspec
-from portfwd.model import PortRange
+from portfwd.config import portspec
+from portfwd.config.model import PortRange
 
 ports = st.integers(min_value=1, max_value=65535)
 protos = st.sampled_from(["tcp", "udp", "sctp"])

@@ -12,7 +12,8 @@ import pytest
 
 from netlab import CLIENT4, CLIENT6, GUEST4, GUEST6, HOST4, HOST6, Lab
 from pfhost import PortfwdHost, web1_config
-from portfwd import config, portspec
+from portfwd import config
+from portfwd.config import portspec
 from portfwd.errors import ConfigError
 
 FULL = web1_config("1024-65535/tcp", "1024-65535/udp")

@@ -6,10 +6,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union, cast
 
 import pytest
 
-from portfwd import hostnet
-from portfwd.discover import Resolver
+from portfwd.host import hostnet
+from portfwd.libvirt.discover import Resolver
 from portfwd.plan import Binding
-from portfwd.resolve import resolve
+from portfwd.plan.resolve import resolve
 from portfwd.values import ListenIface, PortSpan, Reason, Selector
 
 C = "web1 forward[0].ports[0] 8080:80/tcp"
@@ -110,7 +110,7 @@ def test_ipv6_off_on_the_bridge_found_through_the_ipv4_sibling(
 def test_recorded_state_of_earlier_versions_loads() -> None:
     """A guest state file as the previous version wrote it (7-field bindings,
     "?mac=…" targets, "@eth0" keys, "inactive: " reasons) reads into typed values."""
-    from portfwd.record import GuestState
+    from portfwd.rundir.record import GuestState
 
     raw: Dict[str, Any] = {"guest": "web1", "uuid": None, "table": "portfwd",
            "bindings": [["any", 4, ["tcp", 8080], "192.168.122.10", 80, "web1", C]],
@@ -145,7 +145,7 @@ def test_a_refusal_keeps_its_cause(host: Dict[str, Optional[str]]) -> None:
 
 def test_a_removal_in_progress_is_recorded_and_read_back() -> None:
     """Bindings being removed stay on record (not as applied) until the removal ends."""
-    from portfwd.record import GuestState
+    from portfwd.rundir.record import GuestState
 
     b = Binding("any", 4, ("tcp", PortSpan(8080)), "192.168.122.10", 80, "web1", C, "forward[0].ports[0]")
     st = GuestState("web1", None, "portfwd", [], removing=[b])

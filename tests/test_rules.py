@@ -17,8 +17,9 @@ from typing import Any, Dict, List
 
 import pytest
 
-from portfwd import constants, rules
-from portfwd.tables import layout_id
+from portfwd import constants
+from portfwd.plan import rules
+from portfwd.engine.tables import layout_id
 from portfwd.plan import Binding
 from portfwd.values import PortSpan
 

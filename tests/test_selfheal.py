@@ -10,7 +10,8 @@ from typing import Any, List
 import pytest
 
 from pfhost import PortfwdHost, web1_config
-from portfwd import constants, guestpass
+from portfwd import constants
+from portfwd.engine import guestpass
 from portfwd.engine import Engine
 
 pytestmark = pytest.mark.kernel

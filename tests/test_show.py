@@ -10,7 +10,7 @@ import subprocess
 import sys
 from typing import List
 
-from portfwd import docs
+from portfwd.commands import docs
 from portfwd.cmdline import parser
 
 CONFIG = """

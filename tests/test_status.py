@@ -12,7 +12,8 @@ import pytest
 
 from netlab import CLIENT4, CLIENT6, GUEST4, GUEST6, HOST4, HOST6
 from pfhost import PortfwdHost, web1_config
-from portfwd import rules, state
+from portfwd.plan import rules
+from portfwd.rundir import state
 from portfwd.constants import LAYOUT, TABLE_COMMENT
 
 pytestmark = pytest.mark.kernel

@@ -9,9 +9,9 @@ from typing import Any, List
 
 import pytest
 
-from portfwd import atomicfile, run_compiled, run_host, state
+from portfwd.rundir import atomicfile, run_compiled, run_host, state
 from portfwd.plan import Binding
-from portfwd.record import GuestState
+from portfwd.rundir.record import GuestState
 from portfwd.values import Bridges, PortSpan
 
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from portfwd import syncdiff
+from portfwd.plan import syncdiff
 from portfwd.plan import Binding
 from portfwd.values import PortSpan
 

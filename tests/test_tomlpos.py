@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from portfwd.tomlpos import locate
+from portfwd.config.tomlpos import locate
 
 TEXT = '''\
 # comment with "quotes" and [brackets]

@@ -9,8 +9,8 @@ from typing import Any, Dict, List, Tuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portfwd.toml import tomllib
-from portfwd.tomlpos import Path, locate
+from portfwd.config.toml import tomllib
+from portfwd.config.tomlpos import Path, locate
 
 BARE = "abcXYZ019_-"
 KEY_CHARS = BARE + " .\"'\\é#=[]"

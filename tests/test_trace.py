@@ -14,7 +14,7 @@ import pytest
 from netlab import CLIENT4, CLIENT6, GUEST4, GUEST6, HOST4, HOST6, Lab
 from pfhost import PortfwdHost, web1_config
 
-from portfwd import trace
+from portfwd.commands import trace
 
 pytestmark = pytest.mark.kernel
 

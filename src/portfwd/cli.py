@@ -19,21 +19,22 @@ import os
 import sys
 from typing import Callable, Dict, List, Optional, Tuple, cast
 
-from . import log
-from .cmdline import parser
-from .console import say
-from .errors import (EXIT_BUG, EXIT_CONFIG, EXIT_HOST, EXIT_OK, BugError, ConfigError,
+from portfwd import log
+from portfwd.cmdline import parser
+from portfwd.console import say
+from portfwd.errors import (EXIT_BUG, EXIT_CONFIG, EXIT_HOST, EXIT_OK, BugError, ConfigError,
                      HostError)
 
-# command → (module, function); a command imports its module alone, when it runs
+# command → (module below portfwd, function); a command imports its module alone, when
+# it runs
 COMMANDS: Dict[str, Tuple[str, str]] = {
-    "check": ("check", "cmd_check"), "sync": ("sync", "cmd_sync"),
-    "status": ("statuscmd", "cmd_status"), "show": ("show", "cmd_show"),
-    "doctor": ("doctorcmd", "cmd_doctor"), "trace": ("trace", "cmd_trace"),
-    "flush": ("flush", "cmd_flush"), "daemon": ("daemon", "cmd_daemon"),
-    "reapply": ("reapply", "cmd_reapply"), "install": ("install", "cmd_install"),
-    "uninstall": ("uninstall", "cmd_uninstall"), "import": ("importcmd", "cmd_import"),
-    "add": ("editcmd", "cmd_edit"), "remove": ("editcmd", "cmd_edit")}
+    "check": ("commands.check", "cmd_check"), "sync": ("commands.sync", "cmd_sync"),
+    "status": ("commands.statuscmd", "cmd_status"), "show": ("commands.show", "cmd_show"),
+    "doctor": ("commands.doctorcmd", "cmd_doctor"), "trace": ("commands.trace", "cmd_trace"),
+    "flush": ("commands.flush", "cmd_flush"), "daemon": ("daemon", "cmd_daemon"),
+    "reapply": ("commands.reapply", "cmd_reapply"), "install": ("commands.install", "cmd_install"),
+    "uninstall": ("commands.uninstall", "cmd_uninstall"), "import": ("commands.importcmd", "cmd_import"),
+    "add": ("commands.editcmd", "cmd_edit"), "remove": ("commands.editcmd", "cmd_edit")}
 
 
 def command(name: str) -> Callable[[argparse.Namespace], int]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from . import libvirtapi, state
+from portfwd.libvirt import libvirtapi
+from portfwd.rundir import state
 
 INTERVAL_MIN, INTERVAL_MAX = 0.05, 3600.0  # daemon --interval, seconds
 TRACE_TIMEOUT_MIN, TRACE_TIMEOUT_MAX = 0.1, 600.0  # trace --timeout, seconds
@@ -78,7 +79,7 @@ def _libvirt_options(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     """portfwd's argument parser; the chosen command is ``command``."""
-    from . import __version__
+    from portfwd import __version__
 
 
     config_help = f"configuration file (default: ${state.ENV_CONFIG} or {state.DEFAULT_CONFIG})"
@@ -172,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
                    help="probe the IPv6 forward (default IPv4)")
     p.add_argument("--timeout", type=_probe_timeout, default=2.0, metavar="SECONDS",
                    help="how long to follow the probe (default 2)")
-    from .editcmd import add_parsers
+    from portfwd.commands.editcmd import add_parsers
 
     add_parsers(sub, common)
     p = sub.add_parser("flush", parents=[common], help="remove everything portfwd installed",

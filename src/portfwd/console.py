@@ -6,11 +6,12 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import escape, state
-from .config import load
-from .engine import Engine
-from .errors import EXIT_USAGE, ConfigError
-from .model import Config
+from portfwd import escape
+from portfwd.rundir import state
+from portfwd.config import load
+from portfwd.engine import Engine
+from portfwd.errors import EXIT_USAGE, ConfigError
+from portfwd.config.model import Config
 
 
 def say(*lines: str, err: bool = False) -> None:
@@ -35,7 +36,7 @@ def unknown_asked(asked: List[str], config: Optional[Config], config_arg: Option
     """A line for each guest of ``asked`` neither configured (in ``config``, else in
     the file ``config_arg`` names) nor recorded; none when the configuration is
     invalid (the command says so itself, and which guests it names is unknown)."""
-    from .suggest import unknown_guests
+    from portfwd.suggest import unknown_guests
 
     if not asked:
         return []

@@ -34,15 +34,18 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import (bridgeupkeep, hook, hooksocket, hostnet, libvirtapi, log, run_host, state,
-               wholehost)
-from .discover import LEASE_DIR, Resolver
-from .domainxml import status_files_tell
-from .engine import Engine
-from .errors import ConfigError, HostError
-from .evidence import Recheck
-from .model import Config, Guest
-from .nft import Nft
+from portfwd.engine import bridgeupkeep, wholehost
+from portfwd import hook, hooksocket, log
+from portfwd.host import hostnet
+from portfwd.libvirt import libvirtapi
+from portfwd.rundir import run_host, state
+from portfwd.libvirt.discover import LEASE_DIR, Resolver
+from portfwd.libvirt.domainxml import status_files_tell
+from portfwd.engine import Engine
+from portfwd.errors import ConfigError, HostError
+from portfwd.host.evidence import Recheck
+from portfwd.config.model import Config, Guest
+from portfwd.host.nft import Nft
 
 RECONCILE_LIMIT = 120.0  # seconds a reconcile or repair may run before its child is killed
 LOCK_WAIT = 30.0  # seconds the daemon waits for portfwd's lock while one other run holds it

@@ -20,15 +20,16 @@ from __future__ import annotations
 import os
 import sys
 
-from . import hookcall, hookindex, state
-from .domainxml import FORWARDS_MARK, domain_uuid
-from .hookcall import APPLY, CHECK, MAY_FAIL, NETWORK_REASSERT, REMOVE
+from portfwd import hookcall, hookindex
+from portfwd.rundir import state
+from portfwd.libvirt.domainxml import FORWARDS_MARK, domain_uuid
+from portfwd.hookcall import APPLY, CHECK, MAY_FAIL, NETWORK_REASSERT, REMOVE
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import List, Optional, Tuple
 
-    from .nft import NftLike
+    from portfwd.host.nft import NftLike
 
 # seconds a hook waits while one other process (sync, the daemon, a hung run) holds the
 # lock; libvirt is blocked meanwhile, and the daemon or the next sync catches up
@@ -84,7 +85,7 @@ def answer(kind: str, args: List[str], xml: bytes, nft: Optional[NftLike] = None
     """``run`` for a hook that handed its call over (``portfwd daemon``, with its
     nftables context ``nft``): the exit status and what the hook would have written
     to stderr."""
-    from . import log
+    from portfwd import log
 
     lines = log.capture()
     try:
@@ -156,8 +157,9 @@ def network_hook(args: List[str], nft: Optional[NftLike] = None) -> int:
         with state.locked(timeout=LOCK_WAIT):
             if not state.has_forwards():
                 return 0
-            from . import bridgeupkeep, log
-            from .engine import Engine
+            from portfwd.engine import bridgeupkeep
+            from portfwd import log
+            from portfwd.engine import Engine
 
             log.use_syslog()
             try:
@@ -177,7 +179,7 @@ def _report(message: str, error: bool = True) -> None:
     """One line on stderr (and in syslog), whatever state the process is in."""
     line = message.replace("\r", " ").replace("\n", " ")
     try:
-        from . import log
+        from portfwd import log
 
         try:
             log.use_syslog()
@@ -191,9 +193,10 @@ def _report(message: str, error: bool = True) -> None:
 def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes,
          nft: Optional[NftLike] = None, keep: Optional[List[object]] = None) -> int:
     """The managed path: plan and apply; decide the exit code (``keep``: see ``exit_now``)."""
-    from . import guestpass, log
-    from .engine import Engine
-    from .errors import ConfigError, PortfwdError
+    from portfwd.engine import guestpass
+    from portfwd import log
+    from portfwd.engine import Engine
+    from portfwd.errors import ConfigError, PortfwdError
 
     log.use_syslog()
     engine = Engine(config_path, nft=nft)
@@ -210,22 +213,22 @@ def _run(name: str, uuid: Optional[str], op: str, config_path: str, xml: bytes,
         strict = config.strict
         templates = config.templates
         if FORWARDS_MARK in xml and state.cached_domain_forwards():
-            from .domainforwards import hook_templates
+            from portfwd.libvirt.domainforwards import hook_templates
 
             templates = templates + hook_templates(xml, name, uuid, config_path,
                                                    engine.all_states())
         if op in CHECK:
             return 0
-        from .plan import bind
-        from .values import Selector
+        from portfwd.plan import bind
+        from portfwd.values import Selector
 
         planned = bind(templates, name)
         resolver = None
         if any(isinstance(b.target, Selector) for b in planned):  # addresses to discover
-            from .discover import Resolver
+            from portfwd.libvirt.discover import Resolver
 
             resolver = Resolver(name, xml)
-        from .domainxml import taps
+        from portfwd.libvirt.domainxml import taps
 
         applied = guestpass.apply_guest(engine, name, uuid, config, planned, resolver,
                                         taps(xml), look=op == "reconnect")
@@ -255,7 +258,7 @@ def _strict_despite_error(path: str) -> bool:
     """``strict`` as the broken file still says it (if portfwd may trust that file: a
     FIFO or a file others can write is not even opened), else as last compiled."""
     try:
-        from .config import strict_setting
+        from portfwd.config import strict_setting
 
         value = strict_setting(path)
         if value is not None:
@@ -263,7 +266,7 @@ def _strict_despite_error(path: str) -> bool:
     except Exception:
         pass
     try:
-        from . import run_compiled
+        from portfwd.rundir import run_compiled
 
         return run_compiled.strict()
     except Exception:

@@ -14,7 +14,7 @@ follows when the daemon does not answer.
 import os
 import sys
 
-from . import hooksocket, runpaths
+from portfwd import hooksocket, runpaths
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

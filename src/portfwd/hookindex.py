@@ -51,7 +51,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Iterable, List, Optional, Tuple
 
-    from .model import Config
+    from portfwd.config.model import Config
 
 INDEX = "hookindex"
 FORMAT = "v1"
@@ -280,7 +280,7 @@ def after_compile(root: str, config_path: str, config: Config,
         write(root, config_path, names + recorded_names(root), every, before,
               snapshot(config_path))
     except (OSError, ValueError) as e:  # ValueError: a state file name not file_name's
-        from . import log
+        from portfwd import log
 
         log.warning(f"{os.path.join(root, INDEX)}: {e}; every hook call runs Python")
         try:

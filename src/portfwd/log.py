@@ -14,7 +14,7 @@ import _thread
 import os
 import sys
 
-from .escape import printable
+from portfwd.escape import printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
