@@ -130,7 +130,7 @@ def test_guard_reader_tells_a_drop_from_anything_else(lab: Lab, pf: PortfwdHost)
     """``guard.present`` (one netlink dump, in the lab's namespace) says yes to the
     rule portfwd builds and no to a missing table, an empty chain, and a rule with
     the guard's comment that does not drop."""
-    code = ("import sys\nfrom portfwd import guard\n"
+    code = ("import sys\nfrom portfwd.host import guard\n"
             "print(guard.present(sys.argv[1]))\n")
 
     def present() -> str:

@@ -68,7 +68,8 @@ CONCAT_MAPS = {"any4_to": ["ipv4_addr", "inet_service"], "any6_to": ["ipv6_addr"
 SPLIT_MAPS = {"any4_ip": "ipv4_addr", "any4_port": "inet_service",
               "any6_ip": "ipv6_addr", "any6_port": "inet_service"}
 # the table rebuilt from the records as the split variant, as nftables 1.0.6 builds it
-REBUILD_SPLIT = ("from portfwd import engine, rules, state, tables, wholehost\n"
+REBUILD_SPLIT = ("from portfwd import engine\nfrom portfwd.engine import tables, wholehost\n"
+                 "from portfwd.plan import rules\nfrom portfwd.rundir import state\n"
                  "tables.variant = lambda e: rules.SPLIT\n"
                  "with state.locked():\n"
                  "    wholehost.reapply(engine.Engine(state.config_path(None)))\n")
