@@ -22,6 +22,10 @@ The loop is a list of duties (``duties``), each run once per turn.
 Hook calls: a thread answers the calls the hooks hand over on RUN_DIR/hook.sock
 (``hooksocket``) with ``hook.answer``, one at a time, with one nftables context
 kept for them; no fork happens meanwhile (``FORK_LOCK``).
+
+A little over ~450 lines: its loop, its duties between reconciles (the guard,
+the evidence rechecks, the rate limit) and the hooks' socket share the one state
+of a running daemon.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ IPv6, then per guest: running, bridge, tap, MAC, IPv6 on the bridge, address,
 neighbour, table, filter, listener, hairpin, and whether the guest's service
 accepts a connection. It stops at the first broken layer, which it names with its
 fix.
+
+Longer than ~450 lines on purpose: one small check per layer, in the order the
+packet meets them, over the same facts' types; split, the walk would no longer
+read in one place.
 """
 
 from __future__ import annotations

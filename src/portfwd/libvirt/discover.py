@@ -20,6 +20,10 @@ reservation in the network XML, a suffix in forward.toml: ``Found.admins``). IPv
 leases are matched on the lease's MAC;
 IPv6 leases on the MAC dnsmasq saw, or on a DUID the network XML reserves for
 this guest; a MAC holding live leases under several client-ids is refused.
+
+Longer than ~450 lines on purpose: the sources and the vetting of what they say
+are one job (every vetting rule names the sources it applies to), so they stay
+together.
 """
 
 from __future__ import annotations
