@@ -364,7 +364,7 @@ def test_failed_upgrade_puts_the_links_back(deb: Tuple[str, str], linked_deb: st
     lab = DebRoot(str(tmp_path_factory.mktemp("abort")), "bookworm", deb[0])
     try:
         installed_with_a_forward(lab, linked_deb)
-        taken = "/usr/lib/python3/dist-packages/portfwd/apparmor.py"  # new in this version
+        taken = "/usr/lib/python3/dist-packages/portfwd/host/apparmor.py"  # new since 0.1.0
         blocker = os.path.join(lab.base, "blocker")
         os.makedirs(os.path.join(blocker, "DEBIAN"))
         os.makedirs(os.path.dirname(blocker + taken))

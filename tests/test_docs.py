@@ -373,7 +373,7 @@ def test_readme_keeps_the_two_setup_commands_and_its_size() -> None:
     blocks = re.findall(r"```sh\n(.*?)```", text.split("\n## Set up\n")[1].split("\n## ")[0],
                         flags=re.S)
     assert [b.strip() for b in blocks] == [
-        "apt-get update && debian/build-deb && apt-get install -y ./build/portfwd_0.2.0_all.deb"
+        "apt-get update && debian/build-deb && apt-get install -y ./build/portfwd_0.3.0_all.deb"
         " && (systemctl try-restart libvirtd || true)", "tests/run"]
     assert len(text.splitlines()) <= 450
 

@@ -4,4 +4,4 @@ Kept empty of imports: the libvirt hook imports this package for every guest
 and every phase, and must stay cheap.
 """
 
-__version__ = "0.2.0"  # as pyproject.toml says
+__version__ = "0.3.0"  # as pyproject.toml says
