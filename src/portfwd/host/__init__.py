@@ -1,1 +1,3 @@
-"""The host's kernel and firewalls: nftables, netlink/sysfs/proc readers, libvirt's firewall, AppArmor."""
+"""The host's kernel and firewalls: nftables, netlink/sysfs/proc readers, libvirt's
+firewall, AppArmor.
+"""

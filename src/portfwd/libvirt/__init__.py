@@ -1,1 +1,3 @@
-"""What libvirt knows: the domain XML, guest addresses, its API, its status files and domains' own forwards."""
+"""What libvirt knows: the domain XML, guest addresses, its API, its status files and
+domains' own forwards.
+"""

@@ -1,1 +1,3 @@
-"""The run directory (/run/portfwd): every file portfwd keeps there, its format, its atomic writes and its lock."""
+"""The run directory (/run/portfwd): every file portfwd keeps there, its format, its
+atomic writes and its lock.
+"""
