@@ -235,7 +235,7 @@ def test_unmodelled_commands_are_not_accepted_silently() -> None:
 
 REPLAY = """
 import json, sys
-from portfwd import guard
+from portfwd.host import guard
 from portfwd.errors import HostError
 from portfwd.host.nft import Nft
 

@@ -32,7 +32,8 @@ MOUNT = ('mount --bind "$1" /etc/libvirt/qemu/networks && mount --bind "$2" /var
          ' && shift 2 && exec "$@"')
 # what `portfwd sync` does once libvirt has listed the running guests (NAME XMLFILE ...)
 SYNC = """import sys
-from portfwd import state, wholehost
+from portfwd.rundir import state
+from portfwd.engine import wholehost
 from portfwd.libvirt.discover import Resolver
 from portfwd.engine import Engine
 from portfwd.config.model import Guest
