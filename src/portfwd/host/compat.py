@@ -395,23 +395,22 @@ def blockers(fw: Firewall, wanted: Dict[int, Set[str]]) -> List[Blocker]:
     covered: Dict[int, Set[str]] = {}
     for fam in TABLE_FAMILY:
         family = TABLE_FAMILY[fam]
-        rules = fw.fwi.get(fam)
-        if rules is not None:
+        # libvirt's iptables chain (its accepts cover the bridges for what follows), then
+        # its nftables backend's chain
+        for chains, table, chain, covers in ((fw.fwi, "filter", "LIBVIRT_FWI", True),
+                                             (fw.guest_input, "libvirt_network", "guest_input",
+                                              False)):
+            rules = chains.get(fam)
+            if rules is None:
+                continue
             need = _needed(rules, wanted.get(fam, set()))
             if not _in_place(rules, need):
-                out.append(Blocker(BlockerKind.ORDER, family, "filter", "LIBVIRT_FWI",
-                                   f"table {family} filter chain LIBVIRT_FWI: libvirt's reject"
+                out.append(Blocker(BlockerKind.ORDER, family, table, chain,
+                                   f"table {family} {table} chain {chain}: libvirt's reject"
                                    f" comes before portfwd's accept for {', '.join(need)}; run"
                                    " `portfwd reapply`", [(fam, b) for b in need]))
-            covered[fam] = set(need)
-        grules = fw.guest_input.get(fam)
-        if grules is not None:
-            need = _needed(grules, wanted.get(fam, set()))
-            if not _in_place(grules, need):
-                out.append(Blocker(BlockerKind.ORDER, family, "libvirt_network", "guest_input",
-                                   f"table {family} libvirt_network chain guest_input: libvirt's"
-                                   f" reject comes before portfwd's accept for {', '.join(need)};"
-                                   " run `portfwd reapply`", [(fam, b) for b in need]))
+            if covers:
+                covered[fam] = set(need)
     for family, table, chain in fw.drop_policies:
         fams = [4] if family == "ip" else [6] if family == "ip6" else [4, 6]
         for fam in fams:
