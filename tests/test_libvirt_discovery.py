@@ -4,6 +4,7 @@ following leases, the evidence that an address is its NIC's, and config edits.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -110,18 +111,26 @@ def until(what: Callable[[], object], timeout: float = 15.0) -> object:
     return value
 
 
-@pytest.fixture(scope="module")
-def dlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = LibvirtLab(str(tmp_path_factory.mktemp("discovery")))
+@contextlib.contextmanager
+def default_network_lab(base: str, config: str) -> Iterator[Lab]:
+    """A libvirt lab with ``config`` and libvirt's `default` network; afterwards,
+    nothing of it runs."""
+    lab = LibvirtLab(base)
     wrap = Lab(lab)
     try:
-        lab.write_config(CONFIG)
+        lab.write_config(config)
         lab.ensure_network("default")
         yield wrap
     finally:
         wrap.close()
         lab.close()
     assert lab.pids() == {}, "processes left behind"
+
+
+@pytest.fixture(scope="module")
+def dlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    with default_network_lab(str(tmp_path_factory.mktemp("discovery")), CONFIG) as lab:
+        yield lab
 
 
 def rows(dlab: Lab, guest: str) -> List[Tuple[str, str, str]]:

@@ -12,9 +12,8 @@ from typing import Iterator, List, Optional
 
 import pytest
 
-from libvirtlab import LibvirtLab
 from netlab import CLIENT4
-from test_libvirt_discovery import Lab, until
+from test_libvirt_discovery import Lab, default_network_lab, until
 
 pytestmark = pytest.mark.kernel
 
@@ -35,16 +34,9 @@ def quick_start() -> List[str]:
 
 @pytest.fixture
 def qlab(tmp_path: "os.PathLike[str]") -> Iterator[Lab]:
-    lab = LibvirtLab(str(tmp_path))
-    wrap = Lab(lab)
-    try:
-        lab.write_config("# the package's forward.toml has its forwards commented out\n")
-        lab.ensure_network("default")
-        yield wrap
-    finally:
-        wrap.close()
-        lab.close()
-    assert lab.pids() == {}, "processes left behind"
+    # as the package leaves forward.toml: its forwards commented out
+    with default_network_lab(str(tmp_path), "# [[forward]]\n") as lab:
+        yield lab
 
 
 def portfwd(qlab: Lab, *args: str) -> "subprocess.CompletedProcess[str]":
